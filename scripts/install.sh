@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one install path shared by CI (.ci/run), users (README) and, later, the Dockerfile:
+# pin torch first (an unpinned torch can resolve to a build that drags in GBs of CUDA wheels),
+# then install the package with the requested extras.
+#
+#   bash scripts/install.sh            # torch + yan-serve[dev] (tests, lint)
+#   EXTRAS=test bash scripts/install.sh
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/install.sh   # CPU wheels
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python3}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+EXTRAS="${EXTRAS:-dev}"
+
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
+    echo "installing torch==$TORCH_VERSION"
+    if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+        pip_install "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple
+    else
+        pip_install "torch==$TORCH_VERSION"
+    fi
+fi
+echo "installing yan-serve[$EXTRAS]"
+pip_install -e ".[$EXTRAS]"
+"$PY" -c "import torch, yan_serve; print(f'yan-serve {yan_serve.__version__} on torch {torch.__version__}')"

@@ -1,0 +1,1 @@
+"""Training: objectives now; data pipeline and loops land with the training issue."""
