@@ -1,13 +1,23 @@
-"""`yan` command line. Subcommands: `params` (more land with the training issue).
+"""`yan` command line: data, train, eval, generate, convert, params.
 
-Errors a user can cause (unknown preset, bad config file) end in one readable line and exit 2.
+    yan data kjv --out data/kjv
+    yan train stage1 --config yan-tiny --data data/kjv --out runs/s1 --steps 3000
+    yan train stage2 --init runs/s1 --data data/kjv --out runs/s2 --steps 3000
+    yan train finetune --init runs/s2 --data data/kjv --out runs/ft --steps 2000
+    yan eval runs/ft --data data/kjv --steps 1,2,3,4,6
+    yan generate runs/ft --task infill --text "In the beginning God [MASK] the heaven"
+
+Errors a user can cause (missing files, bad configs, wrong tokenizer, corrupt weights) end in one
+readable line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -24,6 +34,14 @@ def _load_config(spec: str) -> YANConfig:
     return YANConfig.from_name(spec)  # raises with the list of presets
 
 
+def _load_checkpoint(path: str, device: str = "cpu"):
+    from yan_serve.weights import from_pretrained, load_tokenizer
+
+    model = from_pretrained(path, device=device)
+    return model, load_tokenizer(path, model.config)
+
+
+# ---------------------------------------------------------------------------------- params
 def cmd_params(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     with torch.device("meta"):  # count without allocating 200M parameters
@@ -37,12 +55,203 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ data
+def cmd_data_kjv(args: argparse.Namespace) -> int:
+    from yan_serve.tasks.kjv import build_corpus
+
+    counts = build_corpus(args.out, source=args.source, max_words=args.max_words)
+    print(
+        f"KJV passages written to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from yan_serve.train.objectives import Stage1Weights, Stage2Weights
+    from yan_serve.train.recipes import (
+        config_for_tokenizer,
+        fixed_batches,
+        load_corpus,
+        stage_batches,
+        tokenizer_for,
+    )
+    from yan_serve.train.trainer import TrainConfig, Trainer, eprint
+
+    torch.manual_seed(args.seed)
+    corpus = load_corpus(args.data, seed=args.seed)
+    if args.stage == "stage1":
+        if args.init:
+            raise ValueError("stage1 starts from a fresh model: drop --init")
+        tok = tokenizer_for(corpus, args.tokenizer, _load_config(args.config).vocab_size)
+        model = YAN(config_for_tokenizer(_load_config(args.config), tok))
+    else:
+        if not args.init:
+            raise ValueError(f"{args.stage} needs --init (the previous stage's checkpoint)")
+        model, tok = _load_checkpoint(args.init)
+        model.train()
+    tcfg = TrainConfig(
+        stage=args.stage, out=args.out, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr if args.lr is not None else (1e-5 if args.stage == "finetune" else 1e-4),
+        warmup=args.warmup, grad_clip=args.grad_clip, log_every=args.log_every,
+        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, device=args.device,
+        stage1=Stage1Weights(ce=1.0, mmd=args.mmd_weight, scale=args.scale_weight),
+        stage2=Stage2Weights(fm=args.fm_weight, ce=args.ce_weight),
+        freeze_autoencoder=not args.unfreeze,
+    )  # fmt: skip
+    tasks = tuple(args.tasks.split(","))
+    train = stage_batches(args.stage, corpus, tok, model, "train", args.batch_size, args.seed,
+                          tasks)  # fmt: skip
+    val = fixed_batches(stage_batches(args.stage, corpus, tok, model, "val", args.batch_size,
+                                      args.seed + 1, tasks), args.eval_batches)  # fmt: skip
+    trainer = Trainer(model, tok, tcfg, train, val, log=eprint)
+    if args.resume:
+        trainer.resume()
+    summary = trainer.train()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from yan_serve.tasks.evaluate import evaluate, results_table
+    from yan_serve.train.recipes import load_corpus
+    from yan_serve.train.trainer import eprint, resolve_device
+
+    model, tok = _load_checkpoint(args.checkpoint, str(resolve_device(args.device)))
+    corpus = load_corpus(args.data, splits=(args.split,), seed=args.seed)
+    steps = [int(s) for s in args.steps.split(",")]
+    tasks = args.tasks.split(",")
+
+    def progress(r) -> None:
+        s = ", ".join(f"{k}={v:.2f}" for k, v in r.scores.items())
+        eprint(f"[eval] {r.task} T={r.steps} n={r.n}: {s} ({r.tokens_per_s:,.0f} tok/s)")
+
+    with torch.no_grad():
+        results = evaluate(model, tok, corpus, tasks, steps, args.split, args.limit,
+                           args.batch_size, args.routing, progress)  # fmt: skip
+    table = results_table(results)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
+    return 0
+
+
+# -------------------------------------------------------------------------------- generate
+def cmd_generate(args: argparse.Namespace) -> int:
+    from yan_serve.engine.sampler import GenerationRequest, Sampler
+    from yan_serve.tasks.formats import CLS_SOURCE, QA_TEMPLATE
+
+    model, tok = _load_checkpoint(args.checkpoint)
+    sp = tok.special
+    if args.task == "infill":
+        if "[MASK]" not in args.text:
+            raise ValueError("infill text needs at least one [MASK] placeholder")
+        parts = args.text.split("[MASK]")
+        src: list[int] = []
+        for i, p in enumerate(parts):
+            src += tok.encode(p)
+            if i < len(parts) - 1:
+                src.append(sp.mask)
+        n_masks = len(parts) - 1
+        tgt_len = len(src) - n_masks + args.span_tokens * n_masks + 1
+    elif args.task == "complete":
+        src = [*tok.encode(args.text), sp.mask]
+        tgt_len = args.max_tokens
+    elif args.task == "qa":
+        if not args.question:
+            raise ValueError("qa needs --question")
+        body = tok.encode(QA_TEMPLATE.format(ctx=args.text, q=args.question))
+        src = [*body, sp.mask]
+        tgt_len = len(body) + args.max_tokens
+    else:
+        src = tok.encode(CLS_SOURCE.format(doc=args.text))
+        tgt_len = args.max_tokens
+    gen = Sampler(model).generate(
+        [GenerationRequest(src, min(tgt_len, model.config.max_length), args.seed)],
+        steps=args.steps, routing=args.routing, return_previews=args.previews,
+    )[0]  # fmt: skip
+    if gen.previews:
+        for i, p in enumerate(gen.previews):
+            print(f"t{i}: {tok.decode(p)!r}", file=sys.stderr)
+    print(tok.decode(gen.tokens))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="yan", description="YAN model tools")
     sub = p.add_subparsers(dest="command", required=True)
+
     sp = sub.add_parser("params", help="print a config's parameter count by component")
     sp.add_argument("config", help=f"preset ({', '.join(preset_names())}) or config.json path")
     sp.set_defaults(func=cmd_params)
+
+    dp = sub.add_parser("data", help="build corpora")
+    dsub = dp.add_subparsers(dest="corpus", required=True)
+    kp = dsub.add_parser("kjv", help="King James Bible passages split by book")
+    kp.add_argument("--out", required=True)
+    kp.add_argument("--source", help="KJV text file (default: run the `bible` program)")
+    kp.add_argument("--max-words", type=int, default=40)
+    kp.set_defaults(func=cmd_data_kjv)
+
+    tp = sub.add_parser("train", help="train a stage")
+    tp.add_argument("stage", choices=["stage1", "stage2", "finetune"])
+    tp.add_argument("--data", required=True, help="corpus directory with train/val.jsonl")
+    tp.add_argument("--out", required=True, help="checkpoint directory to write")
+    tp.add_argument("--config", default="yan-tiny", help="preset or config.json (stage1)")
+    tp.add_argument("--init", help="checkpoint to start from (stage2, finetune)")
+    tp.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on the data)")
+    tp.add_argument("--steps", type=int, default=1000)
+    tp.add_argument("--batch-size", type=int, default=32)
+    tp.add_argument("--lr", type=float, help="default 1e-4, fine-tune 1e-5")
+    tp.add_argument("--warmup", type=int, default=1000)
+    tp.add_argument("--grad-clip", type=float, default=1.0)
+    tp.add_argument("--mmd-weight", type=float, default=1.0)
+    tp.add_argument("--scale-weight", type=float, default=0.01)
+    tp.add_argument("--fm-weight", type=float, default=1.0)
+    tp.add_argument("--ce-weight", type=float, default=1.0)
+    tp.add_argument("--tasks", default="infill,complete,qa,classify", help="fine-tune mixture")
+    tp.add_argument("--unfreeze", action="store_true", help="also train encoder/decoder (stage 2)")
+    tp.add_argument("--log-every", type=int, default=50)
+    tp.add_argument("--eval-every", type=int, default=500)
+    tp.add_argument("--eval-batches", type=int, default=8)
+    tp.add_argument("--save-every", type=int, default=1000)
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--device", default="auto")
+    tp.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    tp.set_defaults(func=cmd_train)
+
+    ep = sub.add_parser("eval", help="evaluate a checkpoint on a split")
+    ep.add_argument("checkpoint")
+    ep.add_argument("--data", required=True)
+    ep.add_argument("--split", default="test")
+    ep.add_argument("--tasks", default="infill,complete,qa,classify")
+    ep.add_argument("--steps", default="3", help="comma-separated Euler time points, e.g. 1,2,3")
+    ep.add_argument("--limit", type=int, help="at most this many examples per task")
+    ep.add_argument("--batch-size", type=int, default=64)
+    ep.add_argument("--routing", choices=["argmax", "sample"], default="argmax")
+    ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("--device", default="auto")
+    ep.add_argument("--json", help="also write the results as JSON here")
+    ep.set_defaults(func=cmd_eval)
+
+    gp = sub.add_parser("generate", help="run one request through a checkpoint")
+    gp.add_argument("checkpoint")
+    gp.add_argument("--task", choices=["infill", "complete", "qa", "classify"], default="infill")
+    gp.add_argument("--text", required=True, help="infill: use [MASK] for each gap")
+    gp.add_argument("--question")
+    gp.add_argument("--span-tokens", type=int, default=2, help="infill: tokens per [MASK]")
+    gp.add_argument("--max-tokens", type=int, default=16)
+    gp.add_argument("--steps", type=int, default=3)
+    gp.add_argument("--routing", choices=["argmax", "sample"], default="argmax")
+    gp.add_argument("--seed", type=int, default=0)
+    gp.add_argument("--previews", action="store_true", help="print the text at every time point")
+    gp.set_defaults(func=cmd_generate)
+
+    from yan_serve.convert import add_subparser as add_convert
+
+    add_convert(sub)
     return p
 
 
@@ -50,9 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"yan {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"yan {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"yan {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

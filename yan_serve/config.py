@@ -144,7 +144,9 @@ class YANConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Trains on 2 CPU cores in minutes; the shipped default is of this class.
+    # Trains on 2 CPU cores in well under an hour; the shipped default is of this class.
+    # sigma = 1 (not the paper's 0.1): at d = 128 it keeps expert responsibilities sharp while
+    # the NLL stays on a scale the CE term can balance.
     "yan-tiny": dict(
         d_model=128,
         attention_heads=4,
@@ -153,7 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         cross_att_idx=(0, 1, 2),
         decoder_n_resi_blocks=1,
         moe_n_experts=4,
-        moe_sigma=0.1,
+        moe_sigma=1.0,
         vocab_size=8192,
         max_length=256,
         dropout=0.0,

@@ -32,6 +32,7 @@ class Stage1Weights:
     ce: float = 1.0
     mmd: float = 1.0
     scale: float = 0.01
+    mmd_samples: int = 512  # the spec allows <= 2000; 512 keeps the O(N^2) kernel cheap on CPU
 
 
 @dataclass
@@ -63,7 +64,7 @@ def stage1_loss(
     terms = {"ce": ce}
     loss = w.ce * ce
     if w.mmd:
-        terms["mmd"] = mmd2(z[mask].float(), generator=generator)
+        terms["mmd"] = mmd2(z[mask].float(), max_samples=w.mmd_samples, generator=generator)
         loss = loss + w.mmd * terms["mmd"]
     if w.scale:
         terms["scale"] = scale_loss(z, mask)

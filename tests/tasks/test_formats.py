@@ -1,0 +1,94 @@
+"""Task formats and span masking. Run: python -m pytest tests/tasks/test_formats.py -q"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from yan_serve.tasks.formats import (
+    ANSWER_HEADER,
+    TaskFormatter,
+    mask_spans,
+    parse_answer,
+    parse_label,
+    split_last_word,
+)
+from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
+from yan_serve.tokenizer import train_bpe
+
+CORPUS = [
+    "In the beginning God created the heaven and the earth.",
+    "And God said, Let there be light: and there was light.",
+    "Mary went to the kitchen. Where is Mary? kitchen",
+] * 30
+
+
+@pytest.fixture(scope="module")
+def fmt() -> TaskFormatter:
+    return TaskFormatter(train_bpe(CORPUS, vocab_size=400, min_frequency=1))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_mask_spans_collapses_runs_and_keeps_the_rest(seed: int) -> None:
+    rng = random.Random(seed)
+    ids = [*range(10, 10 + rng.randint(5, 80)), 2]
+    src, fills = mask_spans(ids, rng, rate=0.1, max_span=3, mask_id=3, protect=frozenset({2}))
+    assert src.count(3) == len(fills) >= 1
+    assert src[-1] == 2  # EOS never masked
+    # re-expanding every <mask> with its fill gives back the original sequence
+    out, k = [], 0
+    for t in src:
+        if t == 3:
+            out += fills[k]
+            k += 1
+        else:
+            out.append(t)
+    assert out == ids
+    n_masked = sum(len(f) for f in fills)
+    assert 1 <= n_masked <= max(1, round(0.1 * len(ids)))
+
+
+def test_mask_spans_rate_and_span_lengths() -> None:
+    rng = random.Random(0)
+    total = masked = 0
+    spans = []
+    for _ in range(300):
+        ids = list(range(100, 200))
+        _, fills = mask_spans(ids, rng, rate=0.08, max_span=3)
+        total += len(ids)
+        masked += sum(len(f) for f in fills)
+        spans += [len(f) for f in fills]
+    assert 0.07 < masked / total <= 0.08
+    assert max(spans) <= 6  # adjacent spans may merge into one run; a single span is <= 3
+    assert {1, 2, 3} <= set(spans)
+
+
+def test_split_last_word() -> None:
+    assert split_last_word("and the earth.") == ("and the", "earth")
+    assert split_last_word("Let there be light: and there was light.") == (
+        "Let there be light: and there was", "light")  # fmt: skip
+    assert split_last_word("one") is None
+
+
+def test_formats_end_with_eos_and_hold_the_answer(fmt: TaskFormatter) -> None:
+    sp = fmt.sp
+    text = TextRecord(CORPUS[0], id="g1")
+    inf = fmt.infill(text, random.Random(1))
+    assert inf.tgt[-1] == sp.eos and sp.mask in inf.src
+    assert fmt.tok.decode(inf.tgt) == CORPUS[0]
+    comp = fmt.complete(text)
+    assert comp is not None and comp.reference == "earth"
+    assert comp.src[-1] == sp.mask and fmt.tok.decode(comp.tgt).strip() == "earth"
+    qa = fmt.qa(QARecord("Mary went to the kitchen.", "Where is Mary?", ["kitchen"]))
+    assert qa.src[-1] == sp.mask
+    full = fmt.tok.decode(qa.tgt)
+    assert full.endswith(ANSWER_HEADER + "kitchen") and parse_answer(full) == "kitchen"
+    cls = fmt.classify(ClassRecord("In the beginning", 1, "law"))
+    assert fmt.tok.decode(cls.tgt) == ANSWER_HEADER + "1 law" and cls.reference == "1"
+
+
+def test_parsers() -> None:
+    assert parse_label("####### ANSWER #######\n\n3 wisdom") == 3
+    assert parse_label("nothing here") is None
+    assert parse_answer("...####### ANSWER #######\n\n garden ") == "garden"

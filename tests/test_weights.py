@@ -1,0 +1,114 @@
+"""Checkpoint directories and tokenizers: round trips and one-line errors for bad inputs.
+
+Run: python -m pytest tests/test_weights.py -q
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from tests.conftest import micro_config
+from yan_serve.model import YAN
+from yan_serve.tokenizer import YANTokenizer, train_bpe
+from yan_serve.weights import from_pretrained, load_tokenizer, save_pretrained
+
+TEXT = ["In the beginning God created the heaven and the earth."] * 20 + [
+    "And the earth was without form, and void; and darkness was upon the deep."
+] * 20
+
+
+@pytest.fixture(scope="module")
+def bpe() -> YANTokenizer:
+    return train_bpe(TEXT, vocab_size=300, min_frequency=1)
+
+
+def test_bpe_specials_and_round_trip(bpe: YANTokenizer) -> None:
+    sp = bpe.special
+    assert (sp.pad, sp.bos, sp.eos, sp.mask) == (0, 1, 2, 3)
+    ids = bpe.encode(TEXT[0])
+    assert bpe.decode(ids) == TEXT[0]
+    assert not set(ids) & {0, 1, 2, 3}
+    assert bpe.decode([*ids, sp.eos, sp.pad]) == TEXT[0]  # specials are skipped
+
+
+def test_foreign_tokenizer_gets_padding_and_mask_appended(tmp_path) -> None:
+    vocab = {"<s>": 0, "</s>": 1, "hello": 2, "world": 3, "[UNK]": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    yt = YANTokenizer.load(tmp_path)
+    assert (yt.special.bos, yt.special.eos) == (0, 1)
+    assert (yt.special.pad, yt.special.mask) == (5, 6)  # appended, as the paper does for LLaMA-3
+    assert yt.vocab_size == 7
+    assert yt.encode("hello world") == [2, 3]
+
+
+def test_tokenizer_errors(tmp_path, bpe: YANTokenizer) -> None:
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
+        YANTokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{broken")
+    with pytest.raises(ValueError, match="not a valid tokenizers JSON"):
+        YANTokenizer.load(tmp_path)
+    with pytest.raises(ValueError, match="vocabulary"):
+        bpe.check_compatible(vocab_size=100, pad=0, eos=2, mask=3)
+    with pytest.raises(ValueError, match="wrong tokenizer"):
+        bpe.check_compatible(vocab_size=1000, pad=0, eos=5, mask=3)
+
+
+def _saved(tmp_path, bpe: YANTokenizer) -> tuple[YAN, object]:
+    torch.manual_seed(0)
+    model = YAN(micro_config(vocab_size=bpe.vocab_size)).eval()
+    save_pretrained(model, tmp_path / "ckpt", bpe, {"step": "7"})
+    return model, tmp_path / "ckpt"
+
+
+def test_save_and_load_round_trip(tmp_path, bpe: YANTokenizer) -> None:
+    model, d = _saved(tmp_path, bpe)
+    assert {p.name for p in d.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    loaded = from_pretrained(d)
+    assert not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert load_tokenizer(d, loaded.config).encode(TEXT[1]) == bpe.encode(TEXT[1])
+
+
+def test_load_errors_name_the_problem(tmp_path, bpe: YANTokenizer) -> None:
+    _, d = _saved(tmp_path, bpe)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_pretrained(tmp_path / "nope")
+    (d / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        from_pretrained(d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors"):
+        from_pretrained(d)
+
+
+def test_vocab_mismatch_is_reported(tmp_path, bpe: YANTokenizer) -> None:
+    _, d = _saved(tmp_path, bpe)
+    cfg = micro_config(vocab_size=bpe.vocab_size + 5)
+    cfg.save(d)
+    with pytest.raises(ValueError, match="vocab or width mismatch"):
+        from_pretrained(d)
+
+
+def test_cli_errors_are_one_line(tmp_path, bpe: YANTokenizer) -> None:
+    _, d = _saved(tmp_path, bpe)
+    (d / "model.safetensors").write_bytes(b"not safetensors")
+    cases = [
+        ["eval", str(tmp_path / "missing"), "--data", str(tmp_path)],
+        ["generate", str(d), "--text", "hello [MASK]"],
+        ["train", "stage2", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "o")],
+        ["params", str(tmp_path / "nothing.json")],
+    ]
+    for argv in cases:
+        r = subprocess.run([sys.executable, "-m", "yan_serve.cli", *argv], capture_output=True,
+                           text=True)  # fmt: skip
+        assert r.returncode == 2, (argv, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("yan "), r.stderr
+        assert "Traceback" not in r.stderr

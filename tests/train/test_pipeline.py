@@ -1,0 +1,53 @@
+"""The documented recipe end to end, shortened: scripts/train_default.sh with a few steps per
+stage on the real KJV corpus, then `yan eval` at every step count of the model card.
+
+Needs the `bible` program (Debian package bible-kjv; .ci/run installs it).
+Run: python -m pytest tests/train/test_pipeline.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from yan_serve.weights import from_pretrained, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_shortened_default_recipe(tmp_path) -> None:
+    if shutil.which("bible") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install bible-kjv (apt-get) for the recipe test")
+        pytest.skip("the `bible` program (apt-get install bible-kjv) is not installed")
+    env = {**os.environ, "OUT": str(tmp_path / "run"), "DATA": str(tmp_path / "kjv"),
+           "S1": "4", "S2": "4", "FT": "8", "BS": "4", "EVAL_LIMIT": "4", "DEVICE": "cpu",
+           "OMP_NUM_THREADS": "2"}  # fmt: skip
+    r = subprocess.run(["bash", str(ROOT / "scripts/train_default.sh")], env=env,
+                       capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("stage1", "stage2", "finetune"):
+        assert f"done: {stage}" in r.stderr
+        d = tmp_path / "run" / stage
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+            p.name for p in d.iterdir()
+        }
+    model = from_pretrained(tmp_path / "run/finetune")
+    tok = load_tokenizer(tmp_path / "run/finetune", model.config)
+    assert tok.special.mask == model.config.mask_token_id
+    results = json.loads((tmp_path / "run/eval.json").read_text())
+    assert {(r["task"], r["steps"]) for r in results} == {
+        (t, T) for t in ("infill", "complete", "qa", "classify") for T in (1, 2, 3, 4, 6)
+    }
+    assert all(r["n"] == 4 and r["tokens_per_s"] > 0 for r in results)
+    # the corpus split by book: test books only in test.jsonl
+    test_books = {json.loads(ln)["book"] for ln in (tmp_path / "kjv/test.jsonl").open()}
+    assert test_books == {"Ruth", "Ecclesiastes", "Jonah", "Philippians", "James"}
+    train_books = {json.loads(ln)["book"] for ln in (tmp_path / "kjv/train.jsonl").open()}
+    assert not train_books & (test_books | {"Esther", "Lamentations", "Haggai", "Titus"})

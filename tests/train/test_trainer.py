@@ -1,0 +1,115 @@
+"""The training loop: LR schedule, what each stage trains, resume, torchrun/DDP.
+
+Run: python -m pytest tests/train/test_trainer.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import micro_config
+from yan_serve.model import YAN
+from yan_serve.tokenizer import train_bpe
+from yan_serve.train.data import Batch, collate_stage1, stage1_maker
+from yan_serve.train.trainer import TrainConfig, Trainer, lr_at, trainable_parameters
+from yan_serve.weights import from_pretrained
+
+TEXTS = ["In the beginning God created the heaven and the earth.",
+         "And God said, Let there be light: and there was light.",
+         "And God saw the light, that it was good."] * 10  # fmt: skip
+
+
+def test_lr_warmup_then_constant() -> None:
+    cfg = TrainConfig(stage="stage1", out="x", lr=1e-3, warmup=10)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == lr_at(500, cfg) == pytest.approx(1e-3)
+
+
+def test_each_stage_trains_its_own_parts() -> None:
+    m = YAN(micro_config())
+    n_flow = sum(p.numel() for p in m.flow.parameters())
+    s1 = trainable_parameters(m, TrainConfig(stage="stage1", out="x"))
+    assert sum(p.numel() for p in s1) == m.num_parameters() - n_flow
+    s2 = trainable_parameters(m, TrainConfig(stage="stage2", out="x"))
+    assert sum(p.numel() for p in s2) == n_flow
+    assert not m.encoder.trf_blocks[0].ff.layers[0].weight.requires_grad
+    ft = trainable_parameters(m, TrainConfig(stage="finetune", out="x", freeze_autoencoder=False))
+    assert sum(p.numel() for p in ft) == m.num_parameters()
+    with pytest.raises(ValueError, match="stage"):
+        TrainConfig(stage="stage3", out="x")
+
+
+def _stream(tok, seed: int = 0):
+    import random
+
+    from yan_serve.tasks.formats import TaskFormatter
+    from yan_serve.tasks.records import TextRecord
+
+    make = stage1_maker(TaskFormatter(tok), max_len=40)
+    rng = random.Random(seed)
+    recs = [TextRecord(t) for t in TEXTS]
+    while True:
+        yield collate_stage1([make(rng.choice(recs), rng) for _ in range(4)], tok.special.pad)
+
+
+def test_resume_continues_the_same_run(tmp_path) -> None:
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    cfg = dict(stage="stage1", out=str(tmp_path / "run"), batch_size=4, warmup=2, lr=1e-3,
+               log_every=2, eval_every=2, save_every=100)  # fmt: skip
+    torch.manual_seed(0)
+    model = YAN(micro_config(vocab_size=tok.vocab_size))
+    val: list[Batch] = [next(_stream(tok, 9))]
+    first = Trainer(model, tok, TrainConfig(**cfg, steps=4), _stream(tok), val, log=lambda *a: None)
+    first.train()
+    state = json.loads((tmp_path / "run/trainer_state.json").read_text())
+    assert state["step"] == 4 and (tmp_path / "run/optimizer.pt").exists()
+
+    second = Trainer(YAN(micro_config(vocab_size=tok.vocab_size)), tok, TrainConfig(**cfg, steps=6),
+                     _stream(tok, 1), val, log=lambda *a: None)  # fmt: skip
+    assert second.resume() and second.step == 4
+    for k, v in from_pretrained(tmp_path / "run").state_dict().items():
+        assert torch.equal(second.model.state_dict()[k], v), k
+    assert second.opt.state_dict()["state"], "optimizer moments were not restored"
+    summary = second.train()
+    assert summary["steps"] == 6
+    assert "val_loss" in summary["final"]
+    with pytest.raises(ValueError, match="stage1 run"):
+        wrong_stage = TrainConfig(**{**cfg, "stage": "stage2"}, steps=6)
+        Trainer(
+            YAN(micro_config(vocab_size=tok.vocab_size)), tok, wrong_stage, _stream(tok), val
+        ).resume()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_save(tmp_path) -> None:
+    """The documented multi-process launch, on CPU with the gloo backend."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.dumps({"text": t, "id": str(i)}) for i, t in enumerate(TEXTS)]
+    for split in ("train", "val"):
+        (data / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = micro_config(vocab_size=300, max_length=64)
+    cfg.save(tmp_path / "config.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "yan_serve.cli", "train",
+         "stage1", "--config", str(tmp_path / "config.json"), "--data", str(data), "--out",
+         str(tmp_path / "out"), "--steps", "3", "--batch-size", "4", "--log-every", "1",
+         "--eval-every", "3", "--eval-batches", "1"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("[stage1] step 3/3") == 1  # only rank 0 logs
+    assert from_pretrained(tmp_path / "out").config.vocab_size >= 300
+    assert Path(tmp_path / "out/trainer_state.json").exists()

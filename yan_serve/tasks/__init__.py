@@ -1,0 +1,1 @@
+"""Tasks: raw records, loaders, task formats and metrics."""

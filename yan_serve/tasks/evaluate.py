@@ -1,0 +1,118 @@
+"""Evaluate a checkpoint on the test split of every task, at several Euler step counts.
+
+Protocol (as the paper's Table 1): ORACLE target lengths (the reference target's token count),
+greedy decoding, frozen routing by argmax unless asked otherwise, one seed per example (its
+index), batches of `batch_size` (results do not depend on it). tokens/s counts generated
+target positions over the sampler's wall time on this device.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from yan_serve.engine.sampler import GenerationRequest, Sampler
+from yan_serve.model import YAN
+from yan_serve.tasks import metrics
+from yan_serve.tasks.formats import TASKS, Example, TaskFormatter, parse_answer, parse_label
+from yan_serve.tokenizer import YANTokenizer
+from yan_serve.train.recipes import Corpus
+
+
+@dataclass
+class TaskResult:
+    task: str
+    steps: int
+    n: int
+    scores: dict[str, float]
+    tokens_per_s: float
+
+
+def task_examples(corpus: Corpus, tok: YANTokenizer, task: str, split: str, limit: int | None,
+                  max_len: int, seed: int = 0) -> list[Example]:  # fmt: skip
+    """The split's examples of a task, fixed by `seed` (infill masks) and cut to `limit`."""
+    fmt = TaskFormatter(tok)
+    rng = random.Random(seed)
+    out: list[Example] = []
+    if task in ("infill", "complete"):
+        recs = corpus.text[split]
+    elif task == "qa":
+        recs = corpus.qa[split]
+    elif task == "classify":
+        recs = corpus.classes[split]
+    else:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    for r in recs:
+        ex = {"infill": lambda r: fmt.infill(r, rng), "complete": fmt.complete,
+              "qa": fmt.qa, "classify": fmt.classify}[task](r)  # fmt: skip
+        if ex is not None and len(ex.src) <= max_len and len(ex.tgt) <= max_len:
+            out.append(ex)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def score(task: str, outputs: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+    refs = [e.reference for e in examples]
+    if task == "infill":
+        return metrics.rouge(outputs, refs)
+    if task == "complete":
+        words = [o.strip().split()[0] if o.strip() else "" for o in outputs]
+        return {"exact_match": metrics.exact_match_score(words, refs, ignore_punct=True)}
+    if task == "qa":
+        answers = [parse_answer(o) for o in outputs]
+        return {
+            "f1": metrics.token_f1_score(answers, refs),
+            "exact_match": metrics.exact_match_score(answers, refs, ignore_case=True),
+        }
+    labels = [parse_label(o) for o in outputs]
+    return {"accuracy": metrics.accuracy([str(x) for x in labels], refs)}
+
+
+def evaluate(
+    model: YAN,
+    tok: YANTokenizer,
+    corpus: Corpus,
+    tasks: Sequence[str] = TASKS,
+    steps_list: Sequence[int] = (3,),
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 64,
+    routing: str = "argmax",
+    progress=None,
+) -> list[TaskResult]:
+    sampler = Sampler(model)
+    results = []
+    for task in tasks:
+        exs = task_examples(corpus, tok, task, split, limit, model.config.max_length)
+        if not exs:
+            raise ValueError(f"no {split} examples for task {task!r}")
+        for T in steps_list:
+            outs: list[str] = []
+            n_tok, secs = 0, 0.0
+            for i in range(0, len(exs), batch_size):
+                chunk = exs[i : i + batch_size]
+                reqs = [
+                    GenerationRequest(e.src, len(e.tgt), seed=i + j) for j, e in enumerate(chunk)
+                ]
+                t0 = time.perf_counter()
+                gens = sampler.generate(reqs, steps=T, routing=routing)  # type: ignore[arg-type]
+                secs += time.perf_counter() - t0
+                n_tok += sum(r.tgt_len for r in reqs)
+                outs += [tok.decode(g.tokens) for g in gens]
+            res = TaskResult(task, T, len(exs), score(task, outs, exs), n_tok / max(secs, 1e-9))
+            results.append(res)
+            if progress:
+                progress(res)
+    return results
+
+
+def results_table(results: Sequence[TaskResult]) -> str:
+    """Markdown table: one row per (task, T)."""
+    lines = ["| task | T | n | scores | tokens/s |", "|---|---|---|---|---|"]
+    for r in results:
+        s = ", ".join(f"{k} {v:.1f}" for k, v in r.scores.items())
+        lines.append(f"| {r.task} | {r.steps} | {r.n} | {s} | {r.tokens_per_s:,.0f} |")
+    return "\n".join(lines)

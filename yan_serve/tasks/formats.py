@@ -1,0 +1,133 @@
+"""Task formats (YAN_SPEC.md section 5): records -> (source ids, target ids) pairs.
+
+| task     | source                                        | target                        |
+|----------|-----------------------------------------------|-------------------------------|
+| infill   | text, masked spans collapsed to one <mask>    | the full clean text + EOS     |
+| complete | prefix + <mask>                               | last word + EOS               |
+| qa       | SUMMARY/QUESTION/ANSWER template + <mask>     | the whole template with answer + EOS |
+| classify | DOCUMENT/ANSWER template                      | ANSWER header + "id name" + EOS |
+
+Every target ends with EOS; the sampler cuts there. `Example.reference` is the string the metric
+compares against (clean text, last word, answer, label id).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
+from yan_serve.tokenizer import YANTokenizer
+
+QA_TEMPLATE = (
+    "####### SUMMARY #######\n\n{ctx}\n\n####### QUESTION #######\n\n{q}\n\n"
+    "####### ANSWER #######\n\n"
+)
+CLS_SOURCE = "####### DOCUMENT #######\n\n{doc}\n\n####### ANSWER #######\n\n"
+ANSWER_HEADER = "####### ANSWER #######\n\n"
+TASKS = ("infill", "complete", "qa", "classify")
+
+
+@dataclass
+class Example:
+    task: str
+    src: list[int]
+    tgt: list[int]
+    reference: str
+    id: str = ""
+    fills: list[list[int]] = field(default_factory=list)  # infill: the masked token runs
+
+
+def mask_spans(
+    ids: list[int],
+    rng: random.Random,
+    rate: float,
+    max_span: int = 3,
+    mask_id: int = 3,
+    protect: frozenset[int] = frozenset(),
+) -> tuple[list[int], list[list[int]]]:
+    """Mask about `rate` of the tokens in spans of 1..max_span; collapse each masked run to one
+    `mask_id`. Tokens in `protect` (BOS/EOS) are never masked. Returns (source, fills)."""
+    n = len(ids)
+    budget = max(1, round(rate * n))
+    masked = [False] * n
+    candidates = [i for i in range(n) if ids[i] not in protect]
+    tries = 0
+    while budget > 0 and candidates and tries < 10 * n:
+        tries += 1
+        start = rng.choice(candidates)
+        span = min(rng.randint(1, max_span), budget)
+        idx = [j for j in range(start, min(start + span, n)) if ids[j] not in protect]
+        if any(masked[j] for j in idx) or not idx:
+            continue
+        for j in idx:
+            masked[j] = True
+        budget -= len(idx)
+    src: list[int] = []
+    fills: list[list[int]] = []
+    for i, tok in enumerate(ids):
+        if masked[i]:
+            if i == 0 or not masked[i - 1]:
+                src.append(mask_id)
+                fills.append([])
+            fills[-1].append(tok)
+        else:
+            src.append(tok)
+    return src, fills
+
+
+def split_last_word(text: str) -> tuple[str, str] | None:
+    """("prefix", "word") with the last word's trailing punctuation dropped, or None."""
+    m = re.match(r"^(.*\S)\s+([A-Za-z][\w'-]*)[^\w]*$", text.strip(), flags=re.S)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def parse_label(text: str) -> int | None:
+    """The label id from generated classification text ("... ANSWER ...\\n\\n3 wisdom")."""
+    tail = text.split("ANSWER #######")[-1]
+    m = re.search(r"(\d+)", tail)
+    return int(m.group(1)) if m else None
+
+
+def parse_answer(text: str) -> str:
+    """The answer part of generated QA text: what follows the last ANSWER header."""
+    return text.split("ANSWER #######")[-1].strip()
+
+
+class TaskFormatter:
+    """Builds examples of every task with one tokenizer."""
+
+    def __init__(self, tok: YANTokenizer) -> None:
+        self.tok = tok
+        self.sp = tok.special
+
+    def _eos(self, ids: list[int]) -> list[int]:
+        return [*ids, self.sp.eos]
+
+    def infill(self, rec: TextRecord, rng: random.Random, rate: tuple[float, float] = (0.05, 0.10),
+               max_span: int = 3) -> Example:  # fmt: skip
+        clean = self._eos(self.tok.encode(rec.text))
+        src, fills = mask_spans(
+            clean, rng, rng.uniform(*rate), max_span, self.sp.mask, frozenset({self.sp.eos})
+        )
+        return Example("infill", src, clean, rec.text, rec.id, fills)
+
+    def complete(self, rec: TextRecord) -> Example | None:
+        parts = split_last_word(rec.text)
+        if parts is None:
+            return None
+        prefix, word = parts
+        src = [*self.tok.encode(prefix), self.sp.mask]
+        return Example("complete", src, self._eos(self.tok.encode(" " + word)), word, rec.id)
+
+    def qa(self, rec: QARecord) -> Example:
+        src_text = QA_TEMPLATE.format(ctx=rec.context, q=rec.question)
+        src = [*self.tok.encode(src_text), self.sp.mask]
+        tgt = self._eos(self.tok.encode(src_text + rec.answers[0]))
+        return Example("qa", src, tgt, rec.answers[0], rec.id)
+
+    def classify(self, rec: ClassRecord) -> Example:
+        src = self.tok.encode(CLS_SOURCE.format(doc=rec.text))
+        tgt = self._eos(self.tok.encode(f"{ANSWER_HEADER}{rec.label} {rec.label_name}"))
+        return Example("classify", src, tgt, str(rec.label), rec.id)

@@ -1,0 +1,146 @@
+"""What each stage trains on: corpus directory -> batch streams, and model/tokenizer set-up.
+
+A corpus directory holds `train.jsonl` and `val.jsonl` (and `test.jsonl` for evaluation), one
+JSON object per line with a `text` field; rows with `section` (the KJV builder writes it) or
+`label` + `label_name` also feed classification. QA examples come from the bAbI-style generator.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from yan_serve.config import YANConfig
+from yan_serve.model import YAN
+from yan_serve.tasks.babi import babi_splits
+from yan_serve.tasks.formats import TASKS, TaskFormatter
+from yan_serve.tasks.kjv import SECTION_NAMES
+from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
+from yan_serve.tokenizer import YANTokenizer, train_bpe
+from yan_serve.train.data import (
+    Batch,
+    batches,
+    collate,
+    collate_stage1,
+    mixture,
+    stage1_maker,
+    task_maker,
+)
+
+
+@dataclass
+class Corpus:
+    text: dict[str, list[TextRecord]]
+    classes: dict[str, list[ClassRecord]]
+    qa: dict[str, list[QARecord]]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        raise FileNotFoundError(f"no {path}")
+    rows = []
+    for i, ln in enumerate(path.read_text().splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i} is not valid JSON ({e.msg})") from None
+        if "text" not in row:
+            raise ValueError(f"{path}:{i} has no 'text' field")
+        rows.append(row)
+    return rows
+
+
+def _class_record(r: dict) -> ClassRecord | None:
+    if "section" in r:
+        sec = r["section"]
+        return ClassRecord(r["text"], SECTION_NAMES.index(sec) + 1, sec, r.get("id", ""))
+    if "label" in r and "label_name" in r:
+        return ClassRecord(r["text"], int(r["label"]), str(r["label_name"]), r.get("id", ""))
+    return None
+
+
+def load_corpus(
+    data_dir: str | Path,
+    splits: tuple[str, ...] = ("train", "val"),
+    babi_sizes: tuple[int, int, int] = (4000, 200, 300),
+    seed: int = 0,
+) -> Corpus:
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"corpus directory {d} does not exist (yan data kjv --out {d})")
+    text, classes = {}, {}
+    for s in splits:
+        rows = read_jsonl(d / f"{s}.jsonl")
+        text[s] = [TextRecord(r["text"], r.get("id", "")) for r in rows]
+        classes[s] = [c for r in rows if (c := _class_record(r)) is not None]
+    qa: dict[str, list[QARecord]] = {s: [] for s in splits}
+    for task in ("single", "two"):
+        sp = babi_splits(task, *babi_sizes, seed=seed)
+        for s in splits:
+            qa[s] += sp[s]
+    return Corpus(text, classes, qa)
+
+
+def tokenizer_for(corpus: Corpus, tokenizer_dir: str | None, vocab_size: int) -> YANTokenizer:
+    """A given tokenizer directory, else a byte-level BPE trained on the training text."""
+    if tokenizer_dir:
+        return YANTokenizer.load(tokenizer_dir)
+    return train_bpe((r.text for r in corpus.text["train"]), vocab_size=vocab_size)
+
+
+def config_for_tokenizer(cfg: YANConfig, tok: YANTokenizer) -> YANConfig:
+    """Align the config's vocabulary and special ids with the tokenizer."""
+    sp = tok.special
+    d = cfg.to_dict()
+    d.update(vocab_size=max(cfg.vocab_size, tok.vocab_size), pad_token_id=sp.pad,
+             bos_token_id=sp.bos, eos_token_id=sp.eos, mask_token_id=sp.mask)  # fmt: skip
+    return YANConfig.from_dict(d)
+
+
+def _batches_of(stream: Iterator, pad: int, stage1: bool) -> Iterator[Batch]:
+    fn = collate_stage1 if stage1 else collate
+    for exs in stream:
+        yield fn(exs, pad)
+
+
+def stage_batches(
+    stage: str,
+    corpus: Corpus,
+    tok: YANTokenizer,
+    model: YAN,
+    split: str,
+    batch_size: int,
+    seed: int,
+    tasks: tuple[str, ...] = TASKS,
+) -> Iterator[Batch]:
+    """Endless batches for a stage: stage1 = corrupted text, stage2 = infilling, finetune = the
+    task mixture (one task per batch)."""
+    fmt = TaskFormatter(tok)
+    L = model.config.max_length
+    pad = tok.special.pad
+    if stage == "stage1":
+        return _batches_of(
+            batches(corpus.text[split], stage1_maker(fmt, max_len=L), batch_size, seed), pad, True
+        )
+    chosen = ("infill",) if stage == "stage2" else tasks
+    sources = {"infill": corpus.text, "complete": corpus.text, "qa": corpus.qa,
+               "classify": corpus.classes}  # fmt: skip
+    streams = {}
+    for t in chosen:
+        if t not in sources:
+            raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+        recs = sources[t][split]
+        if not recs:
+            raise ValueError(f"no {split} records for task {t!r} in this corpus")
+        streams[t] = batches(
+            recs, task_maker(fmt, t, L, L), batch_size, seed + 101 * TASKS.index(t)
+        )
+    return _batches_of(mixture(streams, seed), pad, False)
+
+
+def fixed_batches(stream: Iterator[Batch], n: int) -> list[Batch]:
+    return [next(stream) for _ in range(n)]

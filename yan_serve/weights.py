@@ -1,0 +1,85 @@
+"""Checkpoints as Hugging Face-style directories, never pickle.
+
+    <dir>/config.json          YANConfig
+    <dir>/model.safetensors    the state dict
+    <dir>/tokenizer.json       the tokenizer (optional for tests, required to serve text)
+
+`from_pretrained` builds the model on the meta device and assigns the loaded tensors, so a
+200M-parameter model is never initialised only to be overwritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from yan_serve.config import YANConfig
+from yan_serve.model import YAN
+from yan_serve.tokenizer import YANTokenizer
+
+
+def save_pretrained(
+    model: YAN,
+    directory: str | Path,
+    tokenizer: YANTokenizer | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write config.json, model.safetensors (fp32 unless the model is in another dtype) and the
+    tokenizer. Returns the directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model.config.save(d / "config.json")
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+    if tokenizer is not None:
+        tokenizer.save(d)
+    return d
+
+
+def load_tokenizer(directory: str | Path, config: YANConfig) -> YANTokenizer:
+    """The checkpoint's tokenizer, checked against the model's vocabulary and special ids."""
+    tok = YANTokenizer.load(directory)
+    tok.check_compatible(
+        config.vocab_size, config.pad_token_id, config.eos_token_id, config.mask_token_id
+    )
+    return tok
+
+
+def from_pretrained(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> YAN:
+    """Load a checkpoint directory into an eval-mode YAN. Errors name the file and the problem."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+    cfg = YANConfig.load(d / "config.json")
+    f = d / "model.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"no model.safetensors in {d}")
+    try:
+        sd = load_file(str(f), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        model = YAN(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{f} does not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for k, v in expected.items():
+        if tuple(v.shape) != tuple(sd[k].shape):
+            raise ValueError(
+                f"{f}: {k} has shape {tuple(sd[k].shape)}, config.json implies {tuple(v.shape)}"
+                " (vocab or width mismatch)"
+            )
+    model.load_state_dict(sd, assign=True)
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model.eval()
