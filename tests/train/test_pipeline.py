@@ -41,7 +41,7 @@ def test_shortened_default_recipe(tmp_path) -> None:
     model = from_pretrained(tmp_path / "run/finetune")
     tok = load_tokenizer(tmp_path / "run/finetune", model.config)
     assert tok.special.mask == model.config.mask_token_id
-    results = json.loads((tmp_path / "run/eval.json").read_text())
+    results = json.loads((tmp_path / "run/eval.json").read_text())["results"]
     assert {(r["task"], r["steps"]) for r in results} == {
         (t, T) for t in ("infill", "complete", "qa", "classify") for T in (1, 2, 3, 4, 6)
     }

@@ -1,8 +1,10 @@
 """What each stage trains on: corpus directory -> batch streams, and model/tokenizer set-up.
 
 A corpus directory holds `train.jsonl` and `val.jsonl` (and `test.jsonl` for evaluation), one
-JSON object per line with a `text` field; rows with `section` (the KJV builder writes it) or
-`label` + `label_name` also feed classification. QA examples come from the bAbI-style generator.
+JSON object per line: `text` rows feed infilling and completion, and also classification when
+they carry `section` (the KJV builder writes it) or `label` + `label_name`; `context` +
+`question` + `answers` rows feed QA. A corpus without QA rows gets bAbI-style stories from the
+generator. `yan data import` writes such directories from the paper's datasets.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def read_jsonl(path: Path) -> list[dict]:
             row = json.loads(ln)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i} is not valid JSON ({e.msg})") from None
-        if "text" not in row:
-            raise ValueError(f"{path}:{i} has no 'text' field")
+        if "text" not in row and not {"context", "question", "answers"} <= set(row):
+            raise ValueError(f"{path}:{i} has neither 'text' nor 'context'/'question'/'answers'")
         rows.append(row)
     return rows
 
@@ -72,17 +74,55 @@ def load_corpus(
     d = Path(data_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"corpus directory {d} does not exist (yan data kjv --out {d})")
-    text, classes = {}, {}
+    text, classes, qa = {}, {}, {}
     for s in splits:
         rows = read_jsonl(d / f"{s}.jsonl")
-        text[s] = [TextRecord(r["text"], r.get("id", "")) for r in rows]
-        classes[s] = [c for r in rows if (c := _class_record(r)) is not None]
-    qa: dict[str, list[QARecord]] = {s: [] for s in splits}
-    for task in ("single", "two"):
-        sp = babi_splits(task, *babi_sizes, seed=seed)
-        for s in splits:
-            qa[s] += sp[s]
+        text[s] = [TextRecord(r["text"], r.get("id", "")) for r in rows if "text" in r]
+        classes[s] = [c for r in rows if "text" in r and (c := _class_record(r)) is not None]
+        qa[s] = [QARecord(r["context"], r["question"], list(r["answers"]), r.get("id", ""))
+                 for r in rows if "question" in r]  # fmt: skip
+    if not any(qa.values()):
+        for task in ("single", "two"):
+            sp = babi_splits(task, *babi_sizes, seed=seed)
+            for s in splits:
+                qa[s] += sp[s]
     return Corpus(text, classes, qa)
+
+
+def import_dataset(name: str, path: str | Path, out_dir: str | Path,
+                   limit: int | None = None) -> dict[str, int]:  # fmt: skip
+    """Write a paper dataset's local files as a corpus directory (train/val/test.jsonl).
+
+    Splits the files do not provide are skipped; returns the row count per written split.
+    """
+    from dataclasses import asdict
+
+    from yan_serve.tasks.datasets import load_dataset
+
+    out = Path(out_dir)
+    counts: dict[str, int] = {}
+    single_file = Path(path).is_file()
+    for split in ("train", "val", "test"):
+        try:
+            recs = load_dataset(name, path, split=split, limit=limit)
+        except FileNotFoundError:
+            if single_file:
+                raise
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / f"{split}.jsonl").open("w") as f:
+            for r in recs:
+                row = asdict(r)
+                row.pop("meta", None)
+                f.write(json.dumps(row) + "\n")
+        counts[split] = len(recs)
+        if single_file:  # one file holds one split: write it as test
+            (out / f"{split}.jsonl").rename(out / "test.jsonl")
+            counts = {"test": counts.pop(split)}
+            break
+    if not counts:
+        raise FileNotFoundError(f"no train/val/test files for {name} under {path}")
+    return counts
 
 
 def tokenizer_for(corpus: Corpus, tokenizer_dir: str | None, vocab_size: int) -> YANTokenizer:

@@ -1,0 +1,62 @@
+"""Corpus directories and dataset import. Run: python -m pytest tests/train/test_recipes.py -q"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from yan_serve.train.recipes import import_dataset, load_corpus
+
+
+def _write(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_corpus_rows_feed_the_right_tasks(tmp_path) -> None:
+    rows = [
+        {"text": "a passage", "id": "1"},
+        {"text": "a labelled doc", "label": 3, "label_name": "Business"},
+        {"context": "Mary went home.", "question": "Where is Mary?", "answers": ["home"]},
+    ]
+    for s in ("train", "val"):
+        _write(tmp_path / f"{s}.jsonl", rows)
+    c = load_corpus(tmp_path)
+    assert [r.text for r in c.text["train"]] == ["a passage", "a labelled doc"]
+    assert [(r.label, r.label_name) for r in c.classes["train"]] == [(3, "Business")]
+    assert c.qa["val"][0].answers == ["home"]  # own QA rows: no bAbI stories mixed in
+    _write(tmp_path / "train.jsonl", rows[:1])
+    _write(tmp_path / "val.jsonl", rows[:1])
+    assert len(load_corpus(tmp_path, babi_sizes=(10, 5, 5)).qa["train"]) == 20  # bAbI fallback
+
+
+def test_bad_corpus_rows_are_named(tmp_path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"text": "ok"}\n{"oops": 1}\n')
+    (tmp_path / "val.jsonl").write_text('{"text": "ok"}\n')
+    with pytest.raises(ValueError, match=r"train\.jsonl:2"):
+        load_corpus(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_corpus(tmp_path / "missing")
+
+
+def test_import_a_sst2_directory_and_cli(tmp_path) -> None:
+    d = tmp_path / "sst2"
+    d.mkdir()
+    (d / "train.tsv").write_text("sentence\tlabel\ngood film \t1\nbad film \t0\n")
+    (d / "dev.tsv").write_text("sentence\tlabel\nfine film \t1\n")
+    counts = import_dataset("sst2", d, tmp_path / "out")
+    assert counts == {"train": 2, "val": 1}
+    c = load_corpus(tmp_path / "out", babi_sizes=(2, 1, 1))
+    assert [(r.label, r.label_name) for r in c.classes["train"]] == [
+        (1, "positive"),
+        (0, "negative"),
+    ]
+    cli = [sys.executable, "-m", "yan_serve.cli", "data", "import"]
+    r = subprocess.run([*cli, "sst2", str(d), "--out", str(tmp_path / "o2")], capture_output=True,
+                       text=True)  # fmt: skip
+    assert r.returncode == 0 and "train 2, val 1" in r.stdout
+    bad = subprocess.run([*cli, "nope", str(d), "--out", str(tmp_path / "o3")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "unknown dataset" in bad.stderr
