@@ -89,6 +89,15 @@ def evaluate(
         exs = task_examples(corpus, tok, task, split, limit, model.config.max_length)
         if not exs:
             raise ValueError(f"no {split} examples for task {task!r}")
+        if task == "infill":
+            # the trivial baseline any infiller must beat: the source with its masks dropped
+            mask = tok.special.mask
+            copies = [tok.decode([t for t in e.src if t != mask]) for e in exs]
+            results.append(
+                TaskResult("infill-copy-source", 0, len(exs), score(task, copies, exs), 0.0)
+            )
+            if progress:
+                progress(results[-1])
         for T in steps_list:
             outs: list[str] = []
             n_tok, secs = 0, 0.0
