@@ -3,7 +3,7 @@
 # KJV corpus -> stage 1 (denoising autoencoder) -> stage 2 (MoE-FM NLL + CE) -> multi-task
 # fine-tune (infill, last-word completion, bAbI-style QA, KJV section classification) -> eval.
 #
-#   bash scripts/train_default.sh                      # the shipped run (CPU, < 1 h on 2 cores)
+#   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~1 h)
 #   S1=20 S2=20 FT=20 EVAL_LIMIT=16 bash scripts/train_default.sh   # smoke run (CI test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,3 +29,8 @@ yan train finetune --init "$OUT/stage2" --out "$OUT/finetune" --steps "$FT" --lr
     --warmup 50 --fm-weight 0.1 --ce-weight 1 "${common[@]}"
 yan eval "$OUT/finetune" --data "$DATA" --steps 1,2,3,4,6 --device "$DEVICE" \
     ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --json "$OUT/eval.json"
+if [[ -n "${PUBLISH:-}" ]]; then  # e.g. PUBLISH=weights/yan-tiny-kjv
+    mkdir -p "$PUBLISH"
+    cp "$OUT"/finetune/{config.json,model.safetensors,tokenizer.json} "$OUT/eval.json" "$PUBLISH/"
+    echo "published the checkpoint to $PUBLISH"
+fi

@@ -1,0 +1,71 @@
+"""The shipped default checkpoint loads, is what its card says, and works on every task format.
+
+Run: python -m pytest tests/test_default_checkpoint.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from yan_serve.engine.sampler import GenerationRequest, Sampler
+from yan_serve.tasks import metrics
+from yan_serve.tasks.formats import TaskFormatter
+from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
+from yan_serve.weights import from_pretrained, load_tokenizer
+
+CKPT = Path(__file__).resolve().parents[1] / "weights" / "yan-tiny-kjv"
+
+# Ruth 1:16-17 is in the test split (held-out book).
+PASSAGES = [
+    "And Ruth said, Intreat me not to leave thee, or to return from following after thee: "
+    "for whither thou goest, I will go; and where thou lodgest, I will lodge:",
+    "Vanity of vanities, saith the Preacher, vanity of vanities; all is vanity.",
+    "To every thing there is a season, and a time to every purpose under the heaven:",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    model = from_pretrained(CKPT)
+    return model, load_tokenizer(CKPT, model.config)
+
+
+def test_files_size_and_config(loaded) -> None:
+    model, tok = loaded
+    assert sum(f.stat().st_size for f in CKPT.iterdir()) < 30 * 2**20
+    assert model.config.name == "yan-tiny" and model.num_parameters() == 4_345_988
+    assert (tok.special.pad, tok.special.eos, tok.special.mask) == (0, 2, 3)
+    card = (CKPT / "README.md").read_text()
+    results = json.loads((CKPT / "eval.json").read_text())["results"]
+    infill3 = next(r for r in results if r["task"] == "infill" and r["steps"] == 3)
+    assert f"{infill3['scores']['rouge1']:.1f}" in card  # the card quotes yan eval's output
+
+
+def test_infill_recovers_held_out_passages(loaded) -> None:
+    """Well above chance, as the card's 75 ROUGE-1 says (a random model scores < 15)."""
+    model, tok = loaded
+    fmt = TaskFormatter(tok)
+    exs = [fmt.infill(TextRecord(p), random.Random(i)) for i, p in enumerate(PASSAGES)]
+    gens = Sampler(model).generate(
+        [GenerationRequest(e.src, len(e.tgt), seed=i) for i, e in enumerate(exs)], routing="argmax"
+    )
+    scores = metrics.rouge([tok.decode(g.tokens) for g in gens], PASSAGES)
+    assert scores["rouge1"] > 50, scores
+
+
+def test_every_task_format_runs(loaded) -> None:
+    model, tok = loaded
+    fmt = TaskFormatter(tok)
+    exs = [
+        fmt.complete(TextRecord(PASSAGES[1])),
+        fmt.qa(QARecord("Mary went to the garden.", "Where is Mary?", ["garden"])),
+        fmt.classify(ClassRecord(PASSAGES[2], 3, "wisdom")),
+    ]
+    gens = Sampler(model).generate([GenerationRequest(e.src, len(e.tgt)) for e in exs])
+    for e, g in zip(exs, gens, strict=True):
+        assert 0 < len(g.tokens) <= len(e.tgt)
+        assert all(0 <= t < model.config.vocab_size for t in g.tokens)
