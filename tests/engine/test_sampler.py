@@ -127,6 +127,10 @@ def test_bad_requests_raise_clear_errors(micro_model: YAN) -> None:
         s.generate([GenerationRequest([4], 0)])
     with pytest.raises(ValueError, match="max_length"):
         s.generate([GenerationRequest([4], 41)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        s.generate([GenerationRequest([4, 61], 3)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        s.generate([GenerationRequest([-1], 3)])
     with pytest.raises(ValueError, match="no requests"):
         s.generate([])
 

@@ -71,6 +71,9 @@ class Sampler:
                 raise ValueError("a request has an empty source")
             if r.tgt_len < 1:
                 raise ValueError(f"tgt_len must be >= 1, got {r.tgt_len}")
+            bad = [t for t in r.src if not 0 <= int(t) < cfg.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} outside the vocabulary of {cfg.vocab_size}")
             self.model.check_length(len(r.src), "source")
             self.model.check_length(r.tgt_len, "target")
         B, Lx, Ly = (
