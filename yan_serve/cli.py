@@ -91,8 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "stage1":
         if args.init:
             raise ValueError("stage1 starts from a fresh model: drop --init")
-        tok = tokenizer_for(corpus, args.tokenizer, _load_config(args.config).vocab_size)
-        model = YAN(config_for_tokenizer(_load_config(args.config), tok))
+        base = _load_config(args.config)
+        tok = tokenizer_for(corpus, args.tokenizer, base.vocab_size)
+        model = YAN(config_for_tokenizer(base, tok))
     else:
         if not args.init:
             raise ValueError(f"{args.stage} needs --init (the previous stage's checkpoint)")

@@ -7,7 +7,6 @@ appended, as the paper does (128256, 128257).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +109,3 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     )
     tok.train_from_iterator(texts, trainer)
     return YANTokenizer(tok)
-
-
-def describe(tok: YANTokenizer) -> str:
-    return json.dumps({"vocab_size": tok.vocab_size, **tok.special.__dict__})

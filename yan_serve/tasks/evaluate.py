@@ -36,17 +36,8 @@ def task_examples(corpus: Corpus, tok: YANTokenizer, task: str, split: str, limi
     fmt = TaskFormatter(tok)
     rng = random.Random(seed)
     out: list[Example] = []
-    if task in ("infill", "complete"):
-        recs = corpus.text[split]
-    elif task == "qa":
-        recs = corpus.qa[split]
-    elif task == "classify":
-        recs = corpus.classes[split]
-    else:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    for r in recs:
-        ex = {"infill": lambda r: fmt.infill(r, rng), "complete": fmt.complete,
-              "qa": fmt.qa, "classify": fmt.classify}[task](r)  # fmt: skip
+    for r in corpus.records(task, split):
+        ex = fmt.make(task, r, rng)
         if ex is not None and len(ex.src) <= max_len and len(ex.tgt) <= max_len:
             out.append(ex)
         if limit is not None and len(out) >= limit:

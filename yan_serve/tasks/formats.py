@@ -127,6 +127,18 @@ class TaskFormatter:
         tgt = self._eos(self.tok.encode(src_text + rec.answers[0]))
         return Example("qa", src, tgt, rec.answers[0], rec.id)
 
+    def make(self, task: str, rec, rng: random.Random) -> Example | None:
+        """The example of `task` for a record (None if the record has no such example)."""
+        if task == "infill":
+            return self.infill(rec, rng)
+        if task == "complete":
+            return self.complete(rec)
+        if task == "qa":
+            return self.qa(rec)
+        if task == "classify":
+            return self.classify(rec)
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
     def classify(self, rec: ClassRecord) -> Example:
         src = self.tok.encode(CLS_SOURCE.format(doc=rec.text))
         tgt = self._eos(self.tok.encode(f"{ANSWER_HEADER}{rec.label} {rec.label_name}"))

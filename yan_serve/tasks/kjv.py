@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from yan_serve.tasks.records import ClassRecord, TextRecord
+from yan_serve.tasks.records import ClassRecord
 
 TEST_BOOKS = ("Ruth", "Ecclesiastes", "Jonah", "Philippians", "James")
 VAL_BOOKS = ("Esther", "Lamentations", "Haggai", "Titus")
@@ -155,18 +155,11 @@ def load_split(corpus_dir: str | Path, split: str) -> list[dict]:
     return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
 
 
-def text_records(rows: Iterable[dict]) -> list[TextRecord]:
-    return [TextRecord(text=r["text"], id=r["id"], meta={"book": r["book"]}) for r in rows]
+def section_record(row: dict) -> ClassRecord:
+    """Section classification: label id is the 1-based section index, name the section."""
+    sec = row["section"]
+    return ClassRecord(row["text"], SECTION_NAMES.index(sec) + 1, sec, row.get("id", ""))
 
 
 def class_records(rows: Iterable[dict]) -> list[ClassRecord]:
-    """Section classification: label id is the 1-based section index, name the section."""
-    return [
-        ClassRecord(
-            text=r["text"],
-            label=SECTION_NAMES.index(r["section"]) + 1,
-            label_name=r["section"],
-            id=r["id"],
-        )
-        for r in rows
-    ]
+    return [section_record(r) for r in rows]

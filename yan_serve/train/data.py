@@ -72,16 +72,7 @@ def task_maker(fmt: TaskFormatter, task: str, max_src: int, max_tgt: int) -> Mak
     """Record -> Example for a task; drops examples longer than the model allows."""
 
     def make(rec, rng: random.Random) -> Example | None:
-        if task == "infill":
-            ex = fmt.infill(rec, rng)
-        elif task == "complete":
-            ex = fmt.complete(rec)
-        elif task == "qa":
-            ex = fmt.qa(rec)
-        elif task == "classify":
-            ex = fmt.classify(rec)
-        else:
-            raise ValueError(f"unknown task {task!r}")
+        ex = fmt.make(task, rec, rng)
         if ex is None or len(ex.src) > max_src or len(ex.tgt) > max_tgt:
             return None
         return ex

@@ -18,7 +18,7 @@ from yan_serve.config import YANConfig
 from yan_serve.model import YAN
 from yan_serve.tasks.babi import babi_splits
 from yan_serve.tasks.formats import TASKS, TaskFormatter
-from yan_serve.tasks.kjv import SECTION_NAMES
+from yan_serve.tasks.kjv import section_record
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
 from yan_serve.tokenizer import YANTokenizer, train_bpe
 from yan_serve.train.data import (
@@ -37,6 +37,14 @@ class Corpus:
     text: dict[str, list[TextRecord]]
     classes: dict[str, list[ClassRecord]]
     qa: dict[str, list[QARecord]]
+
+    def records(self, task: str, split: str) -> list:
+        """The records a task draws from: text for infill/complete, QA, or classes."""
+        by_task = {"infill": self.text, "complete": self.text, "qa": self.qa,
+                   "classify": self.classes}  # fmt: skip
+        if task not in by_task:
+            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        return by_task[task][split]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -58,8 +66,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def _class_record(r: dict) -> ClassRecord | None:
     if "section" in r:
-        sec = r["section"]
-        return ClassRecord(r["text"], SECTION_NAMES.index(sec) + 1, sec, r.get("id", ""))
+        return section_record(r)
     if "label" in r and "label_name" in r:
         return ClassRecord(r["text"], int(r["label"]), str(r["label_name"]), r.get("id", ""))
     return None
@@ -167,13 +174,9 @@ def stage_batches(
             batches(corpus.text[split], stage1_maker(fmt, max_len=L), batch_size, seed), pad, True
         )
     chosen = ("infill",) if stage == "stage2" else tasks
-    sources = {"infill": corpus.text, "complete": corpus.text, "qa": corpus.qa,
-               "classify": corpus.classes}  # fmt: skip
     streams = {}
     for t in chosen:
-        if t not in sources:
-            raise ValueError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
-        recs = sources[t][split]
+        recs = corpus.records(t, split)
         if not recs:
             raise ValueError(f"no {split} records for task {t!r} in this corpus")
         streams[t] = batches(
