@@ -80,11 +80,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from yan_serve.train.recipes import (
         config_for_tokenizer,
         fixed_batches,
+        label_table,
         load_corpus,
         stage_batches,
         tokenizer_for,
     )
     from yan_serve.train.trainer import TrainConfig, Trainer, eprint
+    from yan_serve.weights import save_labels
 
     torch.manual_seed(args.seed)
     corpus = load_corpus(args.data, seed=args.seed)
@@ -110,13 +112,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     tasks = tuple(args.tasks.split(","))
     train = stage_batches(args.stage, corpus, tok, model, "train", args.batch_size, args.seed,
-                          tasks)  # fmt: skip
-    val = fixed_batches(stage_batches(args.stage, corpus, tok, model, "val", args.batch_size,
-                                      args.seed + 1, tasks), args.eval_batches)  # fmt: skip
+                          tasks, args.slack)  # fmt: skip
+    val_stream = stage_batches(args.stage, corpus, tok, model, "val", args.batch_size,
+                               args.seed + 1, tasks, args.slack)  # fmt: skip
+    val = fixed_batches(val_stream, args.eval_batches)
     trainer = Trainer(model, tok, tcfg, train, val, log=eprint)
     if args.resume:
         trainer.resume()
     summary = trainer.train()
+    if args.stage == "finetune" and "classify" in tasks and trainer.rank == 0:
+        save_labels(args.out, label_table(corpus))
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -159,42 +164,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
+    """One request, formatted and read out exactly as the server does (engine/tasks.py)."""
+    from yan_serve.engine import tasks as T
     from yan_serve.engine.sampler import GenerationRequest, Sampler
-    from yan_serve.tasks.formats import CLS_SOURCE, QA_TEMPLATE
+    from yan_serve.weights import load_labels
 
     model, tok = _load_checkpoint(args.checkpoint)
-    sp = tok.special
+    L = model.config.max_length
     if args.task == "infill":
-        if "[MASK]" not in args.text:
-            raise ValueError("infill text needs at least one [MASK] placeholder")
-        parts = args.text.split("[MASK]")
-        src: list[int] = []
-        for i, p in enumerate(parts):
-            src += tok.encode(p)
-            if i < len(parts) - 1:
-                src.append(sp.mask)
-        n_masks = len(parts) - 1
-        tgt_len = len(src) - n_masks + args.span_tokens * n_masks + 1
+        plan = T.plan_infill(tok, args.text, L, args.span_tokens)
     elif args.task == "complete":
-        src = [*tok.encode(args.text), sp.mask]
-        tgt_len = args.max_tokens
+        plan = T.plan_complete(tok, args.text, args.max_tokens, L)
     elif args.task == "qa":
         if not args.question:
             raise ValueError("qa needs --question")
-        body = tok.encode(QA_TEMPLATE.format(ctx=args.text, q=args.question))
-        src = [*body, sp.mask]
-        tgt_len = len(body) + args.max_tokens
+        plan = T.plan_qa(tok, args.text, args.question, args.max_tokens, L)
     else:
-        src = tok.encode(CLS_SOURCE.format(doc=args.text))
-        tgt_len = args.max_tokens
+        plan = T.plan_classify(tok, args.text, args.max_tokens, L)
     gen = Sampler(model).generate(
-        [GenerationRequest(src, min(tgt_len, model.config.max_length), args.seed)],
-        steps=args.steps, routing=args.routing, return_previews=args.previews,
-    )[0]  # fmt: skip
+        [GenerationRequest(plan.src, plan.tgt_len, args.seed)],
+        steps=args.steps,
+        routing=args.routing,
+        return_previews=args.previews,
+    )[0]
     if gen.previews:
         for i, p in enumerate(gen.previews):
             print(f"t{i}: {tok.decode(p)!r}", file=sys.stderr)
-    print(tok.decode(gen.tokens))
+    if args.task == "infill":
+        text, fills = T.finish_infill(tok, plan, gen.full)
+        print(text)
+    elif args.task == "complete":
+        toks, _ = T.finish_complete(plan, gen.tokens, gen.finish_reason == "eos")
+        print(tok.decode(toks))
+    elif args.task == "qa":
+        print(tok.decode(T.answer_tokens(tok, plan, gen.full)).strip())
+    else:
+        answer = tok.decode(T.answer_tokens(tok, plan, gen.full)).strip()
+        print(T.parse_class(answer, load_labels(args.checkpoint))[0])
     return 0
 
 
@@ -239,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--fm-weight", type=float, default=1.0)
     tp.add_argument("--ce-weight", type=float, default=1.0)
     tp.add_argument("--tasks", default="infill,complete,qa,classify", help="fine-tune mixture")
+    tp.add_argument(
+        "--slack",
+        type=float,
+        default=0.5,
+        help="fine-tune: share of targets given serving length slack (EOS filler)",
+    )
     tp.add_argument("--unfreeze", action="store_true", help="also train encoder/decoder (stage 2)")
     tp.add_argument("--log-every", type=int, default=50)
     tp.add_argument("--eval-every", type=int, default=500)

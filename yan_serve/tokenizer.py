@@ -30,6 +30,9 @@ class SpecialIds:
     eos: int
     mask: int
 
+    def ids(self) -> tuple[int, int, int, int]:
+        return (self.pad, self.bos, self.eos, self.mask)
+
 
 class YANTokenizer:
     """Thin wrapper over `tokenizers.Tokenizer` that knows YAN's special tokens."""

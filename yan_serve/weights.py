@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -83,3 +84,22 @@ def from_pretrained(
     model.load_state_dict(sd, assign=True)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()
+
+
+LABELS_FILE = "labels.json"
+
+
+def save_labels(directory: str | Path, labels: dict[int, str]) -> None:
+    """The classification label table {id: name} the checkpoint was fine-tuned on."""
+    with open(Path(directory) / LABELS_FILE, "w") as f:
+        json.dump({str(k): v for k, v in sorted(labels.items())}, f, indent=1)
+
+
+def load_labels(directory: str | Path) -> dict[int, str] | None:
+    f = Path(directory) / LABELS_FILE
+    if not f.exists():
+        return None
+    try:
+        return {int(k): str(v) for k, v in json.loads(f.read_text()).items()}
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{f} is not a JSON object of label id -> name ({e})") from None

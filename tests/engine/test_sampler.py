@@ -5,6 +5,8 @@ Run: python -m pytest tests/engine -q
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -112,7 +114,7 @@ def test_eos_cut_and_finish_reason(micro_model: YAN, monkeypatch) -> None:
     eos = micro_model.config.eos_token_id
     s = Sampler(micro_model)
     fake = torch.tensor([[5, 6, eos, 7, eos], [5, 6, 7, 8, 9]])
-    monkeypatch.setattr(s, "decode", lambda z: (fake, torch.full(fake.shape, 0.5)))
+    monkeypatch.setattr(s, "decode", lambda z, batch=None: (fake, torch.full(fake.shape, 0.5)))
     g = s.generate([GenerationRequest([4], 5), GenerationRequest([4], 5)])
     assert (g[0].tokens, g[0].finish_reason) == ([5, 6], "eos")
     assert (g[1].tokens, g[1].finish_reason) == ([5, 6, 7, 8, 9], "length")
@@ -151,3 +153,47 @@ def test_cuda_sampler_matches_cpu(micro_model: YAN) -> None:
     tok_cpu = [g.tokens for g in Sampler(micro_model).generate(reqs)]
     same = sum(a == b for a, b in zip(tok_gpu, tok_cpu, strict=True))
     assert same >= len(reqs) - 1, f"{len(reqs) - same} of {len(reqs)} requests differ"
+
+
+def test_temperature_sampling_is_seeded_and_batch_independent(micro_model: YAN) -> None:
+    s = Sampler(micro_model)
+    reqs = [GenerationRequest(r.src, r.tgt_len, r.seed, temperature=1.5, top_k=k)
+            for r, k in zip(_requests(6, seed=8), (0, 5, 0, 1, 3, 0), strict=False)]  # fmt: skip
+    together = s.generate(reqs, steps=3)
+    for r, t in zip(reqs, together, strict=False):
+        assert s.generate([r], steps=3)[0].full == t.full
+    greedy = s.generate([GenerationRequest(r.src, r.tgt_len, r.seed) for r in reqs], steps=3)
+    assert any(g.full != t.full for g, t in zip(greedy, together, strict=False))
+    # top_k = 1 is greedy whatever the temperature
+    assert together[3].full == greedy[3].full
+
+
+def test_sample_tokens_follows_the_tempered_distribution() -> None:
+    from yan_serve.engine.sampler import sample_tokens
+
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7]])).expand(20000, 3)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(sample_tokens(logits, 1.0, 0, u), minlength=3).float() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.7]), atol=0.01, rtol=0)
+    top2 = torch.bincount(sample_tokens(logits, 1.0, 2, u), minlength=3).float() / 20000
+    assert top2[0] == 0 and abs(top2[2] - 0.7 / 0.9) < 0.01
+
+
+def test_score_matches_the_decoder_log_probs_of_the_generated_tokens(micro_model: YAN) -> None:
+    s = Sampler(micro_model)
+    reqs = _requests(4, seed=9)
+    gens = s.generate(reqs, steps=3, routing="argmax")
+    logp = s.score(reqs, [g.full for g in gens], steps=3, routing="argmax")
+    for g, lp in zip(gens, logp, strict=False):
+        assert lp == pytest.approx([math.log(p) for p in g.full_confidence], abs=1e-4)
+    with pytest.raises(ValueError, match="tgt_len"):
+        s.score(reqs[:1], [[*gens[0].full, 1]], steps=3)
+
+
+def test_on_step_sees_every_time_point_as_it_is_reached(micro_model: YAN) -> None:
+    s = Sampler(micro_model)
+    reqs = _requests(3, seed=10)
+    seen = []
+    out = s.generate(reqs, steps=4, on_step=lambda i, toks: seen.append((i, toks.shape[0])))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert out[0].previews is None

@@ -92,3 +92,31 @@ def test_parsers() -> None:
     assert parse_label("####### ANSWER #######\n\n3 wisdom") == 3
     assert parse_label("nothing here") is None
     assert parse_answer("...####### ANSWER #######\n\n garden ") == "garden"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_length_slack_pads_with_eos_where_the_server_leaves_room(
+    fmt: TaskFormatter, seed: int
+) -> None:
+    from yan_serve.tasks.formats import SLACK
+
+    rng = random.Random(seed)
+    eos = fmt.sp.eos
+    text = TextRecord(CORPUS[1], id="g1")
+    for ex in (
+        fmt.complete(text),
+        fmt.classify(ClassRecord("In the beginning", 1, "law")),
+        fmt.qa(QARecord("Mary went to the kitchen.", "Where is Mary?", ["kitchen"])),
+    ):
+        s = fmt.add_slack(ex, rng, max_len=200)
+        extra = len(s.tgt) - len(ex.tgt)
+        assert 0 <= extra <= SLACK[ex.task]
+        assert s.tgt[: len(ex.tgt)] == ex.tgt and s.tgt[len(ex.tgt) :] == [eos] * extra
+        assert s.src == ex.src
+    inf = fmt.infill(text, rng)
+    s = fmt.add_slack(inf, rng, max_len=200)
+    # dropping the EOS filler inside spans gives back the clean target
+    body = [t for t in s.tgt[:-1] if t != eos]
+    assert [*body, eos] == inf.tgt
+    assert len(s.tgt) - len(inf.tgt) <= SLACK["infill"] * len(inf.fills)
+    assert fmt.add_slack(inf, rng, max_len=len(inf.tgt)).tgt == inf.tgt  # no room, no slack

@@ -1,14 +1,18 @@
 """Batch-independent YAN inference: requests in, tokens out (pure-torch reference path).
 
-Every request owns a `torch.Generator` seeded from its `seed`; its z_0 and its expert draws
-come from that generator alone, drawn at the request's own length on the CPU. So a request's
-output does not depend on which other requests share its batch, nor on the device.
+Every request owns a `torch.Generator` seeded from its `seed`; its z_0, its expert draws and its
+token-sampling draws come from that generator alone, drawn at the request's own length on the
+CPU. So a request's output does not depend on which other requests share its batch, nor on the
+device.
+
+Decoding is greedy by default; a request with `temperature > 0` samples each position from the
+tempered (optionally top-k) decoder distribution by inverse CDF with its own uniforms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -22,6 +26,8 @@ class GenerationRequest:
     src: Sequence[int]  # source token ids
     tgt_len: int  # number of target positions to generate (chosen by the caller, no oracle)
     seed: int = 0
+    temperature: float = 0.0  # 0: greedy; > 0: sample from softmax(logits / temperature)
+    top_k: int = 0  # with temperature > 0: sample among the k most likely tokens (0: all)
 
 
 @dataclass
@@ -31,6 +37,8 @@ class Generation:
     confidence: list[float]  # decoder probability of each kept token
     expert: list[int]  # frozen expert per target position
     previews: list[list[int]] | None = None  # tokens decoded at each of the T time points
+    full: list[int] = field(default_factory=list)  # all tgt_len decoded tokens (EOS not cut)
+    full_confidence: list[float] = field(default_factory=list)  # their decoder probabilities
 
 
 @dataclass
@@ -39,15 +47,25 @@ class PreparedBatch:
     src_mask: Tensor  # [B, Lx] bool
     tgt_mask: Tensor  # [B, Ly] bool
     z0: Tensor  # [B, Ly, d]
-    uniforms: Tensor  # [B, Ly]
+    uniforms: Tensor  # [B, Ly] expert draws
+    token_uniforms: Tensor  # [B, Ly] token-sampling draws
+    temperature: Tensor  # [B]
+    top_k: Tensor  # [B] long
 
 
-def request_noise(seed: int, length: int, d: int, init_noise: float) -> tuple[Tensor, Tensor]:
-    """The request's own draws: z_0 [length, d] ~ N(0, init_noise^2 I) and uniforms [length]."""
+def request_noise(
+    seed: int, length: int, d: int, init_noise: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The request's own draws: z_0 [length, d] ~ N(0, init_noise^2 I), expert uniforms
+    [length] and token-sampling uniforms [length], in that order from one generator."""
     g = torch.Generator().manual_seed(int(seed))
     z0 = torch.randn(length, d, generator=g) * init_noise
     u = torch.rand(length, generator=g)
-    return z0, u
+    u_tok = torch.rand(length, generator=g)
+    return z0, u, u_tok
+
+
+StepCallback = Callable[[int, Tensor], None]  # (time-point index, tokens [B, Ly]) per preview
 
 
 class Sampler:
@@ -71,6 +89,8 @@ class Sampler:
                 raise ValueError("a request has an empty source")
             if r.tgt_len < 1:
                 raise ValueError(f"tgt_len must be >= 1, got {r.tgt_len}")
+            if r.temperature < 0 or r.top_k < 0:
+                raise ValueError("temperature and top_k must be >= 0")
             bad = [t for t in r.src if not 0 <= int(t) < cfg.vocab_size]
             if bad:
                 raise ValueError(f"token id {bad[0]} outside the vocabulary of {cfg.vocab_size}")
@@ -86,18 +106,22 @@ class Sampler:
         tgt_mask = torch.zeros(B, Ly, dtype=torch.bool)
         z0 = torch.zeros(B, Ly, cfg.d_model)
         uniforms = torch.zeros(B, Ly)
+        token_uniforms = torch.zeros(B, Ly)
         for i, r in enumerate(requests):
             src[i, : len(r.src)] = torch.as_tensor(list(r.src), dtype=torch.long)
             src_mask[i, : len(r.src)] = True
             tgt_mask[i, : r.tgt_len] = True
-            z0[i, : r.tgt_len], uniforms[i, : r.tgt_len] = request_noise(
-                r.seed, r.tgt_len, cfg.d_model, cfg.init_noise
+            z0[i, : r.tgt_len], uniforms[i, : r.tgt_len], token_uniforms[i, : r.tgt_len] = (
+                request_noise(r.seed, r.tgt_len, cfg.d_model, cfg.init_noise)
             )
+        temperature = torch.tensor([float(r.temperature) for r in requests])
+        top_k = torch.tensor([int(r.top_k) for r in requests], dtype=torch.long)
         dev = self.device
         dtype = next(self.model.parameters()).dtype
         return PreparedBatch(
-            src.to(dev), src_mask.to(dev), tgt_mask.to(dev), z0.to(dev, dtype), uniforms.to(dev)
-        )
+            src.to(dev), src_mask.to(dev), tgt_mask.to(dev), z0.to(dev, dtype), uniforms.to(dev),
+            token_uniforms.to(dev), temperature.to(dev), top_k.to(dev),
+        )  # fmt: skip
 
     @torch.no_grad()
     def solve(
@@ -107,14 +131,16 @@ class Sampler:
         routing: Routing = "sample",
         return_trajectory: bool = False,
         naive: bool = False,
+        step_hook: Callable[[int, Tensor], None] | None = None,
     ) -> SolveResult:
-        """Latents at t = 1 for a prepared batch (`naive` uses the T-pass reference schedule)."""
+        """Latents at t = 1 for a prepared batch (`naive` uses the T-pass reference schedule).
+        `step_hook(i, z)` sees the state at every time point as soon as it is computed."""
         m = self.model
         cond = m.condition(m.encode(batch.src, batch.src_mask), batch.src_mask, batch.tgt_mask)
         if naive:
             return self.solver.solve_naive(m.flow, batch.z0, cond, steps, routing, batch.uniforms)
         return self.solver.solve(
-            m.flow, batch.z0, cond, steps, routing, batch.uniforms, return_trajectory
+            m.flow, batch.z0, cond, steps, routing, batch.uniforms, return_trajectory, step_hook
         )
 
     @torch.no_grad()
@@ -124,31 +150,99 @@ class Sampler:
         steps: int | None = None,
         routing: Routing = "sample",
         return_previews: bool = False,
+        on_step: StepCallback | None = None,
     ) -> list[Generation]:
-        """Generate every request in one batch; results are independent of the batching."""
+        """Generate every request in one batch; results are independent of the batching.
+
+        `on_step(i, tokens)` is called with the greedy tokens decoded at each time point as soon
+        as the solver reaches it (progressive previews for streaming)."""
         steps = self.model.config.ode_steps if steps is None else steps
         batch = self.prepare(requests)
-        res = self.solve(batch, steps, routing, return_trajectory=return_previews)
-        tokens, conf = self.decode(res.z)
-        previews = [self.decode(z)[0] for z in res.trajectory] if return_previews else None
+        want_traj = return_previews or on_step is not None
+        previews: list[Tensor] = []
+
+        def step_hook(i: int, z: Tensor) -> None:
+            toks = self.decode(z)[0]
+            previews.append(toks)
+            if on_step is not None:
+                on_step(i, toks)
+
+        res = self.solve(batch, steps, routing, step_hook=step_hook if want_traj else None)
+        tokens, conf = self.decode(res.z, batch)
         eos = self.model.config.eos_token_id
         out = []
         for i, r in enumerate(requests):
             toks = tokens[i, : r.tgt_len].tolist()
+            probs = conf[i, : r.tgt_len].tolist()
             cut = toks.index(eos) if eos in toks else len(toks)
             out.append(
                 Generation(
                     tokens=toks[:cut],
                     finish_reason="eos" if cut < len(toks) else "length",
-                    confidence=conf[i, :cut].tolist(),
+                    confidence=probs[:cut],
                     expert=res.expert[i, : r.tgt_len].tolist(),
-                    previews=[p[i, : r.tgt_len].tolist() for p in previews] if previews else None,
+                    previews=[p[i, : r.tgt_len].tolist() for p in previews]
+                    if return_previews
+                    else None,
+                    full=toks,
+                    full_confidence=probs,
                 )
             )
         return out
 
-    def decode(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Greedy decode: z [B, L, d] -> (argmax tokens [B, L], their probabilities [B, L])."""
+    @torch.no_grad()
+    def score(
+        self,
+        requests: Sequence[GenerationRequest],
+        targets: Sequence[Sequence[int]],
+        steps: int | None = None,
+        routing: Routing = "sample",
+    ) -> list[list[float]]:
+        """Decoder log-probability of each given target token, per position: the request's
+        latent is generated as usual (`tgt_len` must equal the target's length), then scored."""
+        if len(targets) != len(requests):
+            raise ValueError("one target per request")
+        for r, t in zip(requests, targets, strict=False):
+            if len(t) != r.tgt_len:
+                raise ValueError(f"target of {len(t)} tokens for tgt_len {r.tgt_len}")
+        steps = self.model.config.ode_steps if steps is None else steps
+        batch = self.prepare(requests)
+        z = self.solve(batch, steps, routing).z
         logp = torch.log_softmax(self.model.decode_logits(z).float(), dim=-1)
+        out = []
+        for i, t in enumerate(targets):
+            idx = torch.as_tensor(list(t), dtype=torch.long, device=logp.device)
+            out.append(logp[i, torch.arange(len(t), device=logp.device), idx].tolist())
+        return out
+
+    def decode(self, z: Tensor, batch: PreparedBatch | None = None) -> tuple[Tensor, Tensor]:
+        """z [B, L, d] -> (tokens [B, L], their decoder probabilities [B, L]).
+
+        Greedy, except rows of `batch` with temperature > 0, which sample by inverse CDF from
+        their own token uniforms (top-k restricted when top_k > 0)."""
+        logits = self.model.decode_logits(z).float()
+        logp = torch.log_softmax(logits, dim=-1)
         best, tok = logp.max(-1)
+        if batch is not None and bool((batch.temperature > 0).any()):
+            rows = (batch.temperature > 0).nonzero().flatten()
+            for i in rows.tolist():
+                tok[i] = sample_tokens(
+                    logits[i], float(batch.temperature[i]), int(batch.top_k[i]),
+                    batch.token_uniforms[i],
+                )  # fmt: skip
+            best = logp.gather(-1, tok[..., None]).squeeze(-1)
         return tok.cpu(), best.exp().cpu()
+
+
+def sample_tokens(logits: Tensor, temperature: float, top_k: int, uniforms: Tensor) -> Tensor:
+    """One token per row of logits [L, V] from softmax(logits / temperature), restricted to the
+    top_k largest when top_k > 0, by inverse CDF with uniforms [L] in [0, 1)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        vals, idx = logits.topk(top_k, dim=-1)  # sorted, so ties break the same way everywhere
+    else:
+        vals, idx = logits, None
+    probs = torch.softmax(vals / temperature, dim=-1)
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1])[:, None], right=True)
+    pick = pick.clamp_max(vals.shape[-1] - 1).squeeze(-1)
+    return pick if idx is None else idx.gather(-1, pick[:, None]).squeeze(-1)

@@ -85,8 +85,10 @@ class FrozenRoutingEuler:
         routing: Routing = "sample",
         uniforms: Tensor | None = None,  # [B, L]
         return_trajectory: bool = False,
+        step_hook: Any = None,
     ) -> SolveResult:
-        """Integrate from z0 to t = 1. Differentiable: call under no_grad for inference."""
+        """Integrate from z0 to t = 1. Differentiable: call under no_grad for inference.
+        `step_hook(i, z)`, if given, is called with the state at time point i = 0..T-1."""
         B = z0.shape[0]
         ts = time_grid(steps, z0.device, z0.dtype)
         z = z0
@@ -94,12 +96,16 @@ class FrozenRoutingEuler:
         probs = torch.softmax(field.gate_logits(state).float(), dim=-1)
         expert = select_experts(probs, routing, uniforms)
         traj = [z] if return_trajectory else []
+        if step_hook is not None:
+            step_hook(0, z)
         for i in range(steps - 1):
             if i > 0:
                 state = field.trunk(z, ts[i].expand(B), cond)
             z = z + (ts[i + 1] - ts[i]) * field.routed_field(state, expert)
             if return_trajectory:
                 traj.append(z)
+            if step_hook is not None:
+                step_hook(i + 1, z)
         return SolveResult(z=z, expert=expert, gate_probs=probs, trajectory=traj)
 
     def solve_naive(

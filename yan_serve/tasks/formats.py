@@ -28,6 +28,12 @@ CLS_SOURCE = "####### DOCUMENT #######\n\n{doc}\n\n####### ANSWER #######\n\n"
 ANSWER_HEADER = "####### ANSWER #######\n\n"
 TASKS = ("infill", "complete", "qa", "classify")
 
+# Length slack for serving: a server has no oracle target length, it sizes the target from the
+# request (span budgets, max_tokens) and cuts at EOS. Fine-tuning therefore also shows targets
+# with up to this many extra positions, filled with EOS: after the answer (complete, qa,
+# classify) or inside each masked span (infill, per span). The server's defaults stay within.
+SLACK = {"infill": 3, "complete": 16, "qa": 8, "classify": 6}
+
 
 @dataclass
 class Example:
@@ -138,6 +144,28 @@ class TaskFormatter:
         if task == "classify":
             return self.classify(rec)
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+    def add_slack(self, ex: Example, rng: random.Random, max_len: int) -> Example:
+        """The example with a random length slack of EOS positions (see `SLACK`), kept within
+        `max_len` target positions."""
+        eos = self.sp.eos
+        room = max_len - len(ex.tgt)
+        if room <= 0:
+            return ex
+        if ex.task != "infill":
+            k = min(rng.randint(0, SLACK[ex.task]), room)
+            return Example(ex.task, ex.src, ex.tgt + [eos] * k, ex.reference, ex.id, ex.fills)
+        tgt: list[int] = []
+        fill = 0
+        for tok in ex.src:
+            if tok == self.sp.mask and fill < len(ex.fills):
+                k = min(rng.randint(0, SLACK["infill"]), room)
+                room -= k
+                tgt += ex.fills[fill] + [eos] * k
+                fill += 1
+            else:
+                tgt.append(tok)
+        return Example(ex.task, ex.src, tgt, ex.reference, ex.id, ex.fills)
 
     def classify(self, rec: ClassRecord) -> Example:
         src = self.tok.encode(CLS_SOURCE.format(doc=rec.text))

@@ -68,13 +68,18 @@ def stage1_maker(fmt: TaskFormatter, rate: float = 0.08, max_len: int = 256) -> 
     return make
 
 
-def task_maker(fmt: TaskFormatter, task: str, max_src: int, max_tgt: int) -> MakeFn:
-    """Record -> Example for a task; drops examples longer than the model allows."""
+def task_maker(
+    fmt: TaskFormatter, task: str, max_src: int, max_tgt: int, slack: float = 0.0
+) -> MakeFn:
+    """Record -> Example for a task; drops examples longer than the model allows. With
+    probability `slack` the target gets a random length slack (`TaskFormatter.add_slack`)."""
 
     def make(rec, rng: random.Random) -> Example | None:
         ex = fmt.make(task, rec, rng)
         if ex is None or len(ex.src) > max_src or len(ex.tgt) > max_tgt:
             return None
+        if slack > 0 and rng.random() < slack:
+            ex = fmt.add_slack(ex, rng, max_tgt)
         return ex
 
     return make

@@ -163,9 +163,10 @@ def stage_batches(
     batch_size: int,
     seed: int,
     tasks: tuple[str, ...] = TASKS,
+    slack: float = 0.0,
 ) -> Iterator[Batch]:
     """Endless batches for a stage: stage1 = corrupted text, stage2 = infilling, finetune = the
-    task mixture (one task per batch)."""
+    task mixture (one task per batch; a `slack` share of targets get serving length slack)."""
     fmt = TaskFormatter(tok)
     L = model.config.max_length
     pad = tok.special.pad
@@ -180,9 +181,17 @@ def stage_batches(
         if not recs:
             raise ValueError(f"no {split} records for task {t!r} in this corpus")
         streams[t] = batches(
-            recs, task_maker(fmt, t, L, L), batch_size, seed + 101 * TASKS.index(t)
+            recs,
+            task_maker(fmt, t, L, L, slack if stage == "finetune" else 0.0),
+            batch_size,
+            seed + 101 * TASKS.index(t),
         )
     return _batches_of(mixture(streams, seed), pad, False)
+
+
+def label_table(corpus: Corpus, split: str = "train") -> dict[int, str]:
+    """{label id: name} of the corpus's classification records."""
+    return {int(r.label): r.label_name for r in corpus.records("classify", split)}
 
 
 def fixed_batches(stream: Iterator[Batch], n: int) -> list[Batch]:

@@ -1,0 +1,79 @@
+"""Serving task formats: target lengths from the request, known text kept, answers read out."""
+
+from __future__ import annotations
+
+import pytest
+
+from yan_serve.engine import tasks as T
+from yan_serve.tasks.formats import ANSWER_HEADER
+from yan_serve.tokenizer import YANTokenizer, train_bpe
+
+TEXT = [
+    "In the beginning God created the heaven and the earth. " * 3,
+    "And the earth was without form, and void; and darkness was upon the deep.",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def tok() -> YANTokenizer:
+    return train_bpe(TEXT, vocab_size=300)
+
+
+def test_infill_plan_sizes_each_span_from_its_budget(tok: YANTokenizer) -> None:
+    text = "In the beginning [MASK:3] the heaven and the [MASK]."
+    p = T.plan_infill(tok, text, max_length=200, span_tokens=2)
+    assert p.src.count(tok.special.mask) == 2
+    known = sum(len(x) for x in p.pieces)
+    assert p.tgt_len == known + 3 + 2 + 1
+    (a0, a1), (b0, b1) = p.fill_slots
+    assert a1 - a0 == 3 and b1 - b0 == 2 and a0 == len(p.pieces[0])
+    assert b0 == a1 + len(p.pieces[1])
+
+
+def test_finish_infill_keeps_the_known_text_and_drops_specials(tok: YANTokenizer) -> None:
+    p = T.plan_infill(tok, "In the beginning [MASK:2] the heaven.", max_length=200)
+    fill = tok.encode(" God")
+    row = [7] * p.tgt_len
+    a, b = p.fill_slots[0]
+    row[a:b] = (fill + [tok.special.eos] * 2)[: b - a]
+    text, fills = T.finish_infill(tok, p, row)
+    assert text == "In the beginning God the heaven."
+    assert fills == [" God"]
+
+
+def test_plans_reject_what_the_model_cannot_serve(tok: YANTokenizer) -> None:
+    with pytest.raises(T.PlanError, match="MASK"):
+        T.plan_infill(tok, "nothing masked", 100)
+    with pytest.raises(T.PlanError, match="budget"):
+        T.plan_infill(tok, "a [MASK:99] b", 500)
+    with pytest.raises(T.PlanError, match="source tokens"):
+        T.plan_infill(tok, "In the beginning " * 40 + "[MASK]", 50)
+    with pytest.raises(T.PlanError, match="target positions"):
+        T.plan_complete(tok, "In the", max_tokens=60, max_length=50)
+    with pytest.raises(T.PlanError, match="empty"):
+        T.plan_qa(tok, "ctx", " ", 4, 100)
+
+
+def test_complete_respects_max_tokens(tok: YANTokenizer) -> None:
+    p = T.plan_complete(tok, "In the", max_tokens=4, max_length=100)
+    assert p.tgt_len == 5 and p.src[-1] == tok.special.mask
+    assert T.finish_complete(p, [9, 9], True) == ([9, 9], "stop")
+    assert T.finish_complete(p, [9] * 4, True) == ([9] * 4, "stop")
+    assert T.finish_complete(p, [9] * 5, False) == ([9] * 4, "length")
+
+
+def test_answers_are_read_after_the_known_prefix(tok: YANTokenizer) -> None:
+    p = T.plan_classify(tok, "In the beginning", max_tokens=3, max_length=100)
+    assert p.answer_start == len(tok.encode(ANSWER_HEADER))
+    row = [5] * p.answer_start + tok.encode("2 earth") + [tok.special.eos] + [8] * 5
+    assert tok.decode(T.answer_tokens(tok, p, row)) == "2 earth"
+    assert T.parse_class("2 earth", {2: "history"}) == ("history", 2)
+    assert T.parse_class("9 earth", {2: "history"}) == ("earth", 9)
+    assert T.parse_class("none", None) == ("none", None)
+
+
+def test_label_targets_use_the_checkpoint_label_table(tok: YANTokenizer) -> None:
+    t = T.label_target(tok, "History", {2: "history"})
+    assert tok.decode(t) == ANSWER_HEADER + "2 history"
+    assert t[-1] == tok.special.eos
+    assert tok.decode(T.label_target(tok, "earth", {2: "history"})) == ANSWER_HEADER + "earth"

@@ -1,0 +1,176 @@
+"""Serving-side task formats: a user request -> (source, target length), and the generated row
+-> the user's answer. Shared by the HTTP server and `yan generate`.
+
+The formats are the training ones (`yan_serve.tasks.formats`, YAN_SPEC.md section 5); the
+target length always comes from the request (span budgets, max_tokens), never from an oracle.
+Where the target's content is known in advance (the text around infill masks, the QA template
+the model regenerates before its answer) the server keeps the known tokens and reads only the
+unknown positions out of the generated row.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from yan_serve.tasks.formats import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE
+from yan_serve.tokenizer import YANTokenizer
+
+MASK_PATTERN = re.compile(r"\[MASK(?::(\d+))?\]")
+
+
+class PlanError(ValueError):
+    """A request that parses but cannot be served (HTTP 400)."""
+
+
+@dataclass
+class Plan:
+    task: str
+    src: list[int]
+    tgt_len: int
+    # infill: the known target pieces around the fills and each fill's target positions
+    pieces: list[list[int]] | None = None
+    fill_slots: list[tuple[int, int]] | None = None
+    # qa / classify: the target position where the answer starts (after the known prefix)
+    answer_start: int = 0
+
+
+def _check(tok: YANTokenizer, src: list[int], tgt_len: int, max_length: int, what: str) -> None:
+    if len(src) > max_length:
+        raise PlanError(
+            f"{what} is {len(src)} tokens; this model reads at most {max_length} source tokens"
+        )
+    if tgt_len > max_length:
+        raise PlanError(
+            f"the output needs {tgt_len} target positions; this model generates at most "
+            f"{max_length} (shorten the text or the token budget)"
+        )
+
+
+def plan_infill(
+    tok: YANTokenizer, text: str, max_length: int, span_tokens: int = 2, max_span_tokens: int = 64
+) -> Plan:
+    """`text` with `[MASK]` / `[MASK:n]` placeholders. Source: the text with each placeholder
+    collapsed to one <mask> (the training format); target: the whole clean text + EOS, with n
+    (default `span_tokens`) positions per placeholder."""
+    matches = list(MASK_PATTERN.finditer(text))
+    if not matches:
+        raise PlanError("infill text has no [MASK] placeholder (write [MASK] or [MASK:n])")
+    sp = tok.special
+    pieces: list[list[int]] = []
+    budgets: list[int] = []
+    last = 0
+    for m in matches:
+        seg = text[last : m.start()]
+        # A masked word carries its own leading space in byte-level BPE: keep it for the fill.
+        pieces.append(tok.encode(seg.rstrip(" ")) if seg.strip() else [])
+        n = int(m.group(1)) if m.group(1) is not None else span_tokens
+        if not 1 <= n <= max_span_tokens:
+            raise PlanError(f"[MASK:{n}]: a span budget must be between 1 and {max_span_tokens}")
+        budgets.append(n)
+        last = m.end()
+    pieces.append(tok.encode(text[last:]) if text[last:] else [])
+    src: list[int] = []
+    slots: list[tuple[int, int]] = []
+    pos = 0
+    for i, piece in enumerate(pieces):
+        src += piece
+        pos += len(piece)
+        if i < len(budgets):
+            src.append(sp.mask)
+            slots.append((pos, pos + budgets[i]))
+            pos += budgets[i]
+    tgt_len = pos + 1  # + EOS
+    _check(tok, src, tgt_len, max_length, "the infill text")
+    return Plan("infill", src, tgt_len, pieces=pieces, fill_slots=slots)
+
+
+def finish_infill(tok: YANTokenizer, plan: Plan, row: list[int]) -> tuple[str, list[str]]:
+    """(filled text, each fill's text) from the generated full-length row: known text is kept,
+    fills are the tokens at their slots (special tokens dropped)."""
+    assert plan.pieces is not None and plan.fill_slots is not None
+    specials = set(tok.special.ids())
+    fills = [[t for t in row[a:b] if t not in specials] for a, b in plan.fill_slots]
+    ids: list[int] = []
+    for i, piece in enumerate(plan.pieces):
+        ids += piece
+        if i < len(fills):
+            ids += fills[i]
+    return tok.decode(ids), [tok.decode(f) for f in fills]
+
+
+def plan_complete(tok: YANTokenizer, prompt: str, max_tokens: int, max_length: int) -> Plan:
+    """Source: prompt + <mask>; target: up to `max_tokens` tokens + EOS."""
+    if not prompt.strip():
+        raise PlanError("the prompt is empty")
+    src = [*tok.encode(prompt), tok.special.mask]
+    plan = Plan("complete", src, max_tokens + 1)
+    _check(tok, src, plan.tgt_len, max_length, "the prompt")
+    return plan
+
+
+def finish_complete(plan: Plan, tokens: list[int], hit_eos: bool) -> tuple[list[int], str]:
+    """(at most max_tokens tokens, "stop" | "length"): "stop" when EOS ended the text in time."""
+    limit = plan.tgt_len - 1
+    if hit_eos and len(tokens) <= limit:
+        return tokens, "stop"
+    return tokens[:limit], "length"
+
+
+def plan_qa(
+    tok: YANTokenizer, context: str, question: str, max_tokens: int, max_length: int
+) -> Plan:
+    """Source: the SUMMARY/QUESTION/ANSWER template + <mask>; target: the template again, then
+    up to `max_tokens` answer tokens + EOS. The answer is read after the template's positions."""
+    if not question.strip():
+        raise PlanError("the question is empty")
+    body = tok.encode(QA_TEMPLATE.format(ctx=context, q=question))
+    src = [*body, tok.special.mask]
+    plan = Plan("qa", src, len(body) + max_tokens + 1, answer_start=len(body))
+    _check(tok, src, plan.tgt_len, max_length, "context + question")
+    return plan
+
+
+def plan_classify(tok: YANTokenizer, text: str, max_tokens: int, max_length: int) -> Plan:
+    """Source: the DOCUMENT/ANSWER template; target: the answer header + "id name" + EOS."""
+    if not text.strip():
+        raise PlanError("the text is empty")
+    src = tok.encode(CLS_SOURCE.format(doc=text))
+    header = len(tok.encode(ANSWER_HEADER))
+    plan = Plan("classify", src, header + max_tokens + 1, answer_start=header)
+    _check(tok, src, plan.tgt_len, max_length, "the text")
+    return plan
+
+
+def answer_tokens(tok: YANTokenizer, plan: Plan, row: list[int]) -> list[int]:
+    """The generated tokens after the known prefix, cut at the first EOS, specials dropped."""
+    eos = tok.special.eos
+    tail = row[plan.answer_start :]
+    if eos in tail:
+        tail = tail[: tail.index(eos)]
+    specials = set(tok.special.ids())
+    return [t for t in tail if t not in specials]
+
+
+def label_target(tok: YANTokenizer, label: str, labels: dict[int, str] | None) -> list[int]:
+    """The classification target for a candidate label: header + "id name" + EOS when the label
+    is one of the checkpoint's named labels, else header + the label text + EOS."""
+    text = label.strip()
+    if labels:
+        by_name = {v.lower(): k for k, v in labels.items()}
+        if text.lower() in by_name:
+            k = by_name[text.lower()]
+            text = f"{k} {labels[k]}"
+    return [*tok.encode(f"{ANSWER_HEADER}{text}"), tok.special.eos]
+
+
+def parse_class(text: str, labels: dict[int, str] | None) -> tuple[str, int | None]:
+    """(label name, label id) from the generated answer text "3 wisdom"; the name falls back to
+    the generated words when the checkpoint has no label table or the id is unknown."""
+    m = re.search(r"(\d+)\s*(.*)", text)
+    if m is None:
+        return text.strip(), None
+    k = int(m.group(1))
+    if labels and k in labels:
+        return labels[k], k
+    return (m.group(2).strip() or str(k)), k

@@ -1,0 +1,209 @@
+"""Dynamic batching: an asyncio queue in front of one model worker.
+
+Jobs (one per generated candidate) wait in arrival order. The worker loop takes the oldest job,
+gathers the queued jobs that can share its batch (same Euler steps, routing, mode and length
+bucket) until it has `max_batch_size` of them or the oldest has waited `max_wait_ms`, and runs
+them on a single model thread, off the event loop. A job whose future was cancelled (timeout,
+client gone) is dropped before it runs; a result for a job cancelled while it ran is discarded.
+A batch that runs out of device memory is split in halves and retried; a single job that still
+does not fit fails alone with `OutOfMemory`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from yan_serve.server.metrics import Metrics
+
+log = logging.getLogger("yan_serve.batcher")
+
+
+class OutOfMemory(RuntimeError):
+    """A single job did not fit in device memory."""
+
+
+def length_bucket(n: int) -> int:
+    """The padded length class of a job: the next power of two, at least 16."""
+    b = 16
+    while b < n:
+        b *= 2
+    return b
+
+
+@dataclass(eq=False)
+class Job:
+    src: list[int]
+    tgt_len: int
+    seed: int
+    steps: int
+    routing: str = "argmax"
+    temperature: float = 0.0
+    top_k: int = 0
+    target: list[int] | None = None  # score this target instead of generating
+    on_step: Callable[[int, list[int]], None] | None = None  # preview callback (worker thread)
+    future: asyncio.Future | None = None
+    t_enqueue: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 0.0
+    batch_size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple:
+        mode = "score" if self.target is not None else "generate"
+        return (mode, self.steps, self.routing, length_bucket(max(len(self.src), self.tgt_len)))
+
+
+class Worker(Protocol):
+    def run(self, jobs: Sequence[Job]) -> list[Any]:
+        """Results for a batch of jobs that share a key, in order."""
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    )
+
+
+class Batcher:
+    def __init__(
+        self,
+        worker: Worker,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 256,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.worker = worker
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._waiting: list[Job] = []
+        self._running = 0
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yan-model")
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="yan-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for job in self._waiting:
+            if job.future is not None and not job.future.done():
+                job.future.cancel()
+        self._waiting.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for j in self._waiting if not j.future or not j.future.done())
+
+    @property
+    def idle(self) -> bool:
+        return self.queued == 0 and self._running == 0
+
+    def admit(self, n: int) -> bool:
+        """Whether `n` more jobs fit in the queue."""
+        return self.queued + n <= self.max_queue
+
+    def submit(self, job: Job) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        job.future = loop.create_future()
+        job.t_enqueue = time.perf_counter()
+        self._waiting.append(job)
+        self.metrics.queue_depth.set(self.queued)
+        self._arrived.set()
+        return job.future
+
+    # --------------------------------------------------------------------------------- loop
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._waiting = [j for j in self._waiting if not j.future.done()]
+            self.metrics.queue_depth.set(len(self._waiting))
+            if not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            oldest = self._waiting[0]
+            same = [j for j in self._waiting if j.key == oldest.key]
+            wait_left = oldest.t_enqueue + self.max_wait - time.perf_counter()
+            if len(same) < self.max_batch_size and wait_left > 0:
+                self._arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), wait_left)
+                continue
+            batch = same[: self.max_batch_size]
+            taken = set(map(id, batch))
+            self._waiting = [j for j in self._waiting if id(j) not in taken]
+            self.metrics.queue_depth.set(len(self._waiting))
+            await self._run(loop, batch)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Job]) -> None:
+        t0 = time.perf_counter()
+        for j in batch:
+            j.t_start = t0
+            j.batch_size = len(batch)
+            self.metrics.queue_time.observe(t0 - j.t_enqueue)
+        self._running = len(batch)
+        self.metrics.running.set(len(batch))
+        self.metrics.batch_size.observe(len(batch))
+        try:
+            results = await loop.run_in_executor(self._executor, self.run_splitting, batch)
+        except Exception as e:
+            log.exception("model batch failed")
+            results = [e] * len(batch)
+        finally:
+            self._running = 0
+            self.metrics.running.set(0)
+        t1 = time.perf_counter()
+        self.metrics.batch_time.observe(t1 - t0)
+        for j, r in zip(batch, results, strict=False):
+            j.t_end = t1
+            if j.future.done():
+                continue  # cancelled while running: drop the result
+            if isinstance(r, BaseException):
+                j.future.set_exception(r)
+            else:
+                j.future.set_result(r)
+
+    def run_splitting(self, batch: Sequence[Job]) -> list[Any]:
+        """Run a batch on the worker thread; on out-of-memory split it in halves and retry."""
+        try:
+            return list(self.worker.run(batch))
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                self.metrics.rejected.labels("oom").inc()
+                return [OutOfMemory("the request does not fit in device memory")]
+            self.metrics.oom_splits.inc()
+            log.warning("out of memory on a batch of %d: splitting", len(batch))
+            half = len(batch) // 2
+            return self.run_splitting(batch[:half]) + self.run_splitting(batch[half:])
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until nothing is queued or running (True), or `timeout` seconds (False)."""
+        deadline = time.perf_counter() + timeout
+        while not self.idle:
+            if time.perf_counter() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
