@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The one install path shared by CI (.ci/run), users (README) and, later, the Dockerfile:
+# The one install path shared by CI (.ci/run), users (README) and the Dockerfile:
 # pin torch first (an unpinned torch can resolve to a build that drags in GBs of CUDA wheels),
 # then install the package with the requested extras.
 #
 #   bash scripts/install.sh            # torch + yan-serve[dev] (tests, lint)
 #   EXTRAS=test bash scripts/install.sh
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash scripts/install.sh   # CPU wheels
+#   EXTRAS= bash scripts/install.sh    # set but empty: the package alone, no extras (the Dockerfile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
-EXTRAS="${EXTRAS:-dev}"
+EXTRAS="${EXTRAS-dev}"  # unset: dev; set but empty: no extras
 
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
@@ -23,6 +24,10 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] 
         pip_install "torch==$TORCH_VERSION"
     fi
 fi
-echo "installing yan-serve[$EXTRAS]"
-pip_install -e ".[$EXTRAS]"
+echo "installing yan-serve${EXTRAS:+[$EXTRAS]}"
+if [[ -n "$EXTRAS" ]]; then
+    pip_install -e ".[$EXTRAS]"
+else
+    pip_install -e .  # pip rejects an empty extras list ".[]"
+fi
 "$PY" -c "import torch, yan_serve; print(f'yan-serve {yan_serve.__version__} on torch {torch.__version__}')"

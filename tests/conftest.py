@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,3 +53,26 @@ def micro_cfg() -> YANConfig:
 def micro_model(micro_cfg: YANConfig) -> YAN:
     torch.manual_seed(0)
     return YAN(micro_cfg).eval()
+
+
+YAN_DEFAULT = Path(__file__).resolve().parents[1] / "weights" / "yan-tiny-kjv"
+
+
+@pytest.fixture(scope="session")
+def ar_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained ar-tiny GPT-2 on the shipped tokenizer: enough to exercise the AR backend
+    (outputs are noise; the trained baseline is weights/ar-tiny-kjv)."""
+    import shutil
+
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from yan_serve.ar.model import ar_config, save_ar
+    from yan_serve.tokenizer import YANTokenizer
+
+    out = tmp_path_factory.mktemp("ar-random")
+    tok = YANTokenizer.load(YAN_DEFAULT)
+    torch.manual_seed(0)
+    save_ar(GPT2LMHeadModel(ar_config(tok, 256, "ar-tiny")), tok, out)
+    shutil.copy(YAN_DEFAULT / "labels.json", out / "labels.json")
+    return out

@@ -76,6 +76,8 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.stage == "ar":
+        return cmd_train_ar(args)
     from yan_serve.train.objectives import Stage1Weights, Stage2Weights
     from yan_serve.train.recipes import (
         config_for_tokenizer,
@@ -126,13 +128,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_ar(args: argparse.Namespace) -> int:
+    """The AR baseline: fresh from --tokenizer (a YAN checkpoint or tokenizer directory, so both
+    models share one tokenizer), or continued from an AR checkpoint given as --init."""
+    from yan_serve.ar.model import ar_config, is_ar_checkpoint, load_ar
+    from yan_serve.ar.train import ARTrainConfig, train_ar
+    from yan_serve.tokenizer import YANTokenizer
+    from yan_serve.train.recipes import load_corpus
+    from yan_serve.train.trainer import eprint
+
+    corpus = load_corpus(args.data, seed=args.seed)
+    if args.init:
+        if not is_ar_checkpoint(args.init):
+            raise ValueError(f"{args.init} is not an AR (GPT-2) checkpoint")
+        model = load_ar(args.init)
+        tok = YANTokenizer.load(args.init)
+        max_len = int(getattr(model.config, "yan_max_length", model.config.n_positions // 2))
+    else:
+        if not args.tokenizer:
+            raise ValueError(
+                "yan train ar needs --tokenizer (e.g. the YAN checkpoint it is "
+                "compared with) or --init"
+            )
+        tok = YANTokenizer.load(args.tokenizer)
+        yan_cfg = Path(args.tokenizer) / "config.json"
+        max_len = json.loads(yan_cfg.read_text())["max_length"] if yan_cfg.exists() else 256
+        preset = args.config if args.config != "yan-tiny" else "ar-tiny"
+        from transformers import GPT2LMHeadModel
+
+        torch.manual_seed(args.seed)
+        model = GPT2LMHeadModel(ar_config(tok, max_len, preset))
+    tasks = tuple(args.tasks.split(","))
+    if tasks == ("infill", "complete", "qa", "classify"):
+        tasks = (*tasks, "infill-fim")
+    cfg = ARTrainConfig(
+        out=args.out, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr if args.lr is not None else 1e-3, warmup=args.warmup,
+        grad_clip=args.grad_clip, log_every=args.log_every, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
+        device=args.device, tasks=tasks,
+    )  # fmt: skip
+    summary = train_ar(model, tok, corpus, cfg, max_len, log=eprint)
+    from yan_serve.train.recipes import label_table
+    from yan_serve.weights import save_labels
+
+    if "classify" in tasks:
+        save_labels(args.out, label_table(corpus))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
+    from yan_serve.ar.model import is_ar_checkpoint
     from yan_serve.tasks.evaluate import evaluate, results_table
     from yan_serve.train.recipes import load_corpus
     from yan_serve.train.trainer import eprint, resolve_device
 
-    model, tok = _load_checkpoint(args.checkpoint, str(resolve_device(args.device)))
     corpus = load_corpus(args.data, splits=(args.split,), seed=args.seed)
     steps = [int(s) for s in args.steps.split(",")]
     tasks = args.tasks.split(",")
@@ -141,6 +193,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         s = ", ".join(f"{k}={v:.2f}" for k, v in r.scores.items())
         eprint(f"[eval] {r.task} T={r.steps} n={r.n}: {s} ({r.tokens_per_s:,.0f} tok/s)")
 
+    if is_ar_checkpoint(args.checkpoint):
+        from yan_serve.ar.evaluate import evaluate_ar
+        from yan_serve.ar.model import load_ar
+        from yan_serve.tokenizer import YANTokenizer
+
+        model = load_ar(args.checkpoint, resolve_device(args.device))
+        tok = YANTokenizer.load(args.checkpoint)
+        results = evaluate_ar(model, tok, corpus, tasks, args.split, args.limit, args.batch_size,
+                              progress)  # fmt: skip
+        print(results_table(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"results": [r.__dict__ for r in results]},
+                                                  indent=2) + "\n")  # fmt: skip
+        return 0
+    model, tok = _load_checkpoint(args.checkpoint, str(resolve_device(args.device)))
     with torch.no_grad():
         results = evaluate(model, tok, corpus, tasks, steps, args.split, args.limit,
                            args.batch_size, args.routing, progress)  # fmt: skip
@@ -191,8 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for i, p in enumerate(gen.previews):
             print(f"t{i}: {tok.decode(p)!r}", file=sys.stderr)
     if args.task == "infill":
-        text, fills = T.finish_infill(tok, plan, gen.full)
-        print(text)
+        print(T.finish_infill(tok, plan, gen.full)[0])
     elif args.task == "complete":
         toks, _ = T.finish_complete(plan, gen.tokens, gen.finish_reason == "eos")
         print(tok.decode(toks))
@@ -229,10 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     ip.set_defaults(func=cmd_data_import)
 
     tp = sub.add_parser("train", help="train a stage")
-    tp.add_argument("stage", choices=["stage1", "stage2", "finetune"])
+    tp.add_argument(
+        "stage",
+        choices=["stage1", "stage2", "finetune", "ar"],
+        help="YAN stages, or `ar`: the GPT-2 baseline on the same data and formats",
+    )
     tp.add_argument("--data", required=True, help="corpus directory with train/val.jsonl")
     tp.add_argument("--out", required=True, help="checkpoint directory to write")
-    tp.add_argument("--config", default="yan-tiny", help="preset or config.json (stage1)")
+    tp.add_argument(
+        "--config",
+        default="yan-tiny",
+        help="preset or config.json (stage1); ar: ar-tiny or ar-small",
+    )
     tp.add_argument("--init", help="checkpoint to start from (stage2, finetune)")
     tp.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on the data)")
     tp.add_argument("--steps", type=int, default=1000)
@@ -244,7 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--scale-weight", type=float, default=0.01)
     tp.add_argument("--fm-weight", type=float, default=1.0)
     tp.add_argument("--ce-weight", type=float, default=1.0)
-    tp.add_argument("--tasks", default="infill,complete,qa,classify", help="fine-tune mixture")
+    tp.add_argument(
+        "--tasks",
+        default="infill,complete,qa,classify",
+        help="fine-tune mixture (ar also knows infill-fim: generate only the spans)",
+    )
     tp.add_argument(
         "--slack",
         type=float,

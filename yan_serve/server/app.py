@@ -94,7 +94,8 @@ MODEL_ERRORS = _responses(400, 401, 413, 422, 429, 503, 504)
 def _sse_doc(events: list[str], what: str) -> dict[int | str, dict[str, Any]]:
     return {
         200: {
-            "description": f"The result as JSON, or with `stream: true` server-sent events: {what}.",
+            "description": f"The result as JSON, or with `stream: true` server-sent events: "
+            f"{what}.",
             "content": {
                 "text/event-stream": {
                     "schema": {
@@ -221,9 +222,9 @@ def create_app(
 ) -> FastAPI:
     """The app. The worker (model) loads in a background thread after start-up so /health
     answers at once and /ready says when the model is usable."""
-    from yan_serve.server.worker import YANWorker
+    from yan_serve.server.worker import load_worker
 
-    factory = worker_factory or (lambda s: YANWorker(s.model, s.device))
+    factory = worker_factory or (lambda s: load_worker(s.model, s.device))
     state = State(settings, Metrics())
 
     def load() -> None:
@@ -383,6 +384,8 @@ def _install_routes(app: FastAPI, state: State) -> None:
         plan = _plan(lambda: T.plan_complete(w.tokenizer, req.prompt, req.max_tokens, w.max_length))
 
         def finish(g: Generation) -> S.Candidate:
+            if req.ignore_eos:
+                g = _uncut(g, plan.tgt_len - 1)
             toks, reason = T.finish_complete(plan, g.tokens, g.finish_reason == "eos")
             return _candidate(
                 w.tokenizer.decode(toks),
@@ -476,6 +479,18 @@ def _worker(state: State):
     return state.worker
 
 
+def _uncut(g: Generation, n: int) -> Generation:
+    """The generation's first n positions, EOS included (for ignore_eos)."""
+    return Generation(
+        tokens=g.full[:n],
+        finish_reason="length",
+        confidence=g.full_confidence[:n],
+        expert=g.expert,
+        full=g.full,
+        full_confidence=g.full_confidence,
+    )
+
+
 def _plan(make: Callable[[], T.Plan]) -> T.Plan:
     try:
         return make()
@@ -518,11 +533,22 @@ def _jobs(
     n: int | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
+    protocol: str | None = None,
 ) -> list[Job]:
     steps = _steps(state, opts.steps)
     base = _seed(seed if seed is not None else opts.seed)
+    protocol = protocol or getattr(opts, "protocol", None)
+    ignore_eos = bool(getattr(opts, "ignore_eos", False))
     return [
-        Job(plan.src, plan.tgt_len, (base + i) % (S.SEED_MAX + 1), steps, opts.routing, temperature)
+        Job(
+            plan.src,
+            plan.tgt_len,
+            (base + i) % (S.SEED_MAX + 1),
+            steps,
+            opts.routing,
+            temperature,
+            extra={"plan": plan, "protocol": protocol, "ignore_eos": ignore_eos},
+        )
         for i in range(n or opts.n)
     ]
 

@@ -56,6 +56,11 @@ class InfillRequest(GenerationOptions):
     span_tokens: int = Field(
         2, ge=1, le=64, description="Token budget of a bare [MASK] placeholder."
     )
+    protocol: Literal["fim", "full"] = Field(
+        "fim",
+        description="AR baseline checkpoints only (YAN ignores it): `fim` generates only the "
+        "spans, `full` regenerates the whole passage (the paper's protocol).",
+    )
 
 
 class CompleteRequest(GenerationOptions):
@@ -65,6 +70,11 @@ class CompleteRequest(GenerationOptions):
         examples=["And God said, Let there be light: and there was"],
     )
     max_tokens: int = Field(16, ge=1, le=4096, description="Most tokens to generate.")
+    ignore_eos: bool = Field(
+        False,
+        description="Benchmarking: return all max_tokens positions instead of stopping at EOS "
+        "(an AR model keeps decoding; YAN always computes every position).",
+    )
 
 
 class QARequest(GenerationOptions):

@@ -73,3 +73,118 @@ class YANWorker:
         return self.sampler.generate(
             reqs, first.steps, first.routing, on_step=on_step if hooks else None
         )
+
+
+class ARWorker:
+    """The GPT-2 baseline behind the same endpoints: KV-cache decoding of the same task formats
+    (source, BOS, then the target), read back into YAN's target layout so the app's task code
+    is shared. Infill uses fill-in-the-middle (only the spans) unless a job asks for the paper's
+    protocol (`full`: regenerate the passage). `steps` and `routing` do not apply."""
+
+    kind = "ar"
+
+    def __init__(self, model_dir: str | Path, device: str = "auto") -> None:
+        from yan_serve.ar.model import load_ar
+        from yan_serve.tokenizer import YANTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.device = pick_device(device)
+        self.model = load_ar(self.model_dir, self.device)
+        self.tokenizer = YANTokenizer.load(self.model_dir)
+        self.labels = load_labels(self.model_dir)
+        cfg = self.model.config
+        self.model_id = self.model_dir.name
+        self.max_length = int(getattr(cfg, "yan_max_length", cfg.n_positions // 2))
+        self.default_steps = 1
+        self.created = int(self.model_dir.stat().st_mtime)
+
+    def warmup(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        sp = self.tokenizer.special
+        self._generate([Job([sp.bos] * 8, 4, 0, 1)])
+        return time.perf_counter() - t0
+
+    def run(self, jobs: Sequence[Job]) -> list[Any]:
+        if jobs[0].target is not None:
+            return self._score(jobs)
+        return self._generate(jobs)
+
+    def _generate(self, jobs: Sequence[Job]) -> list[Any]:
+        from yan_serve.ar.generate import ARRequest, ar_generate
+        from yan_serve.engine.sampler import Generation
+
+        sp = self.tokenizer.special
+        reqs = []
+        for j in jobs:
+            plan = j.extra.get("plan")
+            fim = plan is not None and plan.task == "infill" and j.extra.get("protocol") != "full"
+            budget = (sum(b - a for a, b in plan.fill_slots) + len(plan.fill_slots) + 1) if fim \
+                else j.tgt_len  # fmt: skip
+            reqs.append(
+                ARRequest(
+                    [*j.src, sp.bos],
+                    budget,
+                    j.seed,
+                    j.temperature,
+                    j.top_k,
+                    ignore_eos=bool(j.extra.get("ignore_eos")),
+                )
+            )
+        outs = ar_generate(self.model, reqs, sp.eos, sp.pad)
+        results = []
+        for j, r, o in zip(jobs, reqs, outs, strict=True):
+            plan = j.extra.get("plan")
+            mean = sum(o.confidence) / len(o.confidence) if o.confidence else 0.0
+            if plan is not None and plan.task == "infill" and r.max_new != j.tgt_len:
+                full, conf = self._fim_row(plan, o.tokens, o.confidence, mean)
+            else:
+                full = (o.tokens + [sp.eos] * j.tgt_len)[: j.tgt_len]
+                conf = (o.confidence + [mean] * j.tgt_len)[: j.tgt_len]
+            results.append(Generation(
+                tokens=o.tokens, finish_reason="eos" if o.hit_eos else "length",
+                confidence=o.confidence, expert=[], full=full, full_confidence=conf,
+            ))  # fmt: skip
+        return results
+
+    def _fim_row(self, plan, tokens: list[int], probs: list[float], mean: float):
+        """Spans generated as `fill <mask> fill <mask> ...` placed into the target layout, each
+        cut or EOS-padded to its slot's budget."""
+        sp = self.tokenizer.special
+        fills: list[list[tuple[int, float]]] = [[]]
+        for t, p in zip(tokens, probs, strict=True):
+            if t == sp.mask:
+                fills.append([])
+            else:
+                fills[-1].append((t, p))
+        row: list[int] = []
+        conf: list[float] = []
+        for i, piece in enumerate(plan.pieces):
+            row += piece
+            conf += [1.0] * len(piece)
+            if i < len(plan.fill_slots):
+                a, b = plan.fill_slots[i]
+                f = (fills[i] if i < len(fills) else [])[: b - a]
+                row += [t for t, _ in f] + [sp.eos] * (b - a - len(f))
+                conf += [p for _, p in f] + [mean] * (b - a - len(f))
+        return [*row, sp.eos], [*conf, mean]
+
+    @torch.no_grad()
+    def _score(self, jobs: Sequence[Job]) -> list[list[float]]:
+        """Log-probability of each target token given source + BOS (teacher forcing)."""
+        sp = self.tokenizer.special
+        out = []
+        for j in jobs:  # few candidates per request: one forward each keeps it exact
+            ids = torch.tensor([[*j.src, sp.bos, *j.target]], device=self.device)
+            logits = self.model(input_ids=ids).logits[0].float()
+            start = len(j.src)  # logits at position p predict token p + 1
+            logp = torch.log_softmax(logits[start : start + len(j.target)], -1)
+            tgt = torch.tensor(j.target, device=self.device)
+            out.append(logp.gather(-1, tgt[:, None]).squeeze(-1).tolist())
+        return out
+
+
+def load_worker(model_dir: str | Path, device: str = "auto"):
+    """The worker for a checkpoint directory: AR (GPT-2 config) or YAN."""
+    from yan_serve.ar.model import is_ar_checkpoint
+
+    return (ARWorker if is_ar_checkpoint(model_dir) else YANWorker)(model_dir, device)

@@ -1,0 +1,270 @@
+"""Latency/throughput sweep: YAN vs the AR baseline, same server, same requests, Locust headless.
+
+    python loadtests/run.py                                  # full sweep (1, 4, 16, 64 users)
+    python loadtests/run.py --duration 3 --users 1,4 --endpoints complete   # quick look
+
+For each server (YAN, then AR: one at a time, so they never share the CPU/GPU) it starts
+`yan-serve` on loopback, waits for /ready, runs Locust for every endpoint and concurrency level,
+and stops the server with SIGTERM. Writes `loadtests/results/<date>-<device>/`: the raw Locust
+CSVs (raw/), results.json, results.md (the table) and results.png (latency and throughput vs
+concurrency, both servers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+USER_CLASS = {"infill": "InfillUser", "complete": "CompleteUser", "qa": "QAUser",
+              "classify": "ClassifyUser"}  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[loadtest] {msg}", file=sys.stderr, flush=True)
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace("NVIDIA ", "").replace(" ", "-").lower()
+    return "cpu"
+
+
+def build_payloads(data: Path, n: int, max_tokens: int, steps: int, seed: int = 0) -> dict:
+    """Seeded requests from the KJV test books (text tasks) and bAbI-style test stories (qa)."""
+    from yan_serve.train.recipes import load_corpus
+
+    if not (data / "test.jsonl").exists():
+        from yan_serve.tasks.kjv import build_corpus
+
+        log(f"building the KJV corpus in {data}")
+        build_corpus(data)
+    corpus = load_corpus(data, splits=("test",))
+    rng = random.Random(seed)
+    texts = [r.text for r in corpus.text["test"] if 8 <= len(r.text.split()) <= 40]
+    rng.shuffle(texts)
+    texts = texts[:n]
+    infill, complete = [], []
+    for t in texts:
+        words = t.split()
+        for i in sorted(rng.sample(range(1, len(words) - 1), k=min(2, len(words) - 2))):
+            words[i] = "[MASK]"
+        infill.append({"text": " ".join(words), "steps": steps})
+        complete.append({"prompt": " ".join(t.split()[: max(4, len(t.split()) // 2)]),
+                         "max_tokens": max_tokens, "ignore_eos": True, "steps": steps})  # fmt: skip
+    qa = [{"context": r.context, "question": r.question, "max_tokens": 4, "steps": steps}
+          for r in corpus.records("qa", "test")[:n]]  # fmt: skip
+    classify = [{"text": t, "steps": steps} for t in texts]
+    return {"infill": infill, "complete": complete, "qa": qa, "classify": classify}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, device: str, threads: int, extra: list[str]) -> tuple:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "yan_serve", "--model", str(model), "--port", str(port),
+           "--device", device, "--log-level", "warning", "--max-queue", "4096", *extra]  # fmt: skip
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server for {model} exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError(f"server for {model} not ready in 300 s")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def run_locust(url: str, endpoint: str, users: int, duration: float, prefix: Path,
+               payload_file: Path) -> dict:  # fmt: skip
+    tokens_file = prefix.with_suffix(".tokens.json")
+    env = {**os.environ, "LOADTEST_PAYLOADS": str(payload_file),
+           "LOADTEST_TOKENS": str(tokens_file)}  # fmt: skip
+    cmd = ["locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
+           "-t", f"{int(duration)}s", "--host", url, "--csv", str(prefix), "--only-summary",
+           "--stop-timeout", "30", "--loglevel", "WARNING", USER_CLASS[endpoint]]  # fmt: skip
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 180)
+    stats = prefix.parent / f"{prefix.name}_stats.csv"
+    if not stats.exists():
+        raise RuntimeError(f"locust wrote no stats ({p.returncode}): {p.stderr[-2000:]}")
+    with open(stats) as f:
+        agg = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
+    tokens = json.loads(tokens_file.read_text()) if tokens_file.exists() else {}
+    n = int(agg["Request Count"])
+    return {
+        "requests": n,
+        "failures": int(agg["Failure Count"]),
+        "rps": float(agg["Requests/s"]),
+        "p50_ms": float(agg["50%"]),
+        "p90_ms": float(agg["90%"]),
+        "p99_ms": float(agg["99%"]),
+        "output_tok_s": tokens.get("completion_tokens", 0) / duration,
+    }
+
+
+def write_report(rows: list[dict], out: Path, meta: dict) -> None:
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# Load test {meta['date']} on {meta['device']}", "",
+             f"commit {meta['commit']}; {meta['duration_s']} s per point; YAN steps "
+             f"{meta['steps']}; complete max_tokens {meta['max_tokens']} (ignore_eos); "
+             f"command: `{meta['command']}`", "",
+             "| server | endpoint | users | requests | failures | req/s | p50 ms | p90 ms | "
+             "p99 ms | output tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['server']} | {r['endpoint']} | {r['users']} | {r['requests']} | "
+                     f"{r['failures']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
+                     f"{r['p99_ms']:.0f} | {r['output_tok_s']:.0f} |")  # fmt: skip
+    speed = []
+    for ep in sorted({r["endpoint"] for r in rows}):
+        for u in sorted({r["users"] for r in rows}):
+            y = [r for r in rows if (r["server"], r["endpoint"], r["users"]) == ("yan", ep, u)]
+            a = [r for r in rows if (r["server"], r["endpoint"], r["users"]) == ("ar", ep, u)]
+            if y and a and y[0]["p50_ms"] > 0:
+                speed.append(f"| {ep} | {u} | {a[0]['p50_ms'] / y[0]['p50_ms']:.1f}x |")
+    if speed:
+        lines += ["", "AR p50 / YAN p50 (how many times lower YAN's median latency is):", "",
+                  "| endpoint | users | speed-up |", "|---|---|---|", *speed]  # fmt: skip
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "results.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = sorted({r["endpoint"] for r in rows})
+    fig, axes = plt.subplots(len(eps), 2, figsize=(10, 3.2 * len(eps)), squeeze=False)
+    for i, ep in enumerate(eps):
+        for server, style in (("yan", "o-"), ("ar", "s--")):
+            pts = sorted((r["users"], r) for r in rows if r["endpoint"] == ep
+                         and r["server"] == server)  # fmt: skip
+            if not pts:
+                continue
+            us = [u for u, _ in pts]
+            axes[i][0].plot(us, [r["p50_ms"] for _, r in pts], style, label=f"{server} p50")
+            axes[i][0].plot(us, [r["p99_ms"] for _, r in pts], style, alpha=0.4,
+                            label=f"{server} p99")  # fmt: skip
+            axes[i][1].plot(us, [r["rps"] for _, r in pts], style, label=server)
+        axes[i][0].set(title=f"{ep}: latency", xlabel="concurrent users", ylabel="ms",
+                       xscale="log", yscale="log")  # fmt: skip
+        axes[i][1].set(title=f"{ep}: throughput", xlabel="concurrent users", ylabel="req/s",
+                       xscale="log")  # fmt: skip
+        users = sorted({r["users"] for r in rows})
+        for ax in axes[i]:
+            ax.set_xticks(users, [str(u) for u in users])
+            ax.minorticks_off()
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--yan", default=str(ROOT / "weights" / "yan-tiny-kjv"))
+    p.add_argument("--ar", default=str(ROOT / "weights" / "ar-tiny-kjv"))
+    p.add_argument("--servers", default="yan,ar", help="which of yan,ar to run")
+    p.add_argument("--endpoints", default="complete,infill,qa,classify")
+    p.add_argument("--users", default="1,4,16,64")
+    p.add_argument("--duration", type=int, default=20, help="seconds per point")
+    p.add_argument("--max-tokens", type=int, default=128, help="complete: tokens per request")
+    p.add_argument("--steps", type=int, default=3, help="YAN Euler time points")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument("--data", default=str(ROOT / "data" / "kjv"))
+    p.add_argument("--payloads", type=int, default=200, help="distinct requests per endpoint")
+    p.add_argument("--out", help="results directory (default loadtests/results/<date>-<device>)")
+    args = p.parse_args(argv)
+    servers = {"yan": Path(args.yan), "ar": Path(args.ar)}
+    chosen = [s.strip() for s in args.servers.split(",") if s.strip()]
+    for s in chosen:
+        if s not in servers:
+            p.error(f"unknown server {s!r}")
+        if not (servers[s] / "config.json").exists():
+            print(f"loadtest: error: {servers[s]} is not a checkpoint ({s}); see README",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+    endpoints = [e.strip() for e in args.endpoints.split(",")]
+    bad = [e for e in endpoints if e not in USER_CLASS]
+    if bad:
+        p.error(f"unknown endpoint {bad[0]!r}; choose from {', '.join(USER_CLASS)}")
+    users = [int(u) for u in args.users.split(",")]
+    dev = device_name(args.device)
+    out = Path(args.out or ROOT / "loadtests" / "results" / f"{dt.date.today()}-{dev}")
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    payload_file = out / "payloads.json"
+    payload_file.write_text(json.dumps(build_payloads(Path(args.data), args.payloads,
+                                                      args.max_tokens, args.steps)))  # fmt: skip
+    rows = []
+    total = len(chosen) * len(endpoints) * len(users)
+    k = 0
+    t0 = time.time()
+    for server in chosen:
+        proc, url = start_server(servers[server], args.device, args.threads, [])
+        log(f"{server} server ready at {url} ({servers[server]})")
+        try:
+            for ep in endpoints:
+                for u in users:
+                    k += 1
+                    r = run_locust(url, ep, u, args.duration, out / "raw" / f"{server}_{ep}_u{u}",
+                                   payload_file)  # fmt: skip
+                    rows.append({"server": server, "endpoint": ep, "users": u, **r})
+                    log(f"[{k}/{total}] {server} {ep} users={u}: p50 {r['p50_ms']:.0f} ms, "
+                        f"p99 {r['p99_ms']:.0f} ms, {r['rps']:.1f} req/s, "
+                        f"{r['failures']} failures ({time.time() - t0:.0f} s elapsed)")  # fmt: skip
+        finally:
+            code = stop_server(proc)
+            log(f"{server} server stopped (exit {code})")
+    import subprocess as sp
+
+    commit = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                    cwd=ROOT).stdout.strip() or "unknown"  # fmt: skip
+    meta = {"date": str(dt.date.today()), "device": dev, "commit": commit,
+            "duration_s": args.duration, "steps": args.steps, "max_tokens": args.max_tokens,
+            "command": "python loadtests/run.py " + " ".join(argv or sys.argv[1:])}  # fmt: skip
+    write_report(rows, out, meta)
+    print((out / "results.md").read_text())
+    fails = sum(r["failures"] for r in rows)
+    log(f"wrote {out}/results.md, results.png and raw/ ({fails} failed requests in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The AR baseline: sizing, formats, KV-cache decoding, training loss, evaluation, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from yan_serve.ar.evaluate import fim_text
+from yan_serve.ar.generate import ARRequest, ar_generate
+from yan_serve.ar.model import ar_config, fim_target, is_ar_checkpoint, load_ar, save_ar
+from yan_serve.ar.train import collate_ar, target_loss
+from yan_serve.config import YANConfig
+from yan_serve.model import YAN
+from yan_serve.tasks.formats import Example
+from yan_serve.tokenizer import YANTokenizer, train_bpe
+
+EOS, PAD = 2, 0
+
+
+@pytest.fixture(scope="module")
+def micro() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=61, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def test_ar_tiny_is_within_10_percent_of_yan_tiny() -> None:
+    from types import SimpleNamespace
+
+    small = train_bpe(["In the beginning God created the heaven and the earth."] * 50, 300)
+    tok = SimpleNamespace(vocab_size=8192, special=small.special)  # the shipped vocab's size
+    with torch.device("meta"):
+        n_ar = GPT2LMHeadModel(ar_config(tok, 256, "ar-tiny")).num_parameters()
+    with torch.device("meta"):
+        n_yan = YAN(YANConfig.from_name("yan-tiny")).num_parameters()
+    assert abs(n_ar - n_yan) / n_yan < 0.10, (n_ar, n_yan)
+
+
+def test_kv_cache_decoding_equals_hf_generate_and_ignores_batch_mates(micro) -> None:
+    reqs = [ARRequest([5, 6, 7, 8, 9][: 2 + i % 4], 5 + i, seed=i) for i in range(6)]
+    together = ar_generate(micro, reqs, EOS, PAD)
+    for r, t in zip(reqs, together, strict=True):
+        assert ar_generate(micro, [r], EOS, PAD)[0].tokens == t.tokens
+        ref = micro.generate(
+            torch.tensor([r.prompt]),
+            max_new_tokens=r.max_new,
+            do_sample=False,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
+        ref = ref[0, len(r.prompt) :].tolist()  # fmt: skip
+        assert ref[: len(t.tokens)] == t.tokens
+        assert len(t.tokens) == r.max_new or t.hit_eos
+
+
+def test_seeded_sampling_and_ignore_eos(micro) -> None:
+    r = ARRequest([5, 6, 7], 8, seed=3, temperature=1.0)
+    a, b = ar_generate(micro, [r], EOS, PAD)[0], ar_generate(micro, [r], EOS, PAD)[0]
+    assert a.tokens == b.tokens
+    full = ar_generate(micro, [ARRequest([5, 6], 12, ignore_eos=True)], EOS, PAD)[0]
+    assert len(full.tokens) == 12 and not full.hit_eos
+
+
+def test_fim_target_and_text_round_trip() -> None:
+    tok = train_bpe(["In the beginning God created the heaven and the earth."] * 50, 300)
+    sp = tok.special
+    words = tok.encode("In the beginning God created the heaven")
+    src = [words[0], sp.mask, *words[3:5], sp.mask, sp.eos]
+    ex = Example("infill", src, [*words, sp.eos], "", fills=[words[1:3], words[5:]])
+    tgt = fim_target(ex, sp.mask, sp.eos)
+    assert tgt == [*words[1:3], sp.mask, *words[5:], sp.mask, sp.eos]
+    assert fim_text(tok, ex, tgt[:-1]) == tok.decode(words)
+
+
+def test_loss_covers_targets_only(micro) -> None:
+    seqs = [([5, 6, 1, 7, 8, 2], 3), ([9, 1, 4, 2], 2)]
+    ids, att, labels = collate_ar(seqs, PAD)
+    assert labels[0].tolist() == [-100, -100, -100, 7, 8, 2]
+    assert labels[1].tolist() == [-100, -100, 4, 2, -100, -100]
+    ours = target_loss(micro, ids, att, labels)
+    ref = micro(input_ids=ids, attention_mask=att, labels=labels).loss
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_round_trip(tmp_path, micro) -> None:
+    tok = train_bpe(["In the beginning God created the heaven and the earth."] * 50, 300)
+    save_ar(micro, tok, tmp_path)
+    assert is_ar_checkpoint(tmp_path) and not is_ar_checkpoint(tmp_path / "nope")
+    back = load_ar(tmp_path)
+    x = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(back(x).logits, micro(x).logits)
+    assert YANTokenizer.load(tmp_path).vocab_size == tok.vocab_size
+
+
+def _corpus_dir(path) -> None:
+    rows = [{"text": f"And God said, let there be light number {i} upon the earth.",
+             "section": "law", "book": "Genesis"} for i in range(40)]  # fmt: skip
+    for s in ("train", "val", "test"):
+        (path / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_yan_train_ar_learns_and_yan_eval_reads_it(tmp_path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    _corpus_dir(data)
+    tokdir = tmp_path / "tok"
+    train_bpe([json.loads(x)["text"] for x in (data / "train.jsonl").read_text().splitlines()],
+              300).save(tokdir)  # fmt: skip
+    out = tmp_path / "ar"
+    cmd = [sys.executable, "-m", "yan_serve.cli", "train", "ar", "--data", str(data), "--out",
+           str(out), "--tokenizer", str(tokdir), "--steps", "60", "--batch-size", "8",
+           "--tasks", "infill,infill-fim,complete", "--log-every", "20", "--eval-every", "60",
+           "--eval-batches", "2", "--warmup", "10", "--device", "cpu"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    log = [json.loads(x) for x in (out / "training_log_ar.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"], log
+    assert is_ar_checkpoint(out)
+    e = subprocess.run([sys.executable, "-m", "yan_serve.cli", "eval", str(out), "--data",
+                        str(data), "--tasks", "infill,complete", "--limit", "8"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert "infill-fim" in e.stdout and "exact_match" in e.stdout

@@ -1,0 +1,60 @@
+"""The same server and endpoints on an AR (GPT-2) checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server.conftest import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def ar_server(ar_checkpoint: Path):
+    s = ServerProcess("--model", str(ar_checkpoint), "--max-wait-ms", "20").wait_ready()
+    yield s
+    assert s.stop() == 0
+
+
+def test_every_endpoint_answers_on_an_ar_checkpoint(ar_server: ServerProcess) -> None:
+    text = "In the beginning God created the [MASK] and the [MASK:2]."
+    with httpx.Client(base_url=ar_server.url, timeout=120) as c:
+        for protocol in ("fim", "full"):
+            r = c.post("/v1/infill", json={"text": text, "seed": 0, "protocol": protocol})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            a, b = body["fills"]
+            assert body["text"] == f"In the beginning God created the{a} and the{b}."
+        r = c.post("/v1/complete", json={"prompt": "And God said", "max_tokens": 6,
+                                         "ignore_eos": True, "seed": 0})  # fmt: skip
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
+        r = c.post("/v1/qa", json={"context": "Mary went home.", "question": "Where is Mary?",
+                                   "max_tokens": 2, "seed": 0})  # fmt: skip
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/classify", json={"text": "Blessed are the meek", "labels": ["law",
+                                         "gospels"]})  # fmt: skip
+        assert r.status_code == 200 and len(r.json()["scores"]) == 2
+        r = c.post("/v1/completions", json={"prompt": "And God said", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["object"] == "text_completion"
+        assert c.get("/v1/models").json()["data"][0]["id"] == ar_server_id(ar_server)
+
+
+def ar_server_id(s: ServerProcess) -> str:
+    return Path(s.proc.args[s.proc.args.index("--model", 4) + 1]).name
+
+
+def test_ar_results_do_not_depend_on_batching(ar_server: ServerProcess) -> None:
+    names = ["Moses", "Noah", "Abram", "me"] * 3
+    reqs = [{"prompt": f"And God said unto {w}", "max_tokens": 8, "seed": i, "ignore_eos": True}
+            for i, w in enumerate(names)]  # fmt: skip
+
+    async def together():
+        async with httpx.AsyncClient(base_url=ar_server.url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/complete", json=r) for r in reqs))
+
+    batched = asyncio.run(together())
+    with httpx.Client(base_url=ar_server.url, timeout=120) as c:
+        alone = [c.post("/v1/complete", json=r) for r in reqs]
+    assert [r.json()["text"] for r in batched] == [r.json()["text"] for r in alone]

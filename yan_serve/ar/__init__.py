@@ -1,0 +1,1 @@
+"""The same-size autoregressive baseline: a GPT-2 decoder on YAN's tokenizer and task formats."""
