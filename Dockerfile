@@ -49,11 +49,13 @@ RUN python3 -m venv /opt/venv \
     && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin yan
 
 WORKDIR /app
-# What scripts/install.sh needs: the project metadata, the package (installed editable, so the
-# default --model resolves to /app/weights/yan-tiny-kjv) and the script itself.
-COPY pyproject.toml README.md ./
+# What scripts/install.sh needs: the project metadata and package layout (setup.py maps kernels/
+# to yan_kernels), the packages (installed editable, so the default --model resolves to
+# /app/weights/yan-tiny-kjv) and the script itself.
+COPY pyproject.toml setup.py README.md ./
 COPY scripts/install.sh scripts/install.sh
 COPY yan_serve/ yan_serve/
+COPY kernels/ kernels/
 # The pip cache mount keeps the torch wheel across rebuilds without putting it in a layer.
 RUN --mount=type=cache,target=/root/.cache/pip \
     EXTRAS="${EXTRAS}" TORCH_VERSION="${TORCH_VERSION}" bash scripts/install.sh

@@ -16,6 +16,18 @@ EXTRAS="${EXTRAS-dev}"  # unset: dev; set but empty: no extras
 
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
+# The tests build a corpus from the King James Bible (Debian's bible-kjv): install it when the
+# test extras are wanted and apt is usable (root or sudo); otherwise say how.
+if [[ "$EXTRAS" == *dev* || "$EXTRAS" == *test* ]] && ! command -v bible >/dev/null; then
+    SUDO=""; [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null && SUDO="sudo"
+    if command -v apt-get >/dev/null && { [[ $(id -u) -eq 0 ]] || [[ -n "$SUDO" ]]; }; then
+        echo "installing bible-kjv (apt) for the corpus tests"
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq bible-kjv >/dev/null
+    else
+        echo "note: install Debian's bible-kjv for the KJV corpus tests (apt-get install bible-kjv)"
+    fi
+fi
+
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH_VERSION' else 1)" 2>/dev/null; then
     echo "installing torch==$TORCH_VERSION"
     if [[ -n "${TORCH_INDEX_URL:-}" ]]; then

@@ -77,3 +77,10 @@ def test_label_targets_use_the_checkpoint_label_table(tok: YANTokenizer) -> None
     assert tok.decode(t) == ANSWER_HEADER + "2 history"
     assert t[-1] == tok.special.eos
     assert tok.decode(T.label_target(tok, "earth", {2: "history"})) == ANSWER_HEADER + "earth"
+
+
+def test_plan_from_a_training_source_matches_the_text_plan(tok: YANTokenizer) -> None:
+    sp = tok.special
+    p = T.plan_infill(tok, "In the beginning [MASK] the heaven and the [MASK].", 200)
+    q = T.infill_plan_from_source([*p.src, sp.eos], 2, sp.mask, sp.eos)
+    assert (q.src, q.tgt_len, q.pieces, q.fill_slots) == (p.src, p.tgt_len, p.pieces, p.fill_slots)

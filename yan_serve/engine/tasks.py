@@ -56,7 +56,6 @@ def plan_infill(
     matches = list(MASK_PATTERN.finditer(text))
     if not matches:
         raise PlanError("infill text has no [MASK] placeholder (write [MASK] or [MASK:n])")
-    sp = tok.special
     pieces: list[list[int]] = []
     budgets: list[int] = []
     last = 0
@@ -70,6 +69,14 @@ def plan_infill(
         budgets.append(n)
         last = m.end()
     pieces.append(tok.encode(text[last:]) if text[last:] else [])
+    plan = infill_plan_from_pieces(pieces, budgets, tok.special.mask)
+    _check(tok, plan.src, plan.tgt_len, max_length, "the infill text")
+    return plan
+
+
+def infill_plan_from_pieces(pieces: list[list[int]], budgets: list[int], mask: int) -> Plan:
+    """Source = pieces joined by one <mask> each; target = pieces with `budgets[i]` positions
+    for span i, then EOS. `len(pieces) == len(budgets) + 1`."""
     src: list[int] = []
     slots: list[tuple[int, int]] = []
     pos = 0
@@ -77,12 +84,23 @@ def plan_infill(
         src += piece
         pos += len(piece)
         if i < len(budgets):
-            src.append(sp.mask)
+            src.append(mask)
             slots.append((pos, pos + budgets[i]))
             pos += budgets[i]
-    tgt_len = pos + 1  # + EOS
-    _check(tok, src, tgt_len, max_length, "the infill text")
-    return Plan("infill", src, tgt_len, pieces=pieces, fill_slots=slots)
+    return Plan("infill", src, pos + 1, pieces=pieces, fill_slots=slots)
+
+
+def infill_plan_from_source(src: list[int], budget: int, mask: int, eos: int) -> Plan:
+    """The serving plan for a training-format infill source (masks collapsed, EOS at the end),
+    every span given `budget` positions: what the server does with `[MASK]` placeholders."""
+    body = src[:-1] if src and src[-1] == eos else list(src)
+    pieces: list[list[int]] = [[]]
+    for t in body:
+        if t == mask:
+            pieces.append([])
+        else:
+            pieces[-1].append(t)
+    return infill_plan_from_pieces(pieces, [budget] * (len(pieces) - 1), mask)
 
 
 def finish_infill(tok: YANTokenizer, plan: Plan, row: list[int]) -> tuple[str, list[str]]:

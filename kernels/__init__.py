@@ -1,0 +1,1 @@
+"""Fused Triton kernels for YAN (issue #4)."""
