@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton's CPU interpreter must be chosen before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from yan_serve.config import YANConfig
 from yan_serve.model import YAN

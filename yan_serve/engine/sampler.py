@@ -220,6 +220,26 @@ class Sampler:
 
         Greedy, except rows of `batch` with temperature > 0, which sample by inverse CDF from
         their own token uniforms (top-k restricted when top_k > 0)."""
+        if z.is_cuda:  # fused lm_head + argmax (yan_kernels.decoder_argmax): no [B, L, V] logits
+            from yan_kernels import ops
+
+            if ops.use_triton():
+                dec = self.model.decoder
+                hid = dec.features(z)  # [B, L, d]
+                res = ops.decoder_argmax(
+                    hid.reshape(-1, hid.shape[-1]), dec.lm_head.weight, dec.lm_head.bias
+                )
+                tok, best = res.token.view(z.shape[:-1]), res.prob.view(z.shape[:-1])
+                hot = [] if batch is None else (batch.temperature > 0).nonzero().flatten().tolist()
+                for i in hot:  # sampled rows keep the reference draw (inverse CDF, top-k)
+                    row = dec.lm_head(hid[i]).float()  # [L, V]
+                    tok[i] = sample_tokens(
+                        row, float(batch.temperature[i]), int(batch.top_k[i]),
+                        batch.token_uniforms[i],
+                    )  # fmt: skip
+                    logp_i = torch.log_softmax(row, dim=-1)
+                    best[i] = logp_i.gather(-1, tok[i][:, None]).squeeze(-1).exp()
+                return tok.cpu(), best.cpu()
         logits = self.model.decode_logits(z).float()
         logp = torch.log_softmax(logits, dim=-1)
         best, tok = logp.max(-1)

@@ -110,6 +110,15 @@ class Experts(nn.Module):
         Tokens are grouped by expert so each token costs one FFN, not K (the reference for the
         Triton routed-expert kernel).
         """
+        if h.is_cuda:  # the fused kernel (yan_kernels.routed_expert) when Triton is selected
+            from yan_kernels import ops
+
+            if ops.use_triton():
+                flat = ops.routed_expert(
+                    h.reshape(-1, h.shape[-1]), expert.reshape(-1),
+                    self.w1, self.b1, self.w2, self.b2,
+                )  # fmt: skip
+                return flat.view_as(h)
         flat_h = h.reshape(-1, h.shape[-1])
         flat_e = expert.reshape(-1)
         out = torch.empty_like(flat_h)

@@ -1,0 +1,111 @@
+"""The backend switch: decided once from hardware and `YAN_KERNELS`, overridable for tests, and
+the facades' fallbacks (autograd, mixed dtypes).
+
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/kernels/test_ops.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from yan_kernels import ops
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def fresh_decision(monkeypatch):
+    """Forget the cached decision (and restore it afterwards)."""
+    ops._decided.cache_clear()
+    yield monkeypatch
+    ops._decided.cache_clear()
+
+
+@pytest.mark.parametrize(("env", "want"), [("ref", False), ("triton", True), ("REF", False)])
+def test_env_overrides_the_hardware(fresh_decision, env, want) -> None:
+    fresh_decision.setenv("YAN_KERNELS", env)
+    assert ops.use_triton() is want
+
+
+def test_auto_follows_cuda(fresh_decision) -> None:
+    fresh_decision.delenv("YAN_KERNELS", raising=False)
+    assert ops.use_triton() is torch.cuda.is_available()
+
+
+def test_bad_env_is_a_clear_error(fresh_decision) -> None:
+    fresh_decision.setenv("YAN_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="YAN_KERNELS"):
+        ops.use_triton()
+
+
+def test_decided_once(fresh_decision) -> None:
+    fresh_decision.setenv("YAN_KERNELS", "ref")
+    assert not ops.use_triton()
+    fresh_decision.setenv("YAN_KERNELS", "triton")
+    assert not ops.use_triton()  # the process keeps its first answer
+
+
+def test_force_nests_and_restores() -> None:
+    before = ops.use_triton()
+    with ops.force("triton"):
+        assert ops.use_triton()
+        with ops.force("ref"):
+            assert not ops.use_triton()
+        assert ops.use_triton()
+    assert ops.use_triton() is before
+    with pytest.raises(ValueError):
+        ops.set_backend("fast")  # type: ignore[arg-type]
+
+
+def _spy(monkeypatch, module, name: str) -> list[int]:
+    calls: list[int] = []
+    fn = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or fn(*a))
+    return calls
+
+
+def _routed_args(device, dtype=torch.float32, grad: bool = False):
+    K, d, N = 3, 16, 10
+    g = torch.Generator().manual_seed(0)
+    w1, b1 = torch.randn(K, d, 4 * d, generator=g), torch.randn(K, 4 * d, generator=g)
+    w2, b2 = torch.randn(K, 4 * d, d, generator=g), torch.randn(K, d, generator=g)
+    h, e = torch.randn(N, d, generator=g), torch.randint(0, K, (N,), generator=g)
+    ws = [t.to(device, dtype).requires_grad_(grad) for t in (w1, b1, w2, b2)]
+    return h.to(device, dtype), e.to(device), *ws
+
+
+def test_facades_dispatch(device, monkeypatch) -> None:
+    from yan_kernels import decoder_argmax as dec
+    from yan_kernels import routed_expert as rex
+
+    kernel_calls = _spy(monkeypatch, rex, "routed_expert_euler")
+    ref_calls = _spy(monkeypatch, rex, "routed_expert_euler_ref")
+    args = _routed_args(device)
+    with ops.force("ref"):
+        want = ops.routed_expert(*args)
+    assert (len(kernel_calls), len(ref_calls)) == (0, 1)
+    with ops.force("triton"):
+        got = ops.routed_expert(*args)
+    assert (len(kernel_calls), len(ref_calls)) == (1, 1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    dk = _spy(monkeypatch, dec, "decoder_argmax")
+    x, w, b = torch.randn(4, 16), torch.randn(30, 16), torch.randn(30)
+    with ops.force("triton"):
+        res = ops.decoder_argmax(x.to(device), w.to(device), b.to(device))
+    assert len(dk) == 1 and res.token.shape == (4,)
+
+
+def test_autograd_and_mixed_dtypes_fall_back_to_the_reference(device, monkeypatch) -> None:
+    from yan_kernels import routed_expert as rex
+
+    kernel_calls = _spy(monkeypatch, rex, "routed_expert_euler")
+    with ops.force("triton"):
+        h, e, w1, b1, w2, b2 = _routed_args(device, grad=True)
+        out = ops.routed_expert(h, e, w1, b1, w2, b2)
+        out.sum().backward()  # the reference is differentiable
+        assert w1.grad is not None
+        h, e, w1, b1, w2, b2 = _routed_args(device)
+        z = torch.zeros(h.shape, dtype=torch.float64, device=device)
+        ops.routed_expert_euler(h, e, w1, b1, w2, b2, z, 0.5)  # z's dtype differs
+    assert not kernel_calls

@@ -1,0 +1,195 @@
+"""Routed expert + Euler kernel against its pure-torch reference and the model's `Experts`.
+
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/kernels/test_routed_expert.py
+(no CUDA: the kernels run in Triton's CPU interpreter; GPU tests are marked `gpu`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.kernels.tolerances import TOL
+from yan_serve.model.flow import Experts
+
+pytest.importorskip("triton")
+
+from yan_kernels.routed_expert import (
+    _tile_map,
+    routed_expert_euler,
+    routed_expert_euler_ref,
+)
+
+
+def _weights(K: int, d: int, device, dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    """w1 [K, d, 4d], b1 [K, 4d], w2 [K, 4d, d], b2 [K, d]; Linear-like weights, biases of
+    order 1 so that a dropped bias shows."""
+    g = torch.Generator().manual_seed(seed)
+    H = 4 * d
+
+    def u(*shape: int, bound: float) -> torch.Tensor:
+        return (torch.rand(*shape, generator=g) * 2 - 1) * bound
+
+    w = [
+        u(K, d, H, bound=d**-0.5),
+        u(K, H, bound=0.5),
+        u(K, H, d, bound=H**-0.5),
+        u(K, d, bound=0.5),
+    ]
+    return [t.to(device, dtype) for t in w]
+
+
+def _inputs(N: int, d: int, K: int, device, empty: tuple[int, ...] = (), seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g)
+    z = torch.randn(N, d, generator=g)
+    live = [k for k in range(K) if k not in empty]
+    expert = torch.tensor(live)[torch.randint(0, len(live), (N,), generator=g)]
+    return h.to(device), expert.to(device), z.to(device)
+
+
+CASES = [  # (N, d, K, experts with no token)
+    (37, 48, 3, ()),
+    (37, 48, 3, (1,)),  # an expert that gets zero tokens
+    (1, 48, 3, ()),  # one token
+    (70, 32, 5, (0, 1, 3, 4)),  # every token on one expert
+]
+
+
+@pytest.mark.parametrize(("N", "d", "K", "empty"), CASES)
+@pytest.mark.parametrize("dt", [0.37, 0.0])
+def test_kernel_matches_reference(device, N, d, K, empty, dt) -> None:
+    w1, b1, w2, b2 = _weights(K, d, device)
+    h, e, z = _inputs(N, d, K, device, empty)
+    out = routed_expert_euler(h, e, w1, b1, w2, b2, z, dt)
+    ref = routed_expert_euler_ref(h, e, w1, b1, w2, b2, z, dt)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    if dt == 0.0:
+        assert torch.equal(out, z)
+
+
+@pytest.mark.parametrize(("N", "d", "K", "empty"), CASES[:2])
+def test_field_only_when_z_is_none(device, N, d, K, empty) -> None:
+    w1, b1, w2, b2 = _weights(K, d, device)
+    h, e, _ = _inputs(N, d, K, device, empty)
+    out = routed_expert_euler(h, e, w1, b1, w2, b2, None)
+    torch.testing.assert_close(
+        out, routed_expert_euler_ref(h, e, w1, b1, w2, b2), **TOL[torch.float32]
+    )
+
+
+def test_small_tiles_span_many_tiles_per_expert(device) -> None:
+    """block_m=16 cuts each expert's rows into several tiles, the last one partial."""
+    N, d, K = 83, 48, 3
+    w1, b1, w2, b2 = _weights(K, d, device)
+    h, e, z = _inputs(N, d, K, device)
+    out = routed_expert_euler(h, e, w1, b1, w2, b2, z, 0.5, block_m=16, block_n=64, block_k=16)
+    ref = routed_expert_euler_ref(h, e, w1, b1, w2, b2, z, 0.5)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_reference_is_the_models_routed_field() -> None:
+    """The reference equals `Experts.routed` (the model's CPU path) bit for bit."""
+    torch.manual_seed(0)
+    ex = Experts(3, 16, 64)
+    h = torch.randn(2, 9, 16)
+    e = torch.randint(0, 3, (2, 9))
+    with torch.no_grad():
+        want = ex.routed(h, e).reshape(-1, 16)
+        got = routed_expert_euler_ref(h.reshape(-1, 16), e.reshape(-1), ex.w1, ex.b1, ex.w2, ex.b2)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mutant", ["no_gelu", "tanh_gelu", "no_b1", "no_b2", "wrong_expert"])
+def test_tolerance_rejects_plausible_bugs(device, mutant) -> None:
+    """The fp32 tolerance is tight enough that each of these kernel bugs would fail the
+    comparison above (the mutant is written in torch; the kernel must differ from it)."""
+    N, d, K = 37, 48, 3
+    w1, b1, w2, b2 = _weights(K, d, device)
+    h, e, z = _inputs(N, d, K, device)
+    out = routed_expert_euler(h, e, w1, b1, w2, b2, z, 0.37)
+    act = {
+        "no_gelu": lambda x: x,
+        "tanh_gelu": lambda x: F.gelu(x, approximate="tanh"),
+    }.get(mutant, F.gelu)
+    bb1 = torch.zeros_like(b1) if mutant == "no_b1" else b1
+    bb2 = torch.zeros_like(b2) if mutant == "no_b2" else b2
+    ee = (e + 1) % K if mutant == "wrong_expert" else e
+    field = torch.stack(
+        [act(h[i] @ w1[ee[i]] + bb1[ee[i]]) @ w2[ee[i]] + bb2[ee[i]] for i in range(N)]
+    )
+    bad = z + 0.37 * field
+    assert not torch.allclose(out, bad, **TOL[torch.float32])
+
+
+def test_tile_map_covers_each_expert_once() -> None:
+    e = torch.tensor([2, 0, 2, 2, 0, 2, 2, 2, 2, 2, 0])  # expert 1 empty
+    order, tiles, total = _tile_map(e, 3, 4)
+    assert total == 3 + 3
+    assert torch.equal(e[order], e.sort(stable=True).values)
+    rows = []
+    for t in range(total):
+        k, r0, r1 = tiles[:, t].tolist()
+        assert r1 - r0 <= 4
+        if r1 > r0:
+            assert (e[order[r0:r1]] == k).all()
+            rows += list(range(r0, r1))
+    assert sorted(rows) == list(range(len(e)))
+
+
+def test_launcher_rejects_bad_shapes(device) -> None:
+    w1, b1, w2, b2 = _weights(3, 48, device)
+    h, e, z = _inputs(5, 48, 3, device)
+    with pytest.raises(AssertionError):
+        routed_expert_euler(h[:, :32], e, w1, b1, w2, b2, z, 0.1)
+    with pytest.raises(AssertionError):
+        routed_expert_euler(h, e, w1, b1[:, :8], w2, b2, z, 0.1)
+    with pytest.raises(AssertionError):
+        routed_expert_euler(h, e.float(), w1, b1, w2, b2, z, 0.1)
+
+
+# ------------------------------------------------------------------------------------- GPU
+def _fp32_oracle(h, e, w1, b1, w2, b2, z, dt):
+    up = [t.float() for t in (h, w1, b1, w2, b2)]
+    return routed_expert_euler_ref(up[0], e, *up[1:], None if z is None else z.float(), dt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N", [1, 1000, 64 * 1024])
+def test_paper_shapes_on_gpu(N, dtype) -> None:
+    d, K = 512, 6
+    dev = torch.device("cuda")
+    w1, b1, w2, b2 = _weights(K, d, dev, dtype)
+    h, e, z = _inputs(N, d, K, dev, empty=(4,))
+    h, z = h.to(dtype), z.to(dtype)
+    out = routed_expert_euler(h, e, w1, b1, w2, b2, z, 0.25)
+    want = _fp32_oracle(h, e, w1, b1, w2, b2, z, 0.25)
+    torch.testing.assert_close(out.float(), want, **TOL[dtype])
+    field = routed_expert_euler(h, e, w1, b1, w2, b2)
+    torch.testing.assert_close(
+        field.float(), _fp32_oracle(h, e, w1, b1, w2, b2, None, 1.0), **TOL[dtype]
+    )
+
+
+@pytest.mark.gpu
+def test_flow_experts_use_the_kernel_on_gpu(monkeypatch) -> None:
+    from yan_kernels import force
+    from yan_kernels import routed_expert as mod
+
+    calls = []
+    kernel = mod.routed_expert_euler
+    monkeypatch.setattr(mod, "routed_expert_euler", lambda *a: calls.append(1) or kernel(*a))
+    torch.manual_seed(0)
+    ex = Experts(6, 64, 256).cuda()
+    h = torch.randn(3, 50, 64, device="cuda")
+    e = torch.randint(0, 6, (3, 50), device="cuda")
+    with torch.no_grad():
+        with force("ref"):
+            want = ex.routed(h, e)
+        assert not calls
+        with force("triton"):
+            got = ex.routed(h, e)
+        assert calls
+    torch.testing.assert_close(got, want, **TOL[torch.float32])

@@ -1,0 +1,245 @@
+"""Benchmarks, apart from the tests: `python -m yan_serve.bench <command>`.
+
+`kernels` times each fused Triton kernel (yan_kernels) against its torch eager reference at the
+paper's shapes (d = 512, K = 6 experts, V = 128258) and prints, per shape: eager and Triton
+time, the Triton kernel's achieved GB/s and TFLOP/s, and its roofline floor, i.e. the larger of
+(minimal bytes / measured copy bandwidth) and (flops / measured dense matmul rate). The header
+records device, date, commit and library versions. It needs a CUDA device: without one it
+prints one line and exits with status 2.
+
+New commands are a `_add_<name>(subparsers)` function registered in `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    eager_ms: float | None  # None: the eager reference ran out of memory
+    triton_ms: float
+    bytes: int  # minimal traffic: inputs read once, outputs written once
+    flops: int
+    floor_ms: float
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.triton_ms / 1e6
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.triton_ms / 1e9
+
+
+# ----------------------------------------------------------------------------- measurement
+def time_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
+    """Median wall time of `fn` on the current CUDA stream, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth(iters: int) -> float:
+    """Device-to-device copy rate in bytes/s (read + write) over a 1 GiB buffer."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), iters)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def matmul_rate(dtype: torch.dtype, iters: int) -> float:
+    """Dense matmul rate in flop/s at 8192^3 (cuBLAS, default precision settings)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = time_ms(lambda: a @ b, iters)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def _eager_ms(fn: Callable[[], object], iters: int) -> float | None:
+    try:
+        return time_ms(fn, iters)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (sha or "unknown") + ("-dirty" if dirty else "")
+
+
+# ------------------------------------------------------------------------------ kernels
+def _bench_routed(dtype: torch.dtype, iters: int, bw: float, rate: float, ns: list[int]):
+    from yan_kernels.routed_expert import routed_expert_euler, routed_expert_euler_ref
+
+    d, K = 512, 6
+    H = 4 * d
+    elt = torch.finfo(dtype).bits // 8
+    w1 = torch.randn(K, d, H, device="cuda", dtype=dtype) / d**0.5
+    b1 = torch.randn(K, H, device="cuda", dtype=dtype) * 0.1
+    w2 = torch.randn(K, H, d, device="cuda", dtype=dtype) / H**0.5
+    b2 = torch.randn(K, d, device="cuda", dtype=dtype) * 0.1
+    for n in ns:
+        h = torch.randn(n, d, device="cuda", dtype=dtype)
+        z = torch.randn(n, d, device="cuda", dtype=dtype)
+        e = torch.randint(0, K, (n,), device="cuda")
+        args = (h, e, w1, b1, w2, b2, z, 0.5)
+        nbytes = elt * (3 * n * d + K * (2 * d * H + H + d)) + 8 * n
+        flops = 2 * 2 * n * d * H
+        yield Row(
+            "routed_expert_euler",
+            f"N={n} d={d} K={K}",
+            _eager_ms(lambda a=args: routed_expert_euler_ref(*a), iters),
+            time_ms(lambda a=args: routed_expert_euler(*a), iters),
+            nbytes,
+            flops,
+            1e3 * max(nbytes / bw, flops / rate),
+        )
+
+
+def _bench_decoder(dtype: torch.dtype, iters: int, bw: float, rate: float, ns: list[int]):
+    from yan_kernels.decoder_argmax import decoder_argmax, decoder_argmax_ref
+
+    d, V = 512, 128258
+    elt = torch.finfo(dtype).bits // 8
+    w = torch.randn(V, d, device="cuda", dtype=dtype) / d**0.5
+    b = torch.randn(V, device="cuda", dtype=dtype) * 0.1
+    for n in ns:
+        x = torch.randn(n, d, device="cuda", dtype=dtype)
+        seed = torch.arange(n, device="cuda", dtype=torch.int64)
+        nbytes = elt * (n * d + V * d + V) + 12 * n
+        flops = 2 * n * V * d
+        for sample in (False, True):
+            extra = (0.8, seed) if sample else ()
+            yield Row(
+                "decoder_argmax" + ("+sample" if sample else ""),
+                f"N={n} d={d} V={V}",
+                _eager_ms(lambda e=extra, x=x: decoder_argmax_ref(x, w, b, *e), iters),
+                time_ms(lambda e=extra, x=x: decoder_argmax(x, w, b, *e), iters),
+                nbytes,
+                flops,
+                1e3 * max(nbytes / bw, flops / rate),
+            )
+            torch.cuda.empty_cache()
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "oom" if v is None else format(v, spec)
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("yan-serve bench kernels: needs a CUDA device (none found)", file=sys.stderr)
+        return 2
+    try:
+        import triton
+    except ImportError:
+        print("yan-serve bench kernels: needs the triton package", file=sys.stderr)
+        return 2
+    dtype = _DTYPES[args.dtype]
+    torch.manual_seed(0)
+    bw = copy_bandwidth(args.iters)
+    rate = matmul_rate(dtype, args.iters)
+    props = torch.cuda.get_device_properties(0)
+    header = {
+        "device": props.name,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "dtype": args.dtype,
+        "copy_GBps": round(bw / 1e9, 1),
+        "matmul_TFLOPs": round(rate / 1e12, 1),
+    }
+    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    small = args.quick
+    rows: list[Row] = []
+    print(
+        f"{'op':<22}{'shape':<26}{'eager ms':>10}{'triton ms':>11}{'speedup':>9}"
+        f"{'GB/s':>9}{'TFLOP/s':>9}{'floor ms':>10}{'% floor':>9}"
+    )
+    gens = [
+        _bench_routed(dtype, args.iters, bw, rate, [1024, 8192] if small else [1024, 8192, 65536]),
+        _bench_decoder(
+            dtype, args.iters, bw, rate, [64, 1024] if small else [64, 1024, 8192, 65536]
+        ),
+    ]
+    for gen in gens:
+        for r in gen:
+            rows.append(r)
+            speed = None if r.eager_ms is None else r.eager_ms / r.triton_ms
+            print(
+                f"{r.op:<22}{r.shape:<26}{_fmt(r.eager_ms, '10.3f')}{r.triton_ms:11.3f}"
+                f"{_fmt(speed, '8.2f')}x{r.gbps:9.0f}{r.tflops:9.1f}{r.floor_ms:10.3f}"
+                f"{100 * r.floor_ms / r.triton_ms:8.0f}%"
+            )
+    if args.json:
+        out = {"header": header, "rows": [asdict(r) for r in rows]}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def _add_kernels(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("kernels", help="fused Triton kernels vs torch eager, with rooflines")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    p.add_argument("--iters", type=int, default=20, help="timed repetitions (median reported)")
+    p.add_argument("--quick", action="store_true", help="skip the largest shapes")
+    p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
+    p.set_defaults(func=run_kernels)
+
+
+COMMANDS = [_add_kernels]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m yan_serve.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
