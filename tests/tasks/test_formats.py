@@ -115,8 +115,8 @@ def test_length_slack_pads_with_eos_where_the_server_leaves_room(
         assert s.src == ex.src
     inf = fmt.infill(text, rng)
     s = fmt.add_slack(inf, rng, max_len=200)
-    # dropping the EOS filler inside spans gives back the clean target
-    body = [t for t in s.tgt[:-1] if t != eos]
-    assert [*body, eos] == inf.tgt
+    # dropping the <pad> filler inside spans gives back the clean target; no EOS before the end
+    assert s.tgt[-1] == eos and eos not in s.tgt[:-1]
+    assert [t for t in s.tgt if t != fmt.sp.pad] == inf.tgt
     assert len(s.tgt) - len(inf.tgt) <= SLACK["infill"] * len(inf.fills)
     assert fmt.add_slack(inf, rng, max_len=len(inf.tgt)).tgt == inf.tgt  # no room, no slack

@@ -30,8 +30,10 @@ TASKS = ("infill", "complete", "qa", "classify")
 
 # Length slack for serving: a server has no oracle target length, it sizes the target from the
 # request (span budgets, max_tokens) and cuts at EOS. Fine-tuning therefore also shows targets
-# with up to this many extra positions, filled with EOS: after the answer (complete, qa,
-# classify) or inside each masked span (infill, per span). The server's defaults stay within.
+# with up to this many extra positions: EOS after the answer (complete, qa, classify), and <pad>
+# inside each masked span (infill, per span). Not EOS inside spans: the sampler cuts a sequence
+# at its first EOS, and a model taught mid-text EOS truncated passages at exact lengths (infill
+# ROUGE-1 fell from 75 to 66). The server's defaults stay within these budgets.
 SLACK = {"infill": 3, "complete": 16, "qa": 8, "classify": 6}
 
 
@@ -146,8 +148,8 @@ class TaskFormatter:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
     def add_slack(self, ex: Example, rng: random.Random, max_len: int) -> Example:
-        """The example with a random length slack of EOS positions (see `SLACK`), kept within
-        `max_len` target positions."""
+        """The example with a random length slack (see `SLACK`): EOS positions after the answer,
+        or <pad> positions inside infill spans, kept within `max_len` target positions."""
         eos = self.sp.eos
         room = max_len - len(ex.tgt)
         if room <= 0:
@@ -161,7 +163,7 @@ class TaskFormatter:
             if tok == self.sp.mask and fill < len(ex.fills):
                 k = min(rng.randint(0, SLACK["infill"]), room)
                 room -= k
-                tgt += ex.fills[fill] + [eos] * k
+                tgt += ex.fills[fill] + [self.sp.pad] * k
                 fill += 1
             else:
                 tgt.append(tok)
