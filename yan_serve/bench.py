@@ -7,6 +7,12 @@ time, the Triton kernel's achieved GB/s and TFLOP/s, and its roofline floor, i.e
 records device, date, commit and library versions. It needs a CUDA device: without one it
 prints one line and exits with status 2.
 
+`sampler` times one whole greedy sample (`generate`, host work included) of a preset with random
+weights at batch x length shapes (source length = target length): eager torch ops, the fused
+Triton kernels launched eagerly, and the graph-captured sampler (yan_serve.engine.graphs), with
+the capture's time and memory and the share of tokens where the graph agrees with the fused run.
+It needs a CUDA device as well.
+
 New commands are a `_add_<name>(subparsers)` function registered in `COMMANDS`.
 """
 
@@ -19,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -225,7 +232,176 @@ def _add_kernels(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_kernels)
 
 
-COMMANDS = [_add_kernels]
+# ------------------------------------------------------------------------------ sampler
+@dataclass
+class SamplerRow:
+    batch: int
+    length: int  # source length = target length
+    eager_ms: float | None  # reference torch ops (None: out of memory)
+    fused_ms: float | None  # Triton kernels, eager launches
+    graph_ms: float | None  # the whole sample replayed from a CUDA graph
+    capture_s: float | None  # warm-up + capture of that one graph
+    graph_mib: float | None  # device memory the capture took
+    same_tokens: float | None  # fraction of tokens where graph == fused
+
+
+def _wall_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
+    """Median wall time of a host-synchronizing call (generate returns Python lists), in ms:
+    end to end, so host-side launch overhead counts, which is what graphs remove."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _or_oom(fn: Callable[[], object]) -> object | None:
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def _bench_sampler_shape(model, batch: int, length: int, steps: int, iters: int) -> SamplerRow:
+    from yan_kernels import ops
+
+    from yan_serve.engine.graphs import GraphSampler, Ladder
+    from yan_serve.engine.sampler import GenerationRequest, Sampler
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(batch * 100003 + length)
+    reqs = [
+        GenerationRequest(
+            torch.randint(4, cfg.vocab_size, (length,), generator=g).tolist(), length, seed=i
+        )
+        for i in range(batch)
+    ]
+    sampler = Sampler(model)
+    graphs = GraphSampler(sampler)
+
+    def eager_run() -> object:
+        return sampler.generate(reqs, steps, "argmax")
+
+    def graph_run() -> object:
+        return graphs.generate(reqs, steps, "argmax")
+
+    with ops.force("ref"):
+        eager = _or_oom(lambda: _wall_ms(eager_run, iters))
+    with ops.force("triton"):
+        fused = _or_oom(lambda: _wall_ms(eager_run, iters))
+        fused_out = _or_oom(eager_run)
+        ladder = Ladder(
+            batch_sizes=(batch,), tgt_lengths=(length,), max_tokens=None, steps=steps,
+            routings=("argmax",),
+        )  # fmt: skip
+        rep = _or_oom(lambda: graphs.capture(ladder))
+    graph = same = None
+    if rep is not None and rep.graphs == 1:
+        graph = _wall_ms(graph_run, iters)
+        if fused_out is not None:
+            pairs = [
+                (a, b)
+                for x, y in zip(graph_run(), fused_out, strict=True)
+                for a, b in zip(x.full, y.full, strict=True)
+            ]
+            same = sum(a == b for a, b in pairs) / len(pairs)
+    return SamplerRow(
+        batch, length, eager, fused, graph,
+        None if rep is None else rep.seconds,
+        None if rep is None else rep.device_bytes / 2**20,
+        same,
+    )  # fmt: skip
+
+
+def run_sampler(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("yan-serve bench sampler: needs a CUDA device (none found)", file=sys.stderr)
+        return 2
+    try:
+        import triton
+    except ImportError:
+        print("yan-serve bench sampler: needs the triton package", file=sys.stderr)
+        return 2
+    from yan_serve.config import YANConfig
+    from yan_serve.model import YAN
+
+    dtype = _DTYPES[args.dtype]
+    cfg = YANConfig.from_name(args.model)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = YAN(cfg).to(dtype).eval()
+    steps = args.steps or cfg.ode_steps
+    props = torch.cuda.get_device_properties(0)
+    header = {
+        "device": props.name,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "model": f"{args.model} (random weights)",
+        "dtype": args.dtype,
+        "steps": steps,
+        "routing": "argmax",
+        "decode": "greedy",
+    }
+    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    print(
+        f"{'batch':>6}{'length':>8}{'eager ms':>10}{'fused ms':>10}{'graph ms':>10}"
+        f"{'graph/eager':>12}{'graph/fused':>12}{'capture s':>11}{'graph MiB':>11}{'same tok':>10}"
+    )
+    rows = []
+    for length in args.lengths:
+        for batch in args.batches:
+            r = _bench_sampler_shape(model, batch, length, steps, args.iters)
+            torch.cuda.empty_cache()  # the shape's graph and buffers are gone with its sampler
+            rows.append(r)
+            vs_e = None if r.eager_ms is None or r.graph_ms is None else r.eager_ms / r.graph_ms
+            vs_f = None if r.fused_ms is None or r.graph_ms is None else r.fused_ms / r.graph_ms
+            print(
+                f"{r.batch:>6}{r.length:>8}{_fmt(r.eager_ms, '10.2f')}{_fmt(r.fused_ms, '10.2f')}"
+                f"{_fmt(r.graph_ms, '10.2f')}{_fmt(vs_e, '11.2f')}x{_fmt(vs_f, '11.2f')}x"
+                f"{_fmt(r.capture_s, '11.2f')}{_fmt(r.graph_mib, '11.0f')}"
+                f"{_fmt(None if r.same_tokens is None else 100 * r.same_tokens, '9.2f')}%"
+            )
+    if args.json:
+        out = {"header": header, "rows": [asdict(r) for r in rows]}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _add_sampler(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sampler", help="whole-sample latency: eager torch vs fused kernels vs CUDA graph"
+    )
+    p.add_argument("--model", default="yan-paper", help="preset name (random weights)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    p.add_argument("--steps", type=int, default=0, help="Euler time points (0: the preset's)")
+    p.add_argument("--batches", type=_int_list, default=[1, 8, 64], help="e.g. 1,8,64")
+    p.add_argument("--lengths", type=_int_list, default=[128, 512, 1024], help="source = target")
+    p.add_argument("--iters", type=int, default=10, help="timed repetitions (median reported)")
+    p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
+    p.set_defaults(func=run_sampler)
+
+
+COMMANDS = [_add_kernels, _add_sampler]
 
 
 def main(argv: list[str] | None = None) -> int:
