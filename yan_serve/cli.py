@@ -200,17 +200,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         model = load_ar(args.checkpoint, resolve_device(args.device))
         tok = YANTokenizer.load(args.checkpoint)
+        from yan_serve.weights import load_labels
+
         results = evaluate_ar(model, tok, corpus, tasks, args.split, args.limit, args.batch_size,
-                              progress)  # fmt: skip
+                              progress, load_labels(args.checkpoint))  # fmt: skip
         print(results_table(results))
         if args.json:
             Path(args.json).write_text(json.dumps({"results": [r.__dict__ for r in results]},
                                                   indent=2) + "\n")  # fmt: skip
         return 0
+    from yan_serve.weights import load_labels
+
     model, tok = _load_checkpoint(args.checkpoint, str(resolve_device(args.device)))
+    labels = load_labels(args.checkpoint)
     with torch.no_grad():
         results = evaluate(model, tok, corpus, tasks, steps, args.split, args.limit,
-                           args.batch_size, args.routing, progress)  # fmt: skip
+                           args.batch_size, args.routing, progress, labels)  # fmt: skip
     table = results_table(results)
     print(table)
     payload: dict = {"results": [r.__dict__ for r in results]}

@@ -84,3 +84,17 @@ def test_plan_from_a_training_source_matches_the_text_plan(tok: YANTokenizer) ->
     p = T.plan_infill(tok, "In the beginning [MASK] the heaven and the [MASK].", 200)
     q = T.infill_plan_from_source([*p.src, sp.eos], 2, sp.mask, sp.eos)
     assert (q.src, q.tgt_len, q.pieces, q.fill_slots) == (p.src, p.tgt_len, p.pieces, p.fill_slots)
+
+
+def test_label_parsing_prefers_a_known_name_and_scoring_targets_share_a_length(
+    tok: YANTokenizer,
+) -> None:
+    from yan_serve.tasks.formats import parse_label
+
+    names = {1: "law", 2: "history"}
+    assert parse_label("####### ANSWER #######\n\n1 history", names) == 2  # name beats the id
+    assert parse_label("####### ANSWER #######\n\n1 histor", names) == 1  # else the id
+    assert parse_label("####### ANSWER #######\n\n1 history") == 1  # no table: the id
+    assert T.parse_class("1 history", names) == ("history", 2)
+    padded = T.pad_targets([[5, 2], [5, 6, 7, 2]], eos=2)
+    assert padded == [[5, 2, 2, 2], [5, 6, 7, 2]]

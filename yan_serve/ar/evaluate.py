@@ -49,6 +49,7 @@ def evaluate_ar(
     limit: int | None = None,
     batch_size: int = 64,
     progress=None,
+    labels: dict[int, str] | None = None,
 ) -> list[TaskResult]:
     sp = tok.special
     max_len = int(getattr(model.config, "yan_max_length", model.config.n_positions // 2))
@@ -77,7 +78,9 @@ def evaluate_ar(
                 outs += [fim_text(tok, e, g.tokens) for e, g in zip(chunk, gens, strict=True)]
             else:
                 outs += [tok.decode(g.tokens) for g in gens]
-        res = TaskResult(name, 0, len(exs), score(task, outs, exs), n_tok / max(secs, 1e-9))
+        names = labels or {int(r.label): r.label_name for r in corpus.records(task, split)} \
+            if task == "classify" else None  # fmt: skip
+        res = TaskResult(name, 0, len(exs), score(task, outs, exs, names), n_tok / max(secs, 1e-9))
         results.append(res)
         if progress:
             progress(res)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from yan_serve.tasks.formats import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE
+from yan_serve.tasks.formats import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE, parse_label
 from yan_serve.tokenizer import YANTokenizer
 
 MASK_PATTERN = re.compile(r"\[MASK(?::(\d+))?\]")
@@ -183,12 +183,21 @@ def label_target(tok: YANTokenizer, label: str, labels: dict[int, str] | None) -
 
 
 def parse_class(text: str, labels: dict[int, str] | None) -> tuple[str, int | None]:
-    """(label name, label id) from the generated answer text "3 wisdom"; the name falls back to
-    the generated words when the checkpoint has no label table or the id is unknown."""
-    m = re.search(r"(\d+)\s*(.*)", text)
-    if m is None:
+    """(label name, label id) from the generated answer text "3 wisdom" (`parse_label`: a known
+    label name wins over a disagreeing id); the name falls back to the generated words when the
+    checkpoint has no label table or the id is unknown."""
+    k = parse_label(text, labels)
+    if k is None:
         return text.strip(), None
-    k = int(m.group(1))
     if labels and k in labels:
         return labels[k], k
-    return (m.group(2).strip() or str(k)), k
+    m = re.search(r"\d+\s*(.*)", text)
+    return ((m.group(1).strip() if m else "") or str(k)), k
+
+
+def pad_targets(targets: list[list[int]], eos: int) -> list[list[int]]:
+    """Candidate label targets EOS-padded to one common length: same length, same seed means the
+    same latent for every candidate, so their decoder log-probabilities compare directly (the
+    EOS filler after an answer is what fine-tuning's length slack taught)."""
+    n = max(len(t) for t in targets)
+    return [t + [eos] * (n - len(t)) for t in targets]

@@ -730,10 +730,11 @@ async def _score_labels(
     too_long = [lab for lab, t in zip(labels, targets, strict=False) if len(t) > w.max_length]
     if too_long:
         raise APIError(400, f"label {too_long[0][:40]!r} is too long", "invalid_request_error")
+    targets = T.pad_targets(targets, w.tokenizer.special.eos)
     jobs = [Job(plan.src, len(t), seed, steps, req.routing, target=t) for t in targets]
     logps = await _wait(state, request, _admit(state, jobs))
     header = plan.answer_start
-    means = [sum(lp[header:]) / max(1, len(lp) - header) for lp in logps]
+    means = [sum(lp[header:]) for lp in logps]
     top = max(means)
     z = sum(math.exp(m - top) for m in means)
     scores = [
@@ -745,7 +746,7 @@ async def _score_labels(
     k = None
     if w.labels:
         k = {v.lower(): i for i, v in w.labels.items()}.get(best.label.strip().lower())
-    cand = S.Candidate(text=best.label, confidence=math.exp(best.logprob))
+    cand = S.Candidate(text=best.label, confidence=best.score)
     j = jobs[0]
     state.metrics.prompt_tokens.inc(len(j.src))
     return S.ClassifyResponse(

@@ -151,7 +151,11 @@ class QAResponse(GenerationResponse):
 class LabelScore(BaseModel):
     label: str
     score: float = Field(..., description="Probability among the candidates.")
-    logprob: float = Field(..., description="Mean decoder log-probability of the label tokens.")
+    logprob: float = Field(
+        ...,
+        description="Decoder log-probability of the label's target after the answer header, "
+        "all candidates EOS-padded to one length (so they share one latent).",
+    )
 
 
 class ClassifyResponse(GenerationResponse):

@@ -45,7 +45,9 @@ def task_examples(corpus: Corpus, tok: YANTokenizer, task: str, split: str, limi
     return out
 
 
-def score(task: str, outputs: Sequence[str], examples: Sequence[Example]) -> dict[str, float]:
+def score(task: str, outputs: Sequence[str], examples: Sequence[Example],
+          names: dict[int, str] | None = None) -> dict[str, float]:  # fmt: skip
+    """The task's metrics; classification reads labels with `parse_label(text, names)`."""
     refs = [e.reference for e in examples]
     if task == "infill":
         return metrics.rouge(outputs, refs)
@@ -58,7 +60,7 @@ def score(task: str, outputs: Sequence[str], examples: Sequence[Example]) -> dic
             "f1": metrics.token_f1_score(answers, refs),
             "exact_match": metrics.exact_match_score(answers, refs, ignore_case=True),
         }
-    labels = [parse_label(o) for o in outputs]
+    labels = [parse_label(o, names) for o in outputs]
     return {"accuracy": metrics.accuracy([str(x) for x in labels], refs)}
 
 
@@ -73,7 +75,11 @@ def evaluate(
     batch_size: int = 64,
     routing: str = "argmax",
     progress=None,
+    labels: dict[int, str] | None = None,
 ) -> list[TaskResult]:
+    """Every task at every step count; infill adds the served protocol (`served_infill`) and
+    classification adds candidate scoring over `labels` (`scored_classify`), as the server
+    does them."""
     sampler = Sampler(model)
     results = []
     for task in tasks:
@@ -102,16 +108,54 @@ def evaluate(
                 secs += time.perf_counter() - t0
                 n_tok += sum(r.tgt_len for r in reqs)
                 outs += [tok.decode(g.tokens) for g in gens]
-            res = TaskResult(task, T, len(exs), score(task, outs, exs), n_tok / max(secs, 1e-9))
+            names = labels or {int(r.label): r.label_name for r in corpus.records(task, split)} \
+                if task == "classify" else None  # fmt: skip
+            res = TaskResult(task, T, len(exs), score(task, outs, exs, names),
+                             n_tok / max(secs, 1e-9))  # fmt: skip
             results.append(res)
             if progress:
                 progress(res)
+            extra = None
             if task == "infill":
-                res = served_infill(sampler, tok, exs, T, routing, batch_size)
-                results.append(res)
+                extra = served_infill(sampler, tok, exs, T, routing, batch_size)
+            elif task == "classify":
+                extra = scored_classify(sampler, tok, exs, names or {}, T, routing, batch_size)
+            if extra is not None:
+                results.append(extra)
                 if progress:
-                    progress(res)
+                    progress(extra)
     return results
+
+
+def scored_classify(sampler: Sampler, tok: YANTokenizer, exs: Sequence[Example],
+                    labels: dict[int, str], steps: int, routing: str,
+                    batch_size: int) -> TaskResult:  # fmt: skip
+    """Classification by scoring every label (the server's `labels` mode): targets are padded to
+    one length, and the label with the highest decoder log-probability after the header wins."""
+    from yan_serve.engine import tasks as T
+    from yan_serve.tasks.formats import ANSWER_HEADER
+
+    header = len(tok.encode(ANSWER_HEADER))
+    ids = sorted(labels)
+    targets = T.pad_targets([T.label_target(tok, labels[k], labels) for k in ids], tok.special.eos)
+    jobs = [(i, k, t) for i, e in enumerate(exs) for k, t in zip(ids, targets, strict=True)]
+    best: dict[int, tuple[float, int]] = {}
+    t0 = time.perf_counter()
+    for a in range(0, len(jobs), batch_size):
+        chunk = jobs[a : a + batch_size]
+        reqs = [GenerationRequest(exs[i].src, len(t), seed=i) for i, _, t in chunk]
+        logps = sampler.score(reqs, [t for _, _, t in chunk], steps, routing)  # type: ignore[arg-type]
+        for (i, k, _), lp in zip(chunk, logps, strict=True):
+            m = sum(lp[header:])
+            if i not in best or m > best[i][0]:
+                best[i] = (m, k)
+    secs = time.perf_counter() - t0
+    preds = [str(best[i][1]) for i in range(len(exs))]
+    acc = metrics.accuracy(preds, [e.reference for e in exs])
+    n_tok = sum(len(t) for _, _, t in jobs)
+    return TaskResult(
+        "classify-scored", steps, len(exs), {"accuracy": acc}, n_tok / max(secs, 1e-9)
+    )
 
 
 def served_infill(sampler: Sampler, tok: YANTokenizer, exs: Sequence[Example], steps: int,

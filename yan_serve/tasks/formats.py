@@ -91,9 +91,18 @@ def split_last_word(text: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def parse_label(text: str) -> int | None:
-    """The label id from generated classification text ("... ANSWER ...\\n\\n3 wisdom")."""
+def parse_label(text: str, labels: dict[int, str] | None = None) -> int | None:
+    """The label id from generated classification text ("... ANSWER ...\\n\\n3 wisdom").
+
+    A non-autoregressive decoder picks every position independently, so the id and the name can
+    disagree ("1 history"); the name carries more tokens, so a generated word that is one of
+    `labels`' names decides, and the id is read only when no name matches."""
     tail = text.split("ANSWER #######")[-1]
+    if labels:
+        by_name = {v.lower(): k for k, v in labels.items()}
+        for word in re.findall(r"[A-Za-z][\w/-]*", tail):
+            if word.lower() in by_name:
+                return by_name[word.lower()]
     m = re.search(r"(\d+)", tail)
     return int(m.group(1)) if m else None
 
