@@ -42,9 +42,11 @@ def test_shortened_default_recipe(tmp_path) -> None:
     tok = load_tokenizer(tmp_path / "run/finetune", model.config)
     assert tok.special.mask == model.config.mask_token_id
     results = json.loads((tmp_path / "run/eval.json").read_text())["results"]
+    tasks = ("infill", "infill-served", "complete", "qa", "classify", "classify-scored")
     assert {(r["task"], r["steps"]) for r in results} == {("infill-copy-source", 0)} | {
-        (t, T) for t in ("infill", "complete", "qa", "classify") for T in (1, 2, 3, 4, 6)
+        (t, T) for t in tasks for T in (1, 2, 3, 4, 6)
     }
+    assert (tmp_path / "run/finetune/labels.json").exists()  # the server's label table
     assert all(r["n"] == 4 for r in results)
     assert all(r["tokens_per_s"] > 0 for r in results if r["steps"] > 0)
     copy = next(r for r in results if r["task"] == "infill-copy-source")
