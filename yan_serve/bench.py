@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -165,19 +166,26 @@ def _bench_decoder(dtype: torch.dtype, iters: int, bw: float, rate: float, ns: l
             torch.cuda.empty_cache()
 
 
+def _missing_gpu_stack(command: str) -> int | None:
+    """Exit code 2 with one readable line when CUDA or triton is missing, else None."""
+    if not torch.cuda.is_available():
+        print(f"yan-serve bench {command}: needs a CUDA device (none found)", file=sys.stderr)
+        return 2
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print(f"yan-serve bench {command}: needs the triton package", file=sys.stderr)
+        return 2
+    return None
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "oom" if v is None else format(v, spec)
 
 
 def run_kernels(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("yan-serve bench kernels: needs a CUDA device (none found)", file=sys.stderr)
-        return 2
-    try:
-        import triton
-    except ImportError:
-        print("yan-serve bench kernels: needs the triton package", file=sys.stderr)
-        return 2
+    if (missing := _missing_gpu_stack("kernels")) is not None:
+        return missing
     dtype = _DTYPES[args.dtype]
     torch.manual_seed(0)
     bw = copy_bandwidth(args.iters)
@@ -188,7 +196,7 @@ def run_kernels(args: argparse.Namespace) -> int:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _commit(),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": importlib.metadata.version("triton"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "dtype": args.dtype,
@@ -319,14 +327,8 @@ def _bench_sampler_shape(model, batch: int, length: int, steps: int, iters: int)
 
 
 def run_sampler(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("yan-serve bench sampler: needs a CUDA device (none found)", file=sys.stderr)
-        return 2
-    try:
-        import triton
-    except ImportError:
-        print("yan-serve bench sampler: needs the triton package", file=sys.stderr)
-        return 2
+    if (missing := _missing_gpu_stack("sampler")) is not None:
+        return missing
     from yan_serve.config import YANConfig
     from yan_serve.model import YAN
 
@@ -342,7 +344,7 @@ def run_sampler(args: argparse.Namespace) -> int:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _commit(),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": importlib.metadata.version("triton"),
         "cuda": torch.version.cuda,
         "model": f"{args.model} (random weights)",
         "dtype": args.dtype,

@@ -46,7 +46,13 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from yan_serve.engine.sampler import Generation, GenerationRequest, PreparedBatch, Sampler
+from yan_serve.engine.sampler import (
+    Generation,
+    GenerationRequest,
+    PreparedBatch,
+    Sampler,
+    assemble,
+)
 from yan_serve.flow.solver import Routing
 
 log = logging.getLogger("yan_serve.graphs")
@@ -185,32 +191,6 @@ def pad_prepared(
     out.token_uniforms[:n, :Ly] = batch.token_uniforms
     out.temperature[:n] = batch.temperature
     out.top_k[:n] = batch.top_k
-    return out
-
-
-def assemble(
-    requests: Sequence[GenerationRequest],
-    tokens: Tensor,  # [n, L] long, L >= every tgt_len
-    conf: Tensor,  # [n, L]
-    expert: Tensor,  # [n, L]
-    eos: int,
-) -> list[Generation]:
-    """Per-request `Generation`s from decoded rows, cut at EOS (as `Sampler.generate` does)."""
-    out = []
-    for i, r in enumerate(requests):
-        toks = tokens[i, : r.tgt_len].tolist()
-        probs = conf[i, : r.tgt_len].tolist()
-        cut = toks.index(eos) if eos in toks else len(toks)
-        out.append(
-            Generation(
-                tokens=toks[:cut],
-                finish_reason="eos" if cut < len(toks) else "length",
-                confidence=probs[:cut],
-                expert=expert[i, : r.tgt_len].tolist(),
-                full=toks,
-                full_confidence=probs,
-            )
-        )
     return out
 
 

@@ -169,26 +169,8 @@ class Sampler:
 
         res = self.solve(batch, steps, routing, step_hook=step_hook if want_traj else None)
         tokens, conf = self.decode(res.z, batch)
-        eos = self.model.config.eos_token_id
-        out = []
-        for i, r in enumerate(requests):
-            toks = tokens[i, : r.tgt_len].tolist()
-            probs = conf[i, : r.tgt_len].tolist()
-            cut = toks.index(eos) if eos in toks else len(toks)
-            out.append(
-                Generation(
-                    tokens=toks[:cut],
-                    finish_reason="eos" if cut < len(toks) else "length",
-                    confidence=probs[:cut],
-                    expert=res.expert[i, : r.tgt_len].tolist(),
-                    previews=[p[i, : r.tgt_len].tolist() for p in previews]
-                    if return_previews
-                    else None,
-                    full=toks,
-                    full_confidence=probs,
-                )
-            )
-        return out
+        return assemble(requests, tokens, conf, res.expert, self.model.config.eos_token_id,
+                        previews if return_previews else None)  # fmt: skip
 
     @torch.no_grad()
     def score(
@@ -252,6 +234,34 @@ class Sampler:
                 )  # fmt: skip
             best = logp.gather(-1, tok[..., None]).squeeze(-1)
         return tok.cpu(), best.exp().cpu()
+
+
+def assemble(
+    requests: Sequence[GenerationRequest],
+    tokens: Tensor,  # [B, L] long, L >= every tgt_len
+    conf: Tensor,  # [B, L]
+    expert: Tensor,  # [B, L]
+    eos: int,
+    previews: list[Tensor] | None = None,  # T x [B, L]
+) -> list[Generation]:
+    """Per-request `Generation`s from decoded rows, cut at the first EOS."""
+    out = []
+    for i, r in enumerate(requests):
+        toks = tokens[i, : r.tgt_len].tolist()
+        probs = conf[i, : r.tgt_len].tolist()
+        cut = toks.index(eos) if eos in toks else len(toks)
+        out.append(
+            Generation(
+                tokens=toks[:cut],
+                finish_reason="eos" if cut < len(toks) else "length",
+                confidence=probs[:cut],
+                expert=expert[i, : r.tgt_len].tolist(),
+                previews=[p[i, : r.tgt_len].tolist() for p in previews] if previews else None,
+                full=toks,
+                full_confidence=probs,
+            )
+        )
+    return out
 
 
 def sample_tokens(logits: Tensor, temperature: float, top_k: int, uniforms: Tensor) -> Tensor:
