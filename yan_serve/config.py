@@ -48,7 +48,8 @@ class YANConfig:
     beta_a: float = 1.0  # t ~ Beta(a, b) in training
     beta_b: float = 1.0
 
-    # Mamba variant (the mixer lands with the Mamba issue; flags kept for checkpoint parity)
+    # Mamba variant: a bidirectional Mamba-1 mixer replaces self-attention in the encoder
+    # and/or flow-trunk blocks (yan_serve/model/mamba.py, docs/mamba.md)
     encoder_use_mamba: bool = False
     flow_use_mamba: bool = False
     mamba_d_state: int = 16
@@ -100,6 +101,9 @@ class YANConfig:
             raise ValueError("ode_steps and train_ode_steps count time points and must be >= 1")
         if self.max_length < 1:
             raise ValueError("max_length must be >= 1")
+        for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
 
     # ------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +194,45 @@ PRESETS: dict[str, dict[str, Any]] = {
         eos_token_id=128001,
         max_length=2048,
         dropout=0.1,
+    ),
+    # yan-tiny with the bidirectional Mamba mixer in the encoder and the flow trunk.
+    "yan-mamba-tiny": dict(
+        d_model=128,
+        attention_heads=4,
+        encoder_n_trf_blocks=2,
+        n_trf_blocks=3,
+        cross_att_idx=(0, 1, 2),
+        decoder_n_resi_blocks=1,
+        moe_n_experts=4,
+        moe_sigma=1.0,
+        vocab_size=8192,
+        max_length=256,
+        dropout=0.0,
+        encoder_use_mamba=True,
+        flow_use_mamba=True,
+    ),
+    # The paper's ~210M Mamba variant: yan-paper with 4 encoder / 6 trunk Mamba blocks.
+    "yan-mamba-paper": dict(
+        d_model=512,
+        attention_heads=8,
+        encoder_n_trf_blocks=4,
+        n_trf_blocks=6,
+        cross_att_idx=(0, 1, 2, 4),
+        decoder_n_resi_blocks=1,
+        moe_n_experts=6,
+        moe_sigma=0.1,
+        vocab_size=128258,
+        pad_token_id=128256,
+        mask_token_id=128257,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        max_length=2048,
+        dropout=0.1,
+        encoder_use_mamba=True,
+        flow_use_mamba=True,
+        mamba_d_state=16,
+        mamba_d_conv=4,
+        mamba_expand=2,
     ),
 }
 

@@ -1,4 +1,8 @@
-"""Bidirectional pre-LN Transformer encoder, shared by source and target (z_1 = E(y))."""
+"""Bidirectional pre-LN encoder, shared by source and target (z_1 = E(y)).
+
+Each block mixes positions with self-attention, or with the bidirectional Mamba mixer when
+`cfg.encoder_use_mamba` (same slot and call, `self_att(x, mask)`; see model/mamba.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from torch import Tensor, nn
 
 from yan_serve.config import YANConfig
 from yan_serve.model.layers import FeedForward, LayerNorm, MultiHeadAttention
+from yan_serve.model.mamba import BiMamba
 
 
 class EncoderBlock(nn.Module):
@@ -14,7 +19,11 @@ class EncoderBlock(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.norm_self_att = LayerNorm(d)
-        self.self_att = MultiHeadAttention(d, cfg.attention_heads, cfg.qkv_bias, cfg.dropout)
+        self.self_att: nn.Module = (
+            BiMamba.from_config(cfg)
+            if cfg.encoder_use_mamba
+            else MultiHeadAttention(d, cfg.attention_heads, cfg.qkv_bias, cfg.dropout)
+        )
         self.norm_ff = LayerNorm(d)
         self.ff = FeedForward(d, cfg.d_ffn)
         self.drop = nn.Dropout(cfg.dropout)

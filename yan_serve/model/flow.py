@@ -3,7 +3,9 @@
 `FlowNet` implements the `MoEVectorField` protocol of `yan_serve.flow.solver`, so the same
 Euler solver drives YAN and the 2-D toy model. One trunk pass at (z_t, t) yields a state from
 which the gate and any expert can be read; experts are stacked tensors (`w1 [K, d, 4d]`, ...)
-so that all-expert training and routed inference share one set of weights.
+so that all-expert training and routed inference share one set of weights. With
+`cfg.flow_use_mamba` each trunk block mixes target positions with the bidirectional Mamba
+mixer instead of self-attention, keeping its cross-attention and adaptive norms.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from yan_serve.model.layers import (
     SinusoidalTimeFeatures,
     adaptive_norm,
 )
+from yan_serve.model.mamba import BiMamba
 
 
 @dataclass
@@ -47,13 +50,20 @@ class TrunkState:
 
 
 class FlowBlock(nn.Module):
-    """self-attn -> [cross-attn to the source] -> FFN, each behind an adaptive LayerNorm."""
+    """self-attn -> [cross-attn to the source] -> FFN, each behind an adaptive LayerNorm.
+
+    With `cfg.flow_use_mamba` the `self_att` slot holds a `BiMamba` mixer (same call).
+    """
 
     def __init__(self, cfg: YANConfig, cross: bool) -> None:
         super().__init__()
         d = cfg.d_model
         self.has_cross = cross
-        self.self_att = MultiHeadAttention(d, cfg.attention_heads, cfg.qkv_bias, cfg.dropout)
+        self.self_att: nn.Module = (
+            BiMamba.from_config(cfg)
+            if cfg.flow_use_mamba
+            else MultiHeadAttention(d, cfg.attention_heads, cfg.qkv_bias, cfg.dropout)
+        )
         if cross:
             self.cross_att = MultiHeadAttention(d, cfg.attention_heads, cfg.qkv_bias, cfg.dropout)
         self.ff = FeedForward(d, cfg.d_ffn)

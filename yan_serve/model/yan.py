@@ -19,8 +19,6 @@ from yan_serve.model.layers import masked_mean
 class YAN(nn.Module):
     def __init__(self, cfg: YANConfig) -> None:
         super().__init__()
-        if cfg.encoder_use_mamba or cfg.flow_use_mamba:
-            raise NotImplementedError("the Mamba variant is not built yet (see the Mamba issue)")
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_length + 1, cfg.d_model)
