@@ -8,9 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="${OUT:-runs/yan-tiny-kjv}"
+CONFIG="${CONFIG:-yan-tiny}"  # or yan-mamba-tiny (issue #8): same data and budget
+OUT="${OUT:-runs/$CONFIG-kjv}"
 DATA="${DATA:-data/kjv}"
-S1="${S1:-3000}"; S2="${S2:-2500}"; FT="${FT:-1200}"
+S1="${S1:-3000}"; S2="${S2:-2500}"; FT="${FT:-4200}"
 BS="${BS:-16}"
 EVAL_LIMIT="${EVAL_LIMIT:-}"
 DEVICE="${DEVICE:-auto}"
@@ -21,7 +22,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --save-every 500)
 
 [[ -f "$DATA/train.jsonl" ]] || yan data kjv --out "$DATA"
-yan train stage1 --config yan-tiny --out "$OUT/stage1" --steps "$S1" --lr 1e-3 --warmup 100 \
+yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" --lr 1e-3 --warmup 100 \
     "${common[@]}"
 yan train stage2 --init "$OUT/stage1" --out "$OUT/stage2" --steps "$S2" --lr 1e-3 --warmup 100 \
     --fm-weight 0.1 --ce-weight 1 "${common[@]}"
@@ -31,6 +32,7 @@ yan eval "$OUT/finetune" --data "$DATA" --steps 1,2,3,4,6 --device "$DEVICE" \
     ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --json "$OUT/eval.json"
 if [[ -n "${PUBLISH:-}" ]]; then  # e.g. PUBLISH=weights/yan-tiny-kjv
     mkdir -p "$PUBLISH"
-    cp "$OUT"/finetune/{config.json,model.safetensors,tokenizer.json} "$OUT/eval.json" "$PUBLISH/"
+    cp "$OUT"/finetune/{config.json,model.safetensors,tokenizer.json,labels.json} "$OUT/eval.json" \
+        "$PUBLISH/"
     echo "published the checkpoint to $PUBLISH"
 fi
