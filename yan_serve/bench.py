@@ -179,6 +179,18 @@ def _missing_gpu_stack(command: str) -> int | None:
     return None
 
 
+def _run_header() -> dict[str, str | None]:
+    """Device, date, commit and versions: the first fields of every benchmark's header line."""
+    return {
+        "device": torch.cuda.get_device_properties(0).name,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _commit(),
+        "torch": torch.__version__,
+        "triton": importlib.metadata.version("triton"),
+        "cuda": torch.version.cuda,
+    }
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "oom" if v is None else format(v, spec)
 
@@ -190,14 +202,8 @@ def run_kernels(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     bw = copy_bandwidth(args.iters)
     rate = matmul_rate(dtype, args.iters)
-    props = torch.cuda.get_device_properties(0)
     header = {
-        "device": props.name,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _commit(),
-        "torch": torch.__version__,
-        "triton": importlib.metadata.version("triton"),
-        "cuda": torch.version.cuda,
+        **_run_header(),
         "python": platform.python_version(),
         "dtype": args.dtype,
         "copy_GBps": round(bw / 1e9, 1),
@@ -338,14 +344,8 @@ def run_sampler(args: argparse.Namespace) -> int:
     with torch.device("cuda"):
         model = YAN(cfg).to(dtype).eval()
     steps = args.steps or cfg.ode_steps
-    props = torch.cuda.get_device_properties(0)
     header = {
-        "device": props.name,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _commit(),
-        "torch": torch.__version__,
-        "triton": importlib.metadata.version("triton"),
-        "cuda": torch.version.cuda,
+        **_run_header(),
         "model": f"{args.model} (random weights)",
         "dtype": args.dtype,
         "steps": steps,

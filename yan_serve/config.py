@@ -195,46 +195,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_length=2048,
         dropout=0.1,
     ),
-    # yan-tiny with the bidirectional Mamba mixer in the encoder and the flow trunk.
-    "yan-mamba-tiny": dict(
-        d_model=128,
-        attention_heads=4,
-        encoder_n_trf_blocks=2,
-        n_trf_blocks=3,
-        cross_att_idx=(0, 1, 2),
-        decoder_n_resi_blocks=1,
-        moe_n_experts=4,
-        moe_sigma=1.0,
-        vocab_size=8192,
-        max_length=256,
-        dropout=0.0,
-        encoder_use_mamba=True,
-        flow_use_mamba=True,
-    ),
-    # The paper's ~210M Mamba variant: yan-paper with 4 encoder / 6 trunk Mamba blocks.
-    "yan-mamba-paper": dict(
-        d_model=512,
-        attention_heads=8,
-        encoder_n_trf_blocks=4,
-        n_trf_blocks=6,
-        cross_att_idx=(0, 1, 2, 4),
-        decoder_n_resi_blocks=1,
-        moe_n_experts=6,
-        moe_sigma=0.1,
-        vocab_size=128258,
-        pad_token_id=128256,
-        mask_token_id=128257,
-        bos_token_id=128000,
-        eos_token_id=128001,
-        max_length=2048,
-        dropout=0.1,
-        encoder_use_mamba=True,
-        flow_use_mamba=True,
-        mamba_d_state=16,
-        mamba_d_conv=4,
-        mamba_expand=2,
-    ),
 }
+_MAMBA = dict(encoder_use_mamba=True, flow_use_mamba=True, mamba_d_state=16, mamba_d_conv=4,
+              mamba_expand=2)  # fmt: skip
+# yan-tiny with the bidirectional Mamba mixer in the encoder and the flow trunk.
+PRESETS["yan-mamba-tiny"] = {**PRESETS["yan-tiny"], **_MAMBA}
+# The paper's ~210M Mamba variant: yan-paper with 4 encoder / 6 trunk Mamba blocks.
+PRESETS["yan-mamba-paper"] = {**PRESETS["yan-paper"], **_MAMBA, "encoder_n_trf_blocks": 4,
+                              "n_trf_blocks": 6}  # fmt: skip
 
 
 def preset_names() -> list[str]:

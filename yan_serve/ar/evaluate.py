@@ -17,7 +17,7 @@ from yan_serve.ar.generate import ARRequest, ar_generate
 from yan_serve.tasks.evaluate import TaskResult, score, task_examples
 from yan_serve.tasks.formats import TASKS, Example
 from yan_serve.tokenizer import YANTokenizer
-from yan_serve.train.recipes import Corpus
+from yan_serve.train.recipes import Corpus, label_table
 
 
 def fim_text(tok: YANTokenizer, ex: Example, generated: list[int]) -> str:
@@ -78,8 +78,7 @@ def evaluate_ar(
                 outs += [fim_text(tok, e, g.tokens) for e, g in zip(chunk, gens, strict=True)]
             else:
                 outs += [tok.decode(g.tokens) for g in gens]
-        names = labels or {int(r.label): r.label_name for r in corpus.records(task, split)} \
-            if task == "classify" else None  # fmt: skip
+        names = (labels or label_table(corpus, split)) if task == "classify" else None
         res = TaskResult(name, 0, len(exs), score(task, outs, exs, names), n_tok / max(secs, 1e-9))
         results.append(res)
         if progress:

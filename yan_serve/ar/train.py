@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from transformers import GPT2LMHeadModel
 from yan_serve.ar.model import ar_sequence, fim_target, save_ar
 from yan_serve.tasks.formats import TASKS, Example, TaskFormatter
 from yan_serve.tokenizer import YANTokenizer
-from yan_serve.train.data import batches, task_maker
-from yan_serve.train.recipes import Corpus
+from yan_serve.train.data import mixture
+from yan_serve.train.recipes import Corpus, task_streams
 
 AR_TASKS = (*TASKS, "infill-fim")
 
@@ -42,15 +41,6 @@ class ARTrainConfig:
     seed: int = 0
     device: str = "auto"
     tasks: tuple[str, ...] = field(default_factory=lambda: AR_TASKS)
-
-
-def _mixture_with_names(streams: dict, seed: int) -> Iterator[tuple[str, list[Example]]]:
-    rng = random.Random(seed)
-    names = sorted(streams)
-    while True:
-        rng.shuffle(names)
-        for n in names:
-            yield n, next(streams[n])
 
 
 def collate_ar(seqs: Sequence[tuple[list[int], int]], pad: int) -> tuple[torch.Tensor, ...]:
@@ -134,24 +124,22 @@ def train_ar(model: GPT2LMHeadModel, tok: YANTokenizer, corpus: Corpus, cfg: ART
 
 
 def _named_batches(corpus, tok, split, cfg: ARTrainConfig, max_len: int, seed: int):
-    fmt = TaskFormatter(tok)
+    """Endless batches of (source + BOS + target, target start) over the task mixture; the
+    `infill-fim` stream draws infill examples and keeps only their spans as the target."""
+    bad = [t for t in cfg.tasks if t not in AR_TASKS]
+    if bad:
+        raise ValueError(f"unknown task {bad[0]!r}; choose from {', '.join(AR_TASKS)}")
     sp = tok.special
-    streams = {}
-    for t in cfg.tasks:
-        base = "infill" if t == "infill-fim" else t
-        if base not in TASKS:
-            raise ValueError(f"unknown task {t!r}; choose from {', '.join(AR_TASKS)}")
-        recs = corpus.records(base, split)
-        if not recs:
-            raise ValueError(f"no {split} records for task {base!r} in this corpus")
-        streams[t] = batches(recs, task_maker(fmt, base, max_len, max_len), cfg.batch_size,
-                             seed + 101 * AR_TASKS.index(t))  # fmt: skip
-    for name, exs in _mixture_with_names(streams, seed):
-        yield [
-            ar_sequence(e.src, fim_target(e, sp.mask, sp.eos) if name == "infill-fim" else e.tgt,
-                        sp.bos)
-            for e in exs
-        ]  # fmt: skip
+    names = {t: "infill" if t == "infill-fim" else t for t in cfg.tasks}
+    streams = task_streams(corpus, TaskFormatter(tok), split, names, cfg.batch_size, seed,
+                           max_len, seed_order=AR_TASKS)  # fmt: skip
+
+    def sequences(name: str, stream: Iterator[list[Example]]):
+        for exs in stream:
+            yield [ar_sequence(e.src, fim_target(e, sp.mask, sp.eos) if name == "infill-fim"
+                               else e.tgt, sp.bos) for e in exs]  # fmt: skip
+
+    yield from mixture({n: sequences(n, st) for n, st in streams.items()}, seed)
 
 
 @torch.no_grad()

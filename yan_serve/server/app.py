@@ -169,9 +169,10 @@ class Gate:
             return await error_json(
                 503, "the server is shutting down", "unavailable", {"Retry-After": "1"}
             )(scope, receive, send)
+        headers = dict(scope["headers"])
         key = st.settings.api_key
         if key and path.startswith(API_PREFIX):
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), key.encode()):
                 return await error_json(
@@ -180,7 +181,6 @@ class Gate:
                     headers={"WWW-Authenticate": "Bearer"},
                 )(scope, receive, send)
         limit = st.settings.max_body_bytes
-        headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await error_json(413, f"request body over {limit} bytes")(scope, receive, send)

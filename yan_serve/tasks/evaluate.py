@@ -18,7 +18,7 @@ from yan_serve.model import YAN
 from yan_serve.tasks import metrics
 from yan_serve.tasks.formats import TASKS, Example, TaskFormatter, parse_answer, parse_label
 from yan_serve.tokenizer import YANTokenizer
-from yan_serve.train.recipes import Corpus
+from yan_serve.train.recipes import Corpus, label_table
 
 
 @dataclass
@@ -95,6 +95,7 @@ def evaluate(
             )
             if progress:
                 progress(results[-1])
+        names = (labels or label_table(corpus, split)) if task == "classify" else None
         for T in steps_list:
             outs: list[str] = []
             n_tok, secs = 0, 0.0
@@ -108,8 +109,6 @@ def evaluate(
                 secs += time.perf_counter() - t0
                 n_tok += sum(r.tgt_len for r in reqs)
                 outs += [tok.decode(g.tokens) for g in gens]
-            names = labels or {int(r.label): r.label_name for r in corpus.records(task, split)} \
-                if task == "classify" else None  # fmt: skip
             res = TaskResult(task, T, len(exs), score(task, outs, exs, names),
                              n_tok / max(secs, 1e-9))  # fmt: skip
             results.append(res)

@@ -10,14 +10,14 @@ generator. `yan data import` writes such directories from the paper's datasets.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from yan_serve.config import YANConfig
 from yan_serve.model import YAN
 from yan_serve.tasks.babi import babi_splits
-from yan_serve.tasks.formats import TASKS, TaskFormatter
+from yan_serve.tasks.formats import TASKS, Example, TaskFormatter
 from yan_serve.tasks.kjv import section_record
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
 from yan_serve.tokenizer import YANTokenizer, train_bpe
@@ -175,18 +175,34 @@ def stage_batches(
             batches(corpus.text[split], stage1_maker(fmt, max_len=L), batch_size, seed), pad, True
         )
     chosen = ("infill",) if stage == "stage2" else tasks
-    streams = {}
-    for t in chosen:
-        recs = corpus.records(t, split)
-        if not recs:
-            raise ValueError(f"no {split} records for task {t!r} in this corpus")
-        streams[t] = batches(
-            recs,
-            task_maker(fmt, t, L, L, slack if stage == "finetune" else 0.0),
-            batch_size,
-            seed + 101 * TASKS.index(t),
-        )
+    streams = task_streams(corpus, fmt, split, {t: t for t in chosen}, batch_size, seed, L,
+                           slack if stage == "finetune" else 0.0)  # fmt: skip
     return _batches_of(mixture(streams, seed), pad, False)
+
+
+def task_streams(
+    corpus: Corpus,
+    fmt: TaskFormatter,
+    split: str,
+    tasks: dict[str, str],
+    batch_size: int,
+    seed: int,
+    max_len: int,
+    slack: float = 0.0,
+    seed_order: Sequence[str] = TASKS,
+) -> dict[str, Iterator[list[Example]]]:
+    """One endless stream of example batches per name in `tasks`, which maps a stream's name to
+    the task whose records and format it draws (several names may share a task). A stream's
+    seed is `seed + 101 * seed_order.index(name)`, so a task's data order does not depend on
+    which other tasks are mixed in."""
+    streams = {}
+    for name, task in tasks.items():
+        recs = corpus.records(task, split)
+        if not recs:
+            raise ValueError(f"no {split} records for task {task!r} in this corpus")
+        streams[name] = batches(recs, task_maker(fmt, task, max_len, max_len, slack), batch_size,
+                                seed + 101 * seed_order.index(name))  # fmt: skip
+    return streams
 
 
 def label_table(corpus: Corpus, split: str = "train") -> dict[int, str]:
