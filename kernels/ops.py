@@ -9,6 +9,11 @@ the Triton interpreter (`TRITON_INTERPRET=1`, which must be set before `triton` 
 imported). It also falls back to the reference when autograd is recording through an input,
 because the kernels have no backward.
 
+The selective scan (`selective_scan`) has a third implementation, mamba-ssm's CUDA kernel, and
+its own knob `YAN_MAMBA_SCAN=auto|mamba_ssm|triton|ref` (`force_scan()` / `set_scan_backend()`
+override it): `auto` takes mamba-ssm for CUDA tensors when `mamba_ssm` imports, else the switch
+above decides Triton or the reference; the other values name one path (see `scan_path`).
+
 This module imports neither `triton` nor the kernel files at import time, so the model can ask
 `use_triton()` without binding `@triton.jit` before a test has set `TRITON_INTERPRET`.
 """
@@ -100,8 +105,17 @@ def _take_triton(*tensors: Tensor | None) -> bool:
         or ts[0].dtype not in _KERNEL_DTYPES
     ):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+    if _records_grad(ts):
         return False  # no backward in the kernels: let autograd see the reference
+    return _triton_runs_on(ts)
+
+
+def _records_grad(ts: list[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _triton_runs_on(ts: list[Tensor]) -> bool:
+    """All on CUDA, or all on the CPU with the interpreter selected."""
     return all(t.is_cuda for t in ts) or (interpreting() and not any(t.is_cuda for t in ts))
 
 
@@ -146,3 +160,119 @@ def decoder_argmax(
 
     fn = m.decoder_argmax if _take_triton(x, weight, bias) else m.decoder_argmax_ref
     return fn(x, weight, bias, temperature, seed, labels)
+
+
+# ------------------------------------------------------------------------------ selective scan
+
+ScanBackend = Literal["auto", "mamba_ssm", "triton", "ref"]
+ScanPath = Literal["mamba_ssm", "triton", "ref"]
+_SCAN_BACKENDS = ("auto", "mamba_ssm", "triton", "ref")
+_scan_override: ScanBackend = "auto"  # set by force_scan() / set_scan_backend()
+
+
+@functools.cache
+def mamba_ssm_available() -> bool:
+    """Whether mamba-ssm's selective scan imports (with its CUDA extension); tried once."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+    except Exception:  # ImportError, or a CUDA extension that fails to load on this host
+        return False
+    return True
+
+
+@functools.cache
+def _scan_env() -> ScanBackend:
+    env = os.environ.get("YAN_MAMBA_SCAN", "auto").strip().lower() or "auto"
+    if env not in _SCAN_BACKENDS:
+        raise ValueError(f"YAN_MAMBA_SCAN must be one of {', '.join(_SCAN_BACKENDS)}, got {env!r}")
+    if env == "mamba_ssm" and not mamba_ssm_available():
+        raise RuntimeError("YAN_MAMBA_SCAN=mamba_ssm but mamba_ssm does not import")
+    if env == "triton" and not triton_available():
+        raise RuntimeError("YAN_MAMBA_SCAN=triton but the triton package is not installed")
+    return env  # type: ignore[return-value]
+
+
+def scan_backend() -> ScanBackend:
+    """The selective-scan preference: `force_scan` / `set_scan_backend`, else `YAN_MAMBA_SCAN`."""
+    return _scan_override if _scan_override != "auto" else _scan_env()
+
+
+def set_scan_backend(backend: ScanBackend) -> None:
+    """Select the selective-scan path for the rest of the process; `"auto"` restores the
+    default. Naming `"mamba_ssm"` or `"triton"` needs that package to import."""
+    global _scan_override
+    if backend not in _SCAN_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(_SCAN_BACKENDS)}, got {backend!r}")
+    if backend == "mamba_ssm" and not mamba_ssm_available():
+        raise RuntimeError("scan backend 'mamba_ssm' needs the mamba_ssm package (with CUDA)")
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("scan backend 'triton' needs the triton package")
+    _scan_override = backend
+
+
+@contextmanager
+def force_scan(backend: ScanBackend) -> Iterator[None]:
+    """`with force_scan("triton"): ...` runs the block with that scan path, then restores."""
+    previous = _scan_override
+    set_scan_backend(backend)
+    try:
+        yield
+    finally:
+        set_scan_backend(previous)
+
+
+def scan_path(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+) -> ScanPath:
+    """Which implementation `selective_scan` runs for these inputs.
+
+    The fused paths need the activations (u, delta, B, C, z) in one dtype among fp32 / bf16 /
+    fp16 (A and D may differ) and no autograd recording through any input; otherwise "ref".
+    Then, by `scan_backend()`:
+    - "auto": mamba_ssm when every input is on CUDA and it imports; else Triton when
+      `use_triton()` and it can run here (CUDA, or the CPU under the interpreter); else ref.
+    - "mamba_ssm": mamba_ssm on CUDA inputs, else ref.  "triton": Triton where it can run,
+      else ref.  "ref": ref.
+    """
+    ts = [t for t in (u, delta, A, B, C, D, z) if t is not None]
+    acts = {t.dtype for t in (u, delta, B, C, z) if t is not None}
+    floats = all(t.dtype in _KERNEL_DTYPES for t in ts)
+    if len(acts) != 1 or not floats or _records_grad(ts):
+        return "ref"
+    backend = scan_backend()
+    if backend in ("auto", "mamba_ssm"):
+        on_cuda = all(t.is_cuda for t in ts) and len({t.device for t in ts}) == 1
+        if on_cuda and mamba_ssm_available():
+            return "mamba_ssm"
+        if backend == "mamba_ssm":
+            return "ref"
+    triton = backend == "triton" or (backend == "auto" and use_triton())
+    return "triton" if triton and _triton_runs_on(ts) else "ref"
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+) -> Tensor:
+    """Mamba-1 selective scan with the skip and gate fused, `(scan + D * u) * silu(z)`:
+    u, delta [Bt, L, Di], A [Di, N], B, C [Bt, L, N], D [Di] or None, z [Bt, L, Di] or None
+    -> [Bt, L, Di] in u's dtype (see `yan_kernels.selective_scan`; path by `scan_path`)."""
+    from yan_kernels import selective_scan as m
+
+    fn = {
+        "mamba_ssm": m.selective_scan_mamba_ssm,
+        "triton": m.selective_scan,
+        "ref": m.selective_scan_ref,
+    }[scan_path(u, delta, A, B, C, D, z)]
+    return fn(u, delta, A, B, C, D, z)

@@ -21,10 +21,12 @@ prefix* only (`reverse_valid_prefix`), so its scan starts at the row's last real
 than on padding; the author's code flips whole rows instead (docs/mamba.md).
 
 Scans: `selective_scan_ref` is the sequential oracle. `selective_scan_chunked` equals it and
-is what the module runs: chunks solved step by step on CPU (the least work) or by a log-depth
-scan on CUDA (the fewest launches), one state carried between chunks, each chunk recomputed
-in backward so training memory stays small. A fused CUDA kernel (mamba-ssm or Triton) is
-future work (#8).
+is what the module runs on CPU and whenever autograd records (training): chunks solved step by
+step on CPU (the least work) or by a log-depth scan on CUDA (the fewest launches), one state
+carried between chunks, each chunk recomputed in backward so training memory stays small. On
+CUDA without autograd the module calls the fused scan `yan_kernels.ops.selective_scan`
+(mamba-ssm's kernel when installed, else the Triton kernel in kernels/selective_scan.py), which
+also fuses the D skip and the SiLU gate (docs/mamba.md, "Fast paths").
 """
 
 from __future__ import annotations
@@ -229,10 +231,13 @@ class Mamba(nn.Module):
         y = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)  # [B, Di, L]
         return y.transpose(1, 2)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, scan: str = "chunked") -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, scan: str = "auto") -> Tensor:
         """x: [B, L, d], mask: [B, L] bool (right-padded) or None -> [B, L, d].
 
-        `scan` picks "chunked" (default) or "ref" (the sequential oracle)."""
+        `scan` picks "chunked", "ref" (the sequential oracle), "fused" (the facade
+        `yan_kernels.ops.selective_scan`, gate included; it falls back to the chunked scan
+        itself where no kernel runs or autograd records) or "auto" (default): "fused" on CUDA
+        when autograd does not record, else "chunked"."""
         if mask is not None:  # where, not multiply: garbage (even NaN) at padding stays out
             x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # [B, L, Di] each
@@ -240,12 +245,21 @@ class Mamba(nn.Module):
         dt, B, C = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt))  # [B, L, Di]
         A = -torch.exp(self.A_log.float())  # [Di, N]
+        if scan == "auto":
+            grad = torch.is_grad_enabled() and any(
+                t.requires_grad for t in (xs, delta, A, B, C, z, self.D)
+            )
+            scan = "fused" if xs.is_cuda and not grad else "chunked"
+        if scan == "fused":
+            from yan_kernels import ops  # imported on use: the CPU path needs no kernels
+
+            return self.out_proj(ops.selective_scan(xs, delta, A, B, C, self.D, z))
         if scan == "ref":
             y = selective_scan_ref(xs, delta, A, B, C, self.D)
         elif scan == "chunked":
             y = selective_scan_chunked(xs, delta, A, B, C, self.D, self.chunk, self.inner)
         else:
-            raise ValueError(f"unknown scan {scan!r}; choose 'chunked' or 'ref'")
+            raise ValueError(f"unknown scan {scan!r}; choose 'auto', 'fused', 'chunked' or 'ref'")
         return self.out_proj(y * F.silu(z))
 
 
@@ -267,7 +281,7 @@ class BiMamba(nn.Module):
         return cls(cfg.d_model, cfg.mamba_d_state, cfg.mamba_d_conv, cfg.mamba_expand)
 
     def directions(
-        self, x: Tensor, mask: Tensor | None = None, scan: str = "chunked"
+        self, x: Tensor, mask: Tensor | None = None, scan: str = "auto"
     ) -> tuple[Tensor, Tensor]:
         """The two directions' outputs before the projection: ([B, L, d], [B, L, d])."""
         if mask is None:
@@ -277,8 +291,9 @@ class BiMamba(nn.Module):
         y_bwd = reverse_valid_prefix(self.bwd(reverse_valid_prefix(x, idx), mask, scan), idx)
         return y_fwd, y_bwd
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, scan: str = "chunked") -> Tensor:
-        """x: [B, L, d], mask: [B, L] bool (right-padded; None = all valid) -> [B, L, d]."""
+    def forward(self, x: Tensor, mask: Tensor | None = None, scan: str = "auto") -> Tensor:
+        """x: [B, L, d], mask: [B, L] bool (right-padded; None = all valid) -> [B, L, d];
+        `scan` as in `Mamba.forward`."""
         y = self.out_proj(torch.cat(self.directions(x, mask, scan), dim=-1))  # [B, L, d]
         if mask is None:
             return y
