@@ -78,6 +78,12 @@ class InfillUser(_YanUser):
     kind, path = "infill", "/v1/infill"
 
 
+class InfillFullUser(_YanUser):
+    """Infill with `protocol: full`: the AR server regenerates the passage (paper protocol)."""
+
+    kind, path = "infill-full", "/v1/infill"
+
+
 class CompleteUser(_YanUser):
     kind, path = "complete", "/v1/complete"
 

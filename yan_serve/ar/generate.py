@@ -1,7 +1,11 @@
 """Batched autoregressive decoding with a KV cache (hand loop over `past_key_values`, which was
 faster than `generate` on CPU). Prompts are left-padded; position ids skip the padding, so a
 row's tokens do not depend on its batch-mates. Greedy unless a row has temperature > 0, which
-samples with the row's own seeded generator."""
+samples with the row's own seeded generator.
+
+The forward passes come from a runner: `HFRunner` (Hugging Face's growing cache, any shape, the
+reference) or a `StaticRunner` (static KV cache, each decode step one CUDA-graph replay on GPU;
+yan_serve/ar/static.py) when one of its captured windows holds the batch."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GPT2LMHeadModel
 
+from yan_serve.ar.static import HFRunner, StaticRunner
 from yan_serve.engine.sampler import sample_tokens
 
 
@@ -33,7 +38,11 @@ class AROutput:
 
 @torch.no_grad()
 def ar_generate(
-    model: GPT2LMHeadModel, requests: Sequence[ARRequest], eos: int, pad: int
+    model: GPT2LMHeadModel,
+    requests: Sequence[ARRequest],
+    eos: int,
+    pad: int,
+    static: StaticRunner | None = None,
 ) -> list[AROutput]:
     dev = next(model.parameters()).device
     B = len(requests)
@@ -46,22 +55,20 @@ def ar_generate(
     ids, att = ids.to(dev), att.to(dev)
     pos = (att.cumsum(-1) - 1).clamp_min(0)
     gens = [torch.Generator().manual_seed(int(r.seed)) for r in requests]
-    out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
-    past = out.past_key_values
-    logits = out.logits[:, -1].float()
-    next_pos = pos[:, -1:] + 1
+    limit = max(r.max_new for r in requests)
+    use_static = static is not None and static.fits(B, Lp, limit)
+    runner = static if use_static else HFRunner(model)
+    logp = runner.start(ids, att, pos, limit)
     toks: list[list[int]] = [[] for _ in range(B)]
     conf: list[list[float]] = [[] for _ in range(B)]
     done = [False] * B
     hit = [False] * B
-    limit = max(r.max_new for r in requests)
     for step in range(limit):
-        logp = torch.log_softmax(logits, -1)
         nxt = logp.argmax(-1)
         for i, r in enumerate(requests):
             if r.temperature > 0 and not done[i]:
-                u = torch.rand(1, generator=gens[i]).to(logits.device)
-                nxt[i] = sample_tokens(logits[i : i + 1], r.temperature, r.top_k, u)[0]
+                u = torch.rand(1, generator=gens[i]).to(logp.device)
+                nxt[i] = sample_tokens(logp[i : i + 1], r.temperature, r.top_k, u)[0]
         probs = logp.gather(-1, nxt[:, None]).squeeze(-1).exp().tolist()
         picked = nxt.tolist()
         for i, r in enumerate(requests):
@@ -76,10 +83,36 @@ def ar_generate(
                     done[i] = True
         if all(done) or step == limit - 1:
             break
-        att = torch.cat([att, torch.ones(B, 1, dtype=att.dtype, device=dev)], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=next_pos,
-                    past_key_values=past, use_cache=True)  # fmt: skip
-        past = out.past_key_values
-        logits = out.logits[:, -1].float()
-        next_pos = next_pos + 1
+        logp = runner.step(nxt)
     return [AROutput(t, c, h) for t, c, h in zip(toks, conf, hit, strict=True)]
+
+
+@torch.no_grad()
+def ar_score(
+    model: GPT2LMHeadModel, prompts: Sequence[list[int]], targets: Sequence[list[int]], pad: int
+) -> list[list[float]]:
+    """Log-probability of each target token after its prompt (teacher forcing), one forward for
+    the batch. Rows are right-padded, so every real position keeps its own positions and sees
+    only its own earlier tokens: the padding after a row never reaches it."""
+    if len(prompts) != len(targets):
+        raise ValueError("one target per prompt")
+    if not prompts:
+        return []
+    dev = next(model.parameters()).device
+    seqs = [[*p, *t] for p, t in zip(prompts, targets, strict=True)]
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    att = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s)
+        att[i, : len(s)] = 1
+    h = model.transformer(input_ids=ids.to(dev), attention_mask=att.to(dev)).last_hidden_state
+    out = []
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        if not t:
+            out.append([])
+            continue
+        # the hidden state at position q predicts token q + 1
+        logp = torch.log_softmax(model.lm_head(h[i, len(p) - 1 : len(p) - 1 + len(t)]).float(), -1)
+        out.append(logp.gather(-1, torch.tensor(t, device=dev)[:, None]).squeeze(-1).tolist())
+    return out

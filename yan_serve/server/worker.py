@@ -124,11 +124,24 @@ class ARWorker:
         self.max_length = int(getattr(cfg, "yan_max_length", cfg.n_positions // 2))
         self.default_steps = 1
         self.created = int(self.model_dir.stat().st_mtime)
+        self.static = None  # CUDA: a StaticRunner whose decode steps are CUDA-graph replays
 
     def warmup(self, steps: int) -> float:
         t0 = time.perf_counter()
         sp = self.tokenizer.special
         self._generate([Job([sp.bos] * 8, 4, 0, 1)])
+        if self.device.type == "cuda":  # capture before /ready turns 200
+            from yan_serve.ar.static import StaticRunner
+
+            try:
+                runner = StaticRunner(self.model)
+                graphs, secs = runner.capture()
+            except Exception:  # serve eagerly rather than not at all
+                log.exception("AR CUDA graph capture failed: decoding eagerly")
+            else:
+                self.static = runner
+                log.info("captured %d AR decode graphs in %.1f s, KV cache %.0f MiB",
+                         graphs, secs, runner.static.nbytes / 2**20)  # fmt: skip
         return time.perf_counter() - t0
 
     def run(self, jobs: Sequence[Job]) -> list[Any]:
@@ -157,7 +170,7 @@ class ARWorker:
                     ignore_eos=bool(j.extra.get("ignore_eos")),
                 )
             )
-        outs = ar_generate(self.model, reqs, sp.eos, sp.pad)
+        outs = ar_generate(self.model, reqs, sp.eos, sp.pad, static=self.static)
         results = []
         for j, r, o in zip(jobs, reqs, outs, strict=True):
             plan = j.extra.get("plan")
@@ -195,19 +208,14 @@ class ARWorker:
                 conf += [p for _, p in f] + [mean] * (b - a - len(f))
         return [*row, sp.eos], [*conf, mean]
 
-    @torch.no_grad()
     def _score(self, jobs: Sequence[Job]) -> list[list[float]]:
-        """Log-probability of each target token given source + BOS (teacher forcing)."""
+        """Log-probability of each target token given source + BOS (teacher forcing, one
+        right-padded forward for the batch)."""
+        from yan_serve.ar.generate import ar_score
+
         sp = self.tokenizer.special
-        out = []
-        for j in jobs:  # few candidates per request: one forward each keeps it exact
-            ids = torch.tensor([[*j.src, sp.bos, *j.target]], device=self.device)
-            logits = self.model(input_ids=ids).logits[0].float()
-            start = len(j.src)  # logits at position p predict token p + 1
-            logp = torch.log_softmax(logits[start : start + len(j.target)], -1)
-            tgt = torch.tensor(j.target, device=self.device)
-            out.append(logp.gather(-1, tgt[:, None]).squeeze(-1).tolist())
-        return out
+        return ar_score(self.model, [[*j.src, sp.bos] for j in jobs],
+                        [j.target or [] for j in jobs], sp.pad)  # fmt: skip
 
 
 def load_worker(model_dir: str | Path, device: str = "auto"):
