@@ -19,7 +19,10 @@ DEVICE="${DEVICE:-auto}"
 # OpenMP threads thrashed (7.6 s/step vs 0.6 s/step measured for stage 1 here). Raise it on an
 # idle many-core host.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --save-every 500)
+# --resume: a stage saved in its --out continues from its last checkpoint (weights, optimizer,
+# RNG and batch-stream position), so an interrupted run is re-started by running this again.
+common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --save-every 500
+        --resume)
 
 [[ -f "$DATA/train.jsonl" ]] || yan data kjv --out "$DATA"
 yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" --lr 1e-3 --warmup 100 \

@@ -144,6 +144,9 @@ class Trainer:
         self.step = 0
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.history: list[dict] = []
+        self.gen: torch.Generator | None = None  # the training draws (noise, routing, masks)
+        self._resumed_gen: torch.Tensor | None = None
+        self._logged = 0  # history records already in training_log.jsonl
 
     # ---------------------------------------------------------------- state
     @property
@@ -156,6 +159,16 @@ class Trainer:
         save_pretrained(self.model, self.out, self.tokenizer, {"stage": self.cfg.stage,
                                                                "step": str(self.step)})  # fmt: skip
         torch.save(self.opt.state_dict(), self.out / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.gen is not None:
+            rng["train"] = self.gen.get_state()  # rank 0's; other ranks re-seed on resume
+        torch.save(rng, self.out / "rng_state.pt")
+        with (self.out / "training_log.jsonl").open("a") as f:  # records since the last save
+            for rec in self.history[self._logged :]:
+                f.write(json.dumps(rec) + "\n")
+        self._logged = len(self.history)
         state = {"step": self.step, "train_config": _jsonable(asdict(self.cfg))}
         (self.out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
@@ -174,6 +187,18 @@ class Trainer:
                                weights_only=True)  # fmt: skip
         self.opt.load_state_dict(opt_state)
         self.step = int(state["step"])
+        rng_file = self.out / "rng_state.pt"
+        if rng_file.exists():  # the noise and routing draws continue where they stopped
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            if not self.distributed:
+                self._resumed_gen = rng.get("train")
+        # the batch stream is deterministic: skip what the saved steps consumed, so a resumed run
+        # sees the same batches as an uninterrupted one
+        for _ in range(self.step):
+            next(self.train_batches)
         self.log(f"resumed {self.cfg.stage} from {self.out} at step {self.step}")
         return True
 
@@ -208,6 +233,9 @@ class Trainer:
         n_window = 0
         best_val = math.inf
         g = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * self.rank)
+        if self._resumed_gen is not None:
+            g.set_state(self._resumed_gen)
+        self.gen = g
         self.log(f"{cfg.stage}: {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable "
                  f"parameters on {self.device}, {cfg.steps} steps of {cfg.batch_size}")  # fmt: skip
         while self.step < cfg.steps:
@@ -243,10 +271,6 @@ class Trainer:
             if self.step % cfg.save_every == 0:
                 self.save()
         self.save()
-        if self.rank == 0:
-            with (self.out / "training_log.jsonl").open("a") as f:
-                for rec in self.history:
-                    f.write(json.dumps(rec) + "\n")
         wall = time.time() - t0
         summary = {
             "stage": cfg.stage,
