@@ -6,11 +6,13 @@ dtypes, and a pure-torch `*_ref` with the same signature:
 - `yan_kernels.routed_expert`: `z + dt * FFN_e(h)` computing only each token's routed expert.
 - `yan_kernels.decoder_argmax`: lm_head + online softmax -> argmax token, its probability, a
   Gumbel-max sample and label log-probabilities, without materializing the [N, V] logits.
+- `yan_kernels.selective_scan`: the Mamba-1 selective scan with the D skip and SiLU gate fused
+  (issue #8), and an adapter to mamba-ssm's kernel when that package is installed.
 
 Callers go through the facades in `yan_kernels.ops` (same names as the launchers), which pick
 Triton or the reference once per process. Importing this package does not import `triton`.
 """
 
-from yan_kernels.ops import force, set_backend, use_triton
+from yan_kernels.ops import force, force_scan, set_backend, set_scan_backend, use_triton
 
-__all__ = ["force", "set_backend", "use_triton"]
+__all__ = ["force", "force_scan", "set_backend", "set_scan_backend", "use_triton"]

@@ -1,17 +1,27 @@
-"""Benchmarks, apart from the tests: `python -m yan_serve.bench <command>`.
+"""Benchmarks, apart from the tests: `python -m yan_serve.bench <command> [--device DEVICE]`.
 
-`kernels` times each fused Triton kernel (yan_kernels) against its torch eager reference at the
-paper's shapes (d = 512, K = 6 experts, V = 128258) and prints, per shape: eager and Triton
-time, the Triton kernel's achieved GB/s and TFLOP/s, and its roofline floor, i.e. the larger of
-(minimal bytes / measured copy bandwidth) and (flops / measured dense matmul rate). The header
-records device, date, commit and library versions. It needs a CUDA device: without one it
-prints one line and exits with status 2.
+`kernels` times each fused op at the paper's shapes (d = 512, K = 6 experts, V = 128258).
+On CUDA: the Triton kernel (yan_kernels) against its torch eager reference (`*_ref`), and per
+shape eager and Triton time, the Triton kernel's achieved GB/s and TFLOP/s, and its roofline
+floor, i.e. the larger of (minimal bytes / measured copy bandwidth) and (flops / measured dense
+matmul rate). On CPU: the same reference eager against the same reference under
+`torch.compile` (the CPU's compiled path); GB/s, TFLOP/s and the floor are computed the same
+way, from a CPU copy and a CPU GEMM. Triton runs on a CPU only in its interpreter, which is not
+a performance path: that column reads "n/a (interpreter)". The header records device, date,
+commit and library versions.
 
-`sampler` times one whole greedy sample (`generate`, host work included) of a preset with random
-weights at batch x length shapes (source length = target length): eager torch ops, the fused
-Triton kernels launched eagerly, and the graph-captured sampler (yan_serve.engine.graphs), with
-the capture's time and memory and the share of tokens where the graph agrees with the fused run.
-It needs a CUDA device as well.
+`sampler` times one whole greedy sample (`generate`, host work included) of presets with random
+weights at batch x length shapes (source length = target length). On CUDA: eager torch ops, the
+fused Triton kernels launched eagerly, and the graph-captured sampler (yan_serve.engine.graphs),
+with the capture's time and memory and the share of tokens where the graph agrees with the fused
+run. On CPU there are no CUDA graphs and Triton is only interpreted: the reference ops run
+eagerly and against a copy of the model whose encoder and trunk blocks and decoder run under
+`torch.compile`, with the share of tokens where the two agree.
+
+`--device auto` (the default) takes CUDA when present, else the CPU; `--device cuda` without
+CUDA (or without triton) prints one line and exits with status 2. CPU timings are wall-clock
+medians (`time.perf_counter`) after one warm-up call, stopping early (after at least one timed
+call) once a measurement's timed calls pass `CPU_BUDGET_S` seconds.
 
 New commands are a `_add_<name>(subparsers)` function registered in `COMMANDS`.
 """
@@ -19,21 +29,33 @@ New commands are a `_add_<name>(subparsers)` function registered in `COMMANDS`.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import importlib.metadata
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from yan_serve.config import YANConfig
+    from yan_serve.engine.sampler import Generation, GenerationRequest
+    from yan_serve.model import YAN
+
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CPU_BUDGET_S = 5.0  # a CPU measurement stops taking timed calls once they add up to this
+TRITON_ON_CPU = "n/a (interpreter)"
+GRAPH_ON_CPU = "n/a on CPU"
+NO_COMPILE = "skipped (--no-compile)"
 
 
 @dataclass
@@ -53,6 +75,32 @@ class Row:
     @property
     def tflops(self) -> float:
         return self.flops / self.triton_ms / 1e9
+
+
+@dataclass
+class CpuRow:
+    op: str
+    shape: str
+    eager_ms: float  # the torch reference, eager
+    compiled_ms: float | None  # the reference under torch.compile (None: see `compiled`)
+    first_call_s: float | None  # the compiled path's first call at this shape (compilation)
+    compiled: str  # "ok", NO_COMPILE or "compile failed: <one line>"
+    bytes: int  # minimal traffic, as in `Row`
+    flops: int
+    floor_ms: float
+
+    @property
+    def fast_ms(self) -> float:
+        """The CPU's fast path: compiled where it ran, else eager."""
+        return self.eager_ms if self.compiled_ms is None else self.compiled_ms
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.fast_ms / 1e6
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / self.fast_ms / 1e9
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -89,6 +137,63 @@ def matmul_rate(dtype: torch.dtype, iters: int) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
+def cpu_time_ms(
+    fn: Callable[[], object], iters: int, warmup: int = 1, budget_s: float = CPU_BUDGET_S
+) -> float:
+    """Median wall time (`time.perf_counter`) of a CPU call in milliseconds, after `warmup`
+    calls: `iters` timed calls, fewer (at least one) once they add up to `budget_s`."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    while len(times) < max(iters, 1) and sum(times) < 1e3 * budget_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def cpu_copy_bandwidth(iters: int) -> float:
+    """CPU memory copy rate in bytes/s (read + write) over a 256 MiB buffer (past any cache)."""
+    src = torch.ones(1 << 28, dtype=torch.uint8)  # written once, so no first-touch page faults
+    dst = torch.zeros_like(src)
+    ms = cpu_time_ms(lambda: dst.copy_(src), iters)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def cpu_matmul_rate(dtype: torch.dtype, iters: int) -> float:
+    """CPU dense matmul rate in flop/s at 2048^3 (torch's CPU GEMM, its current thread count)."""
+    n = 2048
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    ms = cpu_time_ms(lambda: a @ b, iters)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def _one_line(exc: BaseException, limit: int = 110) -> str:
+    """`Type: first line` of an exception. torch.compile errors end with the user code they
+    stopped at ("from user code: File ..., line N, ..."): that file, line and code go first."""
+    text = str(exc).strip()
+    lines = text.splitlines()
+    msg = f"{type(exc).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
+    at = re.search(r'from user code:\s+File "([^"]+)", line (\d+), in \S+\s+(.+)', text)
+    if at:
+        msg = f"{Path(at[1]).name}:{at[2]} `{at[3].strip()}`: {msg}"
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _time_compiled(fn: Callable[[], object], iters: int) -> tuple[float | None, float | None, str]:
+    """(median ms, first call s, status) of a call through torch.compile on the CPU. Compile
+    errors (no C compiler, an unsupported op) surface on the first call: they are returned as
+    status "compile failed: <one line>", not raised."""
+    t0 = time.perf_counter()
+    try:
+        fn()
+    except Exception as exc:  # whatever inductor raises, the eager column still stands
+        return None, None, "compile failed: " + _one_line(exc)
+    first = time.perf_counter() - t0
+    return cpu_time_ms(fn, iters), first, "ok"
+
+
 def _eager_ms(fn: Callable[[], object], iters: int) -> float | None:
     try:
         return time_ms(fn, iters)
@@ -111,59 +216,141 @@ def _commit() -> str:
     return (sha or "unknown") + ("-dirty" if dirty else "")
 
 
-# ------------------------------------------------------------------------------ kernels
-def _bench_routed(dtype: torch.dtype, iters: int, bw: float, rate: float, ns: list[int]):
-    from yan_kernels.routed_expert import routed_expert_euler, routed_expert_euler_ref
+def _device(args: argparse.Namespace) -> str:
+    """`--device auto`: CUDA when present, else the CPU."""
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return args.device
 
-    d, K = 512, 6
+
+# ------------------------------------------------------------------------------ kernels
+@dataclass
+class _Case:
+    """One shape of one op: the arguments every path takes, and its minimal cost."""
+
+    op: str
+    shape: str
+    args: tuple
+    bytes: int
+    flops: int
+
+
+def _routed_cases(
+    dtype: torch.dtype, device: str, ns: list[int], d: int = 512, K: int = 6
+) -> Iterator[_Case]:
     H = 4 * d
     elt = torch.finfo(dtype).bits // 8
-    w1 = torch.randn(K, d, H, device="cuda", dtype=dtype) / d**0.5
-    b1 = torch.randn(K, H, device="cuda", dtype=dtype) * 0.1
-    w2 = torch.randn(K, H, d, device="cuda", dtype=dtype) / H**0.5
-    b2 = torch.randn(K, d, device="cuda", dtype=dtype) * 0.1
+    w1 = torch.randn(K, d, H, device=device, dtype=dtype) / d**0.5
+    b1 = torch.randn(K, H, device=device, dtype=dtype) * 0.1
+    w2 = torch.randn(K, H, d, device=device, dtype=dtype) / H**0.5
+    b2 = torch.randn(K, d, device=device, dtype=dtype) * 0.1
     for n in ns:
-        h = torch.randn(n, d, device="cuda", dtype=dtype)
-        z = torch.randn(n, d, device="cuda", dtype=dtype)
-        e = torch.randint(0, K, (n,), device="cuda")
-        args = (h, e, w1, b1, w2, b2, z, 0.5)
+        h = torch.randn(n, d, device=device, dtype=dtype)
+        z = torch.randn(n, d, device=device, dtype=dtype)
+        e = torch.randint(0, K, (n,), device=device)
         nbytes = elt * (3 * n * d + K * (2 * d * H + H + d)) + 8 * n
         flops = 2 * 2 * n * d * H
-        yield Row(
+        yield _Case(
             "routed_expert_euler",
             f"N={n} d={d} K={K}",
-            _eager_ms(lambda a=args: routed_expert_euler_ref(*a), iters),
-            time_ms(lambda a=args: routed_expert_euler(*a), iters),
+            (h, e, w1, b1, w2, b2, z, 0.5),
             nbytes,
             flops,
-            1e3 * max(nbytes / bw, flops / rate),
         )
 
 
-def _bench_decoder(dtype: torch.dtype, iters: int, bw: float, rate: float, ns: list[int]):
-    from yan_kernels.decoder_argmax import decoder_argmax, decoder_argmax_ref
-
-    d, V = 512, 128258
+def _decoder_cases(
+    dtype: torch.dtype,
+    device: str,
+    ns: list[int],
+    sample_ns: list[int],
+    d: int = 512,
+    V: int = 128258,
+) -> Iterator[_Case]:
+    """Greedy rows at `ns`, temperature-sampling rows (`+sample`) at `sample_ns`."""
     elt = torch.finfo(dtype).bits // 8
-    w = torch.randn(V, d, device="cuda", dtype=dtype) / d**0.5
-    b = torch.randn(V, device="cuda", dtype=dtype) * 0.1
-    for n in ns:
-        x = torch.randn(n, d, device="cuda", dtype=dtype)
-        seed = torch.arange(n, device="cuda", dtype=torch.int64)
+    w = torch.randn(V, d, device=device, dtype=dtype) / d**0.5
+    b = torch.randn(V, device=device, dtype=dtype) * 0.1
+    for n in dict.fromkeys([*ns, *sample_ns]):
+        x = torch.randn(n, d, device=device, dtype=dtype)
+        seed = torch.arange(n, device=device, dtype=torch.int64)
         nbytes = elt * (n * d + V * d + V) + 12 * n
         flops = 2 * n * V * d
         for sample in (False, True):
+            if n not in (sample_ns if sample else ns):
+                continue
             extra = (0.8, seed) if sample else ()
-            yield Row(
+            yield _Case(
                 "decoder_argmax" + ("+sample" if sample else ""),
                 f"N={n} d={d} V={V}",
-                _eager_ms(lambda e=extra, x=x: decoder_argmax_ref(x, w, b, *e), iters),
-                time_ms(lambda e=extra, x=x: decoder_argmax(x, w, b, *e), iters),
+                (x, w, b, *extra),
                 nbytes,
                 flops,
-                1e3 * max(nbytes / bw, flops / rate),
             )
-            torch.cuda.empty_cache()
+
+
+def _gpu_row(c: _Case, ref: Callable, kernel: Callable, iters: int, bw: float, rate: float) -> Row:
+    return Row(
+        c.op,
+        c.shape,
+        _eager_ms(lambda: ref(*c.args), iters),
+        time_ms(lambda: kernel(*c.args), iters),
+        c.bytes,
+        c.flops,
+        1e3 * max(c.bytes / bw, c.flops / rate),
+    )
+
+
+def _bench_routed(
+    dtype: torch.dtype, iters: int, bw: float, rate: float, ns: list[int], d: int, K: int
+) -> Iterator[Row]:
+    from yan_kernels.routed_expert import routed_expert_euler, routed_expert_euler_ref
+
+    for c in _routed_cases(dtype, "cuda", ns, d, K):
+        yield _gpu_row(c, routed_expert_euler_ref, routed_expert_euler, iters, bw, rate)
+
+
+def _bench_decoder(
+    dtype: torch.dtype,
+    iters: int,
+    bw: float,
+    rate: float,
+    ns: list[int],
+    sample_ns: list[int],
+    d: int,
+    V: int,
+) -> Iterator[Row]:
+    from yan_kernels.decoder_argmax import decoder_argmax, decoder_argmax_ref
+
+    for c in _decoder_cases(dtype, "cuda", ns, sample_ns, d, V):
+        yield _gpu_row(c, decoder_argmax_ref, decoder_argmax, iters, bw, rate)
+        torch.cuda.empty_cache()
+
+
+def _cpu_rows(
+    cases: Iterator[_Case], ref: Callable, iters: int, bw: float, rate: float, compile_: bool
+) -> Iterator[CpuRow]:
+    """The reference eager and under torch.compile (one compiled function for all shapes).
+    `fullgraph=True`: a reference that graph-breaks would otherwise run eagerly again under the
+    compiled label (dynamo skips a frame whose loop breaks); here it reports why instead."""
+    compiled: Callable | None = None
+    failure = None if compile_ else NO_COMPILE  # once failed, later shapes report the same
+    if compile_:
+        try:
+            compiled = torch.compile(ref, fullgraph=True)
+        except Exception as exc:
+            failure = "compile failed: " + _one_line(exc)
+    for c in cases:
+        eager = cpu_time_ms(lambda c=c: ref(*c.args), iters)
+        ms = first = None
+        status = failure
+        if failure is None and compiled is not None:
+            ms, first, status = _time_compiled(lambda c=c: compiled(*c.args), iters)
+            if ms is None:
+                failure = status
+        assert status is not None
+        floor = 1e3 * max(c.bytes / bw, c.flops / rate)
+        yield CpuRow(c.op, c.shape, eager, ms, first, status, c.bytes, c.flops, floor)
 
 
 def _missing_gpu_stack(command: str) -> int | None:
@@ -179,14 +366,42 @@ def _missing_gpu_stack(command: str) -> int | None:
     return None
 
 
-def _run_header() -> dict[str, str | None]:
-    """Device, date, commit and versions: the first fields of every benchmark's header line."""
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _run_header(device: str = "cuda") -> dict[str, str | int | None]:
+    """Device, date, commit and versions: the first fields of every benchmark's header line
+    (on the CPU also torch's intra-op thread count)."""
+    if device == "cpu":
+        where: dict[str, str | int | None] = {
+            "device": _cpu_name(),
+            "threads": torch.get_num_threads(),
+        }
+        triton = _version("triton")
+    else:
+        where = {"device": torch.cuda.get_device_properties(0).name}
+        triton = importlib.metadata.version("triton")
     return {
-        "device": torch.cuda.get_device_properties(0).name,
+        **where,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _commit(),
         "torch": torch.__version__,
-        "triton": importlib.metadata.version("triton"),
+        "triton": triton,
         "cuda": torch.version.cuda,
     }
 
@@ -195,17 +410,26 @@ def _fmt(v: float | None, spec: str) -> str:
     return "oom" if v is None else format(v, spec)
 
 
+def _write_json(path: str | None, runs: list[dict]) -> None:
+    """One run: {"header", "rows"}; several (one per preset): a list of those."""
+    if path:
+        Path(path).write_text(json.dumps(runs[0] if len(runs) == 1 else runs, indent=2) + "\n")
+
+
 def run_kernels(args: argparse.Namespace) -> int:
+    if _device(args) == "cpu":
+        return _run_kernels_cpu(args)
     if (missing := _missing_gpu_stack("kernels")) is not None:
         return missing
-    dtype = _DTYPES[args.dtype]
+    dtype = _DTYPES[args.dtype or "bf16"]
+    iters = args.iters or 20
     torch.manual_seed(0)
-    bw = copy_bandwidth(args.iters)
-    rate = matmul_rate(dtype, args.iters)
+    bw = copy_bandwidth(iters)
+    rate = matmul_rate(dtype, iters)
     header = {
         **_run_header(),
         "python": platform.python_version(),
-        "dtype": args.dtype,
+        "dtype": args.dtype or "bf16",
         "copy_GBps": round(bw / 1e9, 1),
         "matmul_TFLOPs": round(rate / 1e12, 1),
     }
@@ -216,11 +440,13 @@ def run_kernels(args: argparse.Namespace) -> int:
         f"{'op':<22}{'shape':<26}{'eager ms':>10}{'triton ms':>11}{'speedup':>9}"
         f"{'GB/s':>9}{'TFLOP/s':>9}{'floor ms':>10}{'% floor':>9}"
     )
+    routed_ns = args.routed_n or ([1024, 8192] if small else [1024, 8192, 65536])
+    decoder_ns = args.decoder_n or ([64, 1024] if small else [64, 1024, 8192, 65536])
+    sample_ns = args.sample_n or decoder_ns
+    d, K, V = args.d_model, args.experts, args.vocab
     gens = [
-        _bench_routed(dtype, args.iters, bw, rate, [1024, 8192] if small else [1024, 8192, 65536]),
-        _bench_decoder(
-            dtype, args.iters, bw, rate, [64, 1024] if small else [64, 1024, 8192, 65536]
-        ),
+        _bench_routed(dtype, iters, bw, rate, routed_ns, d, K),
+        _bench_decoder(dtype, iters, bw, rate, decoder_ns, sample_ns, d, V),
     ]
     for gen in gens:
         for r in gen:
@@ -231,17 +457,115 @@ def run_kernels(args: argparse.Namespace) -> int:
                 f"{_fmt(speed, '8.2f')}x{r.gbps:9.0f}{r.tflops:9.1f}{r.floor_ms:10.3f}"
                 f"{100 * r.floor_ms / r.triton_ms:8.0f}%"
             )
-    if args.json:
-        out = {"header": header, "rows": [asdict(r) for r in rows]}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    _write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows]}])
+    return 0
+
+
+def _compiled_cells(
+    ms: float | None, first: float | None, eager: float, status: str, spec: str = "13.3f"
+) -> str:
+    """The compiled ms, speedup and 1st call s cells; where the compiled path did not run, a
+    word (the reason is printed under the table)."""
+    if ms is None or first is None:
+        word = "skipped" if status == NO_COMPILE else "failed"
+        return f"{word:>13}{'-':>9}{'-':>12}"
+    return f"{ms:{spec}}{eager / ms:8.2f}x{first:12.2f}"
+
+
+CPU_KERNEL_COLUMNS = (
+    f"{'op':<22}{'shape':<26}{'eager ms':>10}{'compiled ms':>13}{'speedup':>9}"
+    f"{'1st call s':>12}{'triton':>19}{'GB/s':>9}{'TFLOP/s':>9}{'floor ms':>10}{'% floor':>9}"
+)
+
+
+def _run_kernels_cpu(args: argparse.Namespace) -> int:
+    """`kernels` on the CPU: reference eager vs reference under torch.compile."""
+    from yan_kernels.decoder_argmax import decoder_argmax_ref
+    from yan_kernels.routed_expert import routed_expert_euler_ref
+
+    dtype = _DTYPES[args.dtype or "fp32"]
+    iters = args.iters or 3
+    torch.manual_seed(0)
+    bw = cpu_copy_bandwidth(iters)
+    rate = cpu_matmul_rate(dtype, iters)
+    header = {
+        **_run_header("cpu"),
+        "python": platform.python_version(),
+        "dtype": args.dtype or "fp32",
+        "copy_GBps": round(bw / 1e9, 1),
+        "matmul_TFLOPs": round(rate / 1e12, 3),
+    }
+    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    routed_ns = args.routed_n or ([256, 1024] if args.quick else [256, 1024, 4096])
+    decoder_ns = args.decoder_n or ([64] if args.quick else [64, 256])
+    # The eager reference draws its Gumbel noise with a Philox in int64 torch ops over [N, V]
+    # (~9 s a call at N = 64 on one core), so by default only the smallest N samples.
+    sample_ns = args.sample_n or [min(decoder_ns)]
+    print(CPU_KERNEL_COLUMNS)
+    rows: list[CpuRow] = []
+    gens = [
+        _cpu_rows(
+            _routed_cases(dtype, "cpu", routed_ns, args.d_model, args.experts),
+            routed_expert_euler_ref, iters, bw, rate, not args.no_compile,
+        ),
+        _cpu_rows(
+            _decoder_cases(dtype, "cpu", decoder_ns, sample_ns, args.d_model, args.vocab),
+            decoder_argmax_ref, iters, bw, rate, not args.no_compile,
+        ),
+    ]  # fmt: skip
+    for gen in gens:
+        for r in gen:
+            rows.append(r)
+            cells = _compiled_cells(r.compiled_ms, r.first_call_s, r.eager_ms, r.compiled)
+            print(
+                f"{r.op:<22}{r.shape:<26}{r.eager_ms:10.3f}{cells}"
+                f"{TRITON_ON_CPU:>19}{r.gbps:9.1f}{r.tflops:9.3f}{r.floor_ms:10.3f}"
+                f"{100 * r.floor_ms / r.fast_ms:8.0f}%"
+            )
+    failed: dict[str, list[str]] = {}  # reason -> the ops it stopped, each named once
+    for r in rows:
+        if r.compiled.startswith("compile failed") and r.op not in failed.get(r.compiled, []):
+            failed.setdefault(r.compiled, []).append(r.op)
+    for status, ops in failed.items():
+        print(f"{', '.join(ops)}: {status}")
+    print(
+        "compiled: the same *_ref under torch.compile(fullgraph=True) (inductor); 1st call s: its\n"
+        "first call at the shape (compilation, shorter when inductor's cache has it). GB/s,\n"
+        "TFLOP/s, % floor: the compiled time where it ran, else eager. triton: the CPU runs\n"
+        "Triton kernels only in its interpreter, not timed. Medians of up to"
+        f" {iters} calls (fewer past {CPU_BUDGET_S} s)."
+    )
+    _write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows]}])
     return 0
 
 
 def _add_kernels(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("kernels", help="fused Triton kernels vs torch eager, with rooflines")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
-    p.add_argument("--iters", type=int, default=20, help="timed repetitions (median reported)")
+    p = sub.add_parser(
+        "kernels", help="fused ops: Triton vs torch eager (CUDA) or compiled vs eager (CPU)"
+    )
+    _add_device(p)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--iters", type=int, help="timed repetitions, median reported (default: 20 CUDA, 3 CPU)"
+    )
     p.add_argument("--quick", action="store_true", help="skip the largest shapes")
+    p.add_argument("--d-model", type=int, default=512, help="hidden size d")
+    p.add_argument("--experts", type=int, default=6, help="routed experts K")
+    p.add_argument("--vocab", type=int, default=128258, help="decoder vocabulary V")
+    p.add_argument(
+        "--routed-n",
+        type=_int_list,
+        help="routed-expert tokens (CUDA 1024,8192,65536; CPU 256,1024,4096)",
+    )
+    p.add_argument(
+        "--decoder-n", type=_int_list, help="decoder rows (CUDA 64,1024,8192,65536; CPU 64,256)"
+    )
+    p.add_argument(
+        "--sample-n",
+        type=_int_list,
+        help="decoder rows with sampling (CUDA: the --decoder-n; CPU: the smallest of them)",
+    )
+    p.add_argument("--no-compile", action="store_true", help="CPU: skip the torch.compile path")
     p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
     p.set_defaults(func=run_kernels)
 
@@ -257,6 +581,17 @@ class SamplerRow:
     capture_s: float | None  # warm-up + capture of that one graph
     graph_mib: float | None  # device memory the capture took
     same_tokens: float | None  # fraction of tokens where graph == fused
+
+
+@dataclass
+class CpuSamplerRow:
+    batch: int
+    length: int  # source length = target length
+    eager_ms: float  # reference torch ops, eager
+    compiled_ms: float | None  # blocks and decoder under torch.compile (None: see `compiled`)
+    first_call_s: float | None  # the compiled model's first call at this shape (compilation)
+    compiled: str  # "ok", NO_COMPILE or "compile failed: <one line>"
+    same_tokens: float | None  # fraction of tokens where compiled == eager
 
 
 def _wall_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
@@ -281,20 +616,34 @@ def _or_oom(fn: Callable[[], object]) -> object | None:
         return None
 
 
-def _bench_sampler_shape(model, batch: int, length: int, steps: int, iters: int) -> SamplerRow:
-    from yan_kernels import ops
+def _requests(cfg: YANConfig, batch: int, length: int) -> list[GenerationRequest]:
+    """`batch` random requests with source length = target length = `length`."""
+    from yan_serve.engine.sampler import GenerationRequest
 
-    from yan_serve.engine.graphs import GraphSampler, Ladder
-    from yan_serve.engine.sampler import GenerationRequest, Sampler
-
-    cfg = model.config
     g = torch.Generator().manual_seed(batch * 100003 + length)
-    reqs = [
+    return [
         GenerationRequest(
             torch.randint(4, cfg.vocab_size, (length,), generator=g).tolist(), length, seed=i
         )
         for i in range(batch)
     ]
+
+
+def _same_tokens(a: list[Generation], b: list[Generation]) -> float:
+    """Fraction of positions (every row's full target) where two generations agree."""
+    pairs = [
+        (x, y) for ga, gb in zip(a, b, strict=True) for x, y in zip(ga.full, gb.full, strict=True)
+    ]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+def _bench_sampler_shape(model: YAN, batch: int, length: int, steps: int, iters: int) -> SamplerRow:
+    from yan_kernels import ops
+
+    from yan_serve.engine.graphs import GraphSampler, Ladder
+    from yan_serve.engine.sampler import Sampler
+
+    reqs = _requests(model.config, batch, length)
     sampler = Sampler(model)
     graphs = GraphSampler(sampler)
 
@@ -318,12 +667,7 @@ def _bench_sampler_shape(model, batch: int, length: int, steps: int, iters: int)
     if rep is not None and rep.graphs == 1:
         graph = _wall_ms(graph_run, iters)
         if fused_out is not None:
-            pairs = [
-                (a, b)
-                for x, y in zip(graph_run(), fused_out, strict=True)
-                for a, b in zip(x.full, y.full, strict=True)
-            ]
-            same = sum(a == b for a, b in pairs) / len(pairs)
+            same = _same_tokens(graph_run(), fused_out)
     return SamplerRow(
         batch, length, eager, fused, graph,
         None if rep is None else rep.seconds,
@@ -332,22 +676,89 @@ def _bench_sampler_shape(model, batch: int, length: int, steps: int, iters: int)
     )  # fmt: skip
 
 
-def run_sampler(args: argparse.Namespace) -> int:
-    if (missing := _missing_gpu_stack("sampler")) is not None:
-        return missing
+def _compiled_copy(model: YAN) -> YAN:
+    """A copy of `model` whose encoder and trunk blocks and decoder run under torch.compile
+    (dynamic shapes: one compilation serves most shapes). Mamba mixers stay eager: their scan
+    steps position by position in Python, which compilation would unroll (minutes per length).
+    The routed experts and the gate stay eager too (token grouping by `nonzero`)."""
+    from yan_serve.model.mamba import Mamba
+
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, Mamba):
+            m.forward = torch.compiler.disable(m.forward)
+    for blk in [*twin.encoder.trf_blocks, *twin.flow.trf_blocks]:
+        blk.compile(dynamic=True)
+    twin.decoder.compile(dynamic=True)
+    return twin
+
+
+def _bench_sampler_shape_cpu(
+    model: YAN,
+    twin: YAN | None,
+    batch: int,
+    length: int,
+    steps: int,
+    iters: int,
+    failure: str | None,
+) -> CpuSamplerRow:
+    """Eager reference vs the compiled twin (None: no compiled run; `failure` says why)."""
+    from yan_kernels import ops
+
+    from yan_serve.engine.sampler import Sampler
+
+    reqs = _requests(model.config, batch, length)
+    out: dict[str, list[Generation]] = {}
+
+    def run(name: str, m: YAN) -> Callable[[], None]:
+        sampler = Sampler(m)
+
+        def call() -> None:
+            out[name] = sampler.generate(reqs, steps, "argmax")
+
+        return call
+
+    with ops.force("ref"):  # never the Triton interpreter, whatever TRITON_INTERPRET says
+        eager = cpu_time_ms(run("eager", model), iters)
+        ms = first = same = None
+        status = failure
+        if twin is not None and failure is None:
+            ms, first, status = _time_compiled(run("compiled", twin), iters)
+            if ms is not None:
+                same = _same_tokens(out["compiled"], out["eager"])
+    assert status is not None
+    return CpuSamplerRow(batch, length, eager, ms, first, status, same)
+
+
+def _bench_model(name: str, lengths: list[int], device: str, dtype: torch.dtype) -> tuple[YAN, str]:
+    """A preset with random weights (latency does not depend on the weights); its max_length
+    is raised to the longest benchmarked length where needed (position table rows only)."""
     from yan_serve.config import YANConfig
     from yan_serve.model import YAN
 
-    dtype = _DTYPES[args.dtype]
-    cfg = YANConfig.from_name(args.model)
+    cfg = YANConfig.from_name(name)
+    label = f"{name} (random weights)"
+    if max(lengths) > cfg.max_length:
+        cfg = YANConfig.from_name(name, max_length=max(lengths))
+        label = f"{name} (random weights, max_length {cfg.max_length})"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = YAN(cfg).to(dtype).eval()
+    return model, label
+
+
+def _sampler_gpu(name: str, args: argparse.Namespace) -> dict:
+    dtype_name = args.dtype or "bf16"
+    batches = args.batches or [1, 8, 64]
+    lengths = args.lengths or [128, 512, 1024]
+    iters = args.iters or 10
+    model, label = _bench_model(name, lengths, "cuda", _DTYPES[dtype_name])
+    cfg = model.config
     steps = args.steps or cfg.ode_steps
     header = {
         **_run_header(),
-        "model": f"{args.model} (random weights)",
-        "dtype": args.dtype,
+        "model": label,
+        "dtype": dtype_name,
         "steps": steps,
         "routing": "argmax",
         "decode": "greedy",
@@ -358,9 +769,9 @@ def run_sampler(args: argparse.Namespace) -> int:
         f"{'graph/eager':>12}{'graph/fused':>12}{'capture s':>11}{'graph MiB':>11}{'same tok':>10}"
     )
     rows = []
-    for length in args.lengths:
-        for batch in args.batches:
-            r = _bench_sampler_shape(model, batch, length, steps, args.iters)
+    for length in lengths:
+        for batch in batches:
+            r = _bench_sampler_shape(model, batch, length, steps, iters)
             torch.cuda.empty_cache()  # the shape's graph and buffers are gone with its sampler
             rows.append(r)
             vs_e = None if r.eager_ms is None or r.graph_ms is None else r.eager_ms / r.graph_ms
@@ -371,9 +782,77 @@ def run_sampler(args: argparse.Namespace) -> int:
                 f"{_fmt(r.capture_s, '11.2f')}{_fmt(r.graph_mib, '11.0f')}"
                 f"{_fmt(None if r.same_tokens is None else 100 * r.same_tokens, '9.2f')}%"
             )
-    if args.json:
-        out = {"header": header, "rows": [asdict(r) for r in rows]}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return {"header": header, "rows": [asdict(r) for r in rows]}
+
+
+CPU_SAMPLER_COLUMNS = (
+    f"{'batch':>6}{'length':>8}{'eager ms':>10}{'compiled ms':>13}{'speedup':>9}"
+    f"{'1st call s':>12}{'same tok':>10}{'fused':>19}{'graph':>12}"
+)
+
+
+def _sampler_cpu(name: str, args: argparse.Namespace) -> dict:
+    dtype_name = args.dtype or "fp32"
+    batches = args.batches or [1, 8]
+    lengths = args.lengths or [128, 512]
+    iters = args.iters or 3
+    model, label = _bench_model(name, lengths, "cpu", _DTYPES[dtype_name])
+    steps = args.steps or model.config.ode_steps
+    twin, failure = None, NO_COMPILE if args.no_compile else None
+    if not args.no_compile:
+        torch.compiler.reset()  # a fresh compile cache per preset (blocks share code objects)
+        try:
+            twin = _compiled_copy(model)
+        except Exception as exc:
+            failure = "compile failed: " + _one_line(exc)
+    header = {
+        **_run_header("cpu"),
+        "model": label,
+        "dtype": dtype_name,
+        "steps": steps,
+        "routing": "argmax",
+        "decode": "greedy",
+    }
+    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    print(CPU_SAMPLER_COLUMNS)
+    rows = []
+    for length in lengths:
+        for batch in batches:
+            r = _bench_sampler_shape_cpu(model, twin, batch, length, steps, iters, failure)
+            if r.compiled_ms is None and r.compiled != NO_COMPILE:
+                failure = r.compiled  # one failure is enough: later shapes report it
+            rows.append(r)
+            cells = _compiled_cells(r.compiled_ms, r.first_call_s, r.eager_ms, r.compiled, "13.2f")
+            same = "-" if r.same_tokens is None else f"{100 * r.same_tokens:.2f}%"
+            print(
+                f"{r.batch:>6}{r.length:>8}{r.eager_ms:10.2f}{cells}"
+                f"{same:>10}{TRITON_ON_CPU:>19}{GRAPH_ON_CPU:>12}"
+            )
+    if failure is not None and failure != NO_COMPILE:
+        print(failure)
+    print(
+        "eager: Sampler.generate with the reference ops (the CPU serving path). compiled: the\n"
+        "same with encoder/trunk blocks and decoder under torch.compile(dynamic=True); routed\n"
+        "experts, gate and Mamba mixers stay eager. 1st call s: its first call at the shape\n"
+        "(compilation). same tok: compiled == eager. fused / graph: Triton runs on a CPU only in\n"
+        f"its interpreter, and CUDA graphs need CUDA. Medians of up to {iters} calls (fewer past"
+        f" {CPU_BUDGET_S} s)."
+    )
+    return {"header": header, "rows": [asdict(r) for r in rows]}
+
+
+def run_sampler(args: argparse.Namespace) -> int:
+    device = _device(args)
+    if device == "cuda" and (missing := _missing_gpu_stack("sampler")) is not None:
+        return missing
+    presets = args.presets or (["yan-paper"] if device == "cuda" else ["yan-tiny"])
+    run = _sampler_gpu if device == "cuda" else _sampler_cpu
+    runs = []
+    for i, name in enumerate(presets):
+        if i:
+            print()
+        runs.append(run(name, args))
+    _write_json(args.json, runs)
     return 0
 
 
@@ -389,16 +868,54 @@ def _int_list(text: str) -> list[int]:
     return vals
 
 
+def _preset_list(text: str) -> list[str]:
+    from yan_serve.config import preset_names
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated preset names, got {text!r}")
+    for name in names:
+        if name not in preset_names():
+            known = ", ".join(preset_names())
+            raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose from {known}")
+    return names
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when present, else CPU",
+    )
+
+
 def _add_sampler(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "sampler", help="whole-sample latency: eager torch vs fused kernels vs CUDA graph"
+        "sampler",
+        help="whole-sample latency: eager vs fused vs CUDA graph (CUDA), eager vs compiled (CPU)",
     )
-    p.add_argument("--model", default="yan-paper", help="preset name (random weights)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    _add_device(p)
+    p.add_argument(
+        "--preset",
+        "--model",
+        dest="presets",
+        type=_preset_list,
+        help="preset(s), random weights, comma-separated: one table each"
+        " (default: yan-paper on CUDA, yan-tiny on CPU; e.g. yan-tiny,yan-mamba-tiny)",
+    )
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--steps", type=int, default=0, help="Euler time points (0: the preset's)")
-    p.add_argument("--batches", type=_int_list, default=[1, 8, 64], help="e.g. 1,8,64")
-    p.add_argument("--lengths", type=_int_list, default=[128, 512, 1024], help="source = target")
-    p.add_argument("--iters", type=int, default=10, help="timed repetitions (median reported)")
+    p.add_argument("--batches", type=_int_list, help="e.g. 1,8,64 (default; CPU: 1,8)")
+    p.add_argument(
+        "--lengths",
+        type=_int_list,
+        help="source = target, e.g. 128,512,1024 (default; CPU: 128,512)",
+    )
+    p.add_argument(
+        "--iters", type=int, help="timed repetitions, median reported (default: 10 CUDA, 3 CPU)"
+    )
+    p.add_argument("--no-compile", action="store_true", help="CPU: skip the torch.compile path")
     p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
     p.set_defaults(func=run_sampler)
 

@@ -1,37 +1,260 @@
-"""`python -m yan_serve.bench kernels` without CUDA: one readable line and a non-zero status.
+"""`python -m yan_serve.bench kernels|sampler`: the CPU tables, the CUDA-only exits, the flags.
+
+The CPU runs use tiny shapes and one timed call; `--no-compile` keeps them fast, and the `slow`
+test runs the torch.compile path itself (compilation takes ~10-30 s on one core).
 
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/kernels/test_bench.py
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from yan_serve import bench
+from yan_serve.bench import main
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
-def test_kernels_bench_needs_cuda() -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "yan_serve.bench", "kernels"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
-        "yan-serve bench kernels: needs a CUDA device (none found)"
-    ]
-    assert r.stdout == ""
+TINY_KERNELS = [
+    "kernels", "--device", "cpu", "--iters", "1", "--d-model", "32", "--experts", "3",
+    "--vocab", "1000", "--routed-n", "8,16", "--decoder-n", "4,8", "--sample-n", "8",
+]  # fmt: skip
+KERNEL_ROW = re.compile(
+    r"^(?P<op>\S+)\s+(?P<shape>N=\d+ d=\d+ [KV]=\d+)\s+(?P<eager>\d+\.\d+)\s+(?P<rest>.+?)"
+    r"\s+n/a \(interpreter\)\s+(?P<gbps>\d+\.\d)\s+(?P<tflops>\d+\.\d{3})"
+    r"\s+(?P<floor>\d+\.\d{3})\s+(?P<pct>\d+)%$"
+)
+SAMPLER_ROW = re.compile(
+    r"^\s*(?P<batch>\d+)\s+(?P<length>\d+)\s+(?P<eager>\d+\.\d\d)\s+(?P<rest>.+?)"
+    r"\s+n/a \(interpreter\)\s+n/a on CPU$"
+)
+
+
+def _header(line: str) -> dict[str, str]:
+    """`k=v  k=v` (fields separated by two spaces; values may hold single spaces)."""
+    return dict(field.split("=", 1) for field in line.split("  "))
+
+
+def _table(out: str, row: re.Pattern) -> tuple[list[dict[str, str]], list[re.Match]]:
+    """Headers and table rows of every table in the output, in order."""
+    lines = out.splitlines()
+    headers = [_header(ln) for ln in lines if ln.startswith("device=")]
+    rows = [m for ln in lines if (m := row.match(ln))]
+    return headers, rows
+
+
+def _broken_compile(fn, *args, **kwargs):
+    """torch.compile as on a host without a C compiler: the error comes on the first call."""
+
+    def call(*a, **k):
+        raise RuntimeError("no C compiler found\nsecond line of the traceback")
+
+    return call
 
 
 def test_bench_lists_its_commands() -> None:
-    from yan_serve.bench import main
-
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+# ---------------------------------------------------------------------------- CPU kernels
+def test_cpu_kernels_table(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    out_json = tmp_path / "k.json"
+    assert main([*TINY_KERNELS, "--no-compile", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    headers, rows = _table(out, KERNEL_ROW)
+    (h,) = headers
+    assert h["threads"] == str(torch.get_num_threads())
+    assert h["dtype"] == "fp32" and h["cuda"] == "None" and h["torch"] == torch.__version__
+    assert float(h["copy_GBps"]) > 0 and float(h["matmul_TFLOPs"]) >= 0
+    assert bench.CPU_KERNEL_COLUMNS in out.splitlines()
+    for col in ("eager ms", "compiled ms", "speedup", "1st call s", "triton", "% floor"):
+        assert col in bench.CPU_KERNEL_COLUMNS
+    # greedy rows at --decoder-n, the sampled row only at --sample-n, in that order
+    assert [(m["op"], m["shape"]) for m in rows] == [
+        ("routed_expert_euler", "N=8 d=32 K=3"),
+        ("routed_expert_euler", "N=16 d=32 K=3"),
+        ("decoder_argmax", "N=4 d=32 V=1000"),
+        ("decoder_argmax", "N=8 d=32 V=1000"),
+        ("decoder_argmax+sample", "N=8 d=32 V=1000"),
+    ]
+    for m in rows:
+        assert float(m["eager"]) > 0
+        assert m["rest"].split() == ["skipped", "-", "-"]
+    data = json.loads(out_json.read_text())
+    assert data["header"]["dtype"] == "fp32"
+    for r, m in zip(data["rows"], rows, strict=True):
+        assert r["compiled_ms"] is None and r["compiled"] == bench.NO_COMPILE
+        assert r["eager_ms"] > 0 and r["bytes"] > 0 and r["flops"] > 0
+        # with no compiled run, GB/s and % floor are the eager path's
+        assert float(m["gbps"]) == pytest.approx(r["bytes"] / r["eager_ms"] / 1e6, abs=0.051)
+        assert int(m["pct"]) == round(100 * r["floor_ms"] / r["eager_ms"])
+
+
+def test_cpu_kernels_report_a_failed_compile(monkeypatch, capsys) -> None:
+    """A compile error (it surfaces on the first call) fills the column with one line; the
+    eager timings still come out and the command succeeds."""
+
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    assert main([*TINY_KERNELS, "--routed-n", "8"]) == 0
+    out = capsys.readouterr().out
+    _, rows = _table(out, KERNEL_ROW)
+    assert len(rows) == 4
+    for m in rows:
+        assert float(m["eager"]) > 0
+        assert m["rest"].split() == ["failed", "-", "-"]
+    reason = "compile failed: RuntimeError: no C compiler found"
+    notes = [ln for ln in out.splitlines() if reason in ln]
+    assert notes == [f"routed_expert_euler, decoder_argmax, decoder_argmax+sample: {reason}"]
+    assert "second line" not in out
+
+
+def test_cpu_sampler_reports_a_failed_compile(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    argv = ["sampler", "--device", "cpu", "--batches", "1,2", "--lengths", "8", "--iters", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    _, rows = _table(out, SAMPLER_ROW)
+    assert len(rows) == 2
+    for m in rows:
+        assert float(m["eager"]) > 0
+        assert m["rest"].split() == ["failed", "-", "-", "-"]
+    assert out.splitlines().count("compile failed: RuntimeError: no C compiler found") == 1
+    assert "second line" not in out
+
+
+def test_compile_errors_name_the_user_code() -> None:
+    """torch.compile's errors end with the user code they stopped at; that goes first."""
+    exc = RuntimeError(
+        "Could not guard on data-dependent expression Eq(u0, 0)\n\nmore help\n\n"
+        'from user code:\n   File "/x/kernels/routed_expert.py", line 254, in routed_ref\n'
+        "    if idx.numel() == 0:\n\nSet TORCHDYNAMO_VERBOSE=1"
+    )
+    assert bench._one_line(exc, limit=1000) == (
+        "routed_expert.py:254 `if idx.numel() == 0:`: "
+        "RuntimeError: Could not guard on data-dependent expression Eq(u0, 0)"
+    )
+    assert bench._one_line(ValueError("a\nb")) == "ValueError: a"
+    assert len(bench._one_line(ValueError("x" * 500), limit=50)) == 50
+
+
+# ---------------------------------------------------------------------------- CPU sampler
+def test_cpu_sampler_one_table_per_preset(capsys, tmp_path) -> None:
+    out_json = tmp_path / "s.json"
+    argv = [
+        "sampler", "--device", "cpu", "--preset", "yan-tiny,yan-mamba-tiny", "--batches", "1,2",
+        "--lengths", "8,300", "--iters", "1", "--no-compile", "--json", str(out_json),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    headers, rows = _table(out, SAMPLER_ROW)
+    # 300 > yan-tiny's max_length 256: the random-weight model's position table is extended
+    assert [h["model"] for h in headers] == [
+        "yan-tiny (random weights, max_length 300)",
+        "yan-mamba-tiny (random weights, max_length 300)",
+    ]
+    assert all(h["dtype"] == "fp32" and h["steps"] == "3" for h in headers)
+    assert out.splitlines().count(bench.CPU_SAMPLER_COLUMNS) == 2
+    for col in ("eager ms", "compiled ms", "same tok", "fused", "graph"):
+        assert col in bench.CPU_SAMPLER_COLUMNS
+    shapes = [(1, 8), (2, 8), (1, 300), (2, 300)]
+    assert [(int(m["batch"]), int(m["length"])) for m in rows] == shapes * 2
+    for m in rows:
+        assert float(m["eager"]) > 0
+        assert m["rest"].split() == ["skipped", "-", "-", "-"]
+    runs = json.loads(out_json.read_text())
+    assert [r["header"]["model"].split()[0] for r in runs] == ["yan-tiny", "yan-mamba-tiny"]
+    assert all(r["eager_ms"] > 0 and r["compiled_ms"] is None for run in runs for r in run["rows"])
+
+
+@pytest.mark.slow
+def test_cpu_compiled_paths(capsys) -> None:
+    """The torch.compile columns themselves: timings, first-call time and token agreement; the
+    routed reference (data-dependent token grouping) does not compile as one graph and says so
+    rather than timing its eager fallback as "compiled"."""
+    assert main([*TINY_KERNELS, "--routed-n", "8", "--decoder-n", "4"]) == 0
+    out = capsys.readouterr().out
+    _, rows = _table(out, KERNEL_ROW)
+    ops = [m["op"] for m in rows]
+    assert ops == ["routed_expert_euler", "decoder_argmax", "decoder_argmax+sample"]
+    assert rows[0]["rest"].split() == ["failed", "-", "-"]
+    assert "routed_expert_euler: compile failed: routed_expert.py:" in out
+    for m in rows[1:]:
+        compiled, speedup, first = m["rest"].split()
+        assert float(compiled) > 0 and speedup.endswith("x") and float(first) >= 0
+    argv = ["sampler", "--device", "cpu", "--batches", "2", "--lengths", "8", "--iters", "1"]
+    assert main(argv) == 0
+    _, rows = _table(capsys.readouterr().out, SAMPLER_ROW)
+    (m,) = rows
+    compiled, speedup, first, same = m["rest"].split()
+    assert float(compiled) > 0 and speedup.endswith("x") and float(first) > 0
+    assert float(same.rstrip("%")) >= 90  # same model, same draws: the tokens agree
+
+
+# ---------------------------------------------------------------------- CUDA-only exits
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+@pytest.mark.parametrize("command", ["kernels", "sampler"])
+def test_device_cuda_without_cuda_exits_2(command: str, capsys) -> None:
+    assert main([command, "--device", "cuda", "--iters", "1"]) == 2
+    err = capsys.readouterr()
+    assert err.out == ""
+    assert err.err.strip().splitlines() == [
+        f"yan-serve bench {command}: needs a CUDA device (none found)"
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_cli_exit_status_without_cuda() -> None:
+    """The same through `python -m`, so the status reaches the shell."""
+    r = subprocess.run(
+        [sys.executable, "-m", "yan_serve.bench", "kernels", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "yan-serve bench kernels: needs a CUDA device (none found)"
+    ]
+
+
+def test_auto_device_follows_cuda() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert bench._device(argparse.Namespace(device="auto")) == expected
+    assert bench._device(argparse.Namespace(device="cpu")) == "cpu"
+
+
+# ---------------------------------------------------------------------------------- flags
+def test_list_flags_parse() -> None:
+    assert bench._int_list("1, 8,64") == [1, 8, 64]
+    assert bench._int_list("128,") == [128]
+    for bad in ("", "0", "8,-1", "a,b", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._int_list(bad)
+    assert bench._preset_list("yan-tiny, yan-mamba-tiny") == ["yan-tiny", "yan-mamba-tiny"]
+    for bad in ("", "yan-huge", "yan-tiny,nope"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._preset_list(bad)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sampler", "--batches", "0"], "expected positive integers, got '0'"),
+        (["sampler", "--preset", "nope"], "unknown preset 'nope'"),
+        (["kernels", "--routed-n", "x"], "expected comma-separated integers, got 'x'"),
+        (["kernels", "--device", "tpu"], "invalid choice: 'tpu'"),
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
