@@ -5,6 +5,7 @@ Run: python -m pytest tests/engine -q
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -188,6 +189,32 @@ def test_score_matches_the_decoder_log_probs_of_the_generated_tokens(micro_model
         assert lp == pytest.approx([math.log(p) for p in g.full_confidence], abs=1e-4)
     with pytest.raises(ValueError, match="tgt_len"):
         s.score(reqs[:1], [[*gens[0].full, 1]], steps=3)
+
+
+def test_candidates_of_one_request_share_one_solve(micro_model: YAN, monkeypatch) -> None:
+    """K label candidates of the same request are scored against one latent: one solve row per
+    distinct request, and the same log-probs as scoring each candidate alone."""
+    s = Sampler(micro_model)
+    a, b = _requests(2, seed=11)
+    V = micro_model.config.vocab_size
+    gen = torch.Generator().manual_seed(5)
+    cands = [torch.randint(4, V, (a.tgt_len,), generator=gen).tolist() for _ in range(3)]
+    other = torch.randint(4, V, (b.tgt_len,), generator=gen).tolist()
+    alone = [s.score([a], [c], steps=3, routing="argmax")[0] for c in cands]
+    alone_b = s.score([b], [other], steps=3, routing="argmax")[0]
+    rows = []
+    solve = s.solve
+    monkeypatch.setattr(s, "solve", lambda batch, *k, **kw: rows.append(batch.z0.shape[0])
+                        or solve(batch, *k, **kw))  # fmt: skip
+    got = s.score([a, b, a, a], [cands[0], other, cands[1], cands[2]], steps=3, routing="argmax")
+    assert rows == [2]  # a and b, not four
+    for lp, ref in zip([got[0], got[2], got[3]], alone, strict=True):
+        assert lp == pytest.approx(ref, abs=1e-5)
+    assert got[1] == pytest.approx(alone_b, abs=1e-5)
+    # a different seed is a different latent: solved separately
+    rows.clear()
+    s.score([a, dataclasses.replace(a, seed=a.seed + 1)], cands[:2], steps=3, routing="argmax")
+    assert rows == [2]
 
 
 def test_on_step_sees_every_time_point_as_it_is_reached(micro_model: YAN) -> None:

@@ -181,18 +181,28 @@ class Sampler:
         routing: Routing = "sample",
     ) -> list[list[float]]:
         """Decoder log-probability of each given target token, per position: the request's
-        latent is generated as usual (`tgt_len` must equal the target's length), then scored."""
+        latent is generated as usual (`tgt_len` must equal the target's length), then scored.
+
+        Requests that are the same (source, length, seed and sampling fields) have the same
+        latent, so it is solved and decoded once and every target sharing it is read from the
+        one [L, V] table: scoring K candidate labels costs one sample, not K."""
         if len(targets) != len(requests):
             raise ValueError("one target per request")
         for r, t in zip(requests, targets, strict=False):
             if len(t) != r.tgt_len:
                 raise ValueError(f"target of {len(t)} tokens for tgt_len {r.tgt_len}")
         steps = self.model.config.ode_steps if steps is None else steps
-        batch = self.prepare(requests)
+        row: dict[tuple, int] = {}
+        which = []
+        for r in requests:
+            key = (tuple(r.src), r.tgt_len, r.seed, r.temperature, r.top_k)
+            which.append(row.setdefault(key, len(row)))
+        unique = [requests[which.index(k)] for k in range(len(row))]
+        batch = self.prepare(unique)
         z = self.solve(batch, steps, routing).z
         logp = torch.log_softmax(self.model.decode_logits(z).float(), dim=-1)
         out = []
-        for i, t in enumerate(targets):
+        for i, t in zip(which, targets, strict=True):
             idx = torch.as_tensor(list(t), dtype=torch.long, device=logp.device)
             out.append(logp[i, torch.arange(len(t), device=logp.device), idx].tolist())
         return out
