@@ -23,14 +23,16 @@ def test_runner_writes_the_table_the_plot_and_the_raw_csvs(tmp_path, ar_checkpoi
     data = ROOT / "data" / "kjv" if (ROOT / "data" / "kjv" / "test.jsonl").exists() else tmp_path
     cmd = [sys.executable, str(ROOT / "loadtests" / "run.py"), "--yan", str(CHECKPOINT),
            "--ar", str(ar_checkpoint), "--duration", "2", "--users", "1,2", "--endpoints",
-           "complete,infill,infill-full", "--max-tokens", "16", "--payloads", "20", "--threads", "1",
-           "--data", str(data), "--out", str(out)]  # fmt: skip
+           "complete,infill,infill-full", "--max-tokens", "16", "--payloads", "20",
+           "--threads", "1", "--data", str(data), "--out", str(out)]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
     assert {(r["server"], r["endpoint"], r["users"]) for r in rows} == {
-        (s, e, u) for s in ("yan", "ar") for e in ("complete", "infill", "infill-full")
+        (s, e, u)
+        for s in ("yan", "ar")
+        for e in ("complete", "infill", "infill-full")
         for u in (1, 2)
     }
     assert all(r["requests"] > 0 and r["failures"] == 0 for r in rows), rows
