@@ -51,7 +51,8 @@ def build_payloads(data: Path, n: int, max_tokens: int, steps: int, seed: int = 
     `infill_words` > 0, runs of consecutive verses of at least that many words with one word in
     ten masked (the paper's long-passage protocol). `infill-full` sends the same passages with
     `protocol: full`, which makes the AR server regenerate the whole passage (the paper's AR
-    protocol) instead of only the spans; YAN answers both the same way."""
+    protocol, with `ignore_eos` so that it regenerates all of it) instead of only the spans; YAN
+    answers both the same way."""
     from yan_serve.train.recipes import load_corpus
 
     if not (data / "test.jsonl").exists():
@@ -92,7 +93,10 @@ def build_payloads(data: Path, n: int, max_tokens: int, steps: int, seed: int = 
     qa = [{"context": r.context, "question": r.question, "max_tokens": 4, "steps": steps}
           for r in corpus.records("qa", "test")[:n]]  # fmt: skip
     classify = [{"text": t, "steps": steps} for t in texts]
-    return {"infill": infill, "infill-full": [{**p, "protocol": "full"} for p in infill],
+    # the paper's AR protocol regenerates the whole passage: a fixed amount of work, measured
+    # with ignore_eos as complete's 128 tokens are (an early EOS would shorten only AR's side)
+    full = [{**p, "protocol": "full", "ignore_eos": True} for p in infill]
+    return {"infill": infill, "infill-full": full,
             "complete": complete, "qa": qa, "classify": classify}  # fmt: skip
 
 

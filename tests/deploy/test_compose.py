@@ -122,16 +122,18 @@ def test_healthcheck_gates_on_readiness(name: str) -> None:
 
 
 def test_models() -> None:
-    """yan serves the baked-in default checkpoint; ar serves weights/ar-tiny-kjv from the image,
-    which arrives with issue #6 (docs/deploy.md says so)."""
+    """yan serves the baked-in default checkpoint; ar serves weights/ar-tiny-kjv, shipped in the
+    repository (so baked into the image) and started by default, not behind a profile."""
+    from yan_serve.ar.model import is_ar_checkpoint
     from yan_serve.server.settings import default_model_dir
 
     services = compose()["services"]
     assert settings_of(services["yan"], "yan").model == default_model_dir()
     ar_model = settings_of(services["ar"], "ar").model
     assert ar_model == f"{image().workdir}/weights/ar-tiny-kjv"
-    if not (ROOT / "weights/ar-tiny-kjv/config.json").is_file():
-        assert "issue #6" in (ROOT / "docs/deploy.md").read_text()
+    assert is_ar_checkpoint(ROOT / "weights/ar-tiny-kjv")
+    assert (ROOT / "weights/ar-tiny-kjv/model.safetensors").is_file()
+    assert "profiles" not in services["ar"] and "profiles" not in services["yan"]
 
 
 def test_published_ports_are_distinct() -> None:

@@ -42,7 +42,7 @@ def test_runner_writes_the_table_the_plot_and_the_raw_csvs(tmp_path, ar_checkpoi
     assert (out / "results.png").stat().st_size > 10_000
     assert len(list((out / "raw").glob("*_stats.csv"))) == 12
     payloads = json.loads((out / "payloads.json").read_text())
-    assert all(p["protocol"] == "full" for p in payloads["infill-full"])
+    assert all(p["protocol"] == "full" and p["ignore_eos"] for p in payloads["infill-full"])
     assert [p["text"] for p in payloads["infill-full"]] == [p["text"] for p in payloads["infill"]]
 
 

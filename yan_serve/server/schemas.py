@@ -61,6 +61,12 @@ class InfillRequest(GenerationOptions):
         description="AR baseline checkpoints only (YAN ignores it): `fim` generates only the "
         "spans, `full` regenerates the whole passage (the paper's protocol).",
     )
+    ignore_eos: bool = Field(
+        False,
+        description="Benchmarking: an AR checkpoint decodes its whole budget (the passage for "
+        "`full`, every span's budget for `fim`) instead of stopping at EOS; YAN always computes "
+        "every position.",
+    )
 
 
 class CompleteRequest(GenerationOptions):
