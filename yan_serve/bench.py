@@ -120,20 +120,23 @@ def time_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(iters: int) -> float:
-    """Device-to-device copy rate in bytes/s (read + write) over a 1 GiB buffer."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), iters)
+def copy_bandwidth(iters: int, device: str = "cuda") -> float:
+    """Memory copy rate in bytes/s (read + write): a 1 GiB device-to-device copy on CUDA, a
+    256 MiB copy on the CPU (past any cache)."""
+    # filled once, so the timed copies meet no first-touch page faults on the CPU
+    src = torch.ones(1 << (30 if device == "cuda" else 28), dtype=torch.uint8, device=device)
+    dst = torch.zeros_like(src)
+    ms = _timer(device)(lambda: dst.copy_(src), iters)
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def matmul_rate(dtype: torch.dtype, iters: int) -> float:
-    """Dense matmul rate in flop/s at 8192^3 (cuBLAS, default precision settings)."""
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
-    ms = time_ms(lambda: a @ b, iters)
+def matmul_rate(dtype: torch.dtype, iters: int, device: str = "cuda") -> float:
+    """Dense matmul rate in flop/s: 8192^3 on CUDA (cuBLAS, default precision settings), 2048^3
+    on the CPU (torch's CPU GEMM at its current thread count)."""
+    n = 8192 if device == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = _timer(device)(lambda: a @ b, iters)
     return 2 * n**3 / (ms * 1e-3)
 
 
@@ -152,21 +155,8 @@ def cpu_time_ms(
     return statistics.median(times)
 
 
-def cpu_copy_bandwidth(iters: int) -> float:
-    """CPU memory copy rate in bytes/s (read + write) over a 256 MiB buffer (past any cache)."""
-    src = torch.ones(1 << 28, dtype=torch.uint8)  # written once, so no first-touch page faults
-    dst = torch.zeros_like(src)
-    ms = cpu_time_ms(lambda: dst.copy_(src), iters)
-    return 2 * src.numel() / (ms * 1e-3)
-
-
-def cpu_matmul_rate(dtype: torch.dtype, iters: int) -> float:
-    """CPU dense matmul rate in flop/s at 2048^3 (torch's CPU GEMM, its current thread count)."""
-    n = 2048
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    ms = cpu_time_ms(lambda: a @ b, iters)
-    return 2 * n**3 / (ms * 1e-3)
+def _timer(device: str) -> Callable[[Callable[[], object], int], float]:
+    return time_ms if device == "cuda" else cpu_time_ms
 
 
 def _one_line(exc: BaseException, limit: int = 110) -> str:
@@ -416,6 +406,20 @@ def _write_json(path: str | None, runs: list[dict]) -> None:
         Path(path).write_text(json.dumps(runs[0] if len(runs) == 1 else runs, indent=2) + "\n")
 
 
+def _kernels_header(device: str, dtype: str, bw: float, rate: float) -> dict:
+    """The `kernels` table's header (printed, and returned for --json): the run header plus the
+    measured copy bandwidth and matmul rate (3 decimals on a CPU, whose rate is << 1 TFLOP/s)."""
+    header = {
+        **_run_header(device),
+        "python": platform.python_version(),
+        "dtype": dtype,
+        "copy_GBps": round(bw / 1e9, 1),
+        "matmul_TFLOPs": round(rate / 1e12, 1 if device == "cuda" else 3),
+    }
+    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    return header
+
+
 def run_kernels(args: argparse.Namespace) -> int:
     if _device(args) == "cpu":
         return _run_kernels_cpu(args)
@@ -426,14 +430,7 @@ def run_kernels(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     bw = copy_bandwidth(iters)
     rate = matmul_rate(dtype, iters)
-    header = {
-        **_run_header(),
-        "python": platform.python_version(),
-        "dtype": args.dtype or "bf16",
-        "copy_GBps": round(bw / 1e9, 1),
-        "matmul_TFLOPs": round(rate / 1e12, 1),
-    }
-    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    header = _kernels_header("cuda", args.dtype or "bf16", bw, rate)
     small = args.quick
     rows: list[Row] = []
     print(
@@ -486,16 +483,9 @@ def _run_kernels_cpu(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype or "fp32"]
     iters = args.iters or 3
     torch.manual_seed(0)
-    bw = cpu_copy_bandwidth(iters)
-    rate = cpu_matmul_rate(dtype, iters)
-    header = {
-        **_run_header("cpu"),
-        "python": platform.python_version(),
-        "dtype": args.dtype or "fp32",
-        "copy_GBps": round(bw / 1e9, 1),
-        "matmul_TFLOPs": round(rate / 1e12, 3),
-    }
-    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    bw = copy_bandwidth(iters, "cpu")
+    rate = matmul_rate(dtype, iters, "cpu")
+    header = _kernels_header("cpu", args.dtype or "fp32", bw, rate)
     routed_ns = args.routed_n or ([256, 1024] if args.quick else [256, 1024, 4096])
     decoder_ns = args.decoder_n or ([64] if args.quick else [64, 256])
     # The eager reference draws its Gumbel noise with a Philox in int64 torch ops over [N, V]

@@ -10,7 +10,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from yan_serve.ar.generate import ARRequest, ar_generate
-from yan_serve.ar.static import HFRunner, StaticGPT2, StaticRunner, length_ladder
+from yan_serve.ar.static import HFRunner, StaticGPT2, StaticRunner
+from yan_serve.engine.graphs import length_buckets
 
 EOS, PAD = 2, 0
 
@@ -40,10 +41,12 @@ def _left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
     return ids, att, (att.cumsum(-1) - 1).clamp_min(0)
 
 
-def test_length_ladder() -> None:
-    assert length_ladder(1026) == (64, 128, 256, 512, 1024, 1026)
-    assert length_ladder(64) == (64,)
-    assert length_ladder(40) == (40,)
+def test_cache_windows_are_the_sampler_length_buckets_from_64() -> None:
+    assert length_buckets(1026, smallest=64) == (64, 128, 256, 512, 1024, 1026)
+    assert length_buckets(64, smallest=64) == (64,)
+    assert length_buckets(40, smallest=64) == (40,)
+    runner = StaticRunner(_model(), batch_sizes=(1,))  # n_positions 96
+    assert runner.lengths == (64, 96)
 
 
 @torch.no_grad()

@@ -89,3 +89,22 @@ def server() -> Iterator[ServerProcess]:
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+def assert_completions_ignore_batching(url: str) -> None:
+    """12 seeded completions sent together equal the same 12 sent one by one (text for text)."""
+    import asyncio
+
+    names = ["Moses", "Noah", "Abram", "me"] * 3
+    reqs = [{"prompt": f"And God said unto {w}", "max_tokens": 8, "seed": i, "ignore_eos": True}
+            for i, w in enumerate(names)]  # fmt: skip
+
+    async def together():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            return await asyncio.gather(*(c.post("/v1/complete", json=r) for r in reqs))
+
+    batched = asyncio.run(together())
+    with httpx.Client(base_url=url, timeout=120) as c:
+        alone = [c.post("/v1/complete", json=r) for r in reqs]
+    assert all(r.status_code == 200 for r in [*batched, *alone])
+    assert [r.json()["text"] for r in batched] == [r.json()["text"] for r in alone]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ServerProcess, assert_completions_ignore_batching
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +45,4 @@ def ar_server_id(s: ServerProcess) -> str:
 
 
 def test_ar_results_do_not_depend_on_batching(ar_server: ServerProcess) -> None:
-    names = ["Moses", "Noah", "Abram", "me"] * 3
-    reqs = [{"prompt": f"And God said unto {w}", "max_tokens": 8, "seed": i, "ignore_eos": True}
-            for i, w in enumerate(names)]  # fmt: skip
-
-    async def together():
-        async with httpx.AsyncClient(base_url=ar_server.url, timeout=120) as c:
-            return await asyncio.gather(*(c.post("/v1/complete", json=r) for r in reqs))
-
-    batched = asyncio.run(together())
-    with httpx.Client(base_url=ar_server.url, timeout=120) as c:
-        alone = [c.post("/v1/complete", json=r) for r in reqs]
-    assert [r.json()["text"] for r in batched] == [r.json()["text"] for r in alone]
+    assert_completions_ignore_batching(ar_server.url)

@@ -5,7 +5,6 @@ independent of its batch-mates."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import CHECKPOINT, ServerProcess
+from tests.server.conftest import CHECKPOINT, ServerProcess, assert_completions_ignore_batching
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +70,4 @@ def test_every_endpoint_answers_on_a_mamba_checkpoint(mamba_server, mamba_checkp
 
 
 def test_mamba_results_do_not_depend_on_batching(mamba_server) -> None:
-    names = ["Moses", "Noah", "Abram", "me"] * 3
-    reqs = [{"prompt": f"And God said unto {w}", "max_tokens": 8, "seed": i, "ignore_eos": True}
-            for i, w in enumerate(names)]  # fmt: skip
-
-    async def together():
-        async with httpx.AsyncClient(base_url=mamba_server.url, timeout=120) as c:
-            return await asyncio.gather(*(c.post("/v1/complete", json=r) for r in reqs))
-
-    batched = asyncio.run(together())
-    with httpx.Client(base_url=mamba_server.url, timeout=120) as c:
-        alone = [c.post("/v1/complete", json=r) for r in reqs]
-    assert all(r.status_code == 200 for r in [*batched, *alone])
-    assert [r.json()["text"] for r in batched] == [r.json()["text"] for r in alone]
+    assert_completions_ignore_batching(mamba_server.url)

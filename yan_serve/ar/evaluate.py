@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from transformers import GPT2LMHeadModel
 
 from yan_serve.ar.generate import ARRequest, ar_generate, ar_score
-from yan_serve.tasks import metrics
-from yan_serve.tasks.evaluate import TaskResult, score, task_examples
+from yan_serve.tasks.evaluate import TaskResult, classify_by_label_scores, score, task_examples
 from yan_serve.tasks.formats import TASKS, Example
 from yan_serve.tokenizer import YANTokenizer
 from yan_serve.train.recipes import Corpus, label_table
@@ -94,29 +93,11 @@ def evaluate_ar(
 def scored_classify_ar(model: GPT2LMHeadModel, tok: YANTokenizer, exs: Sequence[Example],
                        labels: dict[int, str], batch_size: int) -> TaskResult:  # fmt: skip
     """Classification by scoring every label, as the server's `labels` mode does for AR: the
-    label whose tokens after the answer header have the highest summed log-probability wins
-    (the same targets and rule as YAN's `classify-scored`)."""
-    from yan_serve.engine import tasks as T
-    from yan_serve.tasks.formats import ANSWER_HEADER
+    same targets and rule as YAN's `classify-scored`, each target teacher-forced after the
+    example's source + BOS (`ar_score`, one forward per chunk)."""
+    bos, pad = tok.special.bos, tok.special.pad
 
-    if not labels:
-        raise ValueError("classify-scored needs the label table")
-    sp = tok.special
-    header = len(tok.encode(ANSWER_HEADER))
-    ids = sorted(labels)
-    targets = [T.label_target(tok, labels[k], labels) for k in ids]
-    jobs = [(i, k, t) for i in range(len(exs)) for k, t in zip(ids, targets, strict=True)]
-    best: dict[int, tuple[float, int]] = {}
-    t0 = time.perf_counter()
-    for a in range(0, len(jobs), batch_size):
-        chunk = jobs[a : a + batch_size]
-        logps = ar_score(model, [[*exs[i].src, sp.bos] for i, _, _ in chunk],
-                         [t for _, _, t in chunk], sp.pad)  # fmt: skip
-        for (i, k, _), lp in zip(chunk, logps, strict=True):
-            m = sum(lp[header:])
-            if i not in best or m > best[i][0]:
-                best[i] = (m, k)
-    secs = time.perf_counter() - t0
-    acc = metrics.accuracy([str(best[i][1]) for i in range(len(exs))], [e.reference for e in exs])
-    n_tok = sum(len(t) for _, _, t in jobs)
-    return TaskResult("classify-scored", 0, len(exs), {"accuracy": acc}, n_tok / max(secs, 1e-9))
+    def score(chunk: list[tuple[int, list[int]]]) -> list[list[float]]:
+        return ar_score(model, [[*exs[i].src, bos] for i, _ in chunk], [t for _, t in chunk], pad)
+
+    return classify_by_label_scores(tok, exs, labels, score, batch_size)

@@ -16,6 +16,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from yan_serve.ar.static import HFRunner, StaticRunner
+from yan_serve.ar.train import collate_ar
 from yan_serve.engine.sampler import sample_tokens
 
 
@@ -99,13 +100,9 @@ def ar_score(
     if not prompts:
         return []
     dev = next(model.parameters()).device
-    seqs = [[*p, *t] for p, t in zip(prompts, targets, strict=True)]
-    L = max(map(len, seqs))
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    att = torch.zeros(len(seqs), L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s)
-        att[i, : len(s)] = 1
+    # right-padded as the training batches are
+    ids, att, _ = collate_ar([([*p, *t], len(p)) for p, t in zip(prompts, targets, strict=True)],
+                             pad)  # fmt: skip
     h = model.transformer(input_ids=ids.to(dev), attention_mask=att.to(dev)).last_hidden_state
     out = []
     for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):

@@ -37,20 +37,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import GPT2LMHeadModel
 
-from yan_serve.engine.graphs import Capturer, CudaGraphCapturer, EagerReplay, Replayable
+from yan_serve.engine.graphs import (
+    Capturer,
+    CudaGraphCapturer,
+    EagerReplay,
+    Replayable,
+    length_buckets,
+)
 
 log = logging.getLogger("yan_serve.ar")
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-
-
-def length_ladder(n_positions: int, smallest: int = 64) -> tuple[int, ...]:
-    """Cache windows: powers of two from `smallest` below `n_positions`, then `n_positions`."""
-    out, n = [], smallest
-    while n < n_positions:
-        out.append(n)
-        n *= 2
-    return (*out, n_positions)
 
 
 class HFRunner:
@@ -207,7 +204,7 @@ class StaticRunner:
         lengths: tuple[int, ...] | None = None,
         capturer: Capturer | None = None,
     ) -> None:
-        lengths = lengths or length_ladder(model.config.n_positions)
+        lengths = lengths or length_buckets(model.config.n_positions, smallest=64)
         if any(n < 1 for n in (*batch_sizes, *lengths)):
             raise ValueError("batch sizes and lengths must be >= 1")
         self.batch_sizes, self.lengths = tuple(sorted(batch_sizes)), tuple(sorted(lengths))

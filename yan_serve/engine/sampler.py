@@ -192,12 +192,15 @@ class Sampler:
             if len(t) != r.tgt_len:
                 raise ValueError(f"target of {len(t)} tokens for tgt_len {r.tgt_len}")
         steps = self.model.config.ode_steps if steps is None else steps
-        row: dict[tuple, int] = {}
+        row: dict[tuple, int] = {}  # a distinct request -> its row in `unique`
+        unique: list[GenerationRequest] = []
         which = []
         for r in requests:
             key = (tuple(r.src), r.tgt_len, r.seed, r.temperature, r.top_k)
-            which.append(row.setdefault(key, len(row)))
-        unique = [requests[which.index(k)] for k in range(len(row))]
+            if key not in row:
+                row[key] = len(unique)
+                unique.append(r)
+            which.append(row[key])
         batch = self.prepare(unique)
         z = self.solve(batch, steps, routing).z
         logp = torch.log_softmax(self.model.decode_logits(z).float(), dim=-1)

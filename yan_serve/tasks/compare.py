@@ -71,9 +71,10 @@ def _load(path: str | Path) -> tuple[str, str, list[dict]]:
         results = json.loads(f.read_text())["results"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{f} is not a `yan eval --json` file") from e
-    cfg = f.parent / "config.json"
-    gpt2 = cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "gpt2"
-    kind = "ar" if gpt2 or all(r["steps"] == 0 for r in results) else "yan"
+    from yan_serve.ar.model import is_ar_checkpoint
+
+    ar = is_ar_checkpoint(f.parent) or all(r["steps"] == 0 for r in results)
+    kind = "ar" if ar else "yan"
     return (p.name if p.is_dir() else f.parent.name), kind, results
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from yan_serve.engine.sampler import GenerationRequest, Sampler
@@ -130,31 +130,54 @@ def scored_classify(sampler: Sampler, tok: YANTokenizer, exs: Sequence[Example],
                     labels: dict[int, str], steps: int, routing: str,
                     batch_size: int) -> TaskResult:  # fmt: skip
     """Classification by scoring every label (the server's `labels` mode): targets are padded to
-    one length, and the label with the highest decoder log-probability after the header wins."""
+    one length (so an example's candidates share one latent), and the label with the highest
+    decoder log-probability after the header wins."""
+
+    def score(chunk: list[tuple[int, list[int]]]) -> list[list[float]]:
+        reqs = [GenerationRequest(exs[i].src, len(t), seed=i) for i, t in chunk]
+        return sampler.score(reqs, [t for _, t in chunk], steps, routing)  # type: ignore[arg-type]
+
+    return classify_by_label_scores(tok, exs, labels, score, batch_size, steps, pad=True)
+
+
+def classify_by_label_scores(
+    tok: YANTokenizer,
+    exs: Sequence[Example],
+    labels: dict[int, str],
+    score: Callable[[list[tuple[int, list[int]]]], list[list[float]]],
+    batch_size: int,
+    steps: int = 0,
+    pad: bool = False,
+) -> TaskResult:
+    """The `classify-scored` row for any model: every example against every label's target
+    (`engine.tasks.label_target`, EOS-padded to one length when `pad`), `score` giving the
+    log-probabilities of a chunk of (example index, target) pairs; per example the label with
+    the highest summed log-probability after the answer header wins."""
     from yan_serve.engine import tasks as T
     from yan_serve.tasks.formats import ANSWER_HEADER
 
+    if not labels:
+        raise ValueError("classify-scored needs the label table")
     header = len(tok.encode(ANSWER_HEADER))
     ids = sorted(labels)
-    targets = T.pad_targets([T.label_target(tok, labels[k], labels) for k in ids], tok.special.eos)
-    jobs = [(i, k, t) for i, e in enumerate(exs) for k, t in zip(ids, targets, strict=True)]
+    targets = [T.label_target(tok, labels[k], labels) for k in ids]
+    if pad:
+        targets = T.pad_targets(targets, tok.special.eos)
+    jobs = [(i, k, t) for i in range(len(exs)) for k, t in zip(ids, targets, strict=True)]
     best: dict[int, tuple[float, int]] = {}
     t0 = time.perf_counter()
     for a in range(0, len(jobs), batch_size):
         chunk = jobs[a : a + batch_size]
-        reqs = [GenerationRequest(exs[i].src, len(t), seed=i) for i, _, t in chunk]
-        logps = sampler.score(reqs, [t for _, _, t in chunk], steps, routing)  # type: ignore[arg-type]
+        logps = score([(i, t) for i, _, t in chunk])
         for (i, k, _), lp in zip(chunk, logps, strict=True):
             m = sum(lp[header:])
             if i not in best or m > best[i][0]:
                 best[i] = (m, k)
     secs = time.perf_counter() - t0
-    preds = [str(best[i][1]) for i in range(len(exs))]
-    acc = metrics.accuracy(preds, [e.reference for e in exs])
+    acc = metrics.accuracy([str(best[i][1]) for i in range(len(exs))], [e.reference for e in exs])
     n_tok = sum(len(t) for _, _, t in jobs)
-    return TaskResult(
-        "classify-scored", steps, len(exs), {"accuracy": acc}, n_tok / max(secs, 1e-9)
-    )
+    return TaskResult("classify-scored", steps, len(exs), {"accuracy": acc},
+                      n_tok / max(secs, 1e-9))  # fmt: skip
 
 
 def served_infill(sampler: Sampler, tok: YANTokenizer, exs: Sequence[Example], steps: int,
