@@ -18,6 +18,16 @@ run. On CPU there are no CUDA graphs and Triton is only interpreted: the referen
 eagerly and against a copy of the model whose encoder and trunk blocks and decoder run under
 `torch.compile`, with the share of tokens where the two agree.
 
+`scan` times the Mamba-1 selective scan at Bt x L x Di x N shapes: the sequential oracle
+(`yan_serve.model.mamba.selective_scan_ref`), `selective_scan_chunked` with its two chunk
+solvers ("loop", the CPU path; "doubling", the CUDA training path), each forward (no_grad) and
+forward + backward, and, on CUDA, the fused forward-only paths of `yan_kernels.ops.selective_scan`
+(the Triton kernel, and mamba-ssm's kernel when it imports). Per row: median ms, speedup over
+the oracle, GB/s of minimal traffic and its share of the measured copy bandwidth, and the max
+abs error against the oracle in fp32 (of y, and of the input grads for forward + backward).
+On a CPU the fused rows read "n/a (interpreter)" (Triton) and "n/a (not installed)" or
+"n/a (needs CUDA)" (mamba-ssm).
+
 `--device auto` (the default) takes CUDA when present, else the CPU; `--device cuda` without
 CUDA (or without triton) prints one line and exits with status 2. CPU timings are wall-clock
 medians (`time.perf_counter`) after one warm-up call, stopping early (after at least one timed
@@ -846,6 +856,230 @@ def run_sampler(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------- scan
+SCAN_DTYPES = {**_DTYPES, "fp16": torch.float16}
+SCAN_CHUNK = 64  # selective_scan_chunked's default chunk, the one the model runs
+SCAN_TORCH_PATHS = ("ref", "chunked-loop", "chunked-doubling")  # differentiable: fwd and fwd+bwd
+SCAN_FUSED_PATHS = ("triton", "mamba_ssm")  # yan_kernels.ops.selective_scan's fused paths: fwd
+SCAN_MODES = ("fwd", "fwd+bwd")
+NOT_INSTALLED = "n/a (not installed)"
+NEEDS_CUDA = "n/a (needs CUDA)"
+SCAN_COLUMNS = (
+    f"{'path':<18}{'mode':<9}{'shape':<16}{'ms':>10}{'speedup':>9}{'GB/s':>9}{'% copy':>8}"
+    f"{'max err':>10}"
+)
+
+Shape = tuple[int, int, int, int]  # Bt, L, Di, N
+
+
+@dataclass
+class ScanRow:
+    path: str  # "ref", "chunked-loop", "chunked-doubling", "triton" or "mamba_ssm"
+    mode: str  # "fwd" (under no_grad) or "fwd+bwd" (y, then the grads of (y * w).sum())
+    shape: str  # BtxLxDixN
+    ms: float | None  # median; None: not timed (`status` says why)
+    status: str  # "ok", "oom", TRITON_ON_CPU, NOT_INSTALLED or NEEDS_CUDA
+    speedup: float | None  # the ref row's ms / ms, same shape and mode
+    bytes: int  # minimal traffic in the input dtype (see `_scan_bytes`)
+    gbps: float | None
+    copy_pct: float | None  # gbps as a share of the measured copy bandwidth, in %
+    max_err: float | None  # max |out - oracle| in fp32: y, and for fwd+bwd also the grads
+
+
+def _scan_bytes(shape: Shape, elt: int, mode: str, gate: bool) -> int:
+    """Minimal traffic: fwd reads u, delta, B, C (and z when the gate is fused) and writes y;
+    fwd+bwd then reads u, delta, B, C and dy again and writes their four grads. A [Di, N] and
+    D [Di] are left out (negligible)."""
+    bt, length, di, n = shape
+    act = 2 * bt * length * di + 2 * bt * length * n  # u, delta, B, C
+    y = bt * length * di
+    if mode == "fwd":
+        return elt * (act + y + (y if gate else 0))
+    return elt * (3 * act + 2 * y)
+
+
+def _scan_inputs(shape: Shape, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """Mamba-like inputs: delta = softplus(x - 2) (about 0.1, as after dt_proj's bias), A the
+    S4D-real init -[1..N] per channel and D = 1 (both fp32, as the model keeps them), u, B, C,
+    the gate z and the loss weights w standard normal, all activations in `dtype`."""
+    bt, length, di, n = shape
+    torch.manual_seed(0)
+
+    def act(*size: int) -> torch.Tensor:
+        return torch.randn(*size, device=device).to(dtype)
+
+    u, B, C = act(bt, length, di), act(bt, length, n), act(bt, length, n)
+    delta = torch.nn.functional.softplus(torch.randn(bt, length, di, device=device) - 2).to(dtype)
+    A = -torch.arange(1, n + 1, device=device, dtype=torch.float32).repeat(di, 1)
+    D = torch.ones(di, device=device)
+    return {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D,
+            "z": act(bt, length, di), "w": act(bt, length, di)}  # fmt: skip
+
+
+def _scan_fn(path: str) -> Callable:
+    """(u, delta, A, B, C, D[, z]) -> y for one path; the fused ones import on first use."""
+    from yan_serve.model.mamba import selective_scan_chunked, selective_scan_ref
+
+    if path == "ref":
+        return selective_scan_ref
+    if path in ("chunked-loop", "chunked-doubling"):
+        inner = path.split("-")[1]
+        return lambda *a: selective_scan_chunked(*a, chunk=SCAN_CHUNK, inner=inner)
+    from yan_kernels import selective_scan as kernels
+
+    return kernels.selective_scan if path == "triton" else kernels.selective_scan_mamba_ssm
+
+
+def _scan_call(path: str, mode: str, x: dict[str, torch.Tensor]) -> Callable[[], tuple]:
+    """The timed call, which also returns what the check compares: (y,) for fwd, (y, grad u,
+    grad delta, grad A, grad B, grad C) for fwd+bwd. Fused paths take and apply the gate z."""
+    fn = _scan_fn(path)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"])
+    if path in SCAN_FUSED_PATHS:
+        args = (*args, x["z"])
+    if mode == "fwd":
+
+        def fwd() -> tuple:
+            with torch.no_grad():
+                return (fn(*args),)
+
+        return fwd
+    leaves = [t.detach().requires_grad_() for t in args[:5]]
+
+    def fwd_bwd() -> tuple:
+        y = fn(*leaves, *args[5:])
+        grads = torch.autograd.grad((y * x["w"]).sum(), leaves)
+        return (y.detach(), *grads)
+
+    return fwd_bwd
+
+
+def _fused_unavailable(path: str, device: str) -> str | None:
+    """Why a fused path cannot be timed here, or None when it can."""
+    if path == "triton":
+        return None if device == "cuda" else TRITON_ON_CPU
+    from yan_kernels import ops
+
+    if not ops.mamba_ssm_available():
+        return NOT_INSTALLED
+    return None if device == "cuda" else NEEDS_CUDA
+
+
+def _scan_oracle(x: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """`selective_scan_ref` in fp32 on the same input values: y per mode, fused-gated y."""
+    x32 = {k: v.float() for k, v in x.items()}
+    oracle = {mode: _scan_call("ref", mode, x32)() for mode in SCAN_MODES}
+    gated = (oracle["fwd"][0] * torch.nn.functional.silu(x32["z"]),)
+    return {**oracle, "gated": gated}
+
+
+def _max_err(out: tuple, want: tuple) -> float:
+    return max((a.float() - b).abs().max().item() for a, b in zip(out, want, strict=True))
+
+
+def _scan_cell(
+    path: str, mode: str, x: dict, oracle: dict, iters: int, device: str
+) -> tuple[float | None, str, float | None]:
+    """(median ms, status, max err) of one path and mode; on CUDA an OOM gives (None, "oom")."""
+    try:
+        call = _scan_call(path, mode, x)
+        want = oracle["gated" if path in SCAN_FUSED_PATHS else mode]
+        err = _max_err(call(), want)
+        return _timer(device)(call, iters), "ok", err
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, "oom", None
+
+
+def _scan_rows(
+    shapes: list[Shape], dtype: torch.dtype, device: str, iters: int, bw: float
+) -> Iterator[ScanRow]:
+    """Per shape, per path, per mode; the fused paths forward only (they have no backward)."""
+    elt = torch.finfo(dtype).bits // 8
+    for shape in shapes:
+        label = "x".join(map(str, shape))
+        x = _scan_inputs(shape, dtype, device)
+        oracle = _scan_oracle(x)
+        ref_ms: dict[str, float | None] = {}
+        for path in (*SCAN_TORCH_PATHS, *SCAN_FUSED_PATHS):
+            fused = path in SCAN_FUSED_PATHS
+            for mode in SCAN_MODES[:1] if fused else SCAN_MODES:
+                nbytes = _scan_bytes(shape, elt, mode, gate=fused)
+                reason = _fused_unavailable(path, device) if fused else None
+                if reason is not None:
+                    yield ScanRow(path, mode, label, None, reason, None, nbytes, None, None, None)
+                    continue
+                ms, status, err = _scan_cell(path, mode, x, oracle, iters, device)
+                if path == "ref":
+                    ref_ms[mode] = ms
+                base = ref_ms.get(mode)
+                speed = None if ms is None or base is None else base / ms
+                gbps = None if ms is None else nbytes / ms / 1e6
+                pct = None if gbps is None else 100 * gbps * 1e9 / bw
+                yield ScanRow(path, mode, label, ms, status, speed, nbytes, gbps, pct, err)
+        del x, oracle
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _scan_line(r: ScanRow) -> str:
+    start = f"{r.path:<18}{r.mode:<9}{r.shape:<16}"
+    if r.status not in ("ok", "oom"):
+        return f"{start}  {r.status}"
+    speed = "-" if r.speedup is None else f"{r.speedup:.2f}x"  # "-": this or the ref row oom
+    gbps = "-" if r.gbps is None else f"{r.gbps:.2f}"
+    pct = "-" if r.copy_pct is None else f"{r.copy_pct:.1f}%"
+    err = "-" if r.max_err is None else f"{r.max_err:.1e}"
+    return f"{start}{_fmt(r.ms, '10.3f')}{speed:>9}{gbps:>9}{pct:>8}{err:>10}"
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    device = _device(args)
+    if device == "cuda" and (missing := _missing_gpu_stack("scan")) is not None:
+        return missing
+    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    iters = args.iters or (20 if device == "cuda" else 10)
+    shapes = args.shapes or (
+        [(8, 1024, 1024, 16), (64, 256, 1024, 16)]
+        if device == "cuda"
+        else [(16, 128, 256, 16), (1, 512, 256, 16)]
+    )
+    bw = copy_bandwidth(iters, device)
+    header = {
+        **_run_header(device),
+        "python": platform.python_version(),
+        "dtype": dtype_name,
+        "chunk": SCAN_CHUNK,
+        "copy_GBps": round(bw / 1e9, 1),
+    }
+    print("  ".join(f"{k}={v}" for k, v in header.items()))
+    print(SCAN_COLUMNS)
+    rows = []
+    for r in _scan_rows(shapes, SCAN_DTYPES[dtype_name], device, iters, bw):
+        rows.append(r)
+        print(_scan_line(r), flush=True)
+    timing = (
+        f"medians of {iters} calls (CUDA events)"
+        if device == "cuda"
+        else f"wall-clock medians of up to {iters} calls (fewer past {CPU_BUDGET_S} s)"
+    )
+    print(
+        "shape: Bt x L x Di x N. ref: selective_scan_ref, the sequential oracle. chunked-loop /\n"
+        f"chunked-doubling: selective_scan_chunked(chunk={SCAN_CHUNK}, inner=loop|doubling)."
+        " triton /\nmamba_ssm: the fused paths of yan_kernels.ops.selective_scan (D skip and"
+        " silu(z) gate\nfused; forward only). fwd: under no_grad; fwd+bwd: y, then the grads of"
+        " (y * w).sum()\nwrt u, delta, A, B, C. speedup: ref ms / ms at the same shape and"
+        f" mode.\nms: {timing}.\nGB/s: minimal bytes in the input dtype / ms (fwd: read u,"
+        " delta, B, C (+ z fused),\nwrite y; fwd+bwd: also read them and dy again, write their"
+        " grads). % copy: share of\ncopy_GBps. max err: max |out - oracle| in fp32 over y"
+        " (fwd+bwd: and the five grads);\noracle: selective_scan_ref in fp32 on the same inputs"
+        " (fused: times silu(z)).\ntriton and mamba_ssm need CUDA: a CPU runs Triton only in"
+        " its interpreter (not timed)."
+    )
+    _write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows]}])
+    return 0
+
+
 def _int_list(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
@@ -869,6 +1103,24 @@ def _preset_list(text: str) -> list[str]:
             known = ", ".join(preset_names())
             raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose from {known}")
     return names
+
+
+def _shape_list(text: str) -> list[tuple[int, int, int, int]]:
+    """`16x128x256x16,1x512x256x16` -> [(Bt, L, Di, N), ...], each a positive integer."""
+    shapes = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        dims = item.lower().split("x")
+        if len(dims) != 4 or not all(d.strip().isdigit() and int(d) > 0 for d in dims):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated BtxLxDixN shapes of positive integers"
+                f" (e.g. 16x128x256x16), got {item!r}"
+            )
+        shapes.append((int(dims[0]), int(dims[1]), int(dims[2]), int(dims[3])))
+    if not shapes:
+        raise argparse.ArgumentTypeError(f"expected comma-separated BtxLxDixN shapes, got {text!r}")
+    return shapes
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -910,7 +1162,31 @@ def _add_sampler(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_sampler)
 
 
-COMMANDS = [_add_kernels, _add_sampler]
+def _add_scan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "scan",
+        help="Mamba selective scan: oracle vs chunked (loop, doubling) vs fused, fwd and fwd+bwd",
+    )
+    _add_device(p)
+    p.add_argument(
+        "--dtype",
+        choices=sorted(SCAN_DTYPES),
+        help="activations u, delta, B, C, z (default: bf16 on CUDA, fp32 on CPU)",
+    )
+    p.add_argument(
+        "--shapes",
+        type=_shape_list,
+        help="BtxLxDixN, comma-separated (default CUDA 8x1024x1024x16,64x256x1024x16;"
+        " CPU 16x128x256x16,1x512x256x16)",
+    )
+    p.add_argument(
+        "--iters", type=int, help="timed repetitions, median reported (default: 20 CUDA, 10 CPU)"
+    )
+    p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
+    p.set_defaults(func=run_scan)
+
+
+COMMANDS = [_add_kernels, _add_sampler, _add_scan]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`python -m yan_serve.bench kernels|sampler`: the CPU tables, the CUDA-only exits, the flags.
+"""`python -m yan_serve.bench kernels|sampler|scan`: the CPU tables, the CUDA-only exits, the flags.
 
 The CPU runs use tiny shapes and one timed call; `--no-compile` keeps them fast, and the `slow`
 test runs the torch.compile path itself (compilation takes ~10-30 s on one core).
@@ -200,7 +200,7 @@ def test_cpu_compiled_paths(capsys) -> None:
 
 # ---------------------------------------------------------------------- CUDA-only exits
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
-@pytest.mark.parametrize("command", ["kernels", "sampler"])
+@pytest.mark.parametrize("command", ["kernels", "sampler", "scan"])
 def test_device_cuda_without_cuda_exits_2(command: str, capsys) -> None:
     assert main([command, "--device", "cuda", "--iters", "1"]) == 2
     err = capsys.readouterr()
@@ -251,6 +251,8 @@ def test_list_flags_parse() -> None:
         (["sampler", "--preset", "nope"], "unknown preset 'nope'"),
         (["kernels", "--routed-n", "x"], "expected comma-separated integers, got 'x'"),
         (["kernels", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["scan", "--shapes", "16x128x256"], "expected comma-separated BtxLxDixN shapes"),
+        (["scan", "--dtype", "fp8"], "invalid choice: 'fp8'"),
     ],
 )
 def test_bad_flags_exit_2(argv: list[str], message: str, capsys) -> None:
@@ -258,3 +260,132 @@ def test_bad_flags_exit_2(argv: list[str], message: str, capsys) -> None:
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- scan
+TINY_SCAN = ["scan", "--device", "cpu", "--shapes", "2x9x8x4,1x70x8x4", "--iters", "1"]
+SCAN_ROW = re.compile(
+    r"^(?P<path>\S+)\s+(?P<mode>fwd|fwd\+bwd)\s+(?P<shape>\d+x\d+x\d+x\d+)\s+(?P<rest>.+)$"
+)
+TORCH_SCANS = ["ref", "chunked-loop", "chunked-doubling"]
+
+
+def _scan_cells(m: re.Match) -> tuple[float, float, float, float, float]:
+    """ms, speedup, GB/s, % copy, max err of a timed row."""
+    ms, speedup, gbps, pct, err = m["rest"].split()
+    assert speedup.endswith("x") and pct.endswith("%")
+    return float(ms), float(speedup[:-1]), float(gbps), float(pct[:-1]), float(err)
+
+
+def test_cpu_scan_table(monkeypatch, capsys, tmp_path) -> None:
+    """Every torch path in both modes at every shape, timed, checked against the oracle; the
+    fused rows say why they are not timed. The timed fwd+bwd call returns y and the five input
+    grads (a spy on the timer runs it once more), so a mode that skipped backward fails here."""
+    timed: list[tuple] = []
+    real = bench.cpu_time_ms
+
+    def spy(fn, iters, *args, **kwargs):
+        timed.append(fn())
+        return real(fn, iters, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "cpu_time_ms", spy)
+    out_json = tmp_path / "scan.json"
+    assert main([*TINY_SCAN, "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    headers, rows = _table(out, SCAN_ROW)
+    (h,) = headers
+    assert h["dtype"] == "fp32" and h["chunk"] == "64" and float(h["copy_GBps"]) > 0
+    assert bench.SCAN_COLUMNS in out.splitlines()
+    for col in ("path", "mode", "shape", "ms", "speedup", "GB/s", "% copy", "max err"):
+        assert col in bench.SCAN_COLUMNS
+    expected = [
+        *[(p, mode) for p in TORCH_SCANS for mode in ("fwd", "fwd+bwd")],
+        ("triton", "fwd"),
+        ("mamba_ssm", "fwd"),
+    ]
+    assert [(m["path"], m["mode"], m["shape"]) for m in rows] == [
+        (p, mode, shape) for shape in ("2x9x8x4", "1x70x8x4") for p, mode in expected
+    ]
+    for m in rows:
+        if m["path"] == "triton":
+            assert m["rest"] == bench.TRITON_ON_CPU == "n/a (interpreter)"
+        elif m["path"] == "mamba_ssm":
+            assert m["rest"].startswith("n/a (")  # not installed, or needs CUDA
+        else:
+            ms, speedup, gbps, pct, err = _scan_cells(m)
+            assert ms > 0 and speedup > 0 and gbps >= 0 and pct >= 0
+            assert err < 1e-4  # same y (and grads) as the fp32 oracle
+            if m["path"] == "ref":
+                assert speedup == 1.0 and err == 0.0
+    assert out.splitlines()[-1].startswith("triton and mamba_ssm need CUDA")
+    # the timer got the copy (first), then the 6 torch cells per shape and nothing fused
+    cells = timed[1:]
+    assert len(cells) == 2 * 6
+    for (bt, length, di, state), i in [((2, 9, 8, 4), 0), ((1, 70, 8, 4), 6)]:
+        for j in range(3):
+            (y,) = cells[i + 2 * j]  # fwd: y only
+            y2, gu, gdelta, gA, gB, gC = cells[i + 2 * j + 1]  # fwd+bwd: y and the grads
+            assert y.shape == y2.shape == gu.shape == gdelta.shape == (bt, length, di)
+            assert gA.shape == (di, state) and gB.shape == gC.shape == (bt, length, state)
+            assert not y.requires_grad and gA.abs().sum() > 0 and gB.abs().sum() > 0
+    data = json.loads(out_json.read_text())
+    assert data["header"] == h | {
+        "threads": int(h["threads"]), "chunk": 64, "copy_GBps": float(h["copy_GBps"]),
+        "cuda": None,
+    }  # fmt: skip
+    assert len(data["rows"]) == len(rows)
+    for r, m in zip(data["rows"], rows, strict=True):
+        assert (r["path"], r["mode"], r["shape"]) == (m["path"], m["mode"], m["shape"])
+        if r["path"] in TORCH_SCANS:
+            assert r["status"] == "ok" and r["ms"] > 0 and r["max_err"] < 1e-4
+            assert r["gbps"] == pytest.approx(r["bytes"] / r["ms"] / 1e6)
+        else:
+            assert r["ms"] is None and r["status"] == m["rest"]
+    fwd, fwd_bwd = data["rows"][:2]  # ref at 2x9x8x4: backward reads and writes more
+    assert fwd_bwd["bytes"] > 2 * fwd["bytes"]
+
+
+def test_scan_max_err_catches_a_wrong_path(monkeypatch, capsys, tmp_path) -> None:
+    """The error column compares with the oracle, not with the path itself."""
+    real = bench._scan_fn
+
+    def off(path):
+        fn = real(path)
+        return (lambda *a: fn(*a) * 1.01) if path == "chunked-loop" else fn
+
+    monkeypatch.setattr(bench, "_scan_fn", off)
+    out_json = tmp_path / "scan.json"
+    argv = ["scan", "--device", "cpu", "--shapes", "2x9x8x4", "--iters", "1"]
+    assert main([*argv, "--json", str(out_json)]) == 0
+    errs = {(r["path"], r["mode"]): r["max_err"] for r in json.loads(out_json.read_text())["rows"]}
+    assert errs[("chunked-loop", "fwd")] > 1e-3 and errs[("chunked-loop", "fwd+bwd")] > 1e-3
+    assert errs[("chunked-doubling", "fwd")] < 1e-5 and errs[("ref", "fwd+bwd")] == 0.0
+
+
+def test_scan_fused_triton_row(device, monkeypatch, capsys, tmp_path) -> None:
+    """The Triton row itself: on CUDA as the command runs it, on a CPU in the interpreter (which
+    the command never times): the fused scan with its gate matches the gated oracle."""
+    if device.type == "cpu":
+        real = bench._fused_unavailable
+        monkeypatch.setattr(
+            bench, "_fused_unavailable", lambda p, d: None if p == "triton" else real(p, d)
+        )
+    out_json = tmp_path / "scan.json"
+    argv = ["scan", "--device", device.type, "--dtype", "fp32", "--shapes", "2x9x8x4"]
+    assert main([*argv, "--iters", "1", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    (tri,) = [r for r in rows if r["path"] == "triton"]
+    assert tri["mode"] == "fwd" and tri["status"] == "ok" and tri["ms"] > 0
+    assert tri["max_err"] < 1e-4
+    assert tri["bytes"] == next(r["bytes"] for r in rows if r["mode"] == "fwd") + 4 * 2 * 9 * 8
+
+
+def test_scan_shapes_parse() -> None:
+    assert bench._shape_list("16x128x256x16, 1x512x256x16") == [
+        (16, 128, 256, 16),
+        (1, 512, 256, 16),
+    ]
+    assert bench._shape_list("2X9x8x4,") == [(2, 9, 8, 4)]
+    for bad in ("", ",", "2x9x8", "2x9x8x4x1", "2x9x0x4", "2x-9x8x4", "axbxcxd", "2x9x8x4.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._shape_list(bad)

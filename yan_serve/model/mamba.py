@@ -22,8 +22,9 @@ than on padding; the author's code flips whole rows instead (docs/mamba.md).
 
 Scans: `selective_scan_ref` is the sequential oracle. `selective_scan_chunked` equals it and
 is what the module runs on CPU and whenever autograd records (training): chunks solved step by
-step on CPU (the least work) or by a log-depth scan on CUDA (the fewest launches), one state
-carried between chunks, each chunk recomputed in backward so training memory stays small. On
+step on CPU (the least work, with a hand-written backward that runs the same recurrence back in
+time) or by a log-depth scan on CUDA (the fewest launches, each chunk recomputed in backward so
+training memory stays small), one state carried between chunks. On
 CUDA without autograd the module calls the fused scan `yan_kernels.ops.selective_scan`
 (mamba-ssm's kernel when installed, else the Triton kernel in kernels/selective_scan.py), which
 also fuses the D skip and the SiLU gate (docs/mamba.md, "Fast paths").
@@ -76,19 +77,85 @@ def selective_scan_ref(
     return y.to(dtype)
 
 
+class _LoopScan(torch.autograd.Function):
+    """One chunk of T positions from state h0 [Bt, Di, N], a step at a time, with a hand-written
+    backward -> (y [Bt, T, Di] without the D term, h_T [Bt, Di, N]). O(T) work: the fastest on CPU.
+
+    The decays exp(delta A) and inputs delta u B of every step are formed in one op each; the
+    recurrence is then one in-place multiply-add per step, forward and back (the adjoint runs
+    the same recurrence backwards in time: g_{t-1} += exp(delta_t A) * g_t). Autograd over the
+    plain loop would record ~6 tiny nodes per step and, checkpointed, run the forward twice;
+    on CPU that launch overhead was most of a Mamba training step. Saves the decays and the
+    states of the chunk, [T, Bt, Di, N] float32 each.
+    """
+
+    @staticmethod
+    def forward(ctx, h0: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor):
+        u_, d_, B_, C_ = (x.transpose(0, 1).contiguous() for x in (u, delta, B, C))  # time-major
+        y, dA, H = _loop_block(h0, u_, d_, A, B_, C_)
+        ctx.save_for_backward(h0, u_, d_, A, B_, C_, dA, H)
+        return y.transpose(0, 1), H[-1].clone()
+
+    @staticmethod
+    def backward(ctx, gy: Tensor, ghT: Tensor):
+        h0, u_, d_, A, B_, C_, dA, H = ctx.saved_tensors
+        T = H.shape[0]  # >= 1: the chunked scan never makes an empty chunk
+        gy_ = gy.transpose(0, 1)
+        gH = gy_[..., None] * C_[:, :, None, :]  # dL/dh_t through y_t only, then accumulated
+        gH[-1] += ghT
+        for t in range(T - 1, 0, -1):
+            gH[t - 1].addcmul_(dA[t], gH[t])  # ... plus through h_t = dA_t h_{t-1} + ...
+        gh0 = dA[0] * gH[0]
+        gC = torch.einsum("tbd,tbdn->tbn", gy_, H)  # (einsum: a batched GEMV here)
+        g_log_dA = gH * torch.cat([h0[None], H[:-1]], 0) * dA  # d/d(delta A)
+        gA = (g_log_dA * d_[..., None]).sum((0, 1))
+        g_du = (gH * B_[:, :, None, :]).sum(-1)  # d/d(delta u)
+        gdelta = (g_log_dA * A).sum(-1) + g_du * u_
+        gB = (gH * (d_ * u_)[..., None]).sum(2)
+        back = (x.transpose(0, 1) for x in (g_du * d_, gdelta, gB, gC))
+        gu, gdelta, gB, gC = back
+        return gh0, gu, gdelta, gA, gB, gC
+
+
+def _loop_block(
+    h0: Tensor, u_: Tensor, d_: Tensor, A: Tensor, B_: Tensor, C_: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """T steps from h0 on time-major inputs (u_, d_ [T, Bt, Di], B_, C_ [T, Bt, N])
+    -> (y [T, Bt, Di], decays exp(delta A) [T, Bt, Di, N], states h_1..h_T [T, Bt, Di, N])."""
+    dA = torch.exp(d_[..., None] * A)
+    H = (d_ * u_)[..., None] * B_[:, :, None, :]  # delta u B, overwritten by the states
+    h = h0
+    for t in range(H.shape[0]):
+        h = H[t].addcmul_(dA[t], h)  # h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t
+    return (H * C_[:, :, None, :]).sum(-1), dA, H
+
+
+# Without autograd the decays and states are not kept, so `_chunk_loop` forms them a block of
+# steps at a time, each block's [steps, Bt, Di, N] buffers at most this many bytes: large
+# short-lived buffers are fresh pages from the OS on every call (glibc hands allocations past
+# its mmap threshold straight back), and faulting them in cost more than the loop they replace.
+# Measured at Bt x L x Di x N = 16 x 128 x 256 x 16, no grad, 1 thread: 58 ms with whole-chunk
+# buffers, 18 ms in 1 MiB blocks, 22-26 ms for the plain step-at-a-time loop; at 1 x 512 the
+# blocks take 5.6 ms against that loop's 16.6 ms (docs/mamba.md).
+_NO_GRAD_BLOCK_BYTES = 1 << 20
+
+
 def _chunk_loop(
     h0: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 ) -> tuple[Tensor, Tensor]:
     """One chunk of T positions from state h0 [Bt, Di, N], a step at a time
-    -> (y [Bt, T, Di] without the D term, h_T [Bt, Di, N]). O(T) work: the fastest on CPU."""
+    -> (y [Bt, T, Di] without the D term, h_T [Bt, Di, N]); see `_LoopScan`."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (h0, u, delta, A, B, C)):
+        return _LoopScan.apply(h0, u, delta, A, B, C)
+    u_, d_, B_, C_ = (x.transpose(0, 1) for x in (u, delta, B, C))
+    step = max(1, _NO_GRAD_BLOCK_BYTES // (4 * h0.numel()))  # steps per block
     h, ys = h0, []
-    for t in range(u.shape[1]):
-        h = (
-            torch.exp(delta[:, t, :, None] * A) * h
-            + (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
-        )
-        ys.append((h * C[:, t, None, :]).sum(-1))
-    return torch.stack(ys, 1), h
+    for s in range(0, u_.shape[0], step):
+        y, _, H = _loop_block(h, *(x[s : s + step] for x in (u_, d_)), A,
+                              *(x[s : s + step] for x in (B_, C_)))  # fmt: skip
+        ys.append(y)
+        h = H[-1]
+    return torch.cat(ys).transpose(0, 1), h
 
 
 def _chunk_doubling(
@@ -131,8 +198,9 @@ def selective_scan_chunked(
     The sequence is cut into chunks of `chunk` positions; the last state of each chunk carries
     to the next. `inner` solves a chunk: "loop" (a step at a time, fastest on CPU) or
     "doubling" (log-depth, fewer kernel launches on CUDA); None picks by device. Under autograd
-    each chunk is checkpointed, so training stores one [Bt, Di, N] state per chunk instead of
-    every step's, and recomputes the chunk in backward.
+    "loop" runs its own backward (`_LoopScan`, which keeps the chunk's states: host memory is
+    plentiful, per-op overhead is not), and "doubling" chunks are checkpointed, so training on
+    CUDA stores one [Bt, Di, N] state per chunk and recomputes the chunk in backward.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -150,7 +218,10 @@ def selective_scan_chunked(
     for s in range(0, L, chunk):
         part = (x[:, s : s + chunk] for x in (u, delta))
         args = (h, *part, A, B[:, s : s + chunk], C[:, s : s + chunk])
-        y, h = checkpoint(solve, *args, use_reentrant=False) if grad else solve(*args)
+        if grad and inner == "doubling":
+            y, h = checkpoint(solve, *args, use_reentrant=False)
+        else:
+            y, h = solve(*args)
         ys.append(y)
     y = torch.cat(ys, 1) if ys else u.new_zeros(Bt, 0, Di)
     if D is not None:
