@@ -1,4 +1,5 @@
-"""The shipped default checkpoint loads, is what its card says, and works on every task format.
+"""The shipped default checkpoints (the Transformer yan-tiny-kjv and the Mamba yan-mamba-tiny-kjv,
+same data and recipe) load, are what their cards say, and work on every task format.
 
 Run: python -m pytest tests/test_default_checkpoint.py -q
 """
@@ -17,7 +18,12 @@ from yan_serve.tasks.formats import TaskFormatter
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
 from yan_serve.weights import from_pretrained, load_tokenizer
 
-CKPT = Path(__file__).resolve().parents[1] / "weights" / "yan-tiny-kjv"
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+# directory -> (config name, exact parameter count)
+SHIPPED = {
+    "yan-tiny-kjv": ("yan-tiny", 4_345_988),
+    "yan-mamba-tiny-kjv": ("yan-mamba-tiny", 5_346_948),
+}
 
 # Ruth 1:16-17 is in the test split (held-out book).
 PASSAGES = [
@@ -28,26 +34,29 @@ PASSAGES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    model = from_pretrained(CKPT)
-    return model, load_tokenizer(CKPT, model.config)
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def loaded(request):
+    ckpt = WEIGHTS / request.param
+    model = from_pretrained(ckpt)
+    return model, load_tokenizer(ckpt, model.config), ckpt
 
 
 def test_files_size_and_config(loaded) -> None:
-    model, tok = loaded
-    assert sum(f.stat().st_size for f in CKPT.iterdir()) < 30 * 2**20
-    assert model.config.name == "yan-tiny" and model.num_parameters() == 4_345_988
+    model, tok, ckpt = loaded
+    assert sum(f.stat().st_size for f in ckpt.iterdir()) < 30 * 2**20
+    assert (model.config.name, model.num_parameters()) == SHIPPED[ckpt.name]
+    mamba = model.config.name == "yan-mamba-tiny"
+    assert model.config.encoder_use_mamba is mamba and model.config.flow_use_mamba is mamba
     assert (tok.special.pad, tok.special.eos, tok.special.mask) == (0, 2, 3)
-    card = (CKPT / "README.md").read_text()
-    results = json.loads((CKPT / "eval.json").read_text())["results"]
+    card = (ckpt / "README.md").read_text()
+    results = json.loads((ckpt / "eval.json").read_text())["results"]
     infill3 = next(r for r in results if r["task"] == "infill" and r["steps"] == 3)
     assert f"{infill3['scores']['rouge1']:.1f}" in card  # the card quotes yan eval's output
 
 
 def test_infill_recovers_held_out_passages(loaded) -> None:
-    """Well above chance, as the card's 75 ROUGE-1 says (a random model scores < 15)."""
-    model, tok = loaded
+    """Well above chance, as the cards' ROUGE-1 of 70+ says (a random model scores < 15)."""
+    model, tok, _ = loaded
     fmt = TaskFormatter(tok)
     exs = [fmt.infill(TextRecord(p), random.Random(i)) for i, p in enumerate(PASSAGES)]
     gens = Sampler(model).generate(
@@ -58,7 +67,7 @@ def test_infill_recovers_held_out_passages(loaded) -> None:
 
 
 def test_every_task_format_runs(loaded) -> None:
-    model, tok = loaded
+    model, tok, _ = loaded
     fmt = TaskFormatter(tok)
     exs = [
         fmt.complete(TextRecord(PASSAGES[1])),

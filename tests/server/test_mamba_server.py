@@ -1,37 +1,24 @@
-"""The same server and endpoints on a YAN-Mamba checkpoint (issue #8): the bidirectional Mamba
-mixer behind every endpoint, streaming and the OpenAI route included. The weights are random
-(the outputs are noise); what is checked is that each request is served, well-formed and
-independent of its batch-mates."""
+"""The same server and endpoints on the shipped YAN-Mamba checkpoint (issue #8,
+weights/yan-mamba-tiny-kjv): the bidirectional Mamba mixer behind every endpoint, streaming and
+the OpenAI route included. What is checked is that each request is served, well-formed and
+independent of its batch-mates; the checkpoint's quality is tests/test_default_checkpoint.py's."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.conftest import CHECKPOINT, ServerProcess, assert_completions_ignore_batching
+from tests.server.conftest import ROOT, ServerProcess, assert_completions_ignore_batching
+
+MAMBA_CHECKPOINT = ROOT / "weights" / "yan-mamba-tiny-kjv"
 
 
 @pytest.fixture(scope="module")
-def mamba_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from yan_serve.config import YANConfig
-    from yan_serve.model import YAN
-    from yan_serve.tokenizer import YANTokenizer
-    from yan_serve.train.recipes import config_for_tokenizer
-    from yan_serve.weights import save_pretrained
-
-    out = tmp_path_factory.mktemp("yan-mamba-random")
-    tok = YANTokenizer.load(CHECKPOINT)
-    torch.manual_seed(0)
-    cfg = config_for_tokenizer(YANConfig.from_name("yan-mamba-tiny"), tok)
-    save_pretrained(YAN(cfg), out, tok)
-    shutil.copy(CHECKPOINT / "labels.json", out / "labels.json")
-    return out
+def mamba_checkpoint() -> Path:
+    return MAMBA_CHECKPOINT
 
 
 @pytest.fixture(scope="module")
