@@ -63,6 +63,7 @@ def _decoder_argmax_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_TILES: tl.constexpr,  # cdiv(D, BLOCK_K)
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -81,48 +82,55 @@ def _decoder_argmax_kernel(
         inv_t = tl.load(inv_t_ptr + rows, mask=row_ok, other=1.0)
         seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
     v_begin = pid_s * tiles_per_split * BLOCK_V
-    for it in range(0, tiles_per_split):
+    acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
+    # One flat loop over (vocabulary tile, d chunk) pairs rather than two nested loops: the
+    # software pipeliner then keeps loads in flight across tile boundaries (the pattern of
+    # Triton's persistent matmul), and the softmax epilogue runs on the tile's last chunk.
+    for i in range(0, tiles_per_split * K_TILES):
+        it = i // K_TILES
+        kk = i - it * K_TILES
         cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            xt = tl.load(
-                x_ptr + rows64[:, None] * stride_xn + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            wt = tl.load(
-                w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :],
-                mask=col_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
-        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        logits = tl.where(col_ok[None, :], acc + bias[None, :], float("-inf"))
-        # online max / argmax / log-sum-exp (every split's first tile has a valid column)
-        t_max = tl.max(logits, axis=1)
-        t_arg = tl.argmax(logits, axis=1, tie_break_left=True).to(tl.int32)
-        new_m = tl.maximum(m_i, t_max)
-        s_i = s_i * tl.exp(m_i - new_m) + tl.sum(tl.exp(logits - new_m[:, None]), axis=1)
-        a_i = tl.where(t_max > m_i, t_arg + v_begin + it * BLOCK_V, a_i)
-        m_i = new_m
-        if SAMPLE:
-            offs = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_V))
-            keys = tl.broadcast_to(seed[:, None], (BLOCK_M, BLOCK_V))
-            u = tl.rand(keys, offs)
-            pert = logits * inv_t[:, None] - tl.log(-tl.log(u))
-            p_max = tl.max(pert, axis=1)
-            p_arg = tl.argmax(pert, axis=1, tie_break_left=True).to(tl.int32)
-            ga_i = tl.where(p_max > g_i, p_arg + v_begin + it * BLOCK_V, ga_i)
-            g_i = tl.maximum(g_i, p_max)
-        if M > 0:
-            for j in tl.static_range(M):
-                lab = tl.load(labels_ptr + rows64 * M + j, mask=row_ok, other=-1)
-                hit = cols[None, :] == lab[:, None]
-                val = tl.sum(tl.where(hit, logits, 0.0), axis=1)
-                lab_acc = tl.where(lab_col[None, :] == j, lab_acc + val[:, None], lab_acc)
+        ks = kk * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        xt = tl.load(
+            x_ptr + rows64[:, None] * stride_xn + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :],
+            mask=col_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
+        if kk == K_TILES - 1:
+            # columns past V get a -inf bias (their weights loaded as 0), so no extra select
+            bias = tl.load(b_ptr + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
+            logits = acc + bias[None, :]
+            # online max / argmax / log-sum-exp (every split's first tile has a valid column)
+            t_max = tl.max(logits, axis=1)
+            t_arg = tl.argmax(logits, axis=1, tie_break_left=True).to(tl.int32)
+            new_m = tl.maximum(m_i, t_max)
+            s_i = s_i * tl.exp(m_i - new_m) + tl.sum(tl.exp(logits - new_m[:, None]), axis=1)
+            a_i = tl.where(t_max > m_i, t_arg + v_begin + it * BLOCK_V, a_i)
+            m_i = new_m
+            if SAMPLE:
+                offs = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_V))
+                keys = tl.broadcast_to(seed[:, None], (BLOCK_M, BLOCK_V))
+                u = tl.rand(keys, offs)
+                pert = logits * inv_t[:, None] - tl.log(-tl.log(u))
+                p_max = tl.max(pert, axis=1)
+                p_arg = tl.argmax(pert, axis=1, tie_break_left=True).to(tl.int32)
+                ga_i = tl.where(p_max > g_i, p_arg + v_begin + it * BLOCK_V, ga_i)
+                g_i = tl.maximum(g_i, p_max)
+            if M > 0:
+                for j in tl.static_range(M):
+                    lab = tl.load(labels_ptr + rows64 * M + j, mask=row_ok, other=-1)
+                    hit = cols[None, :] == lab[:, None]
+                    val = tl.sum(tl.where(hit, logits, 0.0), axis=1)
+                    lab_acc = tl.where(lab_col[None, :] == j, lab_acc + val[:, None], lab_acc)
+            acc = tl.zeros((BLOCK_M, BLOCK_V), tl.float32)
     out = pid_s * N + rows64
     tl.store(max_ptr + out, m_i, mask=row_ok)
     tl.store(arg_ptr + out, a_i, mask=row_ok)
@@ -138,16 +146,103 @@ def _decoder_argmax_kernel(
         )
 
 
-def _default_blocks(
-    device: torch.device, n: int, dtype: torch.dtype
-) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages). On GPUs the row tile follows N (a
-    dot needs >= 16 rows) and fp32 tiles get one stage less of shared memory; the interpreter
-    wants few, large tiles."""
-    if device.type == "cuda":
-        bm = min(max(triton.next_power_of_2(n), 16), 128)
-        return bm, 128, 64, 8 if bm >= 128 else 4, 2 if dtype == torch.float32 else 3
-    return 64, 256, 128, 4, 1
+@triton.jit
+def _fold_kernel(
+    max_ptr,  # [S, N] fp32 partials from _decoder_argmax_kernel
+    arg_ptr,  # [S, N] int32
+    sum_ptr,  # [S, N] fp32
+    gmax_ptr,  # [S, N] fp32 (SAMPLE)
+    garg_ptr,  # [S, N] int32 (SAMPLE)
+    lab_ptr,  # [S, N, M] fp32 (M > 0)
+    temp_ptr,  # [N] fp32 temperatures (SAMPLE)
+    token_ptr,  # [N] int64 out
+    prob_ptr,  # [N] fp32 out
+    sample_ptr,  # [N] int64 out (SAMPLE)
+    logp_ptr,  # [N, M] fp32 out (M > 0)
+    N,
+    S,
+    M: tl.constexpr,
+    M_P2: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Fold the S vocabulary splits of each row in one launch: the first split holding the
+    global max wins ties (so the lowest index wins overall), sums are rescaled to that max."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rows < N
+    gm = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    tok = tl.zeros((BLOCK_N,), tl.int32)
+    for s in range(0, S):  # rows past N read 0 (not -inf) so that no inf - inf is formed
+        m = tl.load(max_ptr + s * N + rows, mask=ok, other=0.0)
+        a = tl.load(arg_ptr + s * N + rows, mask=ok, other=0)
+        tok = tl.where(m > gm, a, tok)
+        gm = tl.maximum(gm, m)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for s in range(0, S):
+        m = tl.load(max_ptr + s * N + rows, mask=ok, other=0.0)
+        sm = tl.load(sum_ptr + s * N + rows, mask=ok, other=1.0)
+        total += sm * tl.exp(m - gm)
+    lse = gm + tl.log(total)
+    tl.store(token_ptr + rows, tok.to(tl.int64), mask=ok)
+    tl.store(prob_ptr + rows, tl.exp(gm - lse), mask=ok)
+    if SAMPLE:
+        gg = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        samp = tl.zeros((BLOCK_N,), tl.int32)
+        for s in range(0, S):
+            g = tl.load(gmax_ptr + s * N + rows, mask=ok, other=0.0)
+            a = tl.load(garg_ptr + s * N + rows, mask=ok, other=0)
+            samp = tl.where(g > gg, a, samp)
+            gg = tl.maximum(gg, g)
+        temp = tl.load(temp_ptr + rows, mask=ok, other=0.0)
+        samp = tl.where(temp > 0, samp, tok)
+        tl.store(sample_ptr + rows, samp.to(tl.int64), mask=ok)
+    if M > 0:
+        cols = tl.arange(0, M_P2)
+        lmask = ok[:, None] & (cols[None, :] < M)
+        acc = tl.zeros((BLOCK_N, M_P2), tl.float32)
+        for s in range(0, S):
+            acc += tl.load(
+                lab_ptr + (s * N + rows)[:, None].to(tl.int64) * M + cols[None, :],
+                mask=lmask,
+                other=0.0,
+            )
+        tl.store(logp_ptr + rows[:, None].to(tl.int64) * M + cols[None, :],
+                 acc - lse[:, None], mask=lmask)  # fmt: skip
+
+
+class Blocks(NamedTuple):
+    """One launch configuration of the decoder kernel."""
+
+    block_m: int
+    block_v: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# GPU configurations by row count. Few rows (a batch-1 request is a few dozen positions): the
+# op streams the [V, d] weight once, so the row tile just covers N and the vocabulary is split
+# over ~2 programs per SM. Many rows: 128 x 128 tiles with 8 warps, one split per row block
+# when there are enough row blocks to fill the GPU.
+GPU_ROW_TILES = (16, 32, 64)
+GPU_SMALL = Blocks(64, 128, 64, 4, 4)  # block_m follows N (16, 32 or 64)
+GPU_LARGE = Blocks(128, 128, 64, 8, 3)
+GPU_FP32_STAGES = 2  # fp32 tiles take twice the shared memory per stage
+INTERPRETER = Blocks(64, 256, 128, 4, 1)  # few, large tiles: each tile op is one numpy call
+FOLD_BLOCK = 128
+
+
+def default_blocks(device: torch.device, n: int, dtype: torch.dtype) -> Blocks:
+    """The launch configuration for `n` rows of `dtype` on `device`."""
+    if device.type != "cuda":
+        return INTERPRETER
+    if n > GPU_ROW_TILES[-1]:
+        cfg = GPU_LARGE
+    else:
+        cfg = GPU_SMALL._replace(block_m=next(t for t in GPU_ROW_TILES if t >= n))
+    if dtype == torch.float32:
+        cfg = cfg._replace(num_stages=min(cfg.num_stages, GPU_FP32_STAGES))
+    return cfg
 
 
 def _default_splits(device: torch.device, row_blocks: int, n_tiles: int) -> int:
@@ -175,6 +270,10 @@ def _labels_2d(labels: Tensor, n: int) -> tuple[Tensor, bool]:
     return lab, squeeze
 
 
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
 def decoder_argmax(
     x: Tensor,
     weight: Tensor,
@@ -186,11 +285,14 @@ def decoder_argmax(
     block_v: int | None = None,
     block_k: int | None = None,
     splits: int | None = None,
+    blocks: Blocks | None = None,
 ) -> DecodeResult:
     """Triton launcher. x [N, d], weight [V, d] (nn.Linear layout), bias [V]; temperature
     (float or [N]) with seed ([N] int64) asks for a Gumbel-max sample per row (rows with
     temperature <= 0 get the argmax); labels [N] or [N, M] ids in [0, V) ask for their
-    log-probabilities. Block sizes and the vocabulary split count default per device."""
+    log-probabilities. The launch configuration defaults per device and N (`default_blocks`,
+    `blocks` replaces it, `block_*` override single fields), the vocabulary split count per
+    device. Two launches (the split kernel and the fold), no host synchronization."""
     N, D = x.shape
     V, D1 = weight.shape
     assert D1 == D and bias.shape == (V,), f"x {tuple(x.shape)}, weight {tuple(weight.shape)}"
@@ -200,9 +302,11 @@ def decoder_argmax(
     assert x.device == weight.device == bias.device, "tensors on several devices"
     assert V < 2**31 and N < 2**31
     dev = x.device
-    dm, dv, dk, warps, stages = _default_blocks(dev, N, x.dtype)
-    bm, bv, bk = block_m or dm, block_v or dv, block_k or dk
+    cfg = blocks or default_blocks(dev, N, x.dtype)
+    bm, bv, bk = block_m or cfg.block_m, block_v or cfg.block_v, block_k or cfg.block_k
     sample = temperature is not None
+    f32 = dict(device=dev, dtype=torch.float32)
+    i32 = dict(device=dev, dtype=torch.int32)
     if sample:
         assert seed is not None, "temperature sampling needs a per-row seed"
         temp = _as_rows(temperature, N, dev, torch.float32)
@@ -210,7 +314,7 @@ def decoder_argmax(
         assert temp.shape == (N,) and seeds.shape == (N,), "temperature / seed must be [N]"
         inv_t = 1.0 / torch.where(temp > 0, temp, torch.ones_like(temp))
     else:
-        inv_t = seeds = torch.empty(0, device=dev)
+        temp = inv_t = seeds = torch.empty(0, **f32)
     if labels is not None:
         lab, squeeze = _labels_2d(labels, N)
         lab = lab.to(device=dev, dtype=torch.int64).contiguous()
@@ -222,45 +326,108 @@ def decoder_argmax(
     S = splits or _default_splits(dev, row_blocks, n_tiles)
     per = triton.cdiv(n_tiles, S)
     S = triton.cdiv(n_tiles, per)  # every split starts inside the vocabulary
-    f32 = dict(device=dev, dtype=torch.float32)
-    i32 = dict(device=dev, dtype=torch.int32)
     mx, sm = torch.empty(S, N, **f32), torch.empty(S, N, **f32)
     arg = torch.empty(S, N, **i32)
     gmx = torch.empty(S, N, **f32) if sample else mx
     garg = torch.empty(S, N, **i32) if sample else arg
     lab_out = torch.empty(S, N, M, **f32) if M else mx
+    token = torch.empty(N, device=dev, dtype=torch.long)
+    prob = torch.empty(N, **f32)
+    samp = torch.empty(N, device=dev, dtype=torch.long) if sample else token
+    logp = torch.empty(N, M, **f32) if M else prob
+    m_p2 = triton.next_power_of_2(max(M, 1))
     if N > 0:
         _decoder_argmax_kernel[(row_blocks, S)](
             x, weight, bias, inv_t, seeds, lab,
             mx, arg, sm, gmx, garg, lab_out,
             N, V, D, per, x.stride(0), weight.stride(0),
-            M=M, M_P2=triton.next_power_of_2(max(M, 1)), SAMPLE=sample,
-            BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=warps, num_stages=stages,
+            M=M, M_P2=m_p2, SAMPLE=sample,
+            BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, K_TILES=triton.cdiv(D, bk),
+            DOT_PRECISION=_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    # fold the splits: the first split holding the global max wins ties (lowest index)
-    gm, first = _fold_max(mx)
-    token = arg.gather(0, first[None]).squeeze(0).long()
-    total = (sm * torch.exp(mx - gm)).sum(0)
-    lse = gm + torch.log(total)
-    prob = torch.exp(gm - lse)
-    samp = None
-    if sample:
-        _, gfirst = _fold_max(gmx)
-        samp = garg.gather(0, gfirst[None]).squeeze(0).long()
-        samp = torch.where(temp > 0, samp, token)
+        _fold_kernel[(triton.cdiv(N, FOLD_BLOCK),)](
+            mx, arg, sm, gmx, garg, lab_out, temp if sample else prob,
+            token, prob, samp, logp, N, S,
+            M=M, M_P2=m_p2, SAMPLE=sample, BLOCK_N=FOLD_BLOCK,
+        )  # fmt: skip
     label_logp = None
     if M:
-        label_logp = lab_out.sum(0) - lse[:, None]
-        label_logp = label_logp.squeeze(1) if squeeze else label_logp
-    return DecodeResult(token, prob, samp, label_logp)
+        label_logp = logp.squeeze(1) if squeeze else logp
+    return DecodeResult(token, prob, samp if sample else None, label_logp)
 
 
-def _fold_max(parts: Tensor) -> tuple[Tensor, Tensor]:
-    """parts [S, N] -> (max over S [N], the first s attaining it [N])."""
-    first = parts.argmax(0)  # torch.argmax returns the first of equal maxima
-    return parts.gather(0, first[None]).squeeze(0), first
+def aot_specs() -> list:
+    """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`). The label
+    count M is data-dependent: 0 (generation), 1 and 3 are compiled as representatives, with
+    greedy, sampling, scoring and sampling + scoring; fp16 (never served) only greedy."""
+    from yan_kernels.aot import TORCH_TO_TRITON, AotSpec
+
+    combos = ((False, 0), (True, 0), (False, 3), (True, 1))  # (SAMPLE, M)
+    configs = [GPU_SMALL._replace(block_m=t) for t in GPU_ROW_TILES] + [GPU_LARGE]
+    specs = []
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        name = TORCH_TO_TRITON[str(dtype).removeprefix("torch.")]
+        t = "*" + name
+        sig = dict(
+            x_ptr=t,
+            w_ptr=t,
+            b_ptr=t,
+            inv_t_ptr="*fp32",
+            seed_ptr="*i64",
+            labels_ptr="*i64",
+            max_ptr="*fp32",
+            arg_ptr="*i32",
+            sum_ptr="*fp32",
+            gmax_ptr="*fp32",
+            garg_ptr="*i32",
+            lab_ptr="*fp32",
+            N="i32",
+            V="i32",
+            D="i32",
+            tiles_per_split="i32",
+            stride_xn="i32",
+            stride_wv="i32",
+        )
+        for cfg in configs:
+            if dtype == torch.float32:
+                cfg = cfg._replace(num_stages=min(cfg.num_stages, GPU_FP32_STAGES))
+            for sample, M in combos[: 1 if dtype == torch.float16 else None]:
+                const = dict(
+                    M=M,
+                    M_P2=triton.next_power_of_2(max(M, 1)),
+                    SAMPLE=sample,
+                    BLOCK_M=cfg.block_m,
+                    BLOCK_V=cfg.block_v,
+                    BLOCK_K=cfg.block_k,
+                    K_TILES=512 // cfg.block_k,
+                    DOT_PRECISION=_precision(dtype),
+                )
+                label = f"{name} sample={sample} M={M} {cfg}"
+                specs.append(
+                    AotSpec(
+                        "_decoder_argmax_kernel", sig, const, cfg.num_warps, cfg.num_stages, label
+                    )
+                )
+    fold_sig = dict(
+        max_ptr="*fp32",
+        arg_ptr="*i32",
+        sum_ptr="*fp32",
+        gmax_ptr="*fp32",
+        garg_ptr="*i32",
+        lab_ptr="*fp32",
+        temp_ptr="*fp32",
+        token_ptr="*i64",
+        prob_ptr="*fp32",
+        sample_ptr="*i64",
+        logp_ptr="*fp32",
+        N="i32",
+        S="i32",
+    )
+    for sample, M in combos:
+        const = dict(M=M, M_P2=triton.next_power_of_2(max(M, 1)), SAMPLE=sample, BLOCK_N=FOLD_BLOCK)
+        specs.append(AotSpec("_fold_kernel", fold_sig, const, 4, 1, f"sample={sample} M={M}"))
+    return specs
 
 
 def philox_uniform(seed: Tensor, n: int) -> Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from yan_kernels.decoder_argmax import DecodeResult
+    from yan_kernels.routed_expert import TileMap
 
 Backend = Literal["auto", "ref", "triton"]
 _BACKENDS = ("auto", "ref", "triton")
@@ -128,15 +129,28 @@ def routed_expert_euler(
     b2: Tensor,
     z: Tensor | None = None,
     dt: float = 1.0,
+    tiles: TileMap | None = None,
 ) -> Tensor:
     """`z + dt * FFN_expert(h)` per token (or `FFN_expert(h)` when z is None): h [N, d],
-    expert [N] long, w1 [K, d, F], b1 [K, F], w2 [K, F, d], b2 [K, d], z [N, d] -> [N, d]."""
+    expert [N] long, w1 [K, d, F], b1 [K, F], w2 [K, F, d], b2 [K, d], z [N, d] -> [N, d].
+    `tiles` (from `expert_tiles`) lets a solve group its tokens by expert once."""
     from yan_kernels import routed_expert as m  # the submodule, imported on first use
 
-    fn = m.routed_expert_euler_ref
     if _take_triton(h, w1, b1, w2, b2, z) and expert.device == h.device:
-        fn = m.routed_expert_euler
-    return fn(h, expert, w1, b1, w2, b2, z, dt)
+        return m.routed_expert_euler(h, expert, w1, b1, w2, b2, z, dt, tiles=tiles)
+    return m.routed_expert_euler_ref(h, expert, w1, b1, w2, b2, z, dt)
+
+
+def expert_tiles(expert: Tensor, n_experts: int, like: Tensor) -> TileMap | None:
+    """The token grouping `routed_expert_euler` would build for `expert` [N] with activations
+    like `like` [N, d], when the Triton kernel will run; None for the reference (it groups with
+    `nonzero` itself)."""
+    from yan_kernels import routed_expert as m
+
+    if not (_take_triton(like) and expert.device == like.device):
+        return None
+    blocks = m.default_blocks(like.device, expert.shape[0])
+    return m.tile_map(expert, n_experts, blocks.block_m)
 
 
 def routed_expert(
@@ -160,6 +174,36 @@ def decoder_argmax(
 
     fn = m.decoder_argmax if _take_triton(x, weight, bias) else m.decoder_argmax_ref
     return fn(x, weight, bias, temperature, seed, labels)
+
+
+def add_layer_norm(
+    x: Tensor,
+    y: Tensor | None,
+    weight: Tensor | None,
+    shift: Tensor | None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """(res, out): res = x + y + bias (x when y is None), out = LayerNorm(res) * weight + shift;
+    x, y [N, d], weight / shift / bias [d] or None (see `yan_kernels.layer_norm`)."""
+    from yan_kernels import layer_norm as m
+
+    ts = (x, y, weight, shift, bias)
+    fn = m.add_layer_norm if _take_triton(*ts) else m.add_layer_norm_ref
+    return fn(x, y, weight, shift, bias, eps)
+
+
+def request_noise(
+    seed: Tensor, length: Tensor, L: int, d: int, init_noise: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each request's draws from a counter-based generator keyed by its seed, on the seeds'
+    device: seed [B] int64, length [B] -> z0 [B, L, d] (dtype), routing uniforms [B, L] and
+    token uniforms [B, L] (fp32), zero past each length (see `yan_kernels.noise`)."""
+    from yan_kernels import noise as m
+
+    run_kernel = use_triton() and _triton_runs_on([seed, length])
+    fn = m.request_noise if run_kernel else m.request_noise_ref
+    return fn(seed, length, L, d, init_noise, dtype)
 
 
 # ------------------------------------------------------------------------------ selective scan

@@ -16,13 +16,17 @@ return at once. Accumulation is fp32; GELU is the exact erf form (matching `F.ge
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_SQRT1_2 = 0.7071067811865476
+# A module-level constant read inside @triton.jit must be a tl.constexpr: the GPU compiler
+# rejects plain globals (the CPU interpreter does not, which is why kernels/aot.py exists).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
@@ -146,16 +150,46 @@ def _expert_down_kernel(
     )
 
 
-def _default_blocks(device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The interpreter wants few, large
-    tiles (each tile op is one numpy call); H100-class GPUs a 64 x 128 x 64 bf16 tile."""
+class Blocks(NamedTuple):
+    """One launch configuration of both kernels."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# GPU configurations by token count: a 64-row tile keeps more programs in flight when few tokens
+# share an expert; from a few thousand tokens a 128 x 128 tile with 8 warps feeds the tensor
+# cores better (the grid then has hundreds of programs per expert).
+GPU_SMALL = Blocks(64, 128, 64, 4, 3)
+GPU_LARGE = Blocks(128, 128, 64, 8, 3)
+GPU_LARGE_N = 4096
+INTERPRETER = Blocks(64, 256, 128, 4, 1)  # few, large tiles: each tile op is one numpy call
+
+
+def default_blocks(device: torch.device, n: int) -> Blocks:
+    """The launch configuration for `n` tokens on `device`."""
     if device.type == "cuda":
-        return 64, 128, 64, 4, 3
-    return 64, 256, 128, 4, 1
+        return GPU_LARGE if n >= GPU_LARGE_N else GPU_SMALL
+    return INTERPRETER
 
 
-def _tile_map(expert: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tensor, int]:
-    """Group tokens by expert: (order [N], tiles [3, T] int32, T) without a host sync."""
+class TileMap(NamedTuple):
+    """Tokens grouped by expert: `order` [N] (sorted position -> token), `tiles` [3, T] int32
+    (expert, first sorted row, end sorted row; surplus tiles empty), T, and the tile height."""
+
+    order: Tensor
+    tiles: Tensor
+    total: int
+    block_m: int
+
+
+def tile_map(expert: Tensor, n_experts: int, block_m: int) -> TileMap:
+    """Group tokens by expert without a host sync (graph-capturable). With frozen routing the
+    experts are fixed for a whole solve, so a caller builds this once and passes it to every
+    `routed_expert_euler` call of the solve."""
     n = expert.shape[0]
     expert = expert.long()
     order = torch.argsort(expert, stable=True)
@@ -173,7 +207,7 @@ def _tile_map(expert: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Ten
     live = t < tile_end[-1]
     r1 = torch.where(live, r1, r0)
     tiles = torch.stack([e, r0, r1]).to(torch.int32).contiguous()
-    return order, tiles, total
+    return TileMap(order, tiles, total, block_m)
 
 
 def routed_expert_euler(
@@ -185,17 +219,18 @@ def routed_expert_euler(
     b2: Tensor,
     z: Tensor | None = None,
     dt: float = 1.0,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    block_k: int | None = None,
+    tiles: TileMap | None = None,
+    blocks: Blocks | None = None,
 ) -> Tensor:
     """Triton launcher. h [N, d], expert [N] long in [0, K), w1 [K, d, F], b1 [K, F],
     w2 [K, F, d], b2 [K, d], z [N, d] or None, dt a Python float -> [N, d] (z's dtype, else
     h's): `z + dt * FFN_expert(h)`, or `FFN_expert(h)` when z is None.
 
+    `tiles` is `tile_map(expert, K, blocks.block_m)` when the caller reuses one grouping across
+    calls (built here otherwise); `blocks` defaults per device and N (`default_blocks`).
     Expert ids must lie in [0, K); they are not range-checked (that would synchronize with the
-    host; an id out of range trips scatter_add's device-side index check). Block sizes default
-    per device (`_default_blocks`). No host synchronization: the launch is graph-capturable."""
+    host; an id out of range trips scatter_add's device-side index check). No host
+    synchronization: the launch is graph-capturable."""
     N, D = h.shape
     K, D1, Fh = w1.shape
     assert D1 == D and w2.shape == (K, Fh, D), f"weights {tuple(w1.shape)} / {tuple(w2.shape)}"
@@ -210,30 +245,70 @@ def routed_expert_euler(
         assert z.shape == (N, D) and z.stride(1) == 1, f"z {tuple(z.shape)} vs h {(N, D)}"
         devices.add(z.device)
     assert len(devices) == 1, f"tensors on several devices: {devices}"
-    dm, dn, dk, warps, stages = _default_blocks(h.device)
-    bm, bn, bk = block_m or dm, block_n or dn, block_k or dk
+    cfg = blocks or (
+        default_blocks(h.device, N)
+        if tiles is None
+        else default_blocks(h.device, N)._replace(block_m=tiles.block_m)
+    )
+    if tiles is not None:
+        assert tiles.block_m == cfg.block_m, f"tile map of {tiles.block_m} rows, blocks {cfg}"
+        assert tiles.order.shape == (N,), "tile map built for another token count"
     out = torch.empty((N, D), device=h.device, dtype=(z if z is not None else h).dtype)
     if N == 0:
         return out
-    order, tiles, total = _tile_map(expert, K, bm)
+    order, tile_tab, total, bm = tiles or tile_map(expert, K, cfg.block_m)
     act = torch.empty((N, Fh), device=h.device, dtype=h.dtype)
-    precision = "ieee" if h.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit
-    _expert_up_kernel[(total, triton.cdiv(Fh, bn))](
-        h, order, tiles, w1, b1, act,
+    precision = _precision(h.dtype)
+    _expert_up_kernel[(total, triton.cdiv(Fh, cfg.block_n))](
+        h, order, tile_tab, w1, b1, act,
         D, Fh, total,
         h.stride(0), w1.stride(0), w1.stride(1), b1.stride(0), act.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     zz = z if z is not None else out  # a valid pointer; not read unless HAS_Z
-    _expert_down_kernel[(total, triton.cdiv(D, bn))](
-        act, order, tiles, w2, b2, zz, out, float(dt),
+    _expert_down_kernel[(total, triton.cdiv(D, cfg.block_n))](
+        act, order, tile_tab, w2, b2, zz, out, float(dt),
         D, Fh, total,
         act.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), zz.stride(0), out.stride(0),
-        HAS_Z=z is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_PRECISION=precision,
-        num_warps=warps, num_stages=stages,
+        HAS_Z=z is not None, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def aot_specs() -> list:
+    """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`)."""
+    from yan_kernels.aot import TORCH_TO_TRITON, AotSpec
+
+    specs = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = "*" + TORCH_TO_TRITON[str(dtype).removeprefix("torch.")]
+        for cfg in (GPU_SMALL, GPU_LARGE):
+            blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                          DOT_PRECISION=_precision(dtype))  # fmt: skip
+            opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            specs.append(AotSpec(
+                "_expert_up_kernel",
+                dict(h_ptr=t, order_ptr="*i64", tiles_ptr="*i32", w1_ptr=t, b1_ptr=t, act_ptr=t,
+                     D="i32", H="i32", T="i32", stride_hn="i32", stride_w1k="i32",
+                     stride_w1d="i32", stride_b1k="i32", stride_an="i32"),
+                blocks, **opts, label=f"{t[1:]} {cfg}",
+            ))  # fmt: skip
+            for has_z in (True, False):
+                specs.append(AotSpec(
+                    "_expert_down_kernel",
+                    dict(act_ptr=t, order_ptr="*i64", tiles_ptr="*i32", w2_ptr=t, b2_ptr=t,
+                         z_ptr=t, out_ptr=t, dt="fp32", D="i32", H="i32", T="i32",
+                         stride_an="i32", stride_w2k="i32", stride_w2f="i32", stride_b2k="i32",
+                         stride_zn="i32", stride_on="i32"),
+                    {**blocks, "HAS_Z": has_z}, **opts, label=f"{t[1:]} z={has_z} {cfg}",
+                ))  # fmt: skip
+    return specs
 
 
 def routed_expert_euler_ref(

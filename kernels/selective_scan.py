@@ -188,6 +188,58 @@ def selective_scan(
     return out
 
 
+def aot_specs() -> list:
+    """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`).
+
+    The launcher casts nothing: u, delta, B, C, z and out share the activation dtype, while A
+    and D may each be any of fp32 / bf16 / fp16 (the model passes A in fp32 and D in its own
+    dtype). Without D the kernel gets A as D's pointer, without z it gets u as z's. On CUDA
+    BLOCK_D = 32 with 2 warps and Triton's default 3 stages (`_default_blocks`).
+
+    BLOCK_N = next_power_of_2(N) is reached for any N; every dtype and flag combination is
+    compiled at the model's N = 16, and the other powers of two from 1 to 256 (a representative
+    set: Mamba uses 16, and a larger N only widens the same register tiles) in the model's own
+    configuration (A fp32, D and z given, D in the activation dtype) for each activation dtype.
+    `block_d` is a caller override (any power of two; tests use 16 and 32): 1, 16, 64 and 128
+    stand for it.
+
+    Ints are i32: Triton types an int as i64 only from 2**31 up, which among these arguments
+    only a batch stride can reach (one row of more than 2**31 elements, e.g. L * Di); one spec
+    per activation dtype covers that case."""
+    from yan_kernels.aot import TORCH_TO_TRITON, AotSpec
+
+    block_d, warps = _default_blocks(torch.device("cuda"))
+    ints = ("L", "Di", "N", "s_ub", "s_ul", "s_ud", "s_db", "s_dl", "s_dd", "s_ad", "s_an",
+            "s_bb", "s_bl", "s_bn", "s_cb", "s_cl", "s_cn", "s_dsk", "s_zb", "s_zl", "s_zd",
+            "s_ob", "s_ol", "s_od")  # fmt: skip
+    batch_strides = ("s_ub", "s_db", "s_bb", "s_cb", "s_zb", "s_ob")
+    kinds = ["*" + TORCH_TO_TRITON[str(d).removeprefix("torch.")] for d in _KERNEL_DTYPES]
+
+    def spec(act, a, d, has_d, has_z, bd=block_d, bn=16, big=False, label=""):
+        sig = dict(u_ptr=act, delta_ptr=act, A_ptr=a, B_ptr=act, C_ptr=act,
+                   D_ptr=d if has_d else a, z_ptr=act, out_ptr=act)  # fmt: skip
+        sig.update({k: "i64" if big and k in batch_strides else "i32" for k in ints})
+        flags = dict(HAS_D=has_d, HAS_Z=has_z, BLOCK_D=bd, BLOCK_N=bn)
+        tag = f"u={act[1:]} A={a[1:]} D={d[1:] if has_d else '-'} z={has_z} BD={bd} BN={bn}"
+        return AotSpec("_selective_scan_kernel", sig, flags, num_warps=warps, num_stages=3,
+                       label=f"{tag}{label}")  # fmt: skip
+
+    specs = [
+        spec(act, a, d, has_d, has_z)
+        for act in kinds
+        for a in kinds
+        for has_d, d in [(False, a)] + [(True, d) for d in kinds]
+        for has_z in (False, True)
+    ]
+    for act in kinds:
+        specs += [
+            spec(act, "*fp32", act, True, True, bn=bn) for bn in (1, 2, 4, 8, 32, 64, 128, 256)
+        ]
+        specs.append(spec(act, "*fp32", act, True, True, big=True, label=" i64 batch strides"))
+    specs += [spec("*fp32", "*fp32", "*fp32", True, True, bd=bd) for bd in (1, 16, 64, 128)]
+    return specs
+
+
 def selective_scan_mamba_ssm(
     u: Tensor,
     delta: Tensor,

@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,6 +129,23 @@ def time_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_ms(fn: Callable[[], object], iters: int, reps: int = 10) -> float:
+    """Median device time of `fn` replayed from a CUDA graph of `reps` back-to-back calls, in ms
+    per call: the kernels' own time, without the Python launcher's host overhead (which a
+    sample captured in a graph does not pay either)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return time_ms(graph.replay, iters) / reps
 
 
 def copy_bandwidth(iters: int, device: str = "cuda") -> float:
@@ -290,15 +308,72 @@ def _decoder_cases(
 
 
 def _gpu_row(c: _Case, ref: Callable, kernel: Callable, iters: int, bw: float, rate: float) -> Row:
+    """Eager reference (host-timed with events, launches included) vs the kernel's launches
+    replayed from a CUDA graph (device time: how a captured sample runs it)."""
     return Row(
         c.op,
         c.shape,
         _eager_ms(lambda: ref(*c.args), iters),
-        time_ms(lambda: kernel(*c.args), iters),
+        graph_ms(lambda: kernel(*c.args), iters),
         c.bytes,
         c.flops,
         1e3 * max(c.bytes / bw, c.flops / rate),
     )
+
+
+def _sweep(
+    dtype: torch.dtype, iters: int, bw: float, rate: float, d: int, K: int, V: int
+) -> list[dict]:
+    """Launch configurations of both kernels at the large shapes, graph-timed: the data the
+    GPU defaults in the kernel files are chosen from."""
+    from yan_kernels import decoder_argmax as dm
+    from yan_kernels import routed_expert as rm
+
+    out = []
+    print(f"{'sweep':<22}{'shape':<26}{'config':<44}{'ms':>9}{'% floor':>9}")
+    routed = [
+        rm.Blocks(64, 128, 64, 4, 3),
+        rm.Blocks(128, 128, 64, 8, 3),
+        rm.Blocks(128, 128, 64, 4, 3),
+        rm.Blocks(128, 256, 64, 8, 3),
+        rm.Blocks(128, 128, 64, 8, 4),
+        rm.Blocks(64, 256, 64, 4, 3),
+    ]
+    decoder = [
+        dm.Blocks(128, 128, 64, 8, 3),
+        dm.Blocks(128, 128, 64, 4, 3),
+        dm.Blocks(128, 256, 64, 8, 3),
+        dm.Blocks(64, 128, 64, 4, 4),
+        dm.Blocks(128, 128, 64, 8, 4),
+        dm.Blocks(256, 128, 64, 8, 3),
+        dm.Blocks(128, 64, 64, 4, 4),
+    ]
+    plans = [
+        (c, rm.routed_expert_euler, routed) for c in _routed_cases(dtype, "cuda", [65536], d, K)
+    ]
+    plans += [
+        (c, dm.decoder_argmax, decoder)
+        for c in _decoder_cases(dtype, "cuda", [8192, 65536], [], d, V)
+    ]
+    for c, fn, configs in plans:
+        floor = 1e3 * max(c.bytes / bw, c.flops / rate)
+        for cfg in configs:
+            try:
+                ms = graph_ms(
+                    lambda c=c, cfg=cfg, fn=fn: fn(*c.args, blocks=cfg), max(3, iters // 4)
+                )
+            except Exception as exc:  # a configuration that does not fit (shared memory)
+                print(f"{c.op:<22}{c.shape:<26}{tuple(cfg)!s:<44}  failed: {_one_line(exc, 60)}")
+                continue
+            print(
+                f"{c.op:<22}{c.shape:<26}{tuple(cfg)!s:<44}{ms:9.3f}{100 * floor / ms:8.0f}%",
+                flush=True,
+            )
+            out.append(
+                {"op": c.op, "shape": c.shape, "config": list(cfg), "ms": ms, "floor_ms": floor}
+            )
+        torch.cuda.empty_cache()
+    return out
 
 
 def _bench_routed(
@@ -456,16 +531,31 @@ def run_kernels(args: argparse.Namespace) -> int:
         _bench_decoder(dtype, iters, bw, rate, decoder_ns, sample_ns, d, V),
     ]
     for gen in gens:
-        for r in gen:
+        for r in _surviving(gen):
             rows.append(r)
             speed = None if r.eager_ms is None else r.eager_ms / r.triton_ms
             print(
                 f"{r.op:<22}{r.shape:<26}{_fmt(r.eager_ms, '10.3f')}{r.triton_ms:11.3f}"
                 f"{_fmt(speed, '8.2f')}x{r.gbps:9.0f}{r.tflops:9.1f}{r.floor_ms:10.3f}"
-                f"{100 * r.floor_ms / r.triton_ms:8.0f}%"
+                f"{100 * r.floor_ms / r.triton_ms:8.0f}%",
+                flush=True,
             )
-    _write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows]}])
+    print(
+        "eager: the torch reference, launches included. triton: the kernel's launches replayed\n"
+        "from a CUDA graph (device time). floor: max(bytes / copy bandwidth, FLOPs / GEMM rate)."
+    )
+    sweep = _sweep(dtype, iters, bw, rate, d, K, V) if args.sweep else []
+    _write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows], "sweep": sweep}])
     return 0
+
+
+def _surviving(rows: Iterator[Row]) -> Iterator[Row]:
+    """The rows a generator yields until one raises: the error is printed, the rest skipped."""
+    try:
+        yield from rows
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"failed: {_one_line(exc)}", flush=True)
 
 
 def _compiled_cells(
@@ -514,7 +604,7 @@ def _run_kernels_cpu(args: argparse.Namespace) -> int:
         ),
     ]  # fmt: skip
     for gen in gens:
-        for r in gen:
+        for r in _surviving(gen):
             rows.append(r)
             cells = _compiled_cells(r.compiled_ms, r.first_call_s, r.eager_ms, r.compiled)
             print(
@@ -549,6 +639,9 @@ def _add_kernels(sub: argparse._SubParsersAction) -> None:
         "--iters", type=int, help="timed repetitions, median reported (default: 20 CUDA, 3 CPU)"
     )
     p.add_argument("--quick", action="store_true", help="skip the largest shapes")
+    p.add_argument(
+        "--sweep", action="store_true", help="CUDA: also time launch configurations of both kernels"
+    )
     p.add_argument("--d-model", type=int, default=512, help="hidden size d")
     p.add_argument("--experts", type=int, default=6, help="routed experts K")
     p.add_argument("--vocab", type=int, default=128258, help="decoder vocabulary V")
@@ -575,12 +668,79 @@ def _add_kernels(sub: argparse._SubParsersAction) -> None:
 class SamplerRow:
     batch: int
     length: int  # source length = target length
-    eager_ms: float | None  # reference torch ops (None: out of memory)
-    fused_ms: float | None  # Triton kernels, eager launches
+    eager_ms: float | None  # the model's modules, reference ops (None: out of memory)
+    fused_ms: float | None  # the fused engine (Triton kernels), eager launches
     graph_ms: float | None  # the whole sample replayed from a CUDA graph
+    floor_ms: float  # max(FLOPs / measured GEMM rate, weight bytes / measured bandwidth)
+    launches: int | None  # kernels per sample of the fused engine (torch.profiler)
     capture_s: float | None  # warm-up + capture of that one graph
     graph_mib: float | None  # device memory the capture took
     same_tokens: float | None  # fraction of tokens where graph == fused
+
+
+def sample_cost(cfg: YANConfig, batch: int, length: int, steps: int) -> tuple[float, float]:
+    """(FLOPs, weights read) of one greedy sample with source = target = `length`: the encoder
+    once, T - 1 trunk passes with the routed expert, the cross-attention keys/values once, the
+    decoder and lm_head once. Attention counts QK^T and AV (4 L d per query). The second figure
+    counts parameters each pass must read once (times the element size: the bytes floor)."""
+    d, dff, V, K = cfg.d_model, cfg.d_ffn, cfg.vocab_size, cfg.moe_n_experts
+    n_cross = len(cfg.cross_att_idx)
+    tok = batch * length
+    enc = cfg.encoder_n_trf_blocks * (8 * d * d + 4 * d * dff + 4 * length * d)
+    trunk = cfg.n_trf_blocks * (8 * d * d + 4 * d * dff + 4 * length * d)
+    trunk += n_cross * (4 * d * d + 4 * length * d) + 4 * d * dff  # cross q/out, routed expert
+    dec = cfg.decoder_n_resi_blocks * 4 * d * dff + 2 * d * V
+    flops = tok * (enc + (steps - 1) * trunk + dec + n_cross * 4 * d * d + 6 * d * cfg.gate_dim)
+    enc_w = cfg.encoder_n_trf_blocks * (4 * d * d + 2 * d * dff)
+    trunk_w = cfg.n_trf_blocks * (4 * d * d + 2 * d * dff) + n_cross * 4 * d * d
+    expert_w = K * 2 * d * dff
+    dec_w = d * V + cfg.decoder_n_resi_blocks * 2 * d * dff
+    params = enc_w + (steps - 1) * (trunk_w + expert_w) + dec_w
+    return float(flops), float(params)
+
+
+def _bench_sampler_shape(
+    model: YAN, batch: int, length: int, steps: int, iters: int, rate: float, bw: float
+) -> SamplerRow:
+    from yan_kernels import ops
+
+    from yan_serve.engine.graphs import GraphSampler, Ladder
+    from yan_serve.engine.launches import count_cuda_kernels
+    from yan_serve.engine.sampler import Sampler
+
+    reqs = _requests(model.config, batch, length)
+    modules = Sampler(model, fused=False)
+    fused = Sampler(model, fused=True)
+    graphs = GraphSampler(fused)
+
+    with ops.force("ref"):
+        eager = _or_oom(lambda: _wall_ms(lambda: modules.generate(reqs, steps, "argmax"), iters))
+    with ops.force("triton"):
+        fused_ms = _or_oom(lambda: _wall_ms(lambda: fused.generate(reqs, steps, "argmax"), iters))
+        fused_out = _or_oom(lambda: fused.generate(reqs, steps, "argmax"))
+        launches = None
+        if fused_out is not None:
+            kernels = count_cuda_kernels(lambda: fused.generate(reqs, steps, "argmax"))
+            launches = sum(kernels.values())
+        ladder = Ladder(
+            batch_sizes=(batch,), tgt_lengths=(length,), max_tokens=None, steps=steps,
+            routings=("argmax",),
+        )  # fmt: skip
+        rep = _or_oom(lambda: graphs.capture(ladder))
+        graph = same = None
+        if rep is not None and rep.graphs == 1:
+            graph = _wall_ms(lambda: graphs.generate(reqs, steps, "argmax"), iters)
+            if fused_out is not None:
+                same = _same_tokens(graphs.generate(reqs, steps, "argmax"), fused_out)
+    flops, params = sample_cost(model.config, batch, length, steps)
+    elt = next(model.parameters()).element_size()
+    floor = max(flops / (rate * 1e12), params * elt / (bw * 1e9)) * 1e3
+    return SamplerRow(
+        batch, length, eager, fused_ms, graph, floor, launches,
+        None if rep is None else rep.seconds,
+        None if rep is None else rep.device_bytes / 2**20,
+        same,
+    )  # fmt: skip
 
 
 @dataclass
@@ -592,6 +752,8 @@ class CpuSamplerRow:
     first_call_s: float | None  # the compiled model's first call at this shape (compilation)
     compiled: str  # "ok", NO_COMPILE or "compile failed: <one line>"
     same_tokens: float | None  # fraction of tokens where compiled == eager
+    ops_modules: int = 0  # kernel-launching ops per sample, the modules (the launch proxy)
+    ops_fused: int = 0  # the same for the fused engine (each fused kernel counted as on a GPU)
 
 
 def _wall_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
@@ -635,45 +797,6 @@ def _same_tokens(a: list[Generation], b: list[Generation]) -> float:
         (x, y) for ga, gb in zip(a, b, strict=True) for x, y in zip(ga.full, gb.full, strict=True)
     ]
     return sum(x == y for x, y in pairs) / len(pairs)
-
-
-def _bench_sampler_shape(model: YAN, batch: int, length: int, steps: int, iters: int) -> SamplerRow:
-    from yan_kernels import ops
-
-    from yan_serve.engine.graphs import GraphSampler, Ladder
-    from yan_serve.engine.sampler import Sampler
-
-    reqs = _requests(model.config, batch, length)
-    sampler = Sampler(model)
-    graphs = GraphSampler(sampler)
-
-    def eager_run() -> object:
-        return sampler.generate(reqs, steps, "argmax")
-
-    def graph_run() -> object:
-        return graphs.generate(reqs, steps, "argmax")
-
-    with ops.force("ref"):
-        eager = _or_oom(lambda: _wall_ms(eager_run, iters))
-    with ops.force("triton"):
-        fused = _or_oom(lambda: _wall_ms(eager_run, iters))
-        fused_out = _or_oom(eager_run)
-        ladder = Ladder(
-            batch_sizes=(batch,), tgt_lengths=(length,), max_tokens=None, steps=steps,
-            routings=("argmax",),
-        )  # fmt: skip
-        rep = _or_oom(lambda: graphs.capture(ladder))
-    graph = same = None
-    if rep is not None and rep.graphs == 1:
-        graph = _wall_ms(graph_run, iters)
-        if fused_out is not None:
-            same = _same_tokens(graph_run(), fused_out)
-    return SamplerRow(
-        batch, length, eager, fused, graph,
-        None if rep is None else rep.seconds,
-        None if rep is None else rep.device_bytes / 2**20,
-        same,
-    )  # fmt: skip
 
 
 def _compiled_copy(model: YAN) -> YAN:
@@ -727,7 +850,27 @@ def _bench_sampler_shape_cpu(
             if ms is not None:
                 same = _same_tokens(out["compiled"], out["eager"])
     assert status is not None
-    return CpuSamplerRow(batch, length, eager, ms, first, status, same)
+    return CpuSamplerRow(
+        batch, length, eager, ms, first, status, same, *_dispatch_counts(model, reqs, steps)
+    )
+
+
+def _dispatch_counts(model: YAN, reqs: list[GenerationRequest], steps: int) -> tuple[int, int]:
+    """Launch proxy per sample: (the modules, the fused engine), reference ops on the CPU."""
+    from yan_kernels import ops
+
+    from yan_serve.engine.launches import count_dispatched
+    from yan_serve.engine.sampler import Sampler
+
+    out = []
+    with ops.force("ref"):
+        for fused in (False, True):
+            s = Sampler(model, fused=fused)
+            s.generate(reqs[:1], steps, "argmax")  # the engine's constants are built once
+            out.append(
+                sum(count_dispatched(lambda s=s: s.generate(reqs, steps, "argmax")).values())
+            )
+    return out[0], out[1]
 
 
 def _bench_model(name: str, lengths: list[int], device: str, dtype: torch.dtype) -> tuple[YAN, str]:
@@ -755,6 +898,8 @@ def _sampler_gpu(name: str, args: argparse.Namespace) -> dict:
     model, label = _bench_model(name, lengths, "cuda", _DTYPES[dtype_name])
     cfg = model.config
     steps = args.steps or cfg.ode_steps
+    bw = copy_bandwidth(10)
+    rate = matmul_rate(_DTYPES[dtype_name], 10)
     header = {
         **_run_header(),
         "model": label,
@@ -762,32 +907,50 @@ def _sampler_gpu(name: str, args: argparse.Namespace) -> dict:
         "steps": steps,
         "routing": "argmax",
         "decode": "greedy",
+        "copy_GBps": round(bw, 1),
+        "matmul_TFLOPs": round(rate, 1),
     }
     print("  ".join(f"{k}={v}" for k, v in header.items()))
     print(
         f"{'batch':>6}{'length':>8}{'eager ms':>10}{'fused ms':>10}{'graph ms':>10}"
-        f"{'graph/eager':>12}{'graph/fused':>12}{'capture s':>11}{'graph MiB':>11}{'same tok':>10}"
+        f"{'floor ms':>10}{'% floor':>9}{'launches':>10}{'graph/eager':>12}{'capture s':>11}"
+        f"{'graph MiB':>11}{'same tok':>10}"
     )
     rows = []
     for length in lengths:
         for batch in batches:
-            r = _bench_sampler_shape(model, batch, length, steps, iters)
-            torch.cuda.empty_cache()  # the shape's graph and buffers are gone with its sampler
+            try:
+                r = _bench_sampler_shape(model, batch, length, steps, iters, rate, bw)
+            except Exception as exc:  # one broken shape must not hide the others' figures
+                traceback.print_exc()
+                print(f"{batch:>6}{length:>8}  failed: {_one_line(exc)}", flush=True)
+                continue
+            finally:
+                torch.cuda.empty_cache()  # the shape's graph and buffers go with its sampler
             rows.append(r)
             vs_e = None if r.eager_ms is None or r.graph_ms is None else r.eager_ms / r.graph_ms
-            vs_f = None if r.fused_ms is None or r.graph_ms is None else r.fused_ms / r.graph_ms
+            pct = None if r.graph_ms is None else 100 * r.floor_ms / r.graph_ms
             print(
                 f"{r.batch:>6}{r.length:>8}{_fmt(r.eager_ms, '10.2f')}{_fmt(r.fused_ms, '10.2f')}"
-                f"{_fmt(r.graph_ms, '10.2f')}{_fmt(vs_e, '11.2f')}x{_fmt(vs_f, '11.2f')}x"
+                f"{_fmt(r.graph_ms, '10.2f')}{r.floor_ms:10.3f}{_fmt(pct, '8.1f')}%"
+                f"{_fmt(r.launches, '10d')}{_fmt(vs_e, '11.2f')}x"
                 f"{_fmt(r.capture_s, '11.2f')}{_fmt(r.graph_mib, '11.0f')}"
-                f"{_fmt(None if r.same_tokens is None else 100 * r.same_tokens, '9.2f')}%"
+                f"{_fmt(None if r.same_tokens is None else 100 * r.same_tokens, '9.2f')}%",
+                flush=True,
             )
+    print(
+        "eager: Sampler.generate on the model's modules (reference ops). fused: the fused engine\n"
+        "(packed weights, Triton kernels), eager launches. graph: the same replayed from a CUDA\n"
+        "graph; every time is the wall time of a whole generate call (host work included).\n"
+        "floor: max(FLOPs / matmul rate, weight bytes / copy bandwidth), both measured here.\n"
+        "launches: GPU kernels per sample of the fused engine (torch.profiler)."
+    )
     return {"header": header, "rows": [asdict(r) for r in rows]}
 
 
 CPU_SAMPLER_COLUMNS = (
     f"{'batch':>6}{'length':>8}{'eager ms':>10}{'compiled ms':>13}{'speedup':>9}"
-    f"{'1st call s':>12}{'same tok':>10}{'fused':>19}{'graph':>12}"
+    f"{'1st call s':>12}{'same tok':>10}{'fused':>19}{'graph':>12}{'ops mod':>9}{'ops fused':>10}"
 )
 
 
@@ -826,7 +989,8 @@ def _sampler_cpu(name: str, args: argparse.Namespace) -> dict:
             same = "-" if r.same_tokens is None else f"{100 * r.same_tokens:.2f}%"
             print(
                 f"{r.batch:>6}{r.length:>8}{r.eager_ms:10.2f}{cells}"
-                f"{same:>10}{TRITON_ON_CPU:>19}{GRAPH_ON_CPU:>12}"
+                f"{same:>10}{TRITON_ON_CPU:>19}{GRAPH_ON_CPU:>12}{r.ops_modules:9d}"
+                f"{r.ops_fused:10d}"
             )
     if failure is not None and failure != NO_COMPILE:
         print(failure)
@@ -836,7 +1000,9 @@ def _sampler_cpu(name: str, args: argparse.Namespace) -> dict:
         "experts, gate and Mamba mixers stay eager. 1st call s: its first call at the shape\n"
         "(compilation). same tok: compiled == eager. fused / graph: Triton runs on a CPU only in\n"
         f"its interpreter, and CUDA graphs need CUDA. Medians of up to {iters} calls (fewer past"
-        f" {CPU_BUDGET_S} s)."
+        f" {CPU_BUDGET_S} s).\nops mod / ops fused: operators per sample that would launch a GPU"
+        " kernel (the CPU proxy\nfor launches), the modules vs the fused engine, whose fused"
+        " calls count as their Triton launches."
     )
     return {"header": header, "rows": [asdict(r) for r in rows]}
 

@@ -19,8 +19,10 @@ from yan_serve.engine.graphs import (
     GraphShape,
     Ladder,
     length_buckets,
-    pad_prepared,
+    pack_inputs,
+    packed_size,
     pick_shape,
+    unpack_inputs,
 )
 from yan_serve.engine.sampler import GenerationRequest, Sampler
 from yan_serve.model import YAN
@@ -115,7 +117,9 @@ def test_pick_shape_takes_the_cheapest_fit() -> None:
     assert pick_shape(odd, 2, 10, 10) == GraphShape(4, 16, 16)
 
 
-def test_pad_prepared_keeps_real_rows_and_adds_one_token_padding_rows(micro_model: YAN) -> None:
+def test_pack_inputs_keeps_real_rows_and_adds_one_token_padding_rows(micro_model: YAN) -> None:
+    """The packed input unpacks to the eager batch (real rows) plus padding rows of one source
+    token and one target position; every element of a stale buffer is overwritten."""
     s = Sampler(micro_model)
     reqs = _requests(3, seed=1, sampled=True)
     batch = s.prepare(reqs)
@@ -123,40 +127,27 @@ def test_pad_prepared_keeps_real_rows_and_adds_one_token_padding_rows(micro_mode
     ly = batch.tgt_mask.shape[1]
     shape = GraphShape(5, ly + 3, lx + 2)
     pad = micro_model.config.pad_token_id
-    fresh = pad_prepared(batch, shape, pad)
-    # into stale buffers: every element must be overwritten
-    stale = pad_prepared(batch, shape, pad)
-    for name in vars(stale):
-        t = getattr(stale, name)
-        t.copy_(torch.ones_like(t) * 7 if t.dtype != torch.bool else torch.ones_like(t))
-    again = pad_prepared(batch, shape, pad, out=stale)
-    assert again is stale
-    for name in vars(fresh):
-        assert torch.equal(getattr(fresh, name), getattr(again, name)), name
-    p = fresh
-    assert p.src.shape == (5, lx + 2) and p.z0.shape == (5, ly + 3, micro_model.config.d_model)
+    fresh = pack_inputs(reqs, shape, pad, torch.empty(packed_size(shape) + 9, dtype=torch.long))
+    stale = torch.full((packed_size(shape),), 7, dtype=torch.long)
+    again = pack_inputs(reqs, shape, pad, stale)
+    assert torch.equal(fresh, again) and fresh.numel() == packed_size(shape)
+    p = unpack_inputs(again, shape)
+    assert p.src.shape == (5, lx + 2) and p.tgt_mask.shape == (5, ly + 3)
     assert torch.equal(p.src[:n, :lx], batch.src) and (p.src[:n, lx:] == pad).all()
     assert torch.equal(p.src_mask[:n, :lx], batch.src_mask) and not p.src_mask[:n, lx:].any()
     assert torch.equal(p.tgt_mask[:n, :ly], batch.tgt_mask) and not p.tgt_mask[:n, ly:].any()
-    for name in ("z0", "uniforms", "token_uniforms"):
-        assert torch.equal(getattr(p, name)[:n, :ly], getattr(batch, name)), name
-        assert getattr(p, name)[:n, ly:].abs().max() == 0, name
-    assert torch.equal(p.temperature[:n], batch.temperature)
-    assert torch.equal(p.top_k[:n], batch.top_k)
-    # padding rows: one pad source token, one target position, nothing random, greedy
+    assert torch.equal(p.seed[:n], batch.seed)
+    # padding rows: one pad source token, one target position, seed 0, greedy
     assert (p.src[n:] == pad).all()
     assert p.src_mask[n:].sum(1).tolist() == [1, 1] and p.src_mask[n:, 0].all()
     assert p.tgt_mask[n:].sum(1).tolist() == [1, 1] and p.tgt_mask[n:, 0].all()
-    for name in ("z0", "uniforms", "token_uniforms", "temperature", "top_k"):
-        assert getattr(p, name)[n:].abs().max() == 0, name
+    assert (p.seed[n:] == 0).all() and (p.temperature == 0).all()
     with pytest.raises(ValueError, match="does not fit"):
-        pad_prepared(batch, GraphShape(n - 1, ly, lx), pad)
+        pack_inputs(reqs, GraphShape(n - 1, ly, lx), pad, stale)
     with pytest.raises(ValueError, match="does not fit"):
-        pad_prepared(batch, GraphShape(n, ly - 1, lx), pad)
+        pack_inputs(reqs, GraphShape(n, ly - 1, lx), pad, stale)
     with pytest.raises(ValueError, match="does not fit"):
-        pad_prepared(batch, GraphShape(n, ly, lx - 1), pad)
-    with pytest.raises(ValueError, match="not of"):
-        pad_prepared(batch, GraphShape(5, ly + 4, lx + 2), pad, out=fresh)
+        pack_inputs(reqs, GraphShape(n, ly, lx - 1), pad, stale)
 
 
 # ------------------------------------------------------- the padded path on CPU (eager replay)
@@ -281,42 +272,31 @@ def _host_sync_ops(fn) -> list[str]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests capture for real")
-def test_captured_work_never_waits_on_the_host(micro_model: YAN, monkeypatch) -> None:
-    """The CUDA graph body on CPU: the model's CUDA branches (routed expert and decoder through
-    the Triton launchers, run in the interpreter) switched on, and no op that would synchronize
-    with the host may run. The reference routed expert (`nonzero`) is the positive control."""
+def test_captured_work_never_waits_on_the_host(micro_model: YAN) -> None:
+    """The CUDA graph body on CPU: the fused engine with the Triton kernels (in the
+    interpreter), the device-side noise and the fused decoder; no op that would synchronize
+    with the host may run. The modules' reference routed expert (`nonzero`) is the positive
+    control."""
     pytest.importorskip("triton")
     from yan_kernels import ops
 
-    from yan_serve.model.flow import Experts
-
-    gs = GraphSampler(Sampler(micro_model))
-    gs.capture(Ladder(batch_sizes=(2,), tgt_lengths=(16,), routings=("sample",)))
-    (entry,) = gs._entries[(3, "sample")]
     reqs = _requests(2, seed=60, max_src=16, max_tgt=16)
-    pad_prepared(gs.sampler.prepare(reqs), entry.shape, 0, out=entry.io.batch)
-    assert "aten.nonzero.default" in _host_sync_ops(entry.graph.replay)
-
-    def routed(self, h, expert):  # Experts.routed's CUDA branch
-        flat = ops.routed_expert(
-            h.reshape(-1, h.shape[-1]), expert.reshape(-1), self.w1, self.b1, self.w2, self.b2
-        )
-        return flat.view_as(h)
-
-    def greedy(z):  # GraphSampler._greedy's CUDA branch
-        dec = micro_model.decoder
-        hid = dec.features(z)
-        res = ops.decoder_argmax(
-            hid.reshape(-1, hid.shape[-1]), dec.lm_head.weight, dec.lm_head.bias
-        )
-        return res.token.view(z.shape[:-1]), res.prob.view(z.shape[:-1])
-
-    monkeypatch.setattr(Experts, "routed", routed)
-    monkeypatch.setattr(gs, "_greedy", greedy)
-    ref_tokens = entry.io.token.clone()
-    with ops.force("triton"):
-        assert _host_sync_ops(entry.graph.replay) == []
-    assert torch.equal(entry.io.token, ref_tokens)  # the kernels decode the same tokens
+    ladder = Ladder(batch_sizes=(2,), tgt_lengths=(16,), routings=("sample",))
+    tokens = {}
+    for fused in (False, True):
+        with ops.force("triton" if fused else "ref"):
+            gs = GraphSampler(Sampler(micro_model, fused=fused))
+            gs.capture(ladder)
+            (entry,) = gs._entries[(3, "sample")]
+            entry.io.packed.copy_(pack_inputs(reqs, entry.shape, 0, entry.io.stage))
+            seen = _host_sync_ops(entry.graph.replay)
+            tokens[fused] = entry.io.out[0].clone()
+        if fused:
+            assert seen == []
+        else:
+            assert "aten.nonzero.default" in seen
+    for i, r in enumerate(reqs):  # the same tokens at real positions (padding may differ)
+        assert torch.equal(tokens[True][i, : r.tgt_len], tokens[False][i, : r.tgt_len])
 
 
 def test_cpu_worker_keeps_the_eager_sampler() -> None:

@@ -41,9 +41,10 @@ def test_one_time_point_decodes_z0(micro_model: YAN) -> None:
     s = Sampler(micro_model)
     reqs = _requests(3)
     batch = s.prepare(reqs)
-    res = s.solve(batch, steps=1)
-    torch.testing.assert_close(res.z, batch.z0)
-    tok, _ = s.decode(batch.z0)
+    noise = s.draw(batch)
+    res = s.solve(batch, steps=1, noise=noise)
+    torch.testing.assert_close(res.z, noise.z0)
+    tok, _ = s.decode(noise.z0)
     gens = s.generate(reqs, steps=1)
     for i, g in enumerate(gens):
         assert g.tokens == tok[i, : len(g.tokens)].tolist()
@@ -115,7 +116,9 @@ def test_eos_cut_and_finish_reason(micro_model: YAN, monkeypatch) -> None:
     eos = micro_model.config.eos_token_id
     s = Sampler(micro_model)
     fake = torch.tensor([[5, 6, eos, 7, eos], [5, 6, 7, 8, 9]])
-    monkeypatch.setattr(s, "decode", lambda z, batch=None: (fake, torch.full(fake.shape, 0.5)))
+    monkeypatch.setattr(
+        s, "decode", lambda z, batch=None, noise=None: (fake, torch.full(fake.shape, 0.5))
+    )
     g = s.generate([GenerationRequest([4], 5), GenerationRequest([4], 5)])
     assert (g[0].tokens, g[0].finish_reason) == ([5, 6], "eos")
     assert (g[1].tokens, g[1].finish_reason) == ([5, 6, 7, 8, 9], "length")
@@ -204,7 +207,7 @@ def test_candidates_of_one_request_share_one_solve(micro_model: YAN, monkeypatch
     alone_b = s.score([b], [other], steps=3, routing="argmax")[0]
     rows = []
     solve = s.solve
-    monkeypatch.setattr(s, "solve", lambda batch, *k, **kw: rows.append(batch.z0.shape[0])
+    monkeypatch.setattr(s, "solve", lambda batch, *k, **kw: rows.append(batch.src.shape[0])
                         or solve(batch, *k, **kw))  # fmt: skip
     got = s.score([a, b, a, a], [cands[0], other, cands[1], cands[2]], steps=3, routing="argmax")
     assert rows == [2]  # a and b, not four

@@ -32,7 +32,7 @@ KERNEL_ROW = re.compile(
 )
 SAMPLER_ROW = re.compile(
     r"^\s*(?P<batch>\d+)\s+(?P<length>\d+)\s+(?P<eager>\d+\.\d\d)\s+(?P<rest>.+?)"
-    r"\s+n/a \(interpreter\)\s+n/a on CPU$"
+    r"\s+n/a \(interpreter\)\s+n/a on CPU\s+(?P<ops_m>\d+)\s+(?P<ops_f>\d+)$"
 )
 
 
@@ -169,6 +169,7 @@ def test_cpu_sampler_one_table_per_preset(capsys, tmp_path) -> None:
     for m in rows:
         assert float(m["eager"]) > 0
         assert m["rest"].split() == ["skipped", "-", "-", "-"]
+        assert 0 < int(m["ops_f"]) < int(m["ops_m"])  # the fused engine's launch proxy is lower
     runs = json.loads(out_json.read_text())
     assert [r["header"]["model"].split()[0] for r in runs] == ["yan-tiny", "yan-mamba-tiny"]
     assert all(r["eager_ms"] > 0 and r["compiled_ms"] is None for run in runs for r in run["rows"])

@@ -60,7 +60,7 @@ def test_force_nests_and_restores() -> None:
 def _spy(monkeypatch, module, name: str) -> list[int]:
     calls: list[int] = []
     fn = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or fn(*a))
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
     return calls
 
 

@@ -16,9 +16,10 @@ from yan_serve.model.flow import Experts
 pytest.importorskip("triton")
 
 from yan_kernels.routed_expert import (
-    _tile_map,
+    Blocks,
     routed_expert_euler,
     routed_expert_euler_ref,
+    tile_map,
 )
 
 
@@ -84,9 +85,25 @@ def test_small_tiles_span_many_tiles_per_expert(device) -> None:
     N, d, K = 83, 48, 3
     w1, b1, w2, b2 = _weights(K, d, device)
     h, e, z = _inputs(N, d, K, device)
-    out = routed_expert_euler(h, e, w1, b1, w2, b2, z, 0.5, block_m=16, block_n=64, block_k=16)
+    blocks = Blocks(16, 64, 16, 4, 1)
+    out = routed_expert_euler(h, e, w1, b1, w2, b2, z, 0.5, blocks=blocks)
     ref = routed_expert_euler_ref(h, e, w1, b1, w2, b2, z, 0.5)
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
+
+
+def test_one_tile_map_serves_every_step(device) -> None:
+    """With frozen routing the solver groups tokens once and reuses the map for each Euler step;
+    a reused map gives the same result as a fresh one, for another h and z too."""
+    N, d, K = 61, 32, 4
+    w1, b1, w2, b2 = _weights(K, d, device)
+    h, e, z = _inputs(N, d, K, device)
+    blocks = Blocks(16, 64, 32, 4, 1)
+    tiles = tile_map(e, K, blocks.block_m)
+    for step in range(2):
+        h2, z2 = h + step, z - step
+        out = routed_expert_euler(h2, e, w1, b1, w2, b2, z2, 0.5, tiles=tiles, blocks=blocks)
+        ref = routed_expert_euler_ref(h2, e, w1, b1, w2, b2, z2, 0.5)
+        torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
 def test_reference_is_the_models_routed_field() -> None:
@@ -125,7 +142,8 @@ def test_tolerance_rejects_plausible_bugs(device, mutant) -> None:
 
 def test_tile_map_covers_each_expert_once() -> None:
     e = torch.tensor([2, 0, 2, 2, 0, 2, 2, 2, 2, 2, 0])  # expert 1 empty
-    order, tiles, total = _tile_map(e, 3, 4)
+    order, tiles, total, block_m = tile_map(e, 3, 4)
+    assert block_m == 4
     assert total == 3 + 3
     assert torch.equal(e[order], e.sort(stable=True).values)
     rows = []

@@ -1,4 +1,4 @@
-"""The dynamic batcher on a fake worker: grouping, waiting, cancellation, OOM splitting."""
+"""The batcher on a fake worker: continuous dispatch, grouping, cancellation, OOM splitting."""
 
 from __future__ import annotations
 
@@ -30,6 +30,23 @@ class FakeWorker:
         return [j.seed * 10 for j in jobs]
 
 
+class GatedWorker(FakeWorker):
+    """Holds its first batch until `release` is set, so that jobs queue up behind it."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.release = threading.Event()
+
+    def run(self, jobs):
+        self.started.set()
+        assert self.release.wait(10), "the test never released the worker"
+        return super().run(jobs)
+
+
+async def until_started(w: FakeWorker) -> None:
+    assert await asyncio.to_thread(w.started.wait, 10), "the worker never started"
+
+
 def job(seed: int, steps: int = 3, length: int = 10, **kw) -> Job:
     return Job(src=[5] * length, tgt_len=length, seed=seed, steps=steps, **kw)
 
@@ -42,7 +59,7 @@ def test_length_bucket() -> None:
     assert [length_bucket(n) for n in (1, 16, 17, 100, 256, 257)] == [16, 16, 32, 128, 256, 512]
 
 
-def test_jobs_wait_for_batch_mates_and_get_their_own_results() -> None:
+def test_jobs_queued_together_share_a_batch_and_get_their_own_results() -> None:
     async def main():
         w = FakeWorker()
         b = Batcher(w, max_batch_size=8, max_wait_ms=50)
@@ -55,6 +72,144 @@ def test_jobs_wait_for_batch_mates_and_get_their_own_results() -> None:
     w, out = run(main())
     assert out == [0, 10, 20, 30, 40]
     assert w.batches == [[0, 1, 2, 3, 4]]
+
+
+def test_a_lone_job_on_an_idle_batcher_runs_without_waiting() -> None:
+    async def main():
+        w = FakeWorker()
+        b = Batcher(w, max_batch_size=8)  # the default: no gather window
+        b.start()
+        await asyncio.sleep(0.01)  # the loop is parked, waiting for work
+        first = job(0)
+        await b.submit(first)
+        await asyncio.sleep(0.01)  # idle again after a batch
+        second = job(1)
+        await b.submit(second)
+        await b.stop()
+        return w, first, second
+
+    w, first, second = run(main())
+    assert w.batches == [[0], [1]]
+    for j in (first, second):
+        assert j.batch_size == 1
+        assert j.t_start - j.t_enqueue < 0.05  # runs at once (not after any window)
+
+
+def test_an_opt_in_window_holds_an_idle_worker_until_it_ends_or_the_batch_fills() -> None:
+    """max_wait_ms > 0: a lone job waits about the window for batch-mates; a batch that fills
+    up leaves at once."""
+
+    async def main():
+        w = FakeWorker()
+        b = Batcher(w, max_batch_size=3, max_wait_ms=300)
+        b.start()
+        lone = job(0)
+        await b.submit(lone)
+        full = [job(i) for i in (1, 2, 3)]
+        await asyncio.gather(*[b.submit(j) for j in full])
+        await b.stop()
+        return w, lone, full
+
+    w, lone, full = run(main())
+    assert w.batches == [[0], [1, 2, 3]]
+    assert 0.25 < lone.t_start - lone.t_enqueue < 1.0
+    assert all(j.t_start - j.t_enqueue < 0.1 for j in full)
+
+
+def test_jobs_arriving_while_busy_run_together_as_soon_as_the_batch_ends() -> None:
+    async def main():
+        w = GatedWorker()
+        b = Batcher(w, max_batch_size=32, max_wait_ms=0)
+        b.start()
+        first = job(0)
+        f0 = b.submit(first)
+        await until_started(w)
+        later = [job(i) for i in range(1, 21)]
+        futs = [b.submit(j) for j in later]
+        depth_while_busy = b.metrics.queue_depth._value.get()
+        w.release.set()
+        out = await asyncio.gather(f0, *futs)
+        drained = await b.drain(1.0)
+        depth_after = b.metrics.queue_depth._value.get()
+        await b.stop()
+        return w, b, out, first, later, depth_while_busy, drained, depth_after
+
+    w, b, out, first, later, depth_while_busy, drained, depth_after = run(main())
+    assert out == [i * 10 for i in range(21)]
+    assert w.batches == [[0], list(range(1, 21))]
+    assert depth_while_busy == 20 and depth_after == 0
+    assert drained and b.idle
+    assert all(j.batch_size == 20 for j in later)
+    # The next batch leaves when the running one returns, not after the 500 ms window.
+    assert later[0].t_start - first.t_end < 0.05
+
+
+def test_a_backlog_is_served_in_batches_of_max_size_in_arrival_order() -> None:
+    async def main():
+        w = GatedWorker()
+        b = Batcher(w, max_batch_size=8, max_wait_ms=0)
+        b.start()
+        futs = [b.submit(job(0))]
+        await until_started(w)
+        futs += [b.submit(job(i)) for i in range(1, 33)]
+        w.release.set()
+        out = await asyncio.gather(*futs)
+        await b.stop()
+        return w, out
+
+    w, out = run(main())
+    assert out == [i * 10 for i in range(33)]
+    assert w.batches == [[0]] + [list(range(i, i + 8)) for i in range(1, 33, 8)]
+
+
+def test_jobs_arriving_while_busy_are_batched_per_key_oldest_key_first() -> None:
+    async def main():
+        w = GatedWorker()
+        b = Batcher(w, max_batch_size=8, max_wait_ms=0)
+        b.start()
+        futs = [b.submit(job(0, steps=5))]
+        await until_started(w)
+        kinds = {
+            1: {},
+            2: {"steps": 4},
+            3: {"length": 100},
+            4: {},
+            5: {"steps": 4},
+            6: {"target": [1, 2]},
+            7: {},
+        }
+        futs += [b.submit(job(i, **kw)) for i, kw in kinds.items()]
+        w.release.set()
+        out = await asyncio.gather(*futs)
+        await b.stop()
+        return w, out
+
+    w, out = run(main())
+    assert out == [i * 10 for i in range(8)]
+    assert w.batches == [[0], [1, 4, 7], [2, 5], [3], [6]]
+
+
+def test_jobs_cancelled_while_queued_behind_a_running_batch_are_dropped() -> None:
+    async def main():
+        w = GatedWorker()
+        b = Batcher(w, max_batch_size=8, max_wait_ms=0)
+        b.start()
+        first = b.submit(job(0))
+        await until_started(w)
+        futs = {i: b.submit(job(i)) for i in range(1, 6)}
+        futs[2].cancel()
+        futs[4].cancel()
+        queued = b.queued
+        w.release.set()
+        out = await asyncio.gather(first, futs[1], futs[3], futs[5])
+        await b.stop()
+        return w, b, out, queued
+
+    w, b, out, queued = run(main())
+    assert queued == 3
+    assert out == [0, 10, 30, 50]
+    assert w.batches == [[0], [1, 3, 5]]
+    assert b.metrics.queue_depth._value.get() == 0
 
 
 def test_batches_hold_only_compatible_jobs_and_respect_max_size() -> None:

@@ -1,24 +1,23 @@
 """The whole fixed-step sample captured in CUDA graphs, for a ladder of padded shapes.
 
 One graph holds a complete greedy sample at one shape `(batch, tgt_len, src_len)` and one
-`(steps, routing)`: the encoder, the T - 1 trunk passes with routed experts and Euler updates,
-and the decoder's argmax (the fused Triton kernel). Graphs read fixed ("static") input buffers
-and write fixed output buffers, so a batch is served by
+`(steps, routing)`: each request's noise (drawn on the device from its seed), the encoder, the
+T - 1 trunk passes with routed experts and Euler updates, and the decoder's argmax. A graph
+reads one static input buffer and writes one static output buffer, so a batch costs the host
 
-1. `Sampler.prepare` on the real requests: the same validation and the same per-request noise
-   (each request's own CPU generator, at its own length) as the eager sampler;
-2. `pad_prepared` into the static inputs of the cheapest captured shape that holds the batch:
-   real rows keep their values, extra rows are harmless padding (one source token, one valid
-   target position, zero noise) and are thrown away;
-3. a replay, then the real rows read back from the static outputs.
+1. `Sampler.validate` on the real requests (the eager sampler's checks and errors);
+2. packing them into a pinned host buffer at the cheapest captured shape that holds the batch
+   (`pack_inputs`: source ids, source and target lengths, seeds; extra rows are harmless padding,
+   one source token and one target position, thrown away), and one host-to-device copy;
+3. a replay, one device-to-host copy of (tokens, probabilities, experts), and the read-back.
 
-Rows with `temperature > 0` take the graph's final latent and are decoded outside the graph by
-`Sampler.decode` (top-k and the request's own token uniforms stay in torch). Previews and step
-callbacks, `steps` or `routing` not captured, and batches that no captured shape holds run the
-eager `Sampler.generate` unchanged.
+Rows with `temperature > 0` take the graph's final latent and token uniforms and are decoded
+outside it by `Sampler.decode` (top-k stays in torch). Previews and step callbacks, `steps` or
+`routing` not captured, and batches that no captured shape holds run the eager
+`Sampler.generate` unchanged.
 
-Why results equal the eager sampler: the graph runs the same code (`Sampler.solve`, then the same
-greedy decode as `Sampler.decode`) on the same per-request draws; padding only adds rows and
+Why results equal the eager sampler: the graph runs the same code (`Sampler.draw`,
+`Sampler.solve`, the greedy decode) on the same per-request draws; padding only adds rows and
 masked positions, which never feed a real position. What padding does change is the shape of
 every matmul, so values can differ from an unpadded eager batch in the last float bits, exactly
 as they do between two eager batches of different composition (see `Sampler`'s batch-independence
@@ -29,15 +28,13 @@ Graph memory: all graphs share one memory pool (they never run concurrently) and
 are captured largest first so smaller graphs reuse the pool's blocks.
 
 Off CUDA (and in the CPU tests) the same class runs with `EagerReplay` in place of CUDA graphs:
-"capture" keeps the function and "replay" calls it, so the padding, the static buffers and the
+"capture" keeps the function and "replay" calls it, so the packing, the static buffers and the
 read-back are exercised exactly as on the GPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +46,7 @@ from torch import Tensor
 from yan_serve.engine.sampler import (
     Generation,
     GenerationRequest,
+    Noise,
     PreparedBatch,
     Sampler,
     assemble,
@@ -137,61 +135,46 @@ def pick_shape(
     return min(fits, key=lambda s: (s.cost, s), default=None)
 
 
-def _batch_fields(batch: PreparedBatch) -> list[Tensor]:
-    return [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+def packed_size(shape: GraphShape) -> int:
+    """int64 elements of a shape's packed input: source ids, then source lengths, target
+    lengths and seeds (one per row each)."""
+    return shape.batch * shape.src_len + 3 * shape.batch
 
 
-def empty_padded(
-    shape: GraphShape, d: int, dtype: torch.dtype, device: torch.device | str = "cpu"
-) -> PreparedBatch:
-    """Uninitialised tensors of a padded batch at `shape` (z0 in `dtype`)."""
-    B, Ly, Lx = shape.batch, shape.tgt_len, shape.src_len
-    kw = dict(device=device)
-    return PreparedBatch(
-        src=torch.empty(B, Lx, dtype=torch.long, **kw),
-        src_mask=torch.empty(B, Lx, dtype=torch.bool, **kw),
-        tgt_mask=torch.empty(B, Ly, dtype=torch.bool, **kw),
-        z0=torch.empty(B, Ly, d, dtype=dtype, **kw),
-        uniforms=torch.empty(B, Ly, **kw),
-        token_uniforms=torch.empty(B, Ly, **kw),
-        temperature=torch.empty(B, **kw),
-        top_k=torch.empty(B, dtype=torch.long, **kw),
-    )
+def pack_inputs(
+    requests: Sequence[GenerationRequest], shape: GraphShape, pad_token_id: int, out: Tensor
+) -> Tensor:
+    """Write the requests into `out` (a CPU int64 tensor of at least `packed_size(shape)`
+    elements; every one of those is overwritten) and return that prefix. Rows past the requests
+    are padding: one `pad_token_id` source token, one target position, seed 0."""
+    n = len(requests)
+    B, Lx = shape.batch, shape.src_len
+    if n > B or any(len(r.src) > Lx or r.tgt_len > shape.tgt_len for r in requests):
+        raise ValueError(f"a batch of {n} does not fit {shape}")
+    flat = out[: packed_size(shape)].numpy()
+    src = flat[: B * Lx].reshape(B, Lx)
+    src.fill(pad_token_id)
+    meta = flat[B * Lx :].reshape(3, B)
+    meta[:2].fill(1)
+    meta[2].fill(0)
+    for i, r in enumerate(requests):
+        src[i, : len(r.src)] = r.src
+    meta[0, :n] = [len(r.src) for r in requests]
+    meta[1, :n] = [r.tgt_len for r in requests]
+    meta[2, :n] = [int(r.seed) for r in requests]
+    return out[: packed_size(shape)]
 
 
-def pad_prepared(
-    batch: PreparedBatch, shape: GraphShape, pad_token_id: int, out: PreparedBatch | None = None
-) -> PreparedBatch:
-    """Pad a prepared batch [n, Ly, Lx] up to `shape`, into `out` (every element overwritten) or
-    new tensors. Real rows keep their values, with padding positions as `Sampler.prepare` pads
-    them; each extra row is one `pad_token_id` source token and one valid target position, with
-    zero noise, uniforms, temperature and top-k, so it runs like a tiny request whose outputs are
-    discarded (an all-masked row would also be safe, but this keeps every row a valid input)."""
-    n, Lx = batch.src.shape
-    Ly = batch.tgt_mask.shape[1]
-    if n > shape.batch or Ly > shape.tgt_len or Lx > shape.src_len:
-        raise ValueError(f"a batch of {n} x (tgt {Ly}, src {Lx}) does not fit {shape}")
-    if out is None:
-        out = empty_padded(shape, batch.z0.shape[-1], batch.z0.dtype, batch.src.device)
-    elif out.src.shape != (shape.batch, shape.src_len) or out.z0.shape[:2] != (
-        shape.batch,
-        shape.tgt_len,
-    ):
-        raise ValueError(f"output buffers {tuple(out.z0.shape)} are not of {shape}")
-    for t in _batch_fields(out):
-        t.zero_()
-    out.src.fill_(pad_token_id)
-    out.src[:n, :Lx] = batch.src
-    out.src_mask[:n, :Lx] = batch.src_mask
-    out.src_mask[n:, 0] = True
-    out.tgt_mask[:n, :Ly] = batch.tgt_mask
-    out.tgt_mask[n:, 0] = True
-    out.z0[:n, :Ly] = batch.z0
-    out.uniforms[:n, :Ly] = batch.uniforms
-    out.token_uniforms[:n, :Ly] = batch.token_uniforms
-    out.temperature[:n] = batch.temperature
-    out.top_k[:n] = batch.top_k
-    return out
+def unpack_inputs(packed: Tensor, shape: GraphShape) -> PreparedBatch:
+    """The device side of `pack_inputs` (graph-capturable): packed int64 -> a greedy batch."""
+    B, Lx, Ly = shape.batch, shape.src_len, shape.tgt_len
+    src = packed[: B * Lx].view(B, Lx)
+    src_len, tgt_len, seed = packed[B * Lx :].view(3, B)
+    dev = packed.device
+    src_mask = torch.arange(Lx, device=dev)[None] < src_len[:, None]
+    tgt_mask = torch.arange(Ly, device=dev)[None] < tgt_len[:, None]
+    zeros = torch.zeros(B, device=dev)
+    return PreparedBatch(src, src_mask, tgt_mask, seed, zeros, zeros.long())
 
 
 # ------------------------------------------------------------------------------- replays
@@ -253,13 +236,14 @@ def cuda_graphs_supported(model: torch.nn.Module) -> bool:
 # ------------------------------------------------------------------------------- sampler
 @dataclass
 class _StaticIO:
-    """A graph's static inputs (a padded `PreparedBatch`) and outputs, views of flat buffers."""
+    """A graph's static input and outputs, views of flat buffers."""
 
-    batch: PreparedBatch
-    z: Tensor  # [B, Ly, d] the latent at t = 1
-    expert: Tensor  # [B, Ly] long
-    token: Tensor  # [B, Ly] long, greedy
-    prob: Tensor  # [B, Ly] fp32, its decoder probability
+    packed: Tensor  # [packed_size] int64 on the device, written by one copy per batch
+    stage: Tensor  # the same on the host (pinned on CUDA), filled by `pack_inputs`
+    out: Tensor  # [3, B, Ly] fp32: greedy token, its probability, the frozen expert
+    host_out: Tensor  # the same on the host
+    z: Tensor  # [B, Ly, d] the latent at t = 1 (decoded outside for sampled rows)
+    token_uniforms: Tensor  # [B, Ly] fp32
 
 
 class _Buffers:
@@ -267,41 +251,29 @@ class _Buffers:
     each, so every shape's graph reads and writes the same addresses from offset 0."""
 
     def __init__(self, shapes: Sequence[GraphShape], d: int, dtype: torch.dtype, device) -> None:
-        rows = max(s.batch for s in shapes)
+        packed = max(packed_size(s) for s in shapes)
         tgt = max(s.batch * s.tgt_len for s in shapes)  # target positions over all rows
-        src = max(s.batch * s.src_len for s in shapes)
         self.d = d
-        kw = dict(device=device)
-        self.src = torch.empty(src, dtype=torch.long, **kw)
-        self.src_mask = torch.empty(src, dtype=torch.bool, **kw)
-        self.tgt_mask = torch.empty(tgt, dtype=torch.bool, **kw)
-        self.z0 = torch.empty(tgt * d, dtype=dtype, **kw)
-        self.uniforms = torch.empty(tgt, **kw)
-        self.token_uniforms = torch.empty(tgt, **kw)
-        self.temperature = torch.empty(rows, **kw)
-        self.top_k = torch.empty(rows, dtype=torch.long, **kw)
-        self.z = torch.empty(tgt * d, dtype=dtype, **kw)
-        self.expert = torch.empty(tgt, dtype=torch.long, **kw)
-        self.token = torch.empty(tgt, dtype=torch.long, **kw)
-        self.prob = torch.empty(tgt, dtype=torch.float32, **kw)
+        pin = torch.device(device).type == "cuda"
+        self.packed = torch.empty(packed, dtype=torch.long, device=device)
+        self.stage = torch.empty(packed, dtype=torch.long, pin_memory=pin)
+        self.out = torch.empty(3 * tgt, dtype=torch.float32, device=device)
+        self.host_out = torch.empty(3 * tgt, dtype=torch.float32, pin_memory=pin)
+        self.z = torch.empty(tgt * d, dtype=dtype, device=device)
+        self.token_uniforms = torch.empty(tgt, dtype=torch.float32, device=device)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if torch.is_tensor(t))
+        """Bytes of the device-side buffers (the host staging copies not counted)."""
+        dev = (self.packed, self.out, self.z, self.token_uniforms)
+        return sum(t.numel() * t.element_size() for t in dev)
 
     def io(self, shape: GraphShape) -> _StaticIO:
-        B, Ly, Lx, d = shape.batch, shape.tgt_len, shape.src_len, self.d
-
-        def v(flat: Tensor, *dims: int) -> Tensor:
-            return flat[: math.prod(dims)].view(*dims)
-
-        batch = PreparedBatch(
-            v(self.src, B, Lx), v(self.src_mask, B, Lx), v(self.tgt_mask, B, Ly),
-            v(self.z0, B, Ly, d), v(self.uniforms, B, Ly), v(self.token_uniforms, B, Ly),
-            v(self.temperature, B), v(self.top_k, B),
-        )  # fmt: skip
+        B, Ly, d = shape.batch, shape.tgt_len, self.d
+        n = packed_size(shape)
         return _StaticIO(
-            batch, v(self.z, B, Ly, d), v(self.expert, B, Ly), v(self.token, B, Ly),
-            v(self.prob, B, Ly),
+            self.packed[:n], self.stage, self.out[: 3 * B * Ly].view(3, B, Ly),
+            self.host_out[: 3 * B * Ly].view(3, B, Ly), self.z[: B * Ly * d].view(B, Ly, d),
+            self.token_uniforms[: B * Ly].view(B, Ly),
         )  # fmt: skip
 
 
@@ -367,6 +339,9 @@ class GraphSampler:
         if steps < 1:
             raise ValueError(f"steps counts time points and must be >= 1, got {steps}")
         capturer = self._get_capturer()
+        engine = self.sampler.engine
+        if engine is not None:
+            engine.tables(steps)  # built outside the graphs: it reads values on the host
         todo = [
             (shape, routing)
             for shape in ladder.shapes(cfg.max_length)
@@ -388,7 +363,7 @@ class GraphSampler:
             io = buffers.io(shape)
             self._fill_padding(io, shape)  # warm-up and capture run on valid inputs
             try:
-                graph = capturer(self._graph_fn(io, steps, routing))
+                graph = capturer(self._graph_fn(io, shape, steps, routing))
             except torch.OutOfMemoryError:
                 if cuda:
                     torch.cuda.empty_cache()
@@ -408,36 +383,32 @@ class GraphSampler:
 
     def _fill_padding(self, io: _StaticIO, shape: GraphShape) -> None:
         """Every row a padding row: valid inputs for the warm-up runs and the capture."""
-        none = empty_padded(GraphShape(0, 1, 1), self.model.config.d_model, self.dtype, self.device)
-        pad_prepared(none, shape, self.model.config.pad_token_id, out=io.batch)
+        staged = pack_inputs([], shape, self.model.config.pad_token_id, io.stage)
+        io.packed.copy_(staged)
 
-    def _graph_fn(self, io: _StaticIO, steps: int, routing: Routing) -> Callable[[], None]:
-        """The captured work: static inputs -> solve -> greedy decode -> static outputs."""
+    def _graph_fn(
+        self, io: _StaticIO, shape: GraphShape, steps: int, routing: Routing
+    ) -> Callable[[], None]:
+        """The captured work: packed inputs -> draws -> solve -> greedy decode -> outputs."""
 
         @torch.no_grad()
         def run() -> None:
-            res = self.sampler.solve(io.batch, steps, routing)
+            batch = unpack_inputs(io.packed, shape)
+            noise = self.sampler.draw(batch)
+            res = self.sampler.solve(batch, steps, routing, noise=noise)
             tok, prob = self._greedy(res.z)
+            torch.stack([tok.float(), prob, res.expert.float()], out=io.out)
             io.z.copy_(res.z)
-            io.expert.copy_(res.expert)
-            io.token.copy_(tok)
-            io.prob.copy_(prob)
+            io.token_uniforms.copy_(noise.token_uniforms)
 
         return run
 
     def _greedy(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """`Sampler.decode`'s greedy path, kept on the device (no `.cpu()`, capturable):
         z [B, L, d] -> (tokens [B, L] long, probabilities [B, L] fp32)."""
-        if z.is_cuda:
-            from yan_kernels import ops
-
-            if ops.use_triton():  # fused lm_head + online softmax: no [B, L, V] logits
-                dec = self.model.decoder
-                hid = dec.features(z)
-                res = ops.decoder_argmax(
-                    hid.reshape(-1, hid.shape[-1]), dec.lm_head.weight, dec.lm_head.bias
-                )
-                return res.token.view(z.shape[:-1]), res.prob.view(z.shape[:-1])
+        engine = self.sampler.engine
+        if engine is not None:  # fused lm_head + online softmax: no [B, L, V] logits
+            return engine.greedy(z)
         logp = torch.log_softmax(self.model.decode_logits(z).float(), dim=-1)
         best, tok = logp.max(-1)
         return tok, best.exp()
@@ -472,20 +443,27 @@ class GraphSampler:
             self.stats["eager"] += 1
             return self.sampler.generate(requests, steps, routing, return_previews, on_step)
         entry = next(e for e in self._entries[(steps, routing)] if e.shape == shape)
-        batch = self.sampler.prepare(requests)  # validation and per-request noise, as eager
-        pad_prepared(batch, shape, self.model.config.pad_token_id, out=entry.io.batch)
+        self.sampler.validate(requests)  # the eager sampler's checks and errors
+        _ = self.sampler.engine  # re-derives the engine's constants if the weights changed
+        io = entry.io
+        staged = pack_inputs(requests, shape, self.model.config.pad_token_id, io.stage)
+        io.packed.copy_(staged, non_blocking=True)
         entry.graph.replay()
+        io.host_out.copy_(io.out, non_blocking=True)
+        if self.cuda_graphs:
+            torch.cuda.current_stream(self.device).synchronize()
         entry.replays += 1
         self.stats["graph"] += 1
         n = len(requests)
-        # copies (on CPU `.cpu()` would alias the static buffers, which are reused)
-        tokens = entry.io.token[:n].to("cpu", copy=True)
-        conf = entry.io.prob[:n].to("cpu", copy=True)
+        # copies: the host buffer is reused by the next batch
+        tokens = io.host_out[0, :n].long()
+        conf = io.host_out[1, :n].clone()
+        expert = io.host_out[2, :n].long()
         hot = [i for i, r in enumerate(requests) if r.temperature > 0]
         if hot:  # sampled rows: decode the graph's final latent outside it (top-k, own uniforms)
             idx = torch.tensor(hot, device=self.device)
-            rows = PreparedBatch(*(t[idx] for t in _batch_fields(entry.io.batch)))
-            tok_h, conf_h = self.sampler.decode(entry.io.z[idx], rows)
+            rows = self.sampler.prepare([requests[i] for i in hot])
+            noise = Noise(io.z[idx], torch.empty(0), io.token_uniforms[idx])
+            tok_h, conf_h = self.sampler.decode(io.z[idx], rows, noise)
             tokens[hot], conf[hot] = tok_h, conf_h
-        expert = entry.io.expert[:n].to("cpu", copy=True)
         return assemble(requests, tokens, conf, expert, self.model.config.eos_token_id)

@@ -1,9 +1,16 @@
-"""Batch-independent YAN inference: requests in, tokens out (pure-torch reference path).
+"""Batch-independent YAN inference: requests in, tokens out.
 
-Every request owns a `torch.Generator` seeded from its `seed`; its z_0, its expert draws and its
-token-sampling draws come from that generator alone, drawn at the request's own length on the
-CPU. So a request's output does not depend on which other requests share its batch, nor on the
-device.
+Every request's random draws (its z_0, its expert draws and its token-sampling draws) come from
+a counter-based generator (Philox) keyed by the request's `seed` and indexed by (position,
+channel), generated on the model's device (`yan_kernels.ops.request_noise`: a Triton kernel on
+CUDA, the same numbers from pure torch on the CPU). So a request's output depends neither on
+which other requests share its batch nor on how long the batch is padded, and the same seed
+gives the same draws on the CPU and the GPU (up to float rounding of the normals).
+
+Two forward paths compute the same sample: the model's modules (the reference, and the CPU
+path) and `FusedEngine` (packed weights, per-step constants and fused Triton kernels: the fast
+path wherever the Triton kernels run). `Sampler(model, fused=...)` picks one; the default takes
+the engine on CUDA when the Triton kernels are selected.
 
 Decoding is greedy by default; a request with `temperature > 0` samples each position from the
 tempered (optionally top-k) decoder distribution by inverse CDF with its own uniforms.
@@ -13,12 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from yan_serve.flow.solver import FrozenRoutingEuler, Routing, SolveResult
 from yan_serve.model.yan import YAN
+
+if TYPE_CHECKING:
+    from yan_serve.engine.fused import FusedEngine
 
 
 @dataclass
@@ -46,41 +57,81 @@ class PreparedBatch:
     src: Tensor  # [B, Lx] long
     src_mask: Tensor  # [B, Lx] bool
     tgt_mask: Tensor  # [B, Ly] bool
-    z0: Tensor  # [B, Ly, d]
-    uniforms: Tensor  # [B, Ly] expert draws
-    token_uniforms: Tensor  # [B, Ly] token-sampling draws
+    seed: Tensor  # [B] int64, each request's own
     temperature: Tensor  # [B]
     top_k: Tensor  # [B] long
+
+
+@dataclass
+class Noise:
+    """A batch's random draws, zero past each request's target length."""
+
+    z0: Tensor  # [B, Ly, d] in the model's dtype
+    uniforms: Tensor  # [B, Ly] fp32 expert draws
+    token_uniforms: Tensor  # [B, Ly] fp32 token-sampling draws
+
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # seeds are int64 (their bits key the generator)
 
 
 def request_noise(
     seed: int, length: int, d: int, init_noise: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The request's own draws: z_0 [length, d] ~ N(0, init_noise^2 I), expert uniforms
-    [length] and token-sampling uniforms [length], in that order from one generator."""
-    g = torch.Generator().manual_seed(int(seed))
-    z0 = torch.randn(length, d, generator=g) * init_noise
-    u = torch.rand(length, generator=g)
-    u_tok = torch.rand(length, generator=g)
-    return z0, u, u_tok
+    """One request's draws on the CPU: z_0 [length, d] ~ N(0, init_noise^2 I), expert uniforms
+    [length] and token-sampling uniforms [length] (the same numbers any batch gives it)."""
+    from yan_kernels.noise import request_noise_ref
+
+    z0, u, u_tok = request_noise_ref(
+        torch.tensor([int(seed)]), torch.tensor([length]), length, d, init_noise, torch.float32
+    )
+    return z0[0], u[0], u_tok[0]
+
+
+def fused_available(model: YAN) -> bool:
+    """Whether the default is the fused engine: a CUDA model with the Triton kernels selected."""
+    from yan_kernels import ops
+
+    return next(model.parameters()).is_cuda and ops.use_triton()
 
 
 StepCallback = Callable[[int, Tensor], None]  # (time-point index, tokens [B, Ly]) per preview
 
 
 class Sampler:
-    """Encode once, solve the latent ODE with frozen routing, decode greedily, cut at EOS."""
+    """Encode once, solve the latent ODE with frozen routing, decode greedily, cut at EOS.
 
-    def __init__(self, model: YAN, solver: FrozenRoutingEuler | None = None) -> None:
+    `fused`: True runs the fused engine (`FusedEngine`), False the model's modules, None (the
+    default) the engine where `fused_available` says so. The engine is never used while the
+    model is in training mode (it has no dropout)."""
+
+    def __init__(
+        self, model: YAN, solver: FrozenRoutingEuler | None = None, fused: bool | None = None
+    ) -> None:
         self.model = model
         self.solver = solver or FrozenRoutingEuler()
+        self.fused = fused
+        self._engine: FusedEngine | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prepare(self, requests: Sequence[GenerationRequest]) -> PreparedBatch:
-        """Pad sources and targets to the batch maximum; draw each request's noise."""
+    @property
+    def engine(self) -> FusedEngine | None:
+        """The fused engine when this sampler uses it (refreshed if the weights changed)."""
+        use = self.fused if self.fused is not None else fused_available(self.model)
+        if not use or self.model.training:
+            return None
+        if self._engine is None:
+            from yan_serve.engine.fused import FusedEngine
+
+            self._engine = FusedEngine(self.model)
+        elif self._engine.stale():
+            self._engine.refresh()
+        return self._engine
+
+    def validate(self, requests: Sequence[GenerationRequest]) -> None:
+        """Raise ValueError naming the first bad request field."""
         if not requests:
             raise ValueError("no requests")
         cfg = self.model.config
@@ -91,37 +142,51 @@ class Sampler:
                 raise ValueError(f"tgt_len must be >= 1, got {r.tgt_len}")
             if r.temperature < 0 or r.top_k < 0:
                 raise ValueError("temperature and top_k must be >= 0")
-            bad = [t for t in r.src if not 0 <= int(t) < cfg.vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} outside the vocabulary of {cfg.vocab_size}")
+            if not SEED_MIN <= int(r.seed) <= SEED_MAX:
+                raise ValueError(f"seed {r.seed} is outside the int64 range")
+            lo, hi = min(r.src), max(r.src)
+            if lo < 0 or hi >= cfg.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} outside the vocabulary of {cfg.vocab_size}")
             self.model.check_length(len(r.src), "source")
             self.model.check_length(r.tgt_len, "target")
+
+    def prepare(self, requests: Sequence[GenerationRequest]) -> PreparedBatch:
+        """Validate, pad sources and targets to the batch maximum, move to the device."""
+        self.validate(requests)
+        cfg = self.model.config
         B, Lx, Ly = (
             len(requests),
             max(len(r.src) for r in requests),
             max(r.tgt_len for r in requests),
         )
         src = torch.full((B, Lx), cfg.pad_token_id, dtype=torch.long)
-        src_mask = torch.zeros(B, Lx, dtype=torch.bool)
-        tgt_mask = torch.zeros(B, Ly, dtype=torch.bool)
-        z0 = torch.zeros(B, Ly, cfg.d_model)
-        uniforms = torch.zeros(B, Ly)
-        token_uniforms = torch.zeros(B, Ly)
+        src_len = torch.tensor([len(r.src) for r in requests])
+        tgt_len = torch.tensor([r.tgt_len for r in requests])
         for i, r in enumerate(requests):
             src[i, : len(r.src)] = torch.as_tensor(list(r.src), dtype=torch.long)
-            src_mask[i, : len(r.src)] = True
-            tgt_mask[i, : r.tgt_len] = True
-            z0[i, : r.tgt_len], uniforms[i, : r.tgt_len], token_uniforms[i, : r.tgt_len] = (
-                request_noise(r.seed, r.tgt_len, cfg.d_model, cfg.init_noise)
-            )
+        src_mask = torch.arange(Lx)[None] < src_len[:, None]
+        tgt_mask = torch.arange(Ly)[None] < tgt_len[:, None]
+        seed = torch.tensor([int(r.seed) for r in requests], dtype=torch.long)
         temperature = torch.tensor([float(r.temperature) for r in requests])
         top_k = torch.tensor([int(r.top_k) for r in requests], dtype=torch.long)
         dev = self.device
-        dtype = next(self.model.parameters()).dtype
         return PreparedBatch(
-            src.to(dev), src_mask.to(dev), tgt_mask.to(dev), z0.to(dev, dtype), uniforms.to(dev),
-            token_uniforms.to(dev), temperature.to(dev), top_k.to(dev),
+            src.to(dev), src_mask.to(dev), tgt_mask.to(dev), seed.to(dev), temperature.to(dev),
+            top_k.to(dev),
         )  # fmt: skip
+
+    def draw(self, batch: PreparedBatch) -> Noise:
+        """Every request's draws, generated on the batch's device from its seed."""
+        from yan_kernels import ops
+
+        cfg = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        z0, u, u_tok = ops.request_noise(
+            batch.seed, batch.tgt_mask.sum(1), batch.tgt_mask.shape[1], cfg.d_model,
+            cfg.init_noise, dtype,
+        )  # fmt: skip
+        return Noise(z0, u, u_tok)
 
     @torch.no_grad()
     def solve(
@@ -132,15 +197,24 @@ class Sampler:
         return_trajectory: bool = False,
         naive: bool = False,
         step_hook: Callable[[int, Tensor], None] | None = None,
+        noise: Noise | None = None,
     ) -> SolveResult:
-        """Latents at t = 1 for a prepared batch (`naive` uses the T-pass reference schedule).
-        `step_hook(i, z)` sees the state at every time point as soon as it is computed."""
+        """Latents at t = 1 for a prepared batch (`naive` uses the T-pass reference schedule,
+        on the modules). `step_hook(i, z)` sees the state at every time point as soon as it is
+        computed. `noise` defaults to the batch's own draws (`draw`)."""
+        noise = noise if noise is not None else self.draw(batch)
+        engine = None if naive or return_trajectory else self.engine
+        if engine is not None:
+            return engine.solve(
+                batch.src, batch.src_mask, batch.tgt_mask, noise.z0, noise.uniforms, steps,
+                routing, step_hook,
+            )  # fmt: skip
         m = self.model
         cond = m.condition(m.encode(batch.src, batch.src_mask), batch.src_mask, batch.tgt_mask)
         if naive:
-            return self.solver.solve_naive(m.flow, batch.z0, cond, steps, routing, batch.uniforms)
+            return self.solver.solve_naive(m.flow, noise.z0, cond, steps, routing, noise.uniforms)
         return self.solver.solve(
-            m.flow, batch.z0, cond, steps, routing, batch.uniforms, return_trajectory, step_hook
+            m.flow, noise.z0, cond, steps, routing, noise.uniforms, return_trajectory, step_hook
         )
 
     @torch.no_grad()
@@ -158,6 +232,7 @@ class Sampler:
         as the solver reaches it (progressive previews for streaming)."""
         steps = self.model.config.ode_steps if steps is None else steps
         batch = self.prepare(requests)
+        noise = self.draw(batch)
         want_traj = return_previews or on_step is not None
         previews: list[Tensor] = []
 
@@ -167,8 +242,9 @@ class Sampler:
             if on_step is not None:
                 on_step(i, toks)
 
-        res = self.solve(batch, steps, routing, step_hook=step_hook if want_traj else None)
-        tokens, conf = self.decode(res.z, batch)
+        hook = step_hook if want_traj else None
+        res = self.solve(batch, steps, routing, step_hook=hook, noise=noise)
+        tokens, conf = self.decode(res.z, batch, noise)
         return assemble(requests, tokens, conf, res.expert, self.model.config.eos_token_id,
                         previews if return_previews else None)  # fmt: skip
 
@@ -210,43 +286,47 @@ class Sampler:
             out.append(logp[i, torch.arange(len(t), device=logp.device), idx].tolist())
         return out
 
-    def decode(self, z: Tensor, batch: PreparedBatch | None = None) -> tuple[Tensor, Tensor]:
-        """z [B, L, d] -> (tokens [B, L], their decoder probabilities [B, L]).
+    def decode(
+        self, z: Tensor, batch: PreparedBatch | None = None, noise: Noise | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """z [B, L, d] -> (tokens [B, L], their decoder probabilities [B, L]) on the CPU.
 
         Greedy, except rows of `batch` with temperature > 0, which sample by inverse CDF from
-        their own token uniforms (top-k restricted when top_k > 0)."""
-        if z.is_cuda:  # fused lm_head + argmax (yan_kernels.decoder_argmax): no [B, L, V] logits
-            from yan_kernels import ops
-
-            if ops.use_triton():
-                dec = self.model.decoder
-                hid = dec.features(z)  # [B, L, d]
-                res = ops.decoder_argmax(
-                    hid.reshape(-1, hid.shape[-1]), dec.lm_head.weight, dec.lm_head.bias
-                )
-                tok, best = res.token.view(z.shape[:-1]), res.prob.view(z.shape[:-1])
-                hot = [] if batch is None else (batch.temperature > 0).nonzero().flatten().tolist()
-                for i in hot:  # sampled rows keep the reference draw (inverse CDF, top-k)
-                    row = dec.lm_head(hid[i]).float()  # [L, V]
-                    tok[i] = sample_tokens(
-                        row, float(batch.temperature[i]), int(batch.top_k[i]),
-                        batch.token_uniforms[i],
-                    )  # fmt: skip
-                    logp_i = torch.log_softmax(row, dim=-1)
-                    best[i] = logp_i.gather(-1, tok[i][:, None]).squeeze(-1).exp()
-                return tok.cpu(), best.cpu()
+        their own token uniforms (`noise`, drawn for the batch when not given; top-k restricted
+        when top_k > 0)."""
+        temps = [] if batch is None else batch.temperature.tolist()
+        hot = [i for i, t in enumerate(temps) if t > 0]
+        if hot and noise is None:
+            assert batch is not None
+            noise = self.draw(batch)
+        engine = self.engine
+        if engine is not None:  # fused lm_head + argmax: no [B, L, V] logits for greedy rows
+            tok, best = engine.greedy(z)
+            if hot:
+                hid = engine.features(z).view(*z.shape[:-1], -1)
+                head = self.model.decoder.lm_head
+                for i in hot:  # sampled rows: the reference draw (inverse CDF, top-k)
+                    tok[i], best[i] = self._sample_row(head(hid[i]).float(), batch, noise, i)
+            return tok.cpu(), best.cpu()
         logits = self.model.decode_logits(z).float()
         logp = torch.log_softmax(logits, dim=-1)
         best, tok = logp.max(-1)
-        if batch is not None and bool((batch.temperature > 0).any()):
-            rows = (batch.temperature > 0).nonzero().flatten()
-            for i in rows.tolist():
-                tok[i] = sample_tokens(
-                    logits[i], float(batch.temperature[i]), int(batch.top_k[i]),
-                    batch.token_uniforms[i],
-                )  # fmt: skip
-            best = logp.gather(-1, tok[..., None]).squeeze(-1)
-        return tok.cpu(), best.exp().cpu()
+        best = best.exp()
+        for i in hot:
+            tok[i], best[i] = self._sample_row(logits[i], batch, noise, i)
+        return tok.cpu(), best.cpu()
+
+    @staticmethod
+    def _sample_row(
+        logits: Tensor, batch: PreparedBatch | None, noise: Noise | None, i: int
+    ) -> tuple[Tensor, Tensor]:
+        """Row i's sampled tokens [L] and their probabilities [L] from its logits [L, V]."""
+        assert batch is not None and noise is not None
+        tok = sample_tokens(
+            logits, float(batch.temperature[i]), int(batch.top_k[i]), noise.token_uniforms[i]
+        )
+        prob = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1).exp()
+        return tok, prob
 
 
 def assemble(

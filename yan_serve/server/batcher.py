@@ -1,12 +1,25 @@
-"""Dynamic batching: an asyncio queue in front of one model worker.
+"""Continuous batching: an asyncio queue in front of one model worker.
 
-Jobs (one per generated candidate) wait in arrival order. The worker loop takes the oldest job,
-gathers the queued jobs that can share its batch (same Euler steps, routing, mode and length
-bucket) until it has `max_batch_size` of them or the oldest has waited `max_wait_ms`, and runs
-them on a single model thread, off the event loop. A job whose future was cancelled (timeout,
-client gone) is dropped before it runs; a result for a job cancelled while it ran is discarded.
-A batch that runs out of device memory is split in halves and retried; a single job that still
-does not fit fails alone with `OutOfMemory`.
+Jobs (one per generated candidate) wait in arrival order. Jobs can share a batch when they have
+the same `Job.key` (mode, Euler steps, routing and length bucket). The dispatch rule:
+
+- Whenever the model thread is free and a live (not cancelled) job is waiting, the loop takes the
+  oldest waiting job plus the other waiting jobs with its key, in arrival order, up to
+  `max_batch_size`, and runs them at once. There is no timer: an idle worker never waits for
+  batch-mates, so a lone request on an idle server starts as soon as the loop sees it.
+- While a batch runs, newly arriving jobs accumulate. When it finishes, the next batch is formed
+  at once by the same rule. Under load the running batch is the gather window, so batches fill
+  up by themselves and grow with the arrival rate.
+
+`max_wait_ms` (default 0) opts into a gather window on an idle worker as well: when it is above
+0 and fewer than `max_batch_size` compatible jobs are waiting, the free worker waits until the
+oldest job has waited that long (or the batch fills) before it runs. That trades low-load latency
+for fuller batches; at 0 a free worker never waits.
+
+The loop is the only dispatcher and awaits each batch, so at most one batch runs at a time. A job
+whose future was cancelled (timeout, client gone) is dropped before it runs; a result for a job
+cancelled while it ran is discarded. A batch that runs out of device memory is split in halves
+and retried; a single job that still does not fit fails alone with `OutOfMemory`.
 """
 
 from __future__ import annotations
@@ -79,13 +92,13 @@ class Batcher:
         self,
         worker: Worker,
         max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
+        max_wait_ms: float = 0.0,
         max_queue: int = 256,
         metrics: Metrics | None = None,
     ) -> None:
         self.worker = worker
         self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000.0
+        self.max_wait = max_wait_ms / 1000.0  # opt-in gather window on an idle worker
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self._waiting: list[Job] = []
@@ -140,10 +153,12 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
+            # The worker is free (the previous batch, if any, has returned): dispatch now,
+            # unless a gather window was asked for and the batch is not full yet.
             oldest = self._waiting[0]
             same = [j for j in self._waiting if j.key == oldest.key]
             wait_left = oldest.t_enqueue + self.max_wait - time.perf_counter()
-            if len(same) < self.max_batch_size and wait_left > 0:
+            if self.max_wait > 0 and len(same) < self.max_batch_size and wait_left > 0:
                 self._arrived.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._arrived.wait(), wait_left)

@@ -24,7 +24,7 @@ class Settings:
     port: int = 8000
     device: str = "auto"
     max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_queue: int = 256
     request_timeout: float = 30.0
     shutdown_timeout: float = 30.0
@@ -62,7 +62,8 @@ HELP = {
     "port": "TCP port",
     "device": "auto | cpu | cuda | cuda:N",
     "max_batch_size": "most requests the batcher runs together",
-    "max_wait_ms": "how long the oldest queued request may wait for batch-mates",
+    "max_wait_ms": "gather window on an idle worker: how long the oldest queued request may wait"
+    " for batch-mates (0: a free worker runs at once; under load batches form while it runs)",
     "max_queue": "queued requests beyond which new ones get 429",
     "request_timeout": "seconds before a request gets 504 and its work is dropped",
     "shutdown_timeout": "seconds SIGTERM waits for in-flight work before exiting",

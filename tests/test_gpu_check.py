@@ -1,0 +1,102 @@
+"""The GPU-machine check (scripts/gpu_check.sh) and its served smoke test (scripts/gpu_smoke.py).
+
+A lent GPU machine gives minutes, not retries, so both scripts are exercised here on the CPU:
+the shell script's syntax and stage wiring, and the smoke client end to end against the shipped
+checkpoints (the same code path as on the GPU, with `--device cpu`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "scripts" / "gpu_check.sh"
+SMOKE = ROOT / "scripts" / "gpu_smoke.py"
+STAGES = ("tests", "kernels", "sampler", "scan", "smoke")
+
+
+def load_smoke():
+    spec = importlib.util.spec_from_file_location("gpu_smoke", SMOKE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_smoke"] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_check_script_parses_and_wires_every_stage() -> None:
+    assert subprocess.run(["bash", "-n", str(CHECK)]).returncode == 0
+    text = CHECK.read_text()
+    assert f'STAGES=${{STAGES:-"{" ".join(STAGES)}"}}' in text
+    for stage in STAGES:
+        assert f"        {stage})\n" in text, f"no case branch for stage {stage}"
+        assert f"{stage.upper()}_TIMEOUT" in text
+    for bench in ("kernels", "sampler", "scan"):
+        assert f"-m yan_serve.bench {bench}" in text
+        assert f"{bench.upper()}_ARGS" in text
+    assert "-m pytest -q -m gpu" in text and "tests/kernels tests/engine tests/ar" in text
+    assert "scripts/gpu_smoke.py" in text and "SMOKE_ARGS" in text
+    assert "PYTEST_ARGS" in text
+
+
+def test_check_script_refuses_an_unknown_stage(tmp_path: Path) -> None:
+    env = {**os.environ, "STAGES": "tests bogus", "OUT": str(tmp_path)}
+    p = subprocess.run(["bash", str(CHECK)], env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2
+    assert "unknown stage 'bogus'" in p.stderr
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_smoke_helpers() -> None:
+    m = load_smoke()
+    assert m.pct([], 50) is None
+    assert m.pct([3.0, 1.0, 2.0], 50) == 2.0
+    assert m.pct([0.0, 10.0], 90) == pytest.approx(9.0)
+    events = m.parse_sse(b'event: result\ndata: {"a": 1}\n\ndata: [DONE]\n\n')
+    assert events == [("result", '{"a": 1}'), ("message", "[DONE]")]
+    assert m._check_sse_openai([("message", "[DONE]")]) == "chunks are not text_completion objects"
+    assert len(set(m.ENDPOINT_NAMES)) == len(m.ENDPOINT_NAMES)
+    a = m.parse_args(["--device", "cpu", "--burst", "infill", "--out", "/tmp/x/s.jsonl"])
+    assert a.burst == ["infill"] and a.log_dir == "/tmp/x"
+    rows = [
+        {"kind": "server", "model": "y", "kind_of_model": "yan", "exit_code": 0},
+        {"kind": "server", "model": "a", "kind_of_model": "ar", "exit_code": 0},
+        {"kind": "sequential", "model": "y", "endpoint": "/v1/complete", "p50_ms": 10.0},
+        {"kind": "sequential", "model": "a", "endpoint": "/v1/complete", "p50_ms": 40.0},
+    ]
+    table = m.report(rows)
+    assert "YAN speedup" in table
+    assert "4.00x" in table.splitlines()[2]
+
+
+@pytest.mark.slow
+def test_smoke_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.jsonl"
+    cmd = [
+        sys.executable, str(SMOKE), "--device", "cpu", "--duration", "1", "--concurrency", "4",
+        "--seq", "3", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    names = load_smoke().ENDPOINT_NAMES
+    for model in ("yan-tiny-kjv", "ar-tiny-kjv"):
+        got = {r["endpoint"]: r for r in rows if r["kind"] == "endpoint" and r["model"] == model}
+        assert sorted(got) == sorted(names), model
+        for name, r in got.items():
+            assert r["status"] == 200 and r["ok"], (model, name, r)
+        server = [r for r in rows if r["kind"] == "server" and r["model"] == model]
+        assert server and server[0]["exit_code"] == 0, server
+        seq = {r["endpoint"]: r for r in rows if r["kind"] == "sequential" and r["model"] == model}
+        assert seq["/v1/complete"]["completion_tokens"] == 128  # ignore_eos: the whole budget
+        assert seq["/v1/infill"]["queue_ms_p50"] is not None
+        bursts = [r for r in rows if r["kind"] == "burst" and r["model"] == model]
+        assert {r["endpoint"] for r in bursts} == {"/v1/complete", "/v1/infill"}
+        assert all(r["errors"] == 0 and r["requests"] > 0 for r in bursts), bursts
+    assert "YAN speedup" in p.stdout

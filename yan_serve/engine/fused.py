@@ -1,0 +1,358 @@
+"""YAN's inference forward with few launches: packed weights, per-step constants, fused kernels.
+
+The model's modules (`yan_serve.model`) are the reference. This engine computes the same
+sample (encoder, T - 1 trunk passes with frozen routing, decoder argmax) from the same weights,
+rearranged for inference, where at batch 1 the cost is the number of kernel launches:
+
+- Per-step constants. The adaptive norms' scale and shift, the time embedding and the gate's
+  time term depend only on t, and the time grid is fixed for a given number of steps, so they
+  are computed once per `steps` (`_StepTables`) instead of once per trunk pass and block. An
+  adaptive norm at a fixed t is then an ordinary LayerNorm affine.
+- Packed projections. Self-attention reads one [3d, d] QKV projection; the cross-attention keys
+  and values of every cross block depend only on the encoded source, so all of them come from
+  one [n_cross * 2d, d] projection, once per sample rather than once per trunk pass.
+- Fused residuals. Each `x = x + sublayer(...)` and the LayerNorm after it are one kernel
+  (`yan_kernels.layer_norm.add_layer_norm`); attention masks are built once per sample.
+- Frozen routing. Tokens are grouped by expert once (`ops.expert_tiles`) and every Euler step
+  runs the routed-expert kernel with the Euler update in its epilogue.
+- The decoder's lm_head runs fused with the argmax (`ops.decoder_argmax`).
+
+Values at padded target positions differ from the reference (the engine does not zero them
+after each sub-layer) but never reach a real position: padded keys are masked in every
+attention, and the gate, experts and decoder act per position. Real positions agree with the
+reference up to float rounding (tests/engine/test_fused.py).
+
+The engine holds tensors derived from the weights (the packs and the step tables). `refresh()`
+recomputes them in place (so captured CUDA graphs that read them stay valid); `stale()` says
+whether any source parameter changed since (an optimizer step, `load_state_dict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from yan_kernels import ops
+
+from yan_serve.flow.solver import Routing, SolveResult, select_experts, time_grid
+from yan_serve.model.layers import LN_EPS, MultiHeadAttention
+from yan_serve.model.yan import YAN
+
+
+@dataclass
+class _Attn:
+    """One self-attention's packed projection: [3d, d] (+ [3d] bias)."""
+
+    w_qkv: Tensor
+    b_qkv: Tensor | None
+    heads: int
+
+
+@dataclass
+class _StepTables:
+    """Constants of one time grid: per trunk pass i (t_i, i < T - 1), per block, the adaptive
+    norms' (scale, shift) for the self-attention, the FFN and the cross-attention; the Euler
+    step sizes; and the gate's time term at t = 0."""
+
+    mods: list[list[Tensor]]  # [pass][block] -> [6 or 4, d]
+    dts: list[float]  # t_{i+1} - t_i in the model's dtype, as the reference computes them
+    gate_t: Tensor  # [gate_dim]: W_t @ t_emb(0) + b of the gate's first layer
+
+
+class FusedEngine:
+    """The inference forward of a YAN model in eval mode (see the module docstring)."""
+
+    def __init__(self, model: YAN) -> None:
+        self.model = model
+        self.cfg = model.config
+        self._attn: dict[int, _Attn] = {}  # id(MultiHeadAttention) -> pack
+        self._cross_kv_w: Tensor | None = None
+        self._cross_kv_b: Tensor | None = None
+        self._tables: dict[int, _StepTables] = {}
+        self._fingerprint: tuple = ()
+        self.refresh()
+
+    # ------------------------------------------------------------------------- derived state
+    def _sources(self) -> list[Tensor]:
+        """The parameters the derived tensors are computed from."""
+        m = self.model
+        out: list[Tensor] = [*m.flow.time_emb.parameters(), *m.flow.gate[0].parameters()]
+        for blk in m.flow.trf_blocks:
+            out += list(blk.adaLN.parameters())
+        for att in self._attentions():
+            out += [p for lin in (att.W_q, att.W_k, att.W_v) for p in lin.parameters()]
+        return out
+
+    def _attentions(self) -> list[MultiHeadAttention]:
+        m = self.model
+        blocks = [*m.encoder.trf_blocks, *m.flow.trf_blocks]
+        out = [b.self_att for b in blocks if isinstance(b.self_att, MultiHeadAttention)]
+        return out + [b.cross_att for b in m.flow.trf_blocks if b.has_cross]
+
+    def _fingerprint_now(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self._sources())
+
+    def stale(self) -> bool:
+        """Whether a source parameter was modified or replaced since the last `refresh`."""
+        return self._fingerprint_now() != self._fingerprint
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """(Re)compute the packed weights and every cached step table, in place where they
+        exist (captured graphs keep reading the same buffers)."""
+        m = self.model
+
+        def put(old: Tensor | None, new: Tensor) -> Tensor:
+            if old is not None and old.shape == new.shape and old.dtype == new.dtype:
+                return old.copy_(new)
+            return new
+
+        for blk in [*m.encoder.trf_blocks, *m.flow.trf_blocks]:
+            att = blk.self_att
+            if not isinstance(att, MultiHeadAttention):
+                continue
+            old = self._attn.get(id(att))
+            w = torch.cat([att.W_q.weight, att.W_k.weight, att.W_v.weight])
+            b = None
+            if att.W_q.bias is not None:
+                b = torch.cat([att.W_q.bias, att.W_k.bias, att.W_v.bias])
+            self._attn[id(att)] = _Attn(
+                put(old and old.w_qkv, w),
+                None if b is None else put(old and old.b_qkv, b),
+                att.n_heads,
+            )
+        cross = [blk.cross_att for blk in m.flow.trf_blocks if blk.has_cross]
+        if cross:
+            w = torch.cat([t for a in cross for t in (a.W_k.weight, a.W_v.weight)])
+            self._cross_kv_w = put(self._cross_kv_w, w)
+            if cross[0].W_k.bias is not None:
+                b = torch.cat([t for a in cross for t in (a.W_k.bias, a.W_v.bias)])
+                self._cross_kv_b = put(self._cross_kv_b, b)
+        for steps, old in self._tables.items():
+            new = self._build_tables(steps)
+            for pa, pb in zip(old.mods, new.mods, strict=True):
+                for a, b in zip(pa, pb, strict=True):
+                    a.copy_(b)
+            old.gate_t.copy_(new.gate_t)
+            old.dts[:] = new.dts
+        self._fingerprint = self._fingerprint_now()
+
+    def tables(self, steps: int) -> _StepTables:
+        if steps not in self._tables:
+            self._tables[steps] = self._build_tables(steps)
+        return self._tables[steps]
+
+    @torch.no_grad()
+    def _build_tables(self, steps: int) -> _StepTables:
+        m = self.model
+        flow = m.flow
+        dtype = next(m.parameters()).dtype
+        dev = next(m.parameters()).device
+        ts = time_grid(steps, dev, dtype)
+        mods = []
+        for i in range(max(steps - 1, 1)):
+            t_emb = flow.time_emb(ts[i].reshape(1))  # [1, d], exactly as the trunk computes it
+            per_block = []
+            for blk in flow.trf_blocks:
+                n = 6 if blk.has_cross else 4
+                per_block.append(blk.adaLN(t_emb).view(n, -1).contiguous())  # [n, d]
+            mods.append(per_block)
+        d = self.cfg.d_model
+        t0 = flow.time_emb(ts[0].reshape(1))[0]  # [d]
+        g = flow.gate[0]
+        gate_t = F.linear(t0, g.weight[:, 2 * d :], g.bias)  # [gate_dim]
+        dts = [float(ts[i + 1] - ts[i]) for i in range(steps - 1)]
+        return _StepTables(mods, dts, gate_t)
+
+    # ------------------------------------------------------------------------------ pieces
+    @staticmethod
+    def key_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """[B, L] bool -> [B, 1, 1, L] additive SDPA mask (0 / -inf); a row without a real key
+        attends everywhere, as `key_padding_mask` does."""
+        keep = mask | ~mask.any(dim=-1, keepdim=True)
+        zero = torch.zeros((), dtype=dtype, device=mask.device)
+        return torch.where(keep, zero, float("-inf")).to(dtype)[:, None, None, :]
+
+    def _self_attention(self, att: MultiHeadAttention, h: Tensor, bias: Tensor) -> Tensor:
+        """h [B, L, d] -> attention output before out_proj, [B * L, d]."""
+        B, L, d = h.shape
+        pack = self._attn[id(att)]
+        H = pack.heads
+        qkv = F.linear(h, pack.w_qkv, pack.b_qkv).view(B, L, 3, H, d // H)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, H, L, hd]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return o.transpose(1, 2).reshape(B * L, d)
+
+    def _mix(self, blk, h: Tensor, mask: Tensor, bias: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The block's sequence mixer: (output [B * L, d] before the residual, its bias)."""
+        att = blk.self_att
+        B, L, d = h.shape
+        if isinstance(att, MultiHeadAttention):
+            o = self._self_attention(att, h, bias)
+            return F.linear(o, att.out_proj.weight), att.out_proj.bias
+        return att(h, mask).reshape(B * L, d), None  # a Mamba mixer runs as the module
+
+    def _ffn(self, ff, h: Tensor, with_bias: bool = False) -> Tensor:
+        """FeedForward without its output bias (the fused residual adds it), unless asked."""
+        up, down = ff.layers[0], ff.layers[2]
+        a = F.gelu(F.linear(h, up.weight, up.bias))
+        return F.linear(a, down.weight, down.bias if with_bias else None)
+
+    # ----------------------------------------------------------------------------- encoder
+    @torch.no_grad()
+    def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """src [B, Lx] long, src_mask [B, Lx] -> (latents [B, Lx, d] zero at padding, the
+        key mask bias for attending to them)."""
+        m = self.model
+        B, Lx = src.shape
+        d = self.cfg.d_model
+        bias = self.key_bias(src_mask, m.tok_emb.weight.dtype)
+        x = F.embedding(src, m.tok_emb.weight) + m.positions(Lx)  # [B, Lx, d]
+        x = x.reshape(B * Lx, d)
+        blocks = m.encoder.trf_blocks
+        n0 = blocks[0].norm_self_att
+        x, h = ops.add_layer_norm(x, None, n0.scale, n0.shift, eps=n0.eps)
+        for j, blk in enumerate(blocks):
+            o, ob = self._mix(blk, h.view(B, Lx, d), src_mask, bias)
+            x, h = ops.add_layer_norm(x, o, blk.norm_ff.scale, blk.norm_ff.shift, ob, LN_EPS)
+            f = self._ffn(blk.ff, h)
+            nxt = blocks[j + 1].norm_self_att if j + 1 < len(blocks) else m.encoder.final_norm
+            x, h = ops.add_layer_norm(x, f, nxt.scale, nxt.shift, blk.ff.layers[2].bias, nxt.eps)
+        if not blocks:
+            fin = m.encoder.final_norm
+            _, h = ops.add_layer_norm(x, None, fin.scale, fin.shift, eps=fin.eps)
+        out = h.view(B, Lx, d) * src_mask[..., None].to(h.dtype)
+        return out, bias
+
+    # ------------------------------------------------------------------------------- trunk
+    def _cross_kv(self, src_h: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Keys and values [B, H, Lx, hd] of every cross block, from one projection."""
+        if self._cross_kv_w is None:
+            return []
+        B, Lx, d = src_h.shape
+        H = self.cfg.attention_heads
+        kv = F.linear(src_h, self._cross_kv_w, self._cross_kv_b)  # [B, Lx, n * 2d]
+        kv = kv.view(B, Lx, -1, 2, H, d // H)
+        return [(kv[:, :, i, 0].transpose(1, 2), kv[:, :, i, 1].transpose(1, 2))
+                for i in range(kv.shape[2])]  # fmt: skip
+
+    def _trunk(
+        self,
+        z: Tensor,
+        mods: list[Tensor],
+        tgt_mask: Tensor,
+        tgt_bias: Tensor,
+        cross_kv: list[tuple[Tensor, Tensor]],
+        src_bias: Tensor,
+    ) -> Tensor:
+        """One trunk pass at a fixed t: z [B, L, d] -> h [B * L, d] (after the final norm)."""
+        flow = self.model.flow
+        B, L, d = z.shape
+        H = self.cfg.attention_heads
+        x = (z + self.model.positions(L)).reshape(B * L, d)
+        blocks = flow.trf_blocks
+        x, h = ops.add_layer_norm(x, None, mods[0][0], mods[0][1], eps=LN_EPS)
+        ci = 0
+        for j, blk in enumerate(blocks):
+            mj = mods[j]
+            o, ob = self._mix(blk, h.view(B, L, d), tgt_mask, tgt_bias)
+            if blk.has_cross:
+                x, h = ops.add_layer_norm(x, o, mj[4], mj[5], ob, LN_EPS)
+                ca = blk.cross_att
+                q = F.linear(h, ca.W_q.weight, ca.W_q.bias).view(B, L, H, d // H).transpose(1, 2)
+                k, v = cross_kv[ci]
+                ci += 1
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=src_bias)
+                o = F.linear(a.transpose(1, 2).reshape(B * L, d), ca.out_proj.weight)
+                ob = ca.out_proj.bias
+            x, h = ops.add_layer_norm(x, o, mj[2], mj[3], ob, LN_EPS)
+            f = self._ffn(blk.ff, h)
+            if j + 1 < len(blocks):
+                ns, nb, eps = mods[j + 1][0], mods[j + 1][1], LN_EPS
+            else:
+                ns, nb, eps = flow.final_norm.scale, flow.final_norm.shift, flow.final_norm.eps
+            x, h = ops.add_layer_norm(x, f, ns, nb, blk.ff.layers[2].bias, eps)
+        if not blocks:
+            fin = flow.final_norm
+            _, h = ops.add_layer_norm(x, None, fin.scale, fin.shift, eps=fin.eps)
+        return h
+
+    def _gate_probs(self, h: Tensor, src_pooled: Tensor, tables: _StepTables, B: int) -> Tensor:
+        """pi(z_0, 0): h [B * L, d] -> [B, L, K] fp32 (padding is not masked: unused there)."""
+        flow = self.model.flow
+        d = self.cfg.d_model
+        g0, g2 = flow.gate[0], flow.gate[2]
+        row = torch.addmm(tables.gate_t, src_pooled, g0.weight[:, d : 2 * d].t())  # [B, gd]
+        hid = F.linear(h, g0.weight[:, :d]).view(B, -1, row.shape[-1]) + row[:, None]
+        logits = F.linear(F.gelu(hid), g2.weight, g2.bias) / flow.gate_temperature
+        return torch.softmax(logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def solve(
+        self,
+        src: Tensor,
+        src_mask: Tensor,
+        tgt_mask: Tensor,
+        z0: Tensor,
+        uniforms: Tensor,
+        steps: int,
+        routing: Routing = "sample",
+        step_hook: Callable[[int, Tensor], None] | None = None,
+    ) -> SolveResult:
+        """Encode and integrate: the same contract as `Sampler.solve` on the modules (z at
+        t = 1, the frozen experts, the gate probabilities). `step_hook(i, z)` sees each state."""
+        if steps < 1:
+            raise ValueError(f"steps counts time points and must be >= 1, got {steps}")
+        flow = self.model.flow
+        B, L, d = z0.shape
+        tables = self.tables(steps)
+        src_h, src_bias = self.encode(src, src_mask)
+        m = src_mask[..., None].to(src_h.dtype)
+        src_pooled = (src_h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        tgt_bias = self.key_bias(tgt_mask, z0.dtype)
+        cross_kv = self._cross_kv(src_h)
+        h = self._trunk(z0, tables.mods[0], tgt_mask, tgt_bias, cross_kv, src_bias)
+        probs = self._gate_probs(h, src_pooled, tables, B)
+        expert = select_experts(probs, routing, uniforms)  # [B, L]
+        flat_e = expert.reshape(-1)
+        ex = flow.experts
+        tiles = ops.expert_tiles(flat_e, ex.n_experts, h)
+        if step_hook is not None:
+            step_hook(0, z0)
+        z = z0.reshape(B * L, d)
+        for i in range(steps - 1):
+            if i > 0:
+                h = self._trunk(z.view(B, L, d), tables.mods[i], tgt_mask, tgt_bias, cross_kv,
+                                src_bias)  # fmt: skip
+            z = ops.routed_expert_euler(h, flat_e, ex.w1, ex.b1, ex.w2, ex.b2, z, tables.dts[i],
+                                        tiles=tiles)  # fmt: skip
+            if step_hook is not None:
+                step_hook(i + 1, z.view(B, L, d))
+        return SolveResult(z=z.view(B, L, d), expert=expert, gate_probs=probs)
+
+    # ----------------------------------------------------------------------------- decoder
+    def features(self, z: Tensor) -> Tensor:
+        """The decoder's hidden state before lm_head: z [..., d] -> [N, d]."""
+        dec = self.model.decoder
+        d = self.cfg.d_model
+        x = z.reshape(-1, d)
+        blocks = dec.resi_blocks
+        if not blocks:
+            return x
+        x, h = ops.add_layer_norm(x, None, blocks[0].norm.scale, blocks[0].norm.shift,
+                                  eps=blocks[0].norm.eps)  # fmt: skip
+        for j, blk in enumerate(blocks[:-1]):
+            nxt = blocks[j + 1].norm
+            f = self._ffn(blk.ff, h)
+            x, h = ops.add_layer_norm(x, f, nxt.scale, nxt.shift, blk.ff.layers[2].bias, nxt.eps)
+        return x + self._ffn(blocks[-1].ff, h, with_bias=True)
+
+    def greedy(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z [B, L, d] -> (argmax tokens [B, L] long, their probabilities [B, L] fp32), on the
+        device (no host sync)."""
+        head = self.model.decoder.lm_head
+        res = ops.decoder_argmax(self.features(z), head.weight, head.bias)
+        return res.token.view(z.shape[:-1]), res.prob.view(z.shape[:-1])

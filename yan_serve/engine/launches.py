@@ -1,0 +1,109 @@
+"""Counting the kernel launches of a sample: on CUDA with the profiler, on the CPU by proxy.
+
+At batch 1 a YAN sample is launch-bound, so the number of kernels per sample is a figure the
+benchmarks report next to the time.
+
+- CUDA (`count_cuda_kernels`): torch.profiler's device activity, every kernel that ran (memory
+  copies and sets excluded).
+- CPU proxy (`count_dispatched`): the torch operators a call dispatches that would launch a
+  kernel on a GPU (views, allocations and other metadata-only operators are not counted), with
+  each call of a fused `yan_kernels.ops` facade counted as the launches its Triton kernels take
+  on a GPU, whatever implementation runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# aten operators that never launch a kernel (metadata, views, allocation without fill)
+_NO_LAUNCH = {
+    "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select",
+    "unsqueeze", "squeeze", "as_strided", "alias", "detach", "split", "split_with_sizes",
+    "unbind", "chunk", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+    "lift_fresh", "_to_copy_noop", "narrow", "view_as", "numpy_T", "unfold", "_reshape_alias",
+    "is_same_size", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "dim",
+    "is_contiguous", "stride", "size", "item",
+}  # fmt: skip
+
+# Triton launches per facade call on a GPU (the routed expert's token grouping, when the caller
+# does not pass one, is counted separately: `expert_tiles` runs its torch ops normally)
+FUSED_LAUNCHES = {
+    "routed_expert_euler": 2,  # up-projection + GELU, down-projection + Euler
+    "decoder_argmax": 2,  # vocabulary splits, fold
+    "add_layer_norm": 1,
+    "request_noise": 1,
+    "selective_scan": 1,
+}
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.muted = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.muted:
+            name = func.overloadpacket.__name__
+            if name.rstrip("_") not in _NO_LAUNCH:
+                self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _fused_facades(counter: _Counter) -> Iterator[None]:
+    """Count each facade call as its GPU launches and mute what its CPU implementation runs."""
+    from yan_kernels import ops
+
+    saved = {name: getattr(ops, name) for name in FUSED_LAUNCHES}
+
+    def wrap(name: str, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            counter.ops[f"triton:{name}"] += FUSED_LAUNCHES[name]
+            counter.muted += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.muted -= 1
+
+        return call
+
+    try:
+        for name, fn in saved.items():
+            setattr(ops, name, wrap(name, fn))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(ops, name, fn)
+
+
+def count_dispatched(fn: Callable[[], object]) -> Counter[str]:
+    """Operators `fn()` dispatches that would launch a GPU kernel (the CPU proxy), by name."""
+    counter = _Counter()
+    with _fused_facades(counter), counter:
+        fn()
+    return counter.ops
+
+
+def count_cuda_kernels(fn: Callable[[], object]) -> Counter[str]:
+    """Kernels `fn()` runs on the GPU, by name (torch.profiler; copies and memsets excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: Counter[str] = Counter()
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = evt.name
+        if name.startswith(("Memcpy", "Memset")) or "memcpy" in name.lower():
+            continue
+        out[name] += 1
+    return out
