@@ -223,7 +223,7 @@ def test_sampler_decode_uses_the_kernel_on_gpu(monkeypatch) -> None:
 
     calls = []
     kernel = mod.decoder_argmax
-    monkeypatch.setattr(mod, "decoder_argmax", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(mod, "decoder_argmax", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     torch.manual_seed(0)
     s = Sampler(YAN(micro_config()).eval().cuda())
     reqs = [GenerationRequest(src=[5, 6, 7], tgt_len=9, seed=i) for i in range(3)]
