@@ -198,7 +198,9 @@ def test_flow_experts_use_the_kernel_on_gpu(monkeypatch) -> None:
 
     calls = []
     kernel = mod.routed_expert_euler
-    monkeypatch.setattr(mod, "routed_expert_euler", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(
+        mod, "routed_expert_euler", lambda *a, **k: calls.append(1) or kernel(*a, **k)
+    )
     torch.manual_seed(0)
     ex = Experts(6, 64, 256).cuda()
     h = torch.randn(3, 50, 64, device="cuda")
