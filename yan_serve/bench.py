@@ -734,7 +734,7 @@ def _bench_sampler_shape(
                 same = _same_tokens(graphs.generate(reqs, steps, "argmax"), fused_out)
     flops, params = sample_cost(model.config, batch, length, steps)
     elt = next(model.parameters()).element_size()
-    floor = max(flops / (rate * 1e12), params * elt / (bw * 1e9)) * 1e3
+    floor = max(flops / rate, params * elt / bw) * 1e3  # rate in FLOP/s, bw in bytes/s
     return SamplerRow(
         batch, length, eager, fused_ms, graph, floor, launches,
         None if rep is None else rep.seconds,
@@ -907,8 +907,8 @@ def _sampler_gpu(name: str, args: argparse.Namespace) -> dict:
         "steps": steps,
         "routing": "argmax",
         "decode": "greedy",
-        "copy_GBps": round(bw, 1),
-        "matmul_TFLOPs": round(rate, 1),
+        "copy_GBps": round(bw / 1e9, 1),
+        "matmul_TFLOPs": round(rate / 1e12, 1),
     }
     print("  ".join(f"{k}={v}" for k, v in header.items()))
     print(

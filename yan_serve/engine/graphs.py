@@ -450,7 +450,7 @@ class GraphSampler:
         io.packed.copy_(staged, non_blocking=True)
         entry.graph.replay()
         io.host_out.copy_(io.out, non_blocking=True)
-        if self.cuda_graphs:
+        if self.device.type == "cuda":  # the copy back is asynchronous (pinned host memory)
             torch.cuda.current_stream(self.device).synchronize()
         entry.replays += 1
         self.stats["graph"] += 1
