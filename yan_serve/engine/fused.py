@@ -38,7 +38,7 @@ from torch import Tensor
 from yan_kernels import ops
 
 from yan_serve.flow.solver import Routing, SolveResult, select_experts, time_grid
-from yan_serve.model.layers import LN_EPS, MultiHeadAttention
+from yan_serve.model.layers import LN_EPS, MultiHeadAttention, masked_mean
 from yan_serve.model.yan import YAN
 
 
@@ -310,8 +310,7 @@ class FusedEngine:
         B, L, d = z0.shape
         tables = self.tables(steps)
         src_h, src_bias = self.encode(src, src_mask)
-        m = src_mask[..., None].to(src_h.dtype)
-        src_pooled = (src_h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        src_pooled = masked_mean(src_h, src_mask)
         tgt_bias = self.key_bias(tgt_mask, z0.dtype)
         cross_kv = self._cross_kv(src_h)
         h = self._trunk(z0, tables.mods[0], tgt_mask, tgt_bias, cross_kv, src_bias)
@@ -349,6 +348,10 @@ class FusedEngine:
             f = self._ffn(blk.ff, h)
             x, h = ops.add_layer_norm(x, f, nxt.scale, nxt.shift, blk.ff.layers[2].bias, nxt.eps)
         return x + self._ffn(blocks[-1].ff, h, with_bias=True)
+
+    def logits(self, z: Tensor) -> Tensor:
+        """z [..., d] -> fp32 logits [N, V] (materialized: for the rows that sample)."""
+        return self.model.decoder.lm_head(self.features(z)).float()
 
     def greedy(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """z [B, L, d] -> (argmax tokens [B, L] long, their probabilities [B, L] fp32), on the

@@ -50,6 +50,7 @@ from yan_serve.engine.sampler import (
     PreparedBatch,
     Sampler,
     assemble,
+    length_mask,
 )
 from yan_serve.flow.solver import Routing
 
@@ -170,11 +171,10 @@ def unpack_inputs(packed: Tensor, shape: GraphShape) -> PreparedBatch:
     B, Lx, Ly = shape.batch, shape.src_len, shape.tgt_len
     src = packed[: B * Lx].view(B, Lx)
     src_len, tgt_len, seed = packed[B * Lx :].view(3, B)
-    dev = packed.device
-    src_mask = torch.arange(Lx, device=dev)[None] < src_len[:, None]
-    tgt_mask = torch.arange(Ly, device=dev)[None] < tgt_len[:, None]
-    zeros = torch.zeros(B, device=dev)
-    return PreparedBatch(src, src_mask, tgt_mask, seed, zeros, zeros.long())
+    zeros = torch.zeros(B, device=packed.device)
+    return PreparedBatch(
+        src, length_mask(src_len, Lx), length_mask(tgt_len, Ly), seed, zeros, zeros.long()
+    )
 
 
 # ------------------------------------------------------------------------------- replays
@@ -396,22 +396,12 @@ class GraphSampler:
             batch = unpack_inputs(io.packed, shape)
             noise = self.sampler.draw(batch)
             res = self.sampler.solve(batch, steps, routing, noise=noise)
-            tok, prob = self._greedy(res.z)
+            tok, prob = self.sampler.greedy(res.z)
             torch.stack([tok.float(), prob, res.expert.float()], out=io.out)
             io.z.copy_(res.z)
             io.token_uniforms.copy_(noise.token_uniforms)
 
         return run
-
-    def _greedy(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """`Sampler.decode`'s greedy path, kept on the device (no `.cpu()`, capturable):
-        z [B, L, d] -> (tokens [B, L] long, probabilities [B, L] fp32)."""
-        engine = self.sampler.engine
-        if engine is not None:  # fused lm_head + online softmax: no [B, L, V] logits
-            return engine.greedy(z)
-        logp = torch.log_softmax(self.model.decode_logits(z).float(), dim=-1)
-        best, tok = logp.max(-1)
-        return tok, best.exp()
 
     # ---------------------------------------------------------------------------- generate
     def plan(

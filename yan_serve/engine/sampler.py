@@ -165,8 +165,7 @@ class Sampler:
         tgt_len = torch.tensor([r.tgt_len for r in requests])
         for i, r in enumerate(requests):
             src[i, : len(r.src)] = torch.as_tensor(list(r.src), dtype=torch.long)
-        src_mask = torch.arange(Lx)[None] < src_len[:, None]
-        tgt_mask = torch.arange(Ly)[None] < tgt_len[:, None]
+        src_mask, tgt_mask = length_mask(src_len, Lx), length_mask(tgt_len, Ly)
         seed = torch.tensor([int(r.seed) for r in requests], dtype=torch.long)
         temperature = torch.tensor([float(r.temperature) for r in requests])
         top_k = torch.tensor([int(r.top_k) for r in requests], dtype=torch.long)
@@ -302,19 +301,22 @@ class Sampler:
         engine = self.engine
         if engine is not None:  # fused lm_head + argmax: no [B, L, V] logits for greedy rows
             tok, best = engine.greedy(z)
-            if hot:
-                hid = engine.features(z).view(*z.shape[:-1], -1)
-                head = self.model.decoder.lm_head
-                for i in hot:  # sampled rows: the reference draw (inverse CDF, top-k)
-                    tok[i], best[i] = self._sample_row(head(hid[i]).float(), batch, noise, i)
+            for i in hot:  # sampled rows: the reference draw (inverse CDF, top-k)
+                tok[i], best[i] = self._sample_row(engine.logits(z[i]), batch, noise, i)
             return tok.cpu(), best.cpu()
         logits = self.model.decode_logits(z).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        best, tok = logp.max(-1)
-        best = best.exp()
+        tok, best = greedy_of(logits)
         for i in hot:
             tok[i], best[i] = self._sample_row(logits[i], batch, noise, i)
         return tok.cpu(), best.cpu()
+
+    def greedy(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """`decode`'s greedy path kept on the device (no `.cpu()`, capturable): z [B, L, d] ->
+        (tokens [B, L] long, probabilities [B, L] fp32)."""
+        engine = self.engine
+        if engine is not None:
+            return engine.greedy(z)
+        return greedy_of(self.model.decode_logits(z).float())
 
     @staticmethod
     def _sample_row(
@@ -327,6 +329,17 @@ class Sampler:
         )
         prob = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1).exp()
         return tok, prob
+
+
+def greedy_of(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """logits [..., V] -> (argmax [...] long, its softmax probability [...])."""
+    best, tok = torch.log_softmax(logits, dim=-1).max(-1)
+    return tok, best.exp()
+
+
+def length_mask(length: Tensor, L: int) -> Tensor:
+    """length [B] -> [B, L] bool, True on each row's first `length` positions."""
+    return torch.arange(L, device=length.device)[None] < length[:, None]
 
 
 def assemble(
