@@ -10,6 +10,7 @@ dtypes, and a pure-torch `*_ref` with the same signature:
   and an adapter to mamba-ssm's kernel when that package is installed.
 - `yan_kernels.layer_norm`: residual add + LayerNorm (+ affine) in one pass.
 - `yan_kernels.noise`: per-request Philox draws (z_0 and uniforms) generated on the device.
+- `yan_kernels.tma`: TMA tensor descriptors (Hopper) for the GEMM kernels' tile loads.
 - `yan_kernels.aot`: ahead-of-time compilation of every kernel for sm_90 / sm_80 (no GPU).
 
 Callers go through the facades in `yan_kernels.ops` (same names as the launchers), which pick

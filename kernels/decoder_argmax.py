@@ -28,6 +28,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from yan_kernels import tma
+
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 class DecodeResult(NamedTuple):
@@ -37,7 +40,7 @@ class DecodeResult(NamedTuple):
     label_logp: Tensor | None  # [N] or [N, M] fp32, log-probability of each label id
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "tiles_per_split"])
 def _decoder_argmax_kernel(
     x_ptr,  # [N, D]
     w_ptr,  # [V, D]
@@ -65,6 +68,7 @@ def _decoder_argmax_kernel(
     BLOCK_K: tl.constexpr,
     K_TILES: tl.constexpr,  # cdiv(D, BLOCK_K)
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # x_ptr / w_ptr are TMA tensor descriptors (Hopper)
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -91,38 +95,46 @@ def _decoder_argmax_kernel(
         kk = i - it * K_TILES
         cols = v_begin + it * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        ks = kk * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        xt = tl.load(
-            x_ptr + rows64[:, None] * stride_xn + ks[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        wt = tl.load(
-            w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :],
-            mask=col_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
+        if TMA:  # x_ptr / w_ptr are tensor descriptors; the copy engine zero-fills past N, V, D
+            xt = x_ptr.load([pid_m * BLOCK_M, kk * BLOCK_K])
+            wt = w_ptr.load([v_begin + it * BLOCK_V, kk * BLOCK_K])
+        else:
+            ks = kk * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = ks < D
+            xt = tl.load(
+                x_ptr + rows64[:, None] * stride_xn + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            wt = tl.load(
+                w_ptr + cols[:, None].to(tl.int64) * stride_wv + ks[None, :],
+                mask=col_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
         if kk == K_TILES - 1:
             # columns past V get a -inf bias (their weights loaded as 0), so no extra select
             bias = tl.load(b_ptr + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
             logits = acc + bias[None, :]
             # online max / argmax / log-sum-exp (every split's first tile has a valid column)
-            t_max = tl.max(logits, axis=1)
-            t_arg = tl.argmax(logits, axis=1, tie_break_left=True).to(tl.int32)
+            # one reduction gives the tile's max and its (lowest) index
+            t_max, t_arg = tl.max(logits, axis=1, return_indices=True,
+                                  return_indices_tie_break_left=True)  # fmt: skip
             new_m = tl.maximum(m_i, t_max)
-            s_i = s_i * tl.exp(m_i - new_m) + tl.sum(tl.exp(logits - new_m[:, None]), axis=1)
-            a_i = tl.where(t_max > m_i, t_arg + v_begin + it * BLOCK_V, a_i)
+            # exp(l - m) as exp2(l * log2e - m * log2e): one FMA and one MUFU op per logit
+            m2 = new_m * _LOG2E
+            p = tl.exp2(logits * _LOG2E - m2[:, None])
+            s_i = s_i * tl.exp2(m_i * _LOG2E - m2) + tl.sum(p, axis=1)
+            a_i = tl.where(t_max > m_i, t_arg.to(tl.int32) + v_begin + it * BLOCK_V, a_i)
             m_i = new_m
             if SAMPLE:
                 offs = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_V))
                 keys = tl.broadcast_to(seed[:, None], (BLOCK_M, BLOCK_V))
                 u = tl.rand(keys, offs)
                 pert = logits * inv_t[:, None] - tl.log(-tl.log(u))
-                p_max = tl.max(pert, axis=1)
-                p_arg = tl.argmax(pert, axis=1, tie_break_left=True).to(tl.int32)
-                ga_i = tl.where(p_max > g_i, p_arg + v_begin + it * BLOCK_V, ga_i)
+                p_max, p_arg = tl.max(pert, axis=1, return_indices=True,
+                                      return_indices_tie_break_left=True)  # fmt: skip
+                ga_i = tl.where(p_max > g_i, p_arg.to(tl.int32) + v_begin + it * BLOCK_V, ga_i)
                 g_i = tl.maximum(g_i, p_max)
             if M > 0:
                 for j in tl.static_range(M):
@@ -146,7 +158,7 @@ def _decoder_argmax_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "S"])
 def _fold_kernel(
     max_ptr,  # [S, N] fp32 partials from _decoder_argmax_kernel
     arg_ptr,  # [S, N] int32
@@ -211,13 +223,16 @@ def _fold_kernel(
 
 
 class Blocks(NamedTuple):
-    """One launch configuration of the decoder kernel."""
+    """One launch configuration of the decoder kernel. `tma`: x and W tiles come in through
+    TMA tensor descriptors (Hopper's copy engine: no address arithmetic or masks in the loop);
+    the launcher falls back to pointer loads where a descriptor cannot describe the tensors."""
 
     block_m: int
     block_v: int
     block_k: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
 
 # GPU configurations by row count. Few rows (a batch-1 request is a few dozen positions): the
@@ -226,7 +241,8 @@ class Blocks(NamedTuple):
 # when there are enough row blocks to fill the GPU.
 GPU_ROW_TILES = (16, 32, 64)
 GPU_SMALL = Blocks(64, 128, 64, 4, 4)  # block_m follows N (16, 32 or 64)
-GPU_LARGE = Blocks(128, 256, 64, 8, 3)  # best of 7 measured on an H200 at N = 8192 / 65536
+GPU_LARGE = Blocks(128, 256, 64, 8, 3, tma=True)  # pointer form: best of 7 on an H200
+SMEM_PER_SM = 227 * 1024  # Hopper's shared memory per SM (A100: 164 KiB; only sizes waves)
 GPU_FP32_STAGES = 2  # fp32 tiles take twice the shared memory per stage
 INTERPRETER = Blocks(64, 256, 128, 4, 1)  # few, large tiles: each tile op is one numpy call
 FOLD_BLOCK = 128
@@ -241,16 +257,42 @@ def default_blocks(device: torch.device, n: int, dtype: torch.dtype) -> Blocks:
     else:
         cfg = GPU_SMALL._replace(block_m=next(t for t in GPU_ROW_TILES if t >= n))
     if dtype == torch.float32:
-        cfg = cfg._replace(num_stages=min(cfg.num_stages, GPU_FP32_STAGES))
+        cfg = cfg._replace(num_stages=min(cfg.num_stages, GPU_FP32_STAGES), tma=False)
     return cfg
 
 
-def _default_splits(device: torch.device, row_blocks: int, n_tiles: int) -> int:
-    """Vocabulary splits so that about two programs per SM are in flight (1 off-GPU)."""
+def programs_per_sm(cfg: Blocks, elt: int) -> int:
+    """Programs of `cfg` one SM holds at once, as bounded by the pipeline's shared memory."""
+    smem = cfg.num_stages * (cfg.block_m + cfg.block_v) * cfg.block_k * elt
+    return max(1, min(4, SMEM_PER_SM // max(smem, 1)))
+
+
+SPLIT_OVERHEAD_TILES = 2  # a program's fixed cost (pipeline fill, partials), in tile steps
+
+
+@functools.cache
+def default_splits(row_blocks: int, n_tiles: int, slots: int) -> int:
+    """Vocabulary splits S for `row_blocks` row tiles over `n_tiles` vocabulary tiles when
+    `slots` programs run at once: the S with the least time in tile steps,
+    waves(S) * (ceil(n_tiles / S) + SPLIT_OVERHEAD_TILES) with
+    waves(S) = ceil(row_blocks * S / slots), the smallest S among equals. This avoids a last
+    wave that leaves most SMs idle: 64 row tiles on 132 slots take S = 2 (one wave of 128
+    programs), not S = 5 (three waves, the last a third full)."""
+    best, best_cost = 1, None
+    for s in range(1, n_tiles + 1):
+        waves = -(-row_blocks * s // slots)
+        cost = waves * (-(-n_tiles // s) + SPLIT_OVERHEAD_TILES)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def _default_splits(device: torch.device, cfg: Blocks, elt: int, row_blocks: int,
+                    n_tiles: int) -> int:  # fmt: skip
     if device.type != "cuda":
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(n_tiles, triton.cdiv(2 * sms, row_blocks)))
+    return default_splits(row_blocks, n_tiles, sms * programs_per_sm(cfg, elt))
 
 
 @functools.cache
@@ -325,7 +367,9 @@ def decoder_argmax(
         lab, squeeze, M = torch.empty(0, device=dev, dtype=torch.int64), False, 0
     n_tiles = triton.cdiv(V, bv)
     row_blocks = triton.cdiv(N, bm)
-    S = splits or _default_splits(dev, row_blocks, n_tiles)
+    cfg = cfg._replace(block_m=bm, block_v=bv, block_k=bk)
+    S = splits or _default_splits(dev, cfg, x.element_size(), row_blocks, n_tiles)
+    use_tma = cfg.tma and tma.ready(x, weight)
     per = triton.cdiv(n_tiles, S)
     S = triton.cdiv(n_tiles, per)  # every split starts inside the vocabulary
     mx, sm = torch.empty(S, N, **f32), torch.empty(S, N, **f32)
@@ -339,13 +383,16 @@ def decoder_argmax(
     logp = torch.empty(N, M, **f32) if M else prob
     m_p2 = triton.next_power_of_2(max(M, 1))
     if N > 0:
+        xa, wa = x, weight
+        if use_tma:
+            xa, wa = tma.descriptor(x, [bm, bk]), tma.descriptor(weight, [bv, bk])
         _decoder_argmax_kernel[(row_blocks, S)](
-            x, weight, bias, inv_t, seeds, lab,
+            xa, wa, bias, inv_t, seeds, lab,
             mx, arg, sm, gmx, garg, lab_out,
             N, V, D, per, x.stride(0), weight.stride(0),
             M=M, M_P2=m_p2, SAMPLE=sample,
             BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, K_TILES=triton.cdiv(D, bk),
-            DOT_PRECISION=_precision(x.dtype),
+            DOT_PRECISION=_precision(x.dtype), TMA=use_tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         _fold_kernel[(triton.cdiv(N, FOLD_BLOCK),)](
@@ -366,7 +413,8 @@ def aot_specs() -> list:
     from yan_kernels.aot import TORCH_TO_TRITON, AotSpec
 
     combos = ((False, 0), (True, 0), (False, 3), (True, 1))  # (SAMPLE, M)
-    configs = [GPU_SMALL._replace(block_m=t) for t in GPU_ROW_TILES] + [GPU_LARGE]
+    configs = [GPU_SMALL._replace(block_m=t) for t in GPU_ROW_TILES]
+    configs += [GPU_LARGE._replace(tma=True), GPU_LARGE._replace(tma=False)]  # + the fallback
     specs = []
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         name = TORCH_TO_TRITON[str(dtype).removeprefix("torch.")]
@@ -393,7 +441,13 @@ def aot_specs() -> list:
         )
         for cfg in configs:
             if dtype == torch.float32:
+                if cfg.tma:
+                    continue  # 16-bit only
                 cfg = cfg._replace(num_stages=min(cfg.num_stages, GPU_FP32_STAGES))
+            tsig = dict(sig)
+            if cfg.tma:
+                tsig["x_ptr"] = f"tensordesc<{name}[{cfg.block_m}, {cfg.block_k}]>"
+                tsig["w_ptr"] = f"tensordesc<{name}[{cfg.block_v}, {cfg.block_k}]>"
             for sample, M in combos[: 1 if dtype == torch.float16 else None]:
                 const = dict(
                     M=M,
@@ -404,11 +458,12 @@ def aot_specs() -> list:
                     BLOCK_K=cfg.block_k,
                     K_TILES=512 // cfg.block_k,
                     DOT_PRECISION=_precision(dtype),
+                    TMA=cfg.tma,
                 )
                 label = f"{name} sample={sample} M={M} {cfg}"
                 specs.append(
                     AotSpec(
-                        "_decoder_argmax_kernel", sig, const, cfg.num_warps, cfg.num_stages, label
+                        "_decoder_argmax_kernel", tsig, const, cfg.num_warps, cfg.num_stages, label
                     )
                 )
     fold_sig = dict(

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _add_layer_norm_kernel(
     x_ptr,  # [N, D]
     y_ptr,  # [N, D] (HAS_Y)

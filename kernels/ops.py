@@ -150,7 +150,7 @@ def expert_tiles(expert: Tensor, n_experts: int, like: Tensor) -> TileMap | None
     if not (_take_triton(like) and expert.device == like.device):
         return None
     blocks = m.default_blocks(like.device, expert.shape[0])
-    return m.tile_map(expert, n_experts, blocks.block_m)
+    return m.build_tile_map(expert, n_experts, blocks.block_m)
 
 
 def routed_expert(

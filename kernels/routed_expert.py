@@ -23,13 +23,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from yan_kernels import tma
 
 # A module-level constant read inside @triton.jit must be a tl.constexpr: the GPU compiler
 # rejects plain globals (the CPU interpreter does not, which is why kernels/aot.py exists).
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _expert_up_kernel(
     h_ptr,  # [N, D] activations, original token order
     order_ptr,  # [N] int: sorted position -> token
@@ -49,9 +50,13 @@ def _expert_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # w1_ptr is a TMA descriptor of w1 as [K * D, H]
 ):
-    t = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # 1-D grid, column blocks fastest: the programs sharing a row tile run side by side, so
+    # its gathered rows come from DRAM once and from L2 for the other column blocks
+    n_cols = tl.cdiv(H, BLOCK_N)
+    t = tl.program_id(0) // n_cols
+    pid_n = tl.program_id(0) % n_cols
     e = tl.load(tiles_ptr + t).to(tl.int64)
     r0 = tl.load(tiles_ptr + T + t)
     r1 = tl.load(tiles_ptr + 2 * T + t)
@@ -71,11 +76,14 @@ def _expert_up_kernel(
             mask=row_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        b = tl.load(
-            w1_ptr + e * stride_w1k + ks[:, None] * stride_w1d + cols[None, :],
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+        if TMA:  # rows past this expert's D meet zero columns of `a`; past the end, zeros
+            b = w1_ptr.load([(e * D + k0).to(tl.int32), pid_n * BLOCK_N])
+        else:
+            b = tl.load(
+                w1_ptr + e * stride_w1k + ks[:, None] * stride_w1d + cols[None, :],
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     acc += tl.load(b1_ptr + e * stride_b1k + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     act = 0.5 * acc * (1.0 + tl.erf(acc * _SQRT1_2))
@@ -86,7 +94,7 @@ def _expert_up_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _expert_down_kernel(
     act_ptr,  # [N, H] expert-sorted order
     order_ptr,  # [N] int
@@ -110,9 +118,11 @@ def _expert_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,  # act_ptr [N, H] and w2_ptr (w2 as [K * H, D]) are TMA descriptors
 ):
-    t = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    n_cols = tl.cdiv(D, BLOCK_N)  # 1-D grid, column blocks fastest (as the up kernel)
+    t = tl.program_id(0) // n_cols
+    pid_n = tl.program_id(0) % n_cols
     e = tl.load(tiles_ptr + t).to(tl.int64)
     r0 = tl.load(tiles_ptr + T + t)
     r1 = tl.load(tiles_ptr + 2 * T + t)
@@ -124,18 +134,22 @@ def _expert_down_kernel(
     col_ok = cols < D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        a = tl.load(
-            act_ptr + rows[:, None].to(tl.int64) * stride_an + ks[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            w2_ptr + e * stride_w2k + ks[:, None] * stride_w2f + cols[None, :],
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+        if TMA:  # act rows of the next expert are computed but never stored; zeros past H
+            a = act_ptr.load([r0, k0])
+            b = w2_ptr.load([(e * H + k0).to(tl.int32), pid_n * BLOCK_N])
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < H
+            a = tl.load(
+                act_ptr + rows[:, None].to(tl.int64) * stride_an + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w2_ptr + e * stride_w2k + ks[:, None] * stride_w2f + cols[None, :],
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     acc += tl.load(b2_ptr + e * stride_b2k + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tok = tl.load(order_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -151,28 +165,37 @@ def _expert_down_kernel(
 
 
 class Blocks(NamedTuple):
-    """One launch configuration of both kernels."""
+    """One launch configuration of a kernel (the up- and the down-projection may differ, with
+    the same block_m: they share the tile map). `tma`: weight tiles (and, down, the activation
+    tiles) come in through TMA tensor descriptors; the launcher falls back to pointer loads
+    where a descriptor cannot describe the tensors."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
 
 # GPU configurations by token count: a 64-row tile keeps more programs in flight when few tokens
 # share an expert; from a few thousand tokens a 128 x 256 tile with 8 warps feeds the tensor
 # cores better (the grid then has hundreds of programs per expert).
 GPU_SMALL = Blocks(64, 128, 64, 4, 3)
-GPU_LARGE = Blocks(128, 256, 64, 8, 3)  # best of 6 measured on an H200 at N = 65536
+# At N = 65536 on an H100 the TMA forms were 2-3% faster in the sweep, within noise, and
+# unchecked against the reference on a GPU so far: the pointer forms stay the default.
+GPU_LARGE = Blocks(128, 256, 64, 8, 3)  # best of 6 on an H200, and on an H100 (2026-11-26)
+GPU_LARGE_DOWN = Blocks(128, 256, 64, 8, 3)
 GPU_LARGE_N = 4096
 INTERPRETER = Blocks(64, 256, 128, 4, 1)  # few, large tiles: each tile op is one numpy call
 
 
-def default_blocks(device: torch.device, n: int) -> Blocks:
-    """The launch configuration for `n` tokens on `device`."""
+def default_blocks(device: torch.device, n: int, down: bool = False) -> Blocks:
+    """The launch configuration for `n` tokens on `device` (of the down-projection if `down`)."""
     if device.type == "cuda":
-        return GPU_LARGE if n >= GPU_LARGE_N else GPU_SMALL
+        if n >= GPU_LARGE_N:
+            return GPU_LARGE_DOWN if down else GPU_LARGE
+        return GPU_SMALL
     return INTERPRETER
 
 
@@ -210,6 +233,87 @@ def tile_map(expert: Tensor, n_experts: int, block_m: int) -> TileMap:
     return TileMap(order, tiles, total, block_m)
 
 
+@triton.jit(do_not_specialize=["N", "K", "T"])
+def _tile_map_kernel(
+    expert_ptr,  # [N] int expert ids in [0, K)
+    order_ptr,  # [N] int64 out: sorted position -> token (stable)
+    tiles_ptr,  # [3, T] int32 out: expert, first sorted row, end sorted row
+    N,
+    K,
+    T,
+    BLOCK_M: tl.constexpr,
+    K_P2: tl.constexpr,  # next power of two >= K + 1 (the last bin takes masked lanes)
+    CHUNK: tl.constexpr,
+):
+    """`tile_map` in one program (one launch instead of a sort and a dozen small ops): count
+    tokens per expert, then place each token at its expert's start plus its rank among the
+    expert's earlier tokens (a per-chunk one-hot prefix sum, so the order is stable), then
+    write the tile table."""
+    bins = tl.arange(0, K_P2)
+    counts = tl.zeros((K_P2,), tl.int32)
+    for c0 in range(0, N, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        e = tl.load(expert_ptr + offs, mask=offs < N, other=K_P2 - 1).to(tl.int32)
+        counts += tl.histogram(e, K_P2)
+    counts = tl.where(bins < K, counts, 0)
+    starts = tl.cumsum(counts, 0) - counts  # first sorted row of each expert
+    seen = tl.zeros((K_P2,), tl.int32)  # tokens of each expert placed so far
+    for c0 in range(0, N, CHUNK):
+        offs = c0 + tl.arange(0, CHUNK)
+        ok = offs < N
+        e = tl.load(expert_ptr + offs, mask=ok, other=K_P2 - 1).to(tl.int32)
+        hot = (e[:, None] == bins[None, :]).to(tl.int32)  # [CHUNK, K_P2] one-hot
+        rank = tl.cumsum(hot, 0) - hot  # earlier tokens of the same expert in this chunk
+        pos = tl.sum(hot * (starts + seen)[None, :] + hot * rank, 1)
+        tl.store(order_ptr + pos, offs.to(tl.int64), mask=ok)
+        seen += tl.sum(hot, 0)
+    n_tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(n_tiles, 0)
+    live_tiles = tl.sum(n_tiles, 0)
+    for t0 in range(0, T, CHUNK):
+        t = t0 + tl.arange(0, CHUNK)
+        # expert of tile t: how many experts' tiles end at or before t (clamped for surplus)
+        e = tl.sum((tile_end[None, :] <= t[:, None]) & (bins[None, :] < K), 1)
+        e = tl.minimum(e, K - 1)
+        sel = (bins[None, :] == e[:, None]).to(tl.int32)
+        first = tl.sum(sel * (tile_end - n_tiles)[None, :], 1)  # the expert's first tile
+        e_start = tl.sum(sel * starts[None, :], 1)
+        e_count = tl.sum(sel * counts[None, :], 1)
+        r0 = e_start + (t - first) * BLOCK_M
+        r1 = tl.minimum(e_start + e_count, r0 + BLOCK_M)
+        r1 = tl.where(t < live_tiles, r1, r0)
+        ok = t < T
+        tl.store(tiles_ptr + t, e, mask=ok)
+        tl.store(tiles_ptr + T + t, r0, mask=ok)
+        tl.store(tiles_ptr + 2 * T + t, r1, mask=ok)
+
+
+TILE_MAP_CHUNK = 1024
+TILE_MAP_KERNEL_MAX_N = 16384  # one program: beyond this the sort-based map is quicker
+
+
+def build_tile_map(expert: Tensor, n_experts: int, block_m: int) -> TileMap:
+    """The grouping the launcher uses: one Triton launch on a GPU up to
+    TILE_MAP_KERNEL_MAX_N tokens (a batch-1 sample is launch-bound), `tile_map` otherwise."""
+    if expert.is_cuda and expert.shape[0] <= TILE_MAP_KERNEL_MAX_N:
+        return tile_map_fused(expert, n_experts, block_m)
+    return tile_map(expert, n_experts, block_m)
+
+
+def tile_map_fused(expert: Tensor, n_experts: int, block_m: int) -> TileMap:
+    """`tile_map` as one Triton launch (same result: tests hold them equal)."""
+    n = expert.shape[0]
+    total = triton.cdiv(n, block_m) + n_experts
+    order = torch.empty(n, device=expert.device, dtype=torch.long)
+    tiles = torch.empty(3, total, device=expert.device, dtype=torch.int32)
+    k_p2 = triton.next_power_of_2(n_experts + 1)
+    _tile_map_kernel[(1,)](
+        expert, order, tiles, n, n_experts, total,
+        BLOCK_M=block_m, K_P2=k_p2, CHUNK=TILE_MAP_CHUNK,
+    )  # fmt: skip
+    return TileMap(order, tiles, total, block_m)
+
+
 def routed_expert_euler(
     h: Tensor,
     expert: Tensor,
@@ -221,13 +325,15 @@ def routed_expert_euler(
     dt: float = 1.0,
     tiles: TileMap | None = None,
     blocks: Blocks | None = None,
+    down_blocks: Blocks | None = None,
 ) -> Tensor:
     """Triton launcher. h [N, d], expert [N] long in [0, K), w1 [K, d, F], b1 [K, F],
     w2 [K, F, d], b2 [K, d], z [N, d] or None, dt a Python float -> [N, d] (z's dtype, else
     h's): `z + dt * FFN_expert(h)`, or `FFN_expert(h)` when z is None.
 
     `tiles` is `tile_map(expert, K, blocks.block_m)` when the caller reuses one grouping across
-    calls (built here otherwise); `blocks` defaults per device and N (`default_blocks`).
+    calls (built here otherwise); `blocks` (the up-projection's, and the down-projection's
+    unless `down_blocks` is given) defaults per device and N (`default_blocks`).
     Expert ids must lie in [0, K); they are not range-checked (that would synchronize with the
     host; an id out of range trips scatter_add's device-side index check). No host
     synchronization: the launch is graph-capturable."""
@@ -256,23 +362,36 @@ def routed_expert_euler(
     out = torch.empty((N, D), device=h.device, dtype=(z if z is not None else h).dtype)
     if N == 0:
         return out
-    order, tile_tab, total, bm = tiles or tile_map(expert, K, cfg.block_m)
+    if down_blocks is None:
+        down_blocks = cfg if blocks is not None else default_blocks(h.device, N, down=True)
+    dcfg = down_blocks._replace(block_m=cfg.block_m)
+    order, tile_tab, total, bm = tiles or build_tile_map(expert, K, cfg.block_m)
     act = torch.empty((N, Fh), device=h.device, dtype=h.dtype)
     precision = _precision(h.dtype)
-    _expert_up_kernel[(total, triton.cdiv(Fh, cfg.block_n))](
-        h, order, tile_tab, w1, b1, act,
+    w1a, w1_2d = w1, w1.reshape(K * D, Fh)
+    up_tma = cfg.tma and w1.is_contiguous() and tma.ready(w1_2d)
+    if up_tma:
+        w1a = tma.descriptor(w1_2d, [cfg.block_k, cfg.block_n])
+    _expert_up_kernel[(total * triton.cdiv(Fh, cfg.block_n),)](
+        h, order, tile_tab, w1a, b1, act,
         D, Fh, total,
         h.stride(0), w1.stride(0), w1.stride(1), b1.stride(0), act.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TMA=up_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     zz = z if z is not None else out  # a valid pointer; not read unless HAS_Z
-    _expert_down_kernel[(total, triton.cdiv(D, cfg.block_n))](
-        act, order, tile_tab, w2, b2, zz, out, float(dt),
+    acta, w2a = act, w2
+    down_tma = dcfg.tma and w2.is_contiguous() and tma.ready(act, w2.reshape(K * Fh, D))
+    if down_tma:
+        acta = tma.descriptor(act, [bm, dcfg.block_k])
+        w2a = tma.descriptor(w2.reshape(K * Fh, D), [dcfg.block_k, dcfg.block_n])
+    _expert_down_kernel[(total * triton.cdiv(D, dcfg.block_n),)](
+        acta, order, tile_tab, w2a, b2, zz, out, float(dt),
         D, Fh, total,
         act.stride(0), w2.stride(0), w2.stride(1), b2.stride(0), zz.stride(0), out.stride(0),
-        HAS_Z=z is not None, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_Z=z is not None, BLOCK_M=bm, BLOCK_N=dcfg.block_n, BLOCK_K=dcfg.block_k,
+        DOT_PRECISION=precision, TMA=down_tma,
+        num_warps=dcfg.num_warps, num_stages=dcfg.num_stages,
     )  # fmt: skip
     return out
 
@@ -282,33 +401,58 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def aot_specs() -> list:
-    """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`)."""
+    """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`): the small
+    and the large tiles, the large ones with TMA descriptors (16-bit) and in pointer form (the
+    fallback, and fp32)."""
     from yan_kernels.aot import TORCH_TO_TRITON, AotSpec
 
     specs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        t = "*" + TORCH_TO_TRITON[str(dtype).removeprefix("torch.")]
-        for cfg in (GPU_SMALL, GPU_LARGE):
-            blocks = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                          DOT_PRECISION=_precision(dtype))  # fmt: skip
-            opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        name = TORCH_TO_TRITON[str(dtype).removeprefix("torch.")]
+        t = "*" + name
+        ups = [GPU_SMALL, GPU_LARGE._replace(tma=False)]  # + the TMA forms (an option)
+        downs = [GPU_SMALL, GPU_LARGE_DOWN._replace(tma=False)]
+        if dtype != torch.float32:
+            ups.append(GPU_LARGE._replace(tma=True))
+            downs.append(GPU_LARGE_DOWN._replace(tma=True))
+        for cfg in ups:
+            sig = dict(h_ptr=t, order_ptr="*i64", tiles_ptr="*i32", w1_ptr=t, b1_ptr=t, act_ptr=t,
+                       D="i32", H="i32", T="i32", stride_hn="i32", stride_w1k="i32",
+                       stride_w1d="i32", stride_b1k="i32", stride_an="i32")  # fmt: skip
+            if cfg.tma:
+                sig["w1_ptr"] = f"tensordesc<{name}[{cfg.block_k}, {cfg.block_n}]>"
             specs.append(AotSpec(
-                "_expert_up_kernel",
-                dict(h_ptr=t, order_ptr="*i64", tiles_ptr="*i32", w1_ptr=t, b1_ptr=t, act_ptr=t,
-                     D="i32", H="i32", T="i32", stride_hn="i32", stride_w1k="i32",
-                     stride_w1d="i32", stride_b1k="i32", stride_an="i32"),
-                blocks, **opts, label=f"{t[1:]} {cfg}",
+                "_expert_up_kernel", sig, _consts(cfg, dtype), cfg.num_warps, cfg.num_stages,
+                label=f"{name} {cfg}",
             ))  # fmt: skip
+        for cfg in downs:
+            sig = dict(act_ptr=t, order_ptr="*i64", tiles_ptr="*i32", w2_ptr=t, b2_ptr=t,
+                       z_ptr=t, out_ptr=t, dt="fp32", D="i32", H="i32", T="i32",
+                       stride_an="i32", stride_w2k="i32", stride_w2f="i32", stride_b2k="i32",
+                       stride_zn="i32", stride_on="i32")  # fmt: skip
+            if cfg.tma:
+                sig["act_ptr"] = f"tensordesc<{name}[{cfg.block_m}, {cfg.block_k}]>"
+                sig["w2_ptr"] = f"tensordesc<{name}[{cfg.block_k}, {cfg.block_n}]>"
             for has_z in (True, False):
                 specs.append(AotSpec(
-                    "_expert_down_kernel",
-                    dict(act_ptr=t, order_ptr="*i64", tiles_ptr="*i32", w2_ptr=t, b2_ptr=t,
-                         z_ptr=t, out_ptr=t, dt="fp32", D="i32", H="i32", T="i32",
-                         stride_an="i32", stride_w2k="i32", stride_w2f="i32", stride_b2k="i32",
-                         stride_zn="i32", stride_on="i32"),
-                    {**blocks, "HAS_Z": has_z}, **opts, label=f"{t[1:]} z={has_z} {cfg}",
+                    "_expert_down_kernel", sig, {**_consts(cfg, dtype), "HAS_Z": has_z},
+                    cfg.num_warps, cfg.num_stages, label=f"{name} z={has_z} {cfg}",
                 ))  # fmt: skip
+    for bm in sorted({GPU_SMALL.block_m, GPU_LARGE.block_m}):
+        for k_p2 in (8, 16):  # K = 6 experts (the presets) and up to 15
+            specs.append(AotSpec(
+                "_tile_map_kernel",
+                dict(expert_ptr="*i64", order_ptr="*i64", tiles_ptr="*i32", N="i32", K="i32",
+                     T="i32"),
+                dict(BLOCK_M=bm, K_P2=k_p2, CHUNK=TILE_MAP_CHUNK), 4, 1,
+                label=f"block_m={bm} K_P2={k_p2}",
+            ))  # fmt: skip
     return specs
+
+
+def _consts(cfg: Blocks, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                DOT_PRECISION=_precision(dtype), TMA=cfg.tma)  # fmt: skip
 
 
 def routed_expert_euler_ref(

@@ -17,8 +17,11 @@
 #
 # Environment knobs (defaults in brackets):
 #   STAGES ["tests kernels sampler scan smoke"]  DEVICE [cuda]  BUDGET_S [450]: the whole run
-#   <STAGE>_TIMEOUT seconds: TESTS [150] KERNELS [90] SAMPLER [150] SCAN [45] SMOKE [150]
+#   <STAGE>_TIMEOUT seconds: TESTS [200] KERNELS [90] SAMPLER [150] SCAN [45] SMOKE [150]
 #   PYTEST_ARGS KERNELS_ARGS SAMPLER_ARGS SCAN_ARGS SMOKE_ARGS: appended to each command
+#   TEST_PATHS ["tests/kernels tests/engine tests/ar"]: what the tests stage collects, in order
+#   TEST_MARK [gpu]: the tests stage's -m expression (one word: word splitting applies)
+#   TEST_TIMEOUT_EACH [90]: seconds per test when pytest-timeout is installed
 #   PYTEST_MAXFAIL [3]: failures (import errors included) before pytest stops; 1 acts as -x
 #   INSTALL [auto]: 1 always install .whl/, 0 never, auto when fastapi/uvicorn/pydantic are
 #   missing; SITE [/tmp/yan-site]: where the wheels go; COMMIT: shown when git is unavailable
@@ -31,7 +34,7 @@ cd "$REPO" || exit 1
 STAGES=${STAGES:-"tests kernels sampler scan smoke"}
 DEVICE=${DEVICE:-cuda}
 BUDGET_S=${BUDGET_S:-450}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-150}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-200}
 KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-90}
 SAMPLER_TIMEOUT=${SAMPLER_TIMEOUT:-150}
 SCAN_TIMEOUT=${SCAN_TIMEOUT:-45}
@@ -217,10 +220,14 @@ for stage in $STAGES; do
     case $stage in
         tests)
             # Not -x: a one-shot run should show a few failures, and with -x a single module
-            # that fails to import stops the session before any test runs.
-            run_stage tests "$TESTS_TIMEOUT" "$PY" -m pytest -q -m gpu -p no:cacheprovider \
-                --maxfail="${PYTEST_MAXFAIL:-3}" --continue-on-collection-errors \
-                tests/kernels tests/engine tests/ar ${PYTEST_ARGS:-}
+            # that fails to import stops the session before any test runs. A per-test limit
+            # (pytest-timeout, on the GPU image) turns a stuck test into a failure with a trace.
+            per_test=()
+            "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT_EACH:-90}")
+            run_stage tests "$TESTS_TIMEOUT" "$PY" -m pytest -q -m "${TEST_MARK:-gpu}" \
+                -p no:cacheprovider --maxfail="${PYTEST_MAXFAIL:-3}" \
+                --continue-on-collection-errors -rfE "${per_test[@]}" \
+                ${TEST_PATHS:-tests/kernels tests/engine tests/ar} ${PYTEST_ARGS:-}
             ;;
         kernels)
             run_stage kernels "$KERNELS_TIMEOUT" "$PY" -m yan_serve.bench kernels \

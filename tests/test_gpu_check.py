@@ -39,7 +39,8 @@ def test_check_script_parses_and_wires_every_stage() -> None:
     for bench in ("kernels", "sampler", "scan"):
         assert f"-m yan_serve.bench {bench}" in text
         assert f"{bench.upper()}_ARGS" in text
-    assert "-m pytest -q -m gpu" in text and "tests/kernels tests/engine tests/ar" in text
+    assert '-m pytest -q -m "${TEST_MARK:-gpu}"' in text
+    assert "${TEST_PATHS:-tests/kernels tests/engine tests/ar}" in text
     assert "scripts/gpu_smoke.py" in text and "SMOKE_ARGS" in text
     assert "PYTEST_ARGS" in text
 

@@ -322,7 +322,14 @@ def _gpu_row(c: _Case, ref: Callable, kernel: Callable, iters: int, bw: float, r
 
 
 def _sweep(
-    dtype: torch.dtype, iters: int, bw: float, rate: float, d: int, K: int, V: int
+    dtype: torch.dtype,
+    iters: int,
+    bw: float,
+    rate: float,
+    d: int,
+    K: int,
+    V: int,
+    which: str = "all",
 ) -> list[dict]:
     """Launch configurations of both kernels at the large shapes, graph-timed: the data the
     GPU defaults in the kernel files are chosen from."""
@@ -330,47 +337,73 @@ def _sweep(
     from yan_kernels import routed_expert as rm
 
     out = []
-    print(f"{'sweep':<22}{'shape':<26}{'config':<44}{'ms':>9}{'% floor':>9}")
-    routed = [
-        rm.Blocks(64, 128, 64, 4, 3),
-        rm.Blocks(128, 128, 64, 8, 3),
-        rm.Blocks(128, 128, 64, 4, 3),
-        rm.Blocks(128, 256, 64, 8, 3),
-        rm.Blocks(128, 128, 64, 8, 4),
-        rm.Blocks(64, 256, 64, 4, 3),
+    print(f"{'sweep':<26}{'shape':<26}{'config':<40}{'ms':>9}{'% floor':>9}")
+    print("routed up / down: that projection's configuration swept, the other at its default;")
+    print("config: (block_m, block_n|v, block_k, warps, stages, tma); % floor: of the whole op")
+    B, Bd = rm.Blocks, dm.Blocks
+    up = rm.GPU_LARGE  # the other projection's configuration while one is swept
+    routed_up = [
+        B(128, 256, 64, 8, 3, False),
+        B(128, 256, 64, 8, 3, True),
+        B(128, 256, 64, 8, 4, True),
+        B(128, 128, 64, 4, 3, True),  # two programs per SM: one's epilogue under the other's MMA
+        B(128, 128, 64, 8, 3, True),
+        B(128, 128, 64, 4, 4, False),
+    ]
+    routed_down = [
+        B(128, 256, 64, 8, 3, False),
+        B(128, 256, 64, 8, 3, True),
+        B(128, 128, 64, 4, 3, True),
+        B(128, 128, 128, 8, 3, True),
+        B(128, 256, 128, 8, 2, True),
+        B(128, 64, 128, 4, 3, True),
     ]
     decoder = [
-        dm.Blocks(128, 128, 64, 8, 3),
-        dm.Blocks(128, 128, 64, 4, 3),
-        dm.Blocks(128, 256, 64, 8, 3),
-        dm.Blocks(64, 128, 64, 4, 4),
-        dm.Blocks(128, 128, 64, 8, 4),
-        dm.Blocks(256, 128, 64, 8, 3),
-        dm.Blocks(128, 64, 64, 4, 4),
+        Bd(128, 256, 64, 8, 3, False),
+        Bd(128, 256, 64, 8, 3, True),
+        Bd(128, 256, 64, 8, 4, True),
+        Bd(128, 256, 128, 8, 2, True),
+        Bd(128, 128, 64, 4, 3, True),  # two programs per SM
+        Bd(128, 128, 64, 8, 3, True),
+        Bd(256, 128, 64, 8, 3, True),
+        Bd(64, 256, 64, 4, 3, True),
     ]
-    plans = [
-        (c, rm.routed_expert_euler, routed) for c in _routed_cases(dtype, "cuda", [65536], d, K)
-    ]
-    plans += [
-        (c, dm.decoder_argmax, decoder)
-        for c in _decoder_cases(dtype, "cuda", [8192, 65536], [], d, V)
-    ]
-    for c, fn, configs in plans:
+    routed_fn = rm.routed_expert_euler
+
+    def up_only(*args, blocks):
+        return routed_fn(*args, blocks=blocks, down_blocks=rm.GPU_LARGE_DOWN)
+
+    def down_only(*args, blocks):
+        return routed_fn(*args, blocks=up._replace(block_m=blocks.block_m), down_blocks=blocks)
+
+    routed_cases = list(_routed_cases(dtype, "cuda", [65536], d, K))
+    plans = []
+    if which in ("all", "routed", "up"):
+        plans += [(c, up_only, routed_up, "up") for c in routed_cases]
+    if which in ("all", "routed", "down"):
+        plans += [(c, down_only, routed_down, "down") for c in routed_cases]
+    if which in ("all", "decoder"):
+        plans += [
+            (c, dm.decoder_argmax, decoder, "")
+            for c in _decoder_cases(dtype, "cuda", [8192, 65536], [], d, V)
+        ]
+    for c, fn, configs, part in plans:
         floor = 1e3 * max(c.bytes / bw, c.flops / rate)
+        op = f"{c.op} {part}".strip()
         for cfg in configs:
             try:
                 ms = graph_ms(
                     lambda c=c, cfg=cfg, fn=fn: fn(*c.args, blocks=cfg), max(3, iters // 4)
                 )
             except Exception as exc:  # a configuration that does not fit (shared memory)
-                print(f"{c.op:<22}{c.shape:<26}{tuple(cfg)!s:<44}  failed: {_one_line(exc, 60)}")
+                print(f"{op:<26}{c.shape:<26}{tuple(cfg)!s:<40}  failed: {_one_line(exc, 60)}")
                 continue
             print(
-                f"{c.op:<22}{c.shape:<26}{tuple(cfg)!s:<44}{ms:9.3f}{100 * floor / ms:8.0f}%",
+                f"{op:<26}{c.shape:<26}{tuple(cfg)!s:<40}{ms:9.3f}{100 * floor / ms:8.0f}%",
                 flush=True,
             )
             out.append(
-                {"op": c.op, "shape": c.shape, "config": list(cfg), "ms": ms, "floor_ms": floor}
+                {"op": op, "shape": c.shape, "config": list(cfg), "ms": ms, "floor_ms": floor}
             )
         torch.cuda.empty_cache()
     return out
@@ -544,7 +577,7 @@ def run_kernels(args: argparse.Namespace) -> int:
         "eager: the torch reference, launches included. triton: the kernel's launches replayed\n"
         "from a CUDA graph (device time). floor: max(bytes / copy bandwidth, FLOPs / GEMM rate)."
     )
-    sweep = _sweep(dtype, iters, bw, rate, d, K, V) if args.sweep else []
+    sweep = _sweep(dtype, iters, bw, rate, d, K, V, args.sweep) if args.sweep else []
     _write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows], "sweep": sweep}])
     return 0
 
@@ -640,7 +673,11 @@ def _add_kernels(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true", help="skip the largest shapes")
     p.add_argument(
-        "--sweep", action="store_true", help="CUDA: also time launch configurations of both kernels"
+        "--sweep",
+        nargs="?",
+        const="all",
+        choices=("all", "routed", "up", "down", "decoder"),
+        help="CUDA: also time launch configurations (all, or one kernel / projection)",
     )
     p.add_argument("--d-model", type=int, default=512, help="hidden size d")
     p.add_argument("--experts", type=int, default=6, help="routed experts K")
@@ -674,7 +711,7 @@ class SamplerRow:
     floor_ms: float  # max(FLOPs / measured GEMM rate, weight bytes / measured bandwidth)
     launches: int | None  # kernels per sample of the fused engine (torch.profiler)
     capture_s: float | None  # warm-up + capture of that one graph
-    graph_mib: float | None  # device memory the capture took
+    graph_mib: float | None  # the capture's graph pool: growth of reserved device memory
     same_tokens: float | None  # fraction of tokens where graph == fused
 
 
@@ -700,17 +737,26 @@ def sample_cost(cfg: YANConfig, batch: int, length: int, steps: int) -> tuple[fl
 
 
 def _bench_sampler_shape(
-    model: YAN, batch: int, length: int, steps: int, iters: int, rate: float, bw: float
+    model: YAN,
+    batch: int,
+    length: int,
+    steps: int,
+    iters: int,
+    rate: float,
+    bw: float,
+    attention: str = "auto",
+    profile: int = 0,
 ) -> SamplerRow:
     from yan_kernels import ops
 
     from yan_serve.engine.graphs import GraphSampler, Ladder
-    from yan_serve.engine.launches import count_cuda_kernels
+    from yan_serve.engine.launches import count_cuda_kernels, kernel_times
     from yan_serve.engine.sampler import Sampler
 
     reqs = _requests(model.config, batch, length)
     modules = Sampler(model, fused=False)
     fused = Sampler(model, fused=True)
+    fused.engine.attention = attention
     graphs = GraphSampler(fused)
 
     with ops.force("ref"):
@@ -722,6 +768,9 @@ def _bench_sampler_shape(
         if fused_out is not None:
             kernels = count_cuda_kernels(lambda: fused.generate(reqs, steps, "argmax"))
             launches = sum(kernels.values())
+            if profile:
+                _print_profile(kernel_times(lambda: fused.generate(reqs, steps, "argmax")),
+                               profile, f"{batch}x{length}")  # fmt: skip
         ladder = Ladder(
             batch_sizes=(batch,), tgt_lengths=(length,), max_tokens=None, steps=steps,
             routings=("argmax",),
@@ -738,9 +787,26 @@ def _bench_sampler_shape(
     return SamplerRow(
         batch, length, eager, fused_ms, graph, floor, launches,
         None if rep is None else rep.seconds,
-        None if rep is None else rep.device_bytes / 2**20,
+        # the pool, not free-memory deltas: those also count what the caching allocator
+        # released meanwhile (they read negative)
+        None if rep is None else rep.pool_bytes / 2**20,
         same,
     )  # fmt: skip
+
+
+def _print_profile(times: dict[str, tuple[int, float]], top: int, label: str) -> None:
+    """One sample's kernels by device time: the busiest `top` names, then the rest."""
+    total = sum(us for _, us in times.values())
+    n = sum(c for c, _ in times.values())
+    print(f"  profile {label}: {total / 1e3:.3f} ms of device time in {n} kernels", flush=True)
+    ranked = sorted(times.items(), key=lambda kv: -kv[1][1])
+    for name, (count, us) in ranked[:top]:
+        print(f"  {us / 1e3:9.3f} ms {100 * us / total:5.1f}% {count:5d}x  {name[:90]}")
+    rest = ranked[top:]
+    if rest:
+        us = sum(v[1] for _, v in rest)
+        cnt = sum(v[0] for _, v in rest)
+        print(f"  {us / 1e3:9.3f} ms {100 * us / total:5.1f}% {cnt:5d}x  ({len(rest)} others)")
 
 
 @dataclass
@@ -907,6 +973,7 @@ def _sampler_gpu(name: str, args: argparse.Namespace) -> dict:
         "steps": steps,
         "routing": "argmax",
         "decode": "greedy",
+        "attention": args.attention,
         "copy_GBps": round(bw / 1e9, 1),
         "matmul_TFLOPs": round(rate / 1e12, 1),
     }
@@ -920,7 +987,8 @@ def _sampler_gpu(name: str, args: argparse.Namespace) -> dict:
     for length in lengths:
         for batch in batches:
             try:
-                r = _bench_sampler_shape(model, batch, length, steps, iters, rate, bw)
+                r = _bench_sampler_shape(model, batch, length, steps, iters, rate, bw,
+                                         args.attention, args.profile)  # fmt: skip
             except Exception as exc:  # one broken shape must not hide the others' figures
                 traceback.print_exc()
                 print(f"{batch:>6}{length:>8}  failed: {_one_line(exc)}", flush=True)
@@ -943,7 +1011,8 @@ def _sampler_gpu(name: str, args: argparse.Namespace) -> dict:
         "(packed weights, Triton kernels), eager launches. graph: the same replayed from a CUDA\n"
         "graph; every time is the wall time of a whole generate call (host work included).\n"
         "floor: max(FLOPs / matmul rate, weight bytes / copy bandwidth), both measured here.\n"
-        "launches: GPU kernels per sample of the fused engine (torch.profiler)."
+        "launches: GPU kernels per sample of the fused engine (torch.profiler). graph MiB: the\n"
+        "capture's memory pool (growth of reserved device memory)."
     )
     return {"header": header, "rows": [asdict(r) for r in rows]}
 
@@ -975,6 +1044,7 @@ def _sampler_cpu(name: str, args: argparse.Namespace) -> dict:
         "steps": steps,
         "routing": "argmax",
         "decode": "greedy",
+        "attention": args.attention,
     }
     print("  ".join(f"{k}={v}" for k, v in header.items()))
     print(CPU_SAMPLER_COLUMNS)
@@ -1324,6 +1394,20 @@ def _add_sampler(sub: argparse._SubParsersAction) -> None:
         "--iters", type=int, help="timed repetitions, median reported (default: 10 CUDA, 3 CPU)"
     )
     p.add_argument("--no-compile", action="store_true", help="CPU: skip the torch.compile path")
+    p.add_argument(
+        "--attention",
+        choices=("auto", "sdpa", "flash", "cudnn"),
+        default="auto",
+        help="CUDA: the fused engine's attention (default auto: SDPA, which picks cuDNN"
+        " attention on an H100; see FusedEngine)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="K",
+        help="CUDA: after each row, the K kernels with the most device time per sample",
+    )
     p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
     p.set_defaults(func=run_sampler)
 

@@ -71,7 +71,8 @@ def test_every_kernel_has_a_spec(tmp_path: Path) -> None:
 _ARG_CHECK = """
 import importlib, re
 from yan_kernels.aot import collect
-TYPE = re.compile(r"\\*?(i1|i8|i16|i32|i64|u8|u16|u32|u64|fp8e4nv|fp8e5|fp16|bf16|fp32|fp64)")
+SCALAR = r"(i1|i8|i16|i32|i64|u8|u16|u32|u64|fp8e4nv|fp8e5|fp16|bf16|fp32|fp64)"
+TYPE = re.compile(r"\\*?" + SCALAR + r"|tensordesc<" + SCALAR + r"\\[\\d+, \\d+\\]>")
 seen, n = set(), 0
 for s in collect():
     n += 1

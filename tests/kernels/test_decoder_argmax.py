@@ -15,8 +15,11 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 from yan_kernels.decoder_argmax import (  # noqa: E402
+    SPLIT_OVERHEAD_TILES,
+    Blocks,
     decoder_argmax,
     decoder_argmax_ref,
+    default_splits,
     philox_uniform,
 )
 
@@ -63,6 +66,55 @@ def test_argmax_prob_and_labels_match_reference(device, N, d, V, splits) -> None
     one = decoder_argmax(x, w, b, labels=labels[:, 1], splits=splits)
     torch.testing.assert_close(one.label_logp, want.label_logp[:, 1], **F32)
     assert torch.equal(one.token, got.token)
+
+
+@pytest.mark.parametrize(
+    ("N", "d", "V", "splits"), [(37, 48, 1000, 1), (37, 48, 1000, 3), (5, 40, 300, 2)]
+)
+def test_tma_descriptor_loads_match_reference(device, N, d, V, splits) -> None:
+    """The TMA form (tiles through tensor descriptors, zero-filled past N, V and d) against the
+    reference: argmax, probability, labels and a temperature sample, on awkward shapes (d not
+    a multiple of the K tile, the last vocabulary tile mostly past V, rows past N)."""
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # TMA takes 16-bit on a GPU
+    x, w, b = _problem(N, d, V, device, dtype)
+    labels = torch.randint(0, V, (N, 2), generator=torch.Generator().manual_seed(2)).to(device)
+    temp = torch.full((N,), 0.7, device=device)
+    seed = torch.arange(N, device=device, dtype=torch.int64) * 7919 - 3
+    tma = Blocks(32, 64, 32, 4, 1, tma=True)
+    got = decoder_argmax(x, w, b, temp, seed, labels=labels, splits=splits, blocks=tma)
+    if device.type == "cpu":
+        want = decoder_argmax_ref(x, w, b, temp, seed, labels=labels)
+        tol = F32
+    else:  # the same kernel with pointer loads: the same sums in the same order
+        want = decoder_argmax(x, w, b, temp, seed, labels=labels, splits=splits,
+                              blocks=tma._replace(tma=False))  # fmt: skip
+        tol = TOL[dtype]
+    logits = torch.nn.functional.linear(x, w, b).float()
+    _assert_same_choice(got.token, want.token, logits)
+    torch.testing.assert_close(got.prob, want.prob, **tol)
+    torch.testing.assert_close(got.label_logp, want.label_logp, **tol)
+    assert (got.sample == want.sample).float().mean().item() >= 0.99
+
+
+@pytest.mark.parametrize(
+    ("rows", "tiles", "slots"),
+    [(64, 502, 132), (512, 502, 132), (8, 502, 132), (1, 1003, 264), (3, 7, 16), (200, 4, 132)],
+)
+def test_default_splits_minimize_tile_steps(rows, tiles, slots) -> None:
+    """The chosen split count has the fewest tile steps (waves x (tiles per split + a
+    program's overhead)) of every count, the smallest among equals; 64 row tiles on 132 SMs
+    take one wave of 2 splits."""
+
+    def cost(s: int) -> int:
+        return -(-rows * s // slots) * (-(-tiles // s) + SPLIT_OVERHEAD_TILES)
+
+    s = default_splits(rows, tiles, slots)
+    assert 1 <= s <= tiles
+    best = min(cost(k) for k in range(1, tiles + 1))
+    assert cost(s) == best
+    assert all(cost(k) > best for k in range(1, s))
+    if (rows, tiles, slots) == (64, 502, 132):
+        assert s == 2
 
 
 def test_probabilities_are_a_softmax(device) -> None:

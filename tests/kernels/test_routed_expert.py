@@ -20,6 +20,7 @@ from yan_kernels.routed_expert import (
     routed_expert_euler,
     routed_expert_euler_ref,
     tile_map,
+    tile_map_fused,
 )
 
 
@@ -91,6 +92,25 @@ def test_small_tiles_span_many_tiles_per_expert(device) -> None:
     torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("with_z", [True, False])
+def test_tma_descriptor_loads_match_reference(device, with_z) -> None:
+    """TMA descriptor tiles (weights as [K * rows, cols], the down-projection's activations)
+    on awkward shapes: d = 40 is not a multiple of the K tile, so the last weight tile of an
+    expert runs into the next expert's rows (they must meet zero activations); F = 160 is not
+    a multiple of the column tile; an expert gets no token; the down-projection has its own
+    configuration."""
+    N, d, K = 83, 40, 3
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # TMA takes 16-bit on a GPU
+    w1, b1, w2, b2 = _weights(K, d, device, dtype)
+    h, e, z = _inputs(N, d, K, device, empty=(1,))
+    h, z = h.to(dtype), z.to(dtype)
+    up, down = Blocks(16, 64, 32, 4, 1, tma=True), Blocks(16, 32, 32, 4, 1, tma=True)
+    zz = z if with_z else None
+    out = routed_expert_euler(h, e, w1, b1, w2, b2, zz, 0.5, blocks=up, down_blocks=down)
+    ref = routed_expert_euler_ref(h, e, w1, b1, w2, b2, zz, 0.5)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
 def test_one_tile_map_serves_every_step(device) -> None:
     """With frozen routing the solver groups tokens once and reuses the map for each Euler step;
     a reused map gives the same result as a fresh one, for another h and z too."""
@@ -154,6 +174,25 @@ def test_tile_map_covers_each_expert_once() -> None:
             assert (e[order[r0:r1]] == k).all()
             rows += list(range(r0, r1))
     assert sorted(rows) == list(range(len(e)))
+
+
+@pytest.mark.parametrize(
+    ("n", "K", "block_m", "empty"),
+    [(11, 3, 4, (1,)), (2500, 6, 64, (2,)), (1, 6, 64, ()), (1030, 5, 128, (0, 1, 3, 4)),
+     (5000, 7, 32, ())],
+)  # fmt: skip
+def test_one_launch_tile_map_equals_the_sorted_one(device, n, K, block_m, empty) -> None:
+    """The one-program Triton grouping (counts, stable ranks by one-hot prefix sums, the tile
+    table) is the sort-based `tile_map` exactly: chunks of 1024 tokens (n = 2500 spans three,
+    the last partial), empty experts, K not a power of two, every token on one expert."""
+    g = torch.Generator().manual_seed(n)
+    live = [k for k in range(K) if k not in empty]
+    e = torch.tensor(live)[torch.randint(0, len(live), (n,), generator=g)].to(device)
+    want = tile_map(e, K, block_m)
+    got = tile_map_fused(e, K, block_m)
+    assert got.total == want.total and got.block_m == want.block_m
+    assert torch.equal(got.order, want.order)
+    assert torch.equal(got.tiles, want.tiles)
 
 
 def test_launcher_rejects_bad_shapes(device) -> None:

@@ -107,3 +107,20 @@ def count_cuda_kernels(fn: Callable[[], object]) -> Counter[str]:
             continue
         out[name] += 1
     return out
+
+
+def kernel_times(fn: Callable[[], object]) -> dict[str, tuple[int, float]]:
+    """Kernels `fn()` runs on the GPU, by name: (count, total device microseconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict[str, tuple[int, float]] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        c, us = out.get(evt.name, (0, 0.0))
+        out[evt.name] = (c + 1, us + evt.time_range.elapsed_us())
+    return out
