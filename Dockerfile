@@ -1,5 +1,6 @@
-# syntax=docker/dockerfile:1
 # yan-serve: the YAN HTTP server in a container (docs/deploy.md).
+# Needs BuildKit (RUN --mount); no `# syntax=` line on purpose: the builder's own Dockerfile
+# frontend does all this file uses, and a syntax image would have to come from a registry.
 #
 #   docker build -t yan-serve:cuda .                          # CUDA runtime + CUDA torch (default)
 #   docker build -t yan-serve:cpu --build-arg VARIANT=cpu .   # Python slim + CPU torch

@@ -113,10 +113,18 @@ class YANConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> YANConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """A config from a config.json-style dict; raises ValueError naming the first unknown
+        key or the first value of the wrong JSON type (`"d_model": "wide"`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        for name, value in d.items():
+            want = _JSON_TYPES.get(str(fields[name].type))
+            if want is not None and not want[1](value):
+                raise ValueError(f"{name} must be {want[0]}, got {value!r}")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -137,7 +145,12 @@ class YANConfig:
             raise FileNotFoundError(f"no config.json at {p}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{p} is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p} is not readable: {e}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> YANConfig:
@@ -145,6 +158,23 @@ class YANConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], "name": name, **overrides})
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# config.json value checks by field annotation: (what the message says, test)
+_JSON_TYPES: dict[str, tuple[str, Any]] = {
+    "int": ("an integer", _is_int),
+    "float": ("a number", lambda v: _is_int(v) or isinstance(v, float)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "tuple[int, ...]": (
+        "a list of integers",
+        lambda v: isinstance(v, (list, tuple)) and all(_is_int(i) for i in v),
+    ),
+}
 
 
 PRESETS: dict[str, dict[str, Any]] = {

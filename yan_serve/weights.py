@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from yan_serve.config import YANConfig
@@ -49,6 +49,53 @@ def load_tokenizer(directory: str | Path, config: YANConfig) -> YANTokenizer:
     return tok
 
 
+def _weights_file(d: Path) -> Path:
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+    f = d / "model.safetensors"
+    if not f.exists():
+        raise FileNotFoundError(f"no model.safetensors in {d}")
+    return f
+
+
+def _check_shapes(f: Path, expected: dict[str, tuple[int, ...]], found: dict[str, tuple]) -> None:
+    """Raise ValueError when the file's tensor names or shapes differ from the model's."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{f} does not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for k, shape in expected.items():
+        if tuple(shape) != tuple(found[k]):
+            raise ValueError(
+                f"{f}: {k} has shape {tuple(found[k])}, config.json implies {tuple(shape)}"
+                " (vocab or width mismatch)"
+            )
+
+
+def _expected_shapes(cfg: YANConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = YAN(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_pretrained(directory: str | Path) -> YANConfig:
+    """Validate a checkpoint directory without reading its weights: config.json (types,
+    unknown keys, consistency) and model.safetensors' header (readable, tensor names and shapes
+    matching the config). Errors name the file and the problem. Returns the config."""
+    d = Path(directory)
+    f = _weights_file(d)
+    cfg = YANConfig.load(d / "config.json")
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            found = {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+    _check_shapes(f, _expected_shapes(cfg), found)
+    return cfg
+
+
 def from_pretrained(
     directory: str | Path,
     device: str | torch.device = "cpu",
@@ -56,31 +103,16 @@ def from_pretrained(
 ) -> YAN:
     """Load a checkpoint directory into an eval-mode YAN. Errors name the file and the problem."""
     d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+    f = _weights_file(d)
     cfg = YANConfig.load(d / "config.json")
-    f = d / "model.safetensors"
-    if not f.exists():
-        raise FileNotFoundError(f"no model.safetensors in {d}")
     try:
         sd = load_file(str(f), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
     with torch.device("meta"):
         model = YAN(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{f} does not match config.json: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for k, v in expected.items():
-        if tuple(v.shape) != tuple(sd[k].shape):
-            raise ValueError(
-                f"{f}: {k} has shape {tuple(sd[k].shape)}, config.json implies {tuple(v.shape)}"
-                " (vocab or width mismatch)"
-            )
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_shapes(f, expected, {k: tuple(v.shape) for k, v in sd.items()})
     model.load_state_dict(sd, assign=True)
     model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model.eval()

@@ -210,7 +210,7 @@ def test_build_context_keeps(path: str) -> None:
     "path",
     [".git/HEAD", "runs/x/model.safetensors", "data/kjv/train.jsonl", ".venv/bin/python",
      "yan_serve/__pycache__/app.cpython-311.pyc", "yan_serve.egg-info/PKG-INFO",
-     ".pytest_cache/v", ".ruff_cache/x"],
+     ".pytest_cache/v", ".ruff_cache/x", ".hypothesis/examples/x", ".whl/x.whl"],
 )  # fmt: skip
 def test_build_context_drops(path: str) -> None:
     assert dockerignore_excludes(path), f".dockerignore lets {path} into the build context"

@@ -46,3 +46,30 @@ def ar_server_id(s: ServerProcess) -> str:
 
 def test_ar_results_do_not_depend_on_batching(ar_server: ServerProcess) -> None:
     assert_completions_ignore_batching(ar_server.url)
+
+
+def test_echo_logprobs_on_an_ar_checkpoint(ar_server: ServerProcess) -> None:
+    """Each prompt token after the first is scored by the AR model after its prefix (+ the
+    completion format's <mask> and BOS), and top_logprobs hold the AR model's own argmax."""
+    import torch
+
+    from yan_serve.ar.generate import ar_score
+    from yan_serve.ar.model import load_ar
+    from yan_serve.tokenizer import YANTokenizer
+
+    d = Path(ar_server.proc.args[ar_server.proc.args.index("--model", 4) + 1])
+    tok, model = YANTokenizer.load(d), load_ar(d)
+    ids = tok.encode("And God said unto Moses")
+    body = {"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0, "seed": 0}
+    lp = httpx.post(ar_server.url + "/v1/completions", json=body, timeout=60).json()
+    lp = lp["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
+    sp = tok.special
+    for i in range(1, len(ids)):
+        prompt, target = [*ids[:i], sp.mask, sp.bos], [*ids[i:], sp.eos]
+        want = ar_score(model, [prompt], [target], sp.pad)[0][0]
+        assert abs(lp["token_logprobs"][i] - want) < 1e-4
+        with torch.no_grad():
+            best = int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+        top = lp["top_logprobs"][i]
+        assert max(top, key=top.get) == tok.decode([best], skip_special=False)

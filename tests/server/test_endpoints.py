@@ -15,7 +15,11 @@ PASSAGE = "In the beginning God created the heaven and the earth."
 def error_of(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, r.text
     body = r.json()["error"]
-    assert set(body) == {"message", "type", "code"} and body["code"] == status
+    if r.url.path == "/v1/completions":  # OpenAI's shape: `param`, and a string code if any
+        assert set(body) == {"message", "type", "code", "param"}
+        assert body["code"] in (status, "model_not_found", "context_length_exceeded")
+    else:
+        assert set(body) == {"message", "type", "code"} and body["code"] == status
     assert body["message"]
     return body
 
@@ -108,23 +112,26 @@ def test_stream_sends_a_preview_per_euler_point_then_the_result(client: httpx.Cl
 @pytest.mark.parametrize(
     ("path", "body", "status", "needle"),
     [
-        ("/v1/infill", {"text": "no placeholder here"}, 400, "[MASK]"),
+        ("/v1/infill", {"text": "no placeholder here"}, 422, "[MASK]"),
         ("/v1/infill", {"text": "word " * 400 + "[MASK]"}, 400, "at most"),
         ("/v1/infill", {"text": "a [MASK:0] b"}, 400, "budget"),
-        ("/v1/infill", {"text": "a [MASK] b", "steps": 0}, 400, "steps"),
+        ("/v1/infill", {"text": "a [MASK] b", "steps": 0}, 422, "steps"),
         ("/v1/infill", {"text": "a [MASK] b", "steps": 99}, 400, "steps"),
         ("/v1/complete", {"prompt": "x", "max_tokens": 4000}, 400, "target positions"),
-        ("/v1/complete", {"prompt": "   "}, 400, "empty"),
+        ("/v1/complete", {"prompt": "   "}, 422, "empty"),
         ("/v1/complete", {"prompt": 3}, 422, "prompt"),
         ("/v1/complete", {}, 422, "prompt"),
         ("/v1/complete", {"prompt": "x", "n": 0}, 422, "n"),
         ("/v1/complete", {"prompt": "x", "seed": -1}, 422, "seed"),
         ("/v1/complete", {"prompt": "x", "routing": "best"}, 422, "routing"),
         ("/v1/complete", {"prompt": "x", "bogus": 1}, 422, "bogus"),
-        ("/v1/qa", {"context": "c", "question": ""}, 400, "question"),
+        ("/v1/qa", {"context": "c", "question": ""}, 422, "question"),
         ("/v1/classify", {"text": "t", "labels": []}, 422, "labels"),
-        ("/v1/classify", {"text": "t", "labels": ["a"], "stream": True}, 400, "stream"),
-        ("/v1/completions", {"prompt": "x", "top_p": 0.5}, 400, "top_p"),
+        ("/v1/completions", {"prompt": "x", "top_p": 0.5}, 422, "top_p"),
+        ("/v1/completions", {"prompt": "x", "model": "other"}, 404, "other"),
+        ("/v1/classify", {"text": "t", "labels": ["law", " "]}, 422, "blank"),
+        ("/v1/classify", {"text": "  "}, 422, "blank"),
+        ("/v1/complete", {"prompt": "x", "seed": 2**53}, 422, "seed"),
     ],
 )
 def test_bad_inputs_get_their_status_and_a_json_message(

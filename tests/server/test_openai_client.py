@@ -50,6 +50,6 @@ def test_openai_client_sees_errors_as_api_errors(server: ServerProcess) -> None:
     try:
         client.completions.create(model="yan-tiny-kjv", prompt="x", max_tokens=3000)
     except openai.BadRequestError as e:
-        assert e.status_code == 400 and "target positions" in str(e)
+        assert e.status_code == 400 and "maximum context length" in str(e)
     else:
         raise AssertionError("expected a 400")

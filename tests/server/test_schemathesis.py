@@ -1,5 +1,8 @@
-"""Schemathesis fuzzes every operation in /openapi.json against the real server: no 5xx, and
-every response (status, content type, headers, body, each SSE event) matches the schema."""
+"""Schemathesis fuzzes every operation in /openapi.json against the real server: no 5xx, every
+response (status, content type, headers, body, each SSE event) matches the schema, and requests
+the schema forbids are refused. Every check runs but `positive_data_acceptance`: the schema
+cannot know a text's length in tokens, so a few schema-valid requests are 400 by design
+(docs/server.md, "Errors")."""
 
 from __future__ import annotations
 
@@ -9,11 +12,6 @@ import subprocess
 import pytest
 
 from tests.server.conftest import ServerProcess
-
-CHECKS = (
-    "not_a_server_error,status_code_conformance,content_type_conformance,"
-    "response_schema_conformance,response_headers_conformance"
-)
 
 
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(server: ServerProcess) -> None:
@@ -26,12 +24,16 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(server: ServerProcess
             "run",
             f"{server.url}/openapi.json",
             "--checks",
-            CHECKS,
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance",
             "--max-examples",
             "40",
             "--seed",
             "7",
             "--no-color",
+            "--generation-database",
+            "none",
         ],
         capture_output=True,
         text=True,

@@ -44,6 +44,10 @@ class OutOfMemory(RuntimeError):
     """A single job did not fit in device memory."""
 
 
+class ShuttingDown(RuntimeError):
+    """The shutdown deadline passed before the job's result (the server answers 503)."""
+
+
 def length_bucket(n: int) -> int:
     """The padded length class of a job: the next power of two, at least 16."""
     b = 16
@@ -103,6 +107,7 @@ class Batcher:
         self.metrics = metrics or Metrics()
         self._waiting: list[Job] = []
         self._running = 0
+        self._current: list[Job] = []  # the batch on the model thread
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yan-model")
         self._task: asyncio.Task | None = None
@@ -129,6 +134,19 @@ class Batcher:
     @property
     def idle(self) -> bool:
         return self.queued == 0 and self._running == 0
+
+    def abort(self, reason: str = "the server is shutting down") -> int:
+        """Fail every queued job and every job of the running batch with `ShuttingDown` (their
+        requests answer at once; a running batch's results are discarded when it returns).
+        Returns how many jobs were failed."""
+        failed = 0
+        for job in [*self._current, *self._waiting]:
+            if job.future is not None and not job.future.done():
+                job.future.set_exception(ShuttingDown(reason))
+                failed += 1
+        self._waiting.clear()
+        self.metrics.queue_depth.set(0)
+        return failed
 
     def admit(self, n: int) -> bool:
         """Whether `n` more jobs fit in the queue."""
@@ -176,6 +194,7 @@ class Batcher:
             j.batch_size = len(batch)
             self.metrics.queue_time.observe(t0 - j.t_enqueue)
         self._running = len(batch)
+        self._current = batch
         self.metrics.running.set(len(batch))
         self.metrics.batch_size.observe(len(batch))
         try:
@@ -185,6 +204,7 @@ class Batcher:
             results = [e] * len(batch)
         finally:
             self._running = 0
+            self._current = []
             self.metrics.running.set(0)
         t1 = time.perf_counter()
         self.metrics.batch_time.observe(t1 - t0)

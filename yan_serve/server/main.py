@@ -1,8 +1,14 @@
 """`yan-serve` / `python -m yan_serve`: run the HTTP server under uvicorn.
 
+Before serving, the checkpoint is checked without reading its weights (config.json types and
+keys, model.safetensors' header, tokenizer.json, labels.json, the device): a problem exits with
+code 2 and one line naming the file and the field. If loading still fails later (in the
+background, while /health already answers), the server logs one line and exits with code 1.
+
 SIGTERM (or Ctrl-C) starts a drain: /ready turns 503 and new requests get 503 at once, queued and
-running work finishes (at most --shutdown-timeout seconds), then the server exits with code 0.
-A second signal exits without waiting.
+running work finishes until one deadline (--shutdown-timeout seconds after the signal); work
+still unfinished then is answered 503 (JSON) and the server exits with code 0. A second signal
+exits without waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import uvicorn
 from yan_serve.server.settings import Settings, parse_settings
 
 log = logging.getLogger("yan_serve.server")
+
+# After the shutdown deadline: how long the requests failed with 503 get to be written.
+WRITE_GRACE_S = 1.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -44,11 +53,14 @@ class DrainingServer(uvicorn.Server):
             self.shutdown_timeout,
         )
         self.state.draining = True
+        self.state.deadline = time.perf_counter() + self.shutdown_timeout
         self.state.metrics.ready.set(0)
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain()))
 
     async def _drain(self) -> None:
-        deadline = time.perf_counter() + self.shutdown_timeout
+        """Wait for in-flight work until the one shutdown deadline; then fail what is left
+        (503 JSON to its requests), give them a moment to be written, and exit."""
+        deadline = self.state.deadline
         b = self.state.batcher
         while time.perf_counter() < deadline:
             # Our own accounting counts requests answered by the draining gate too; those take
@@ -57,7 +69,19 @@ class DrainingServer(uvicorn.Server):
                 break
             await asyncio.sleep(0.05)
         else:
-            log.warning("shutdown timeout: %d requests still in flight", self.state.in_flight)
+            failed = b.abort() if b is not None else 0
+            log.warning(
+                "shutdown timeout: %d requests in flight; %d unfinished jobs fail (503)",
+                self.state.in_flight,
+                failed,
+            )
+            # The failed requests answer at once; a running batch is not waited for.
+            grace = time.perf_counter() + WRITE_GRACE_S
+            while self.state.in_flight and time.perf_counter() < grace:
+                await asyncio.sleep(0.02)
+        # uvicorn then waits for open connections (a streaming response still being written)
+        # only as long as the deadline leaves.
+        self.config.timeout_graceful_shutdown = max(WRITE_GRACE_S, deadline - time.perf_counter())
         self.should_exit = True
 
 
@@ -68,6 +92,7 @@ def serve(settings: Settings) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
+    state = app.state.yan
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -77,8 +102,15 @@ def serve(settings: Settings) -> int:
         access_log=False,
         lifespan="on",
     )
-    server = DrainingServer(config, app.state.yan, settings.shutdown_timeout)
+    server = DrainingServer(config, state, settings.shutdown_timeout)
+
+    def on_load_error(message: str) -> None:  # loader thread: never ready, so stop
+        server.should_exit = True
+
+    state.on_load_error = on_load_error
     server.run()
+    if state.load_error:
+        return 1
     return 0 if server.started else 1
 
 
@@ -90,11 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pathlib import Path
 
+    from yan_serve.server.worker import check_checkpoint
+
     if not (Path(settings.model) / "config.json").is_file():
         print(
             f"yan-serve: error: {settings.model} is not a checkpoint directory (no config.json)",
             file=sys.stderr,
         )
+        return 2
+    try:
+        check_checkpoint(settings.model, settings.device)
+    except (ValueError, OSError) as e:
+        print(f"yan-serve: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     return serve(settings)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,8 +46,20 @@ class Settings:
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
         for name in ("max_wait_ms", "request_timeout", "shutdown_timeout"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                problems.append(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
+        for name in ("threads", "default_steps"):
             if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must be >= 0")
+                problems.append(f"--{name.replace('_', '-')} must be >= 0 (0: the default)")
+        if self.default_steps > self.max_steps:
+            problems.append(
+                f"--default-steps {self.default_steps} is above --max-steps {self.max_steps}"
+            )
+        if self.api_key is not None and (
+            not self.api_key.isprintable() or self.api_key != self.api_key.strip()
+        ):
+            problems.append("--api-key must be printable, without leading or trailing spaces")
         if not 0 < self.port < 65536 and self.port != 0:
             problems.append(f"--port must be in 1..65535, got {self.port}")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,26 @@ from yan_serve.server.batcher import Job
 from yan_serve.weights import from_pretrained, load_labels, load_tokenizer
 
 log = logging.getLogger("yan_serve.worker")
+
+
+@dataclass
+class Scored:
+    """A score job's result when it asked for `extra["top_logprobs"] = k`: the target's
+    log-probabilities and, at every target position, the k most likely (token id, logprob)."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+def _with_top(jobs: Sequence[Job], logps: list[list[float]], top_of) -> list[Any]:
+    """Score results, as `Scored` for the jobs that asked for top log-probabilities (computed
+    by `top_of(indices, k)` for those jobs only)."""
+    want = [i for i, j in enumerate(jobs) if j.extra.get("top_logprobs", 0) > 0]
+    if not want:
+        return logps
+    k = max(jobs[i].extra["top_logprobs"] for i in want)
+    tops = dict(zip(want, top_of(want, k), strict=True))
+    return [Scored(lp, tops[i]) if i in tops else lp for i, lp in enumerate(logps)]
 
 
 def pick_device(spec: str) -> torch.device:
@@ -88,7 +109,12 @@ class YANWorker:
         first = jobs[0]
         reqs = [GenerationRequest(j.src, j.tgt_len, j.seed, j.temperature, j.top_k) for j in jobs]
         if first.target is not None:
-            return self.sampler.score(reqs, [j.target for j in jobs], first.steps, first.routing)
+            logps = self.sampler.score(reqs, [j.target for j in jobs], first.steps, first.routing)
+            return _with_top(
+                jobs,
+                logps,
+                lambda idx, k: self._top_logprobs([reqs[i] for i in idx], first, k),
+            )
         hooks = [(i, j.on_step) for i, j in enumerate(jobs) if j.on_step is not None]
 
         def on_step(step: int, tokens: torch.Tensor) -> None:
@@ -100,6 +126,22 @@ class YANWorker:
         return self.sampler.generate(
             reqs, first.steps, first.routing, on_step=on_step if hooks else None
         )
+
+    @torch.no_grad()
+    def _top_logprobs(
+        self, reqs: list[GenerationRequest], first: Job, k: int
+    ) -> list[list[tuple[int, float]]]:
+        """The k most likely tokens at every target position of each request, read from the
+        decoder table of the same latent `Sampler.score` scores (same requests, same seeds)."""
+        batch = self.sampler.prepare(reqs)
+        z = self.sampler.solve(batch, first.steps, first.routing).z
+        logp = torch.log_softmax(self.model.decode_logits(z).float(), dim=-1)
+        vals, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        ids, vals = ids.tolist(), vals.tolist()
+        return [
+            [list(zip(ids[i][p], vals[i][p], strict=True)) for p in range(r.tgt_len)]
+            for i, r in enumerate(reqs)
+        ]
 
 
 class ARWorker:
@@ -214,8 +256,64 @@ class ARWorker:
         from yan_serve.ar.generate import ar_score
 
         sp = self.tokenizer.special
-        return ar_score(self.model, [[*j.src, sp.bos] for j in jobs],
-                        [j.target or [] for j in jobs], sp.pad)  # fmt: skip
+        logps = ar_score(self.model, [[*j.src, sp.bos] for j in jobs],
+                         [j.target or [] for j in jobs], sp.pad)  # fmt: skip
+        return _with_top(jobs, logps, lambda idx, k: self._top_logprobs([jobs[i] for i in idx], k))
+
+    @torch.no_grad()
+    def _top_logprobs(self, jobs: Sequence[Job], k: int) -> list[list[tuple[int, float]]]:
+        """The k most likely next tokens at every target position (teacher forcing, as
+        `ar_score`)."""
+        from yan_serve.ar.train import collate_ar
+
+        sp = self.tokenizer.special
+        prompts = [[*j.src, sp.bos] for j in jobs]
+        targets = [j.target or [] for j in jobs]
+        ids, att, _ = collate_ar(
+            [([*p, *t], len(p)) for p, t in zip(prompts, targets, strict=True)], sp.pad
+        )
+        dev = next(self.model.parameters()).device
+        h = self.model.transformer(input_ids=ids.to(dev), attention_mask=att.to(dev))
+        out = []
+        for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+            logits = self.model.lm_head(h.last_hidden_state[i, len(p) - 1 : len(p) - 1 + len(t)])
+            vals, top = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+            pairs = zip(top.tolist(), vals.tolist(), strict=True)
+            out.append([list(zip(a, b, strict=True)) for a, b in pairs])
+        return out
+
+
+def check_checkpoint(model_dir: str | Path, device: str = "auto") -> None:
+    """What can be checked before loading, in seconds and without reading the weights: the
+    device exists; config.json, model.safetensors' header, tokenizer.json and labels.json are
+    readable and agree. Raises ValueError / FileNotFoundError naming the file and the field."""
+    from yan_serve.ar.model import is_ar_checkpoint
+    from yan_serve.tokenizer import YANTokenizer
+    from yan_serve.weights import check_pretrained
+
+    d = Path(model_dir)
+    pick_device(device)
+    if is_ar_checkpoint(d):
+        from safetensors import SafetensorError, safe_open
+
+        f = d / "model.safetensors"
+        if not f.exists():
+            raise FileNotFoundError(f"no model.safetensors in {d}")
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                sf.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+        YANTokenizer.load(d)
+    else:
+        cfg = check_pretrained(d)
+        try:
+            load_tokenizer(d, cfg)
+        except ValueError as e:
+            msg = str(e)
+            where = "" if "tokenizer.json" in msg else f"{d / 'tokenizer.json'}: "
+            raise ValueError(where + msg) from None
+    load_labels(d)
 
 
 def load_worker(model_dir: str | Path, device: str = "auto"):
