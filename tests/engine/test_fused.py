@@ -160,24 +160,37 @@ def test_engine_dispatches_far_fewer_ops() -> None:
 
 
 # --------------------------------------------------------------------------------- GPU
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_engine_equals_the_modules_at_paper_shapes_on_gpu(dtype: torch.dtype) -> None:
+def _paper_model(dtype: torch.dtype) -> YAN:
     from yan_serve.config import YANConfig
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = YAN(YANConfig.from_name("yan-paper", dropout=0.0)).to(dtype).eval()
-    g = torch.Generator().manual_seed(0)
-    reqs = [
+        return YAN(YANConfig.from_name("yan-paper", dropout=0.0)).to(dtype).eval()
+
+
+def _paper_requests(seed: int, shapes: list[tuple[int, int]]) -> list[GenerationRequest]:
+    """(source length, target length) per request, random ids below the special tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return [
         GenerationRequest(torch.randint(4, 128000, (n,), generator=g).tolist(), m, seed=i)
-        for i, (n, m) in enumerate([(300, 257), (17, 512), (512, 1)])
+        for i, (n, m) in enumerate(shapes)
     ]
+
+
+def _solve_both(a: Sampler, b: Sampler, reqs: list[GenerationRequest]):
+    """The same padded batch and draws through two samplers: (batch, a's solve, b's solve)."""
+    batch = a.prepare(reqs)
+    noise = a.draw(batch)
+    return batch, a.solve(batch, 3, "argmax", noise=noise), b.solve(batch, 3, "argmax", noise=noise)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_equals_the_modules_at_paper_shapes_on_gpu(dtype: torch.dtype) -> None:
+    model = _paper_model(dtype)
+    reqs = _paper_requests(0, [(300, 257), (17, 512), (512, 1)])
     ref, fast = Sampler(model, fused=False), Sampler(model, fused=True)
-    batch = ref.prepare(reqs)
-    noise = ref.draw(batch)
-    want = ref.solve(batch, 3, "argmax", noise=noise)
-    got = fast.solve(batch, 3, "argmax", noise=noise)
+    batch, want, got = _solve_both(ref, fast, reqs)
     real = batch.tgt_mask
     err = (got.z[real].float() - want.z[real].float()).norm() / want.z[real].float().norm()
     assert err < (2e-2 if dtype == torch.bfloat16 else 1e-3), float(err)
@@ -193,23 +206,13 @@ def test_flash_attention_equals_sdpa_at_paper_shapes_on_gpu() -> None:
     """FlashAttention's variable-length kernel (padded keys skipped, Q/K/V read from the packed
     projections) against SDPA with the additive mask, on a padded batch: same latents at real
     positions up to bf16 rounding, the same experts."""
-    from yan_serve.config import YANConfig
 
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = YAN(YANConfig.from_name("yan-paper", dropout=0.0)).to(torch.bfloat16).eval()
-    g = torch.Generator().manual_seed(1)
-    reqs = [
-        GenerationRequest(torch.randint(4, 128000, (n,), generator=g).tolist(), m, seed=i)
-        for i, (n, m) in enumerate([(300, 257), (17, 512), (512, 1), (1, 64)])
-    ]
+    model = _paper_model(torch.bfloat16)
+    reqs = _paper_requests(1, [(300, 257), (17, 512), (512, 1), (1, 64)])
     sdpa, flash = Sampler(model, fused=True), Sampler(model, fused=True)
     sdpa.engine.attention, flash.engine.attention = "sdpa", "flash"
     assert flash.engine.uses_flash(next(model.parameters()), 17)
-    batch = sdpa.prepare(reqs)
-    noise = sdpa.draw(batch)
-    want = sdpa.solve(batch, 3, "argmax", noise=noise)
-    got = flash.solve(batch, 3, "argmax", noise=noise)
+    batch, want, got = _solve_both(sdpa, flash, reqs)
     real = batch.tgt_mask
     err = (got.z[real].float() - want.z[real].float()).norm() / want.z[real].float().norm()
     assert err < 2e-2, float(err)
