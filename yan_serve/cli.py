@@ -66,6 +66,23 @@ def cmd_data_kjv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_english(args: argparse.Namespace) -> int:
+    from yan_serve.tasks.english import MissingSource, build_english_corpus
+
+    try:
+        summary = build_english_corpus(
+            args.out, sources=args.sources, max_words=args.max_words, max_docs=args.max_docs,
+            progress=lambda line: print(line, flush=True),
+        )  # fmt: skip
+    except (MissingSource, ValueError) as e:
+        raise SystemExit(f"yan data english: {e}") from None
+    total = {k: sum(v[k] for v in summary["sources"].values()) for k in ("train", "val", "test")}
+    print(
+        f"English corpus written to {args.out}: " + ", ".join(f"{k} {v}" for k, v in total.items())
+    )
+    return 0
+
+
 def cmd_data_import(args: argparse.Namespace) -> int:
     from yan_serve.train.recipes import import_dataset
 
@@ -305,6 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("--source", help="KJV text file (default: run the `bible` program)")
     kp.add_argument("--max-words", type=int, default=40)
     kp.set_defaults(func=cmd_data_kjv)
+    ep_ = dsub.add_parser(
+        "english",
+        help="the KJV plus Debian's English prose (fortunes, GCIDE, WordNet, Jargon File), "
+        "split by document",
+    )
+    ep_.add_argument("--out", required=True)
+    ep_.add_argument(
+        "--sources",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["kjv", "fortunes", "gcide", "wordnet", "jargon"],
+        help="comma-separated subset (default: all five)",
+    )
+    ep_.add_argument("--max-words", type=int, default=40, help="words per passage at most")
+    ep_.add_argument("--max-docs", type=int, help="keep each source's first N documents")
+    ep_.set_defaults(func=cmd_data_english)
     ip = dsub.add_parser("import", help="a paper dataset's local files -> corpus directory")
     ip.add_argument("name", help="narrativeqa, rocstories, simplestories, squad, babi, ag_news, "
                     "dbpedia, sst2, text, jsonl")  # fmt: skip
