@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from yan_kernels import tma
+
+from . import tma
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -410,7 +411,7 @@ def aot_specs() -> list:
     """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`). The label
     count M is data-dependent: 0 (generation), 1 and 3 are compiled as representatives, with
     greedy, sampling, scoring and sampling + scoring; fp16 (never served) only greedy."""
-    from yan_kernels.aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec
 
     combos = ((False, 0), (True, 0), (False, 3), (True, 1))  # (SAMPLE, M)
     configs = [GPU_SMALL._replace(block_m=t) for t in GPU_ROW_TILES]

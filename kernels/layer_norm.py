@@ -144,7 +144,7 @@ def aot_specs() -> list:
     combination the model uses, in fp32 and bf16 (fp16 plain and residual norms), at two row
     widths standing for the rest (BLOCK_D is the next power of two of d: one code path, the
     rows per program and warps scale with it)."""
-    from yan_kernels.aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec
 
     specs = []
     # (HAS_Y, HAS_BIAS, HAS_W, HAS_S): plain norm, residual + norm, + bias, norm without affine

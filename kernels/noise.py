@@ -51,7 +51,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from yan_kernels.aot import TORCH_TO_TRITON, AotSpec, pointer
+
+from .aot import TORCH_TO_TRITON, AotSpec, pointer
 
 # Philox-4x32 constants (Random123): round multipliers and Weyl key increments.
 _M0 = tl.constexpr(0xD2511F53)

@@ -1,4 +1,4 @@
-"""One facade per fused op, and the switch that picks Triton or the pure-torch reference.
+"""One facade per fused op, and the one switch that picks Triton or the pure-torch reference.
 
 The choice is made once per process: Triton when a CUDA device is present and `triton` imports,
 else the reference. `YAN_KERNELS=ref|triton` in the environment overrides it, and `force()` (a
@@ -7,14 +7,15 @@ context manager) or `set_backend()` override both, for tests and benchmarks.
 A facade runs the Triton kernel only where it can run: on CUDA tensors, or on CPU tensors under
 the Triton interpreter (`TRITON_INTERPRET=1`, which must be set before `triton` is first
 imported). It also falls back to the reference when autograd is recording through an input,
-because the kernels have no backward.
+because the kernels have no backward. Callers call the facades unconditionally.
 
 The selective scan (`selective_scan`) has a third implementation, mamba-ssm's CUDA kernel, and
-its own knob `YAN_MAMBA_SCAN=auto|mamba_ssm|triton|ref` (`force_scan()` / `set_scan_backend()`
-override it): `auto` takes mamba-ssm for CUDA tensors when `mamba_ssm` imports, else the switch
-above decides Triton or the reference; the other values name one path (see `scan_path`).
+its own setting of the same switch: `YAN_MAMBA_SCAN=auto|mamba_ssm|triton|ref` in the
+environment, overridden by `force(backend, op="selective_scan")` / `set_backend(backend,
+op="selective_scan")`: `auto` takes mamba-ssm for CUDA tensors when `mamba_ssm` imports, else the
+switch above decides Triton or the reference; the other values name one path (see `scan_path`).
 
-This module imports neither `triton` nor the kernel files at import time, so the model can ask
+This module imports neither `triton` nor the kernel files at import time, so a caller can ask
 `use_triton()` without binding `@triton.jit` before a test has set `TRITON_INTERPRET`.
 """
 
@@ -31,12 +32,16 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from yan_kernels.decoder_argmax import DecodeResult
-    from yan_kernels.routed_expert import TileMap
+    from .decoder_argmax import DecodeResult
+    from .routed_expert import TileMap
 
 Backend = Literal["auto", "ref", "triton"]
 _BACKENDS = ("auto", "ref", "triton")
 _override: Backend = "auto"  # set by force() / set_backend(); "auto" defers to env + hardware
+ScanBackend = Literal["auto", "mamba_ssm", "triton", "ref"]
+ScanPath = Literal["mamba_ssm", "triton", "ref"]
+_SCAN_BACKENDS = ("auto", "mamba_ssm", "triton", "ref")
+_scan_override: ScanBackend = "auto"  # set by force(..., op="selective_scan")
 
 
 def triton_available() -> bool:
@@ -71,25 +76,48 @@ def use_triton() -> bool:
     return _decided()
 
 
-def set_backend(backend: Backend) -> None:
-    """Select `"triton"` or `"ref"` for the rest of the process; `"auto"` restores the default."""
-    global _override
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+def triton_selected(device: torch.device) -> bool:
+    """Whether a model on `device` runs the Triton kernels: a CUDA device with `use_triton()`.
+    (The CPU interpreter is for kernel tests; it never makes a model's default.)"""
+    return device.type == "cuda" and use_triton()
+
+
+Op = Literal["selective_scan"]
+_OP_BACKENDS = {None: _BACKENDS, "selective_scan": _SCAN_BACKENDS}
+
+
+def set_backend(backend: str, op: Op | None = None) -> None:
+    """Select a backend for the rest of the process; `"auto"` restores the default.
+
+    `op=None` is the switch every facade follows: `"triton"` or `"ref"`. `op="selective_scan"`
+    is the scan's own setting: `"mamba_ssm"`, `"triton"` or `"ref"` (see `scan_path`). Naming
+    `"triton"` or `"mamba_ssm"` needs that package to import."""
+    global _override, _scan_override
+    if op not in _OP_BACKENDS:
+        raise ValueError(f"op must be None or 'selective_scan', got {op!r}")
+    allowed = _OP_BACKENDS[op]
+    if backend not in allowed:
+        raise ValueError(f"backend must be one of {', '.join(allowed)}, got {backend!r}")
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend 'triton' needs the triton package")
-    _override = backend
+    if backend == "mamba_ssm" and not mamba_ssm_available():
+        raise RuntimeError("backend 'mamba_ssm' needs the mamba_ssm package (with CUDA)")
+    if op is None:
+        _override = backend  # type: ignore[assignment]
+    else:
+        _scan_override = backend  # type: ignore[assignment]
 
 
 @contextmanager
-def force(backend: Backend) -> Iterator[None]:
-    """`with force("ref"): ...` runs the block with that backend, then restores the previous."""
-    previous = _override
-    set_backend(backend)
+def force(backend: str, op: Op | None = None) -> Iterator[None]:
+    """`with force("ref"): ...` runs the block with that backend (for `op`, as in `set_backend`),
+    then restores the previous one."""
+    previous = _override if op is None else _scan_override
+    set_backend(backend, op)
     try:
         yield
     finally:
-        set_backend(previous)
+        set_backend(previous, op)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -134,7 +162,7 @@ def routed_expert_euler(
     """`z + dt * FFN_expert(h)` per token (or `FFN_expert(h)` when z is None): h [N, d],
     expert [N] long, w1 [K, d, F], b1 [K, F], w2 [K, F, d], b2 [K, d], z [N, d] -> [N, d].
     `tiles` (from `expert_tiles`) lets a solve group its tokens by expert once."""
-    from yan_kernels import routed_expert as m  # the submodule, imported on first use
+    from . import routed_expert as m  # the submodule, imported on first use
 
     if _take_triton(h, w1, b1, w2, b2, z) and expert.device == h.device:
         return m.routed_expert_euler(h, expert, w1, b1, w2, b2, z, dt, tiles=tiles)
@@ -145,7 +173,7 @@ def expert_tiles(expert: Tensor, n_experts: int, like: Tensor) -> TileMap | None
     """The token grouping `routed_expert_euler` would build for `expert` [N] with activations
     like `like` [N, d], when the Triton kernel will run; None for the reference (it groups with
     `nonzero` itself)."""
-    from yan_kernels import routed_expert as m
+    from . import routed_expert as m
 
     if not (_take_triton(like) and expert.device == like.device):
         return None
@@ -170,7 +198,7 @@ def decoder_argmax(
 ) -> DecodeResult:
     """lm_head + softmax statistics per row without materializing logits: x [N, d],
     weight [V, d], bias [V] -> DecodeResult (see `yan_kernels.decoder_argmax`)."""
-    from yan_kernels import decoder_argmax as m
+    from . import decoder_argmax as m
 
     fn = m.decoder_argmax if _take_triton(x, weight, bias) else m.decoder_argmax_ref
     return fn(x, weight, bias, temperature, seed, labels)
@@ -186,7 +214,7 @@ def add_layer_norm(
 ) -> tuple[Tensor, Tensor]:
     """(res, out): res = x + y + bias (x when y is None), out = LayerNorm(res) * weight + shift;
     x, y [N, d], weight / shift / bias [d] or None (see `yan_kernels.layer_norm`)."""
-    from yan_kernels import layer_norm as m
+    from . import layer_norm as m
 
     ts = (x, y, weight, shift, bias)
     fn = m.add_layer_norm if _take_triton(*ts) else m.add_layer_norm_ref
@@ -199,7 +227,7 @@ def request_noise(
     """Each request's draws from a counter-based generator keyed by its seed, on the seeds'
     device: seed [B] int64, length [B] -> z0 [B, L, d] (dtype), routing uniforms [B, L] and
     token uniforms [B, L] (fp32), zero past each length (see `yan_kernels.noise`)."""
-    from yan_kernels import noise as m
+    from . import noise as m
 
     run_kernel = use_triton() and _triton_runs_on([seed, length])
     fn = m.request_noise if run_kernel else m.request_noise_ref
@@ -207,11 +235,6 @@ def request_noise(
 
 
 # ------------------------------------------------------------------------------ selective scan
-
-ScanBackend = Literal["auto", "mamba_ssm", "triton", "ref"]
-ScanPath = Literal["mamba_ssm", "triton", "ref"]
-_SCAN_BACKENDS = ("auto", "mamba_ssm", "triton", "ref")
-_scan_override: ScanBackend = "auto"  # set by force_scan() / set_scan_backend()
 
 
 @functools.cache
@@ -237,32 +260,8 @@ def _scan_env() -> ScanBackend:
 
 
 def scan_backend() -> ScanBackend:
-    """The selective-scan preference: `force_scan` / `set_scan_backend`, else `YAN_MAMBA_SCAN`."""
+    """The selective-scan preference: `force(..., op="selective_scan")`, else `YAN_MAMBA_SCAN`."""
     return _scan_override if _scan_override != "auto" else _scan_env()
-
-
-def set_scan_backend(backend: ScanBackend) -> None:
-    """Select the selective-scan path for the rest of the process; `"auto"` restores the
-    default. Naming `"mamba_ssm"` or `"triton"` needs that package to import."""
-    global _scan_override
-    if backend not in _SCAN_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(_SCAN_BACKENDS)}, got {backend!r}")
-    if backend == "mamba_ssm" and not mamba_ssm_available():
-        raise RuntimeError("scan backend 'mamba_ssm' needs the mamba_ssm package (with CUDA)")
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("scan backend 'triton' needs the triton package")
-    _scan_override = backend
-
-
-@contextmanager
-def force_scan(backend: ScanBackend) -> Iterator[None]:
-    """`with force_scan("triton"): ...` runs the block with that scan path, then restores."""
-    previous = _scan_override
-    set_scan_backend(backend)
-    try:
-        yield
-    finally:
-        set_scan_backend(previous)
 
 
 def scan_path(
@@ -308,15 +307,27 @@ def selective_scan(
     C: Tensor,
     D: Tensor | None = None,
     z: Tensor | None = None,
+    chunk: int = 64,
+    inner: str | None = None,
 ) -> Tensor:
     """Mamba-1 selective scan with the skip and gate fused, `(scan + D * u) * silu(z)`:
     u, delta [Bt, L, Di], A [Di, N], B, C [Bt, L, N], D [Di] or None, z [Bt, L, Di] or None
-    -> [Bt, L, Di] in u's dtype (see `yan_kernels.selective_scan`; path by `scan_path`)."""
-    from yan_kernels import selective_scan as m
+    -> [Bt, L, Di] in u's dtype (see `yan_kernels.selective_scan`; path by `scan_path`).
 
-    fn = {
-        "mamba_ssm": m.selective_scan_mamba_ssm,
-        "triton": m.selective_scan,
-        "ref": m.selective_scan_ref,
-    }[scan_path(u, delta, A, B, C, D, z)]
+    `chunk` and `inner` configure the reference's chunked scan (`selective_scan_chunked`); the
+    fused paths ignore them. The reference takes any float dtypes (e.g. mixed under autocast):
+    where they are not one kernel dtype it runs on fp32 copies and rounds to u's dtype."""
+    path = scan_path(u, delta, A, B, C, D, z)
+    if path == "ref":
+        from . import chunked_scan as m
+
+        ts = (u, delta, A, B, C, D, z)
+        acts = {t.dtype for t in (u, delta, B, C, z) if t is not None}
+        if len(acts) == 1 and all(t.dtype in _KERNEL_DTYPES for t in ts if t is not None):
+            return m.selective_scan_ref(*ts, chunk=chunk, inner=inner)
+        wide = (None if t is None else t.float() for t in ts)
+        return m.selective_scan_ref(*wide, chunk=chunk, inner=inner).to(u.dtype)
+    from . import selective_scan as m
+
+    fn = m.selective_scan if path == "triton" else m.selective_scan_mamba_ssm
     return fn(u, delta, A, B, C, D, z)

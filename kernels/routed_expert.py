@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from yan_kernels import tma
+
+from . import tma
 
 # A module-level constant read inside @triton.jit must be a tl.constexpr: the GPU compiler
 # rejects plain globals (the CPU interpreter does not, which is why kernels/aot.py exists).
@@ -404,7 +405,7 @@ def aot_specs() -> list:
     """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`): the small
     and the large tiles, the large ones with TMA descriptors (16-bit) and in pointer form (the
     fallback, and fp32)."""
-    from yan_kernels.aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec
 
     specs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -15,21 +15,20 @@ transposed [Bt, Di, L] output of the causal conv and B, C slices of x_proj's out
 Three implementations share one signature `(u, delta, A, B, C, D=None, z=None) -> y`:
 - `selective_scan`: the Triton launcher (CUDA, or CPU under TRITON_INTERPRET=1).
 - `selective_scan_mamba_ssm`: the adapter to mamba-ssm's CUDA kernel (its layout is [B, D, L]).
-- `selective_scan_ref`: pure torch and differentiable: the model's chunked scan (equal to the
-  sequential oracle `yan_serve.model.mamba.selective_scan_ref`, tests/model/test_mamba.py), then
-  the gate in fp32. It is the CPU path and the fallback under autograd.
+- `yan_kernels.chunked_scan.selective_scan_ref`: pure torch and differentiable (the chunked scan,
+  equal to the sequential oracle, then the gate in fp32): the CPU path and the fallback under
+  autograd.
 No backward: callers go through `yan_kernels.ops.selective_scan`, which picks one of the three.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .chunked_scan import _KERNEL_DTYPES, check_scan_inputs
 
 
 @triton.jit
@@ -100,51 +99,9 @@ def _selective_scan_kernel(
         o_p += s_ol
 
 
-def _check_inputs(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-) -> tuple[int, int, int, int]:
-    """Validate shapes, dtypes and devices (ValueError naming the offender) -> (Bt, L, Di, N).
-
-    u, delta, B, C and z share one dtype (fp32, bf16 or fp16): the activations. A and D may be
-    any of those three (the model keeps A in fp32); every value is widened to fp32 in the scan.
-    """
-    if u.dim() != 3:
-        raise ValueError(f"u must be [Bt, L, Di], got shape {tuple(u.shape)}")
-    Bt, L, Di = u.shape
-    if A.dim() != 2 or A.shape[0] != Di:
-        raise ValueError(f"A must be [Di, N] = [{Di}, N], got shape {tuple(A.shape)}")
-    N = A.shape[1]
-    want = {"delta": (Bt, L, Di), "B": (Bt, L, N), "C": (Bt, L, N), "D": (Di,), "z": (Bt, L, Di)}
-    given = {"delta": delta, "B": B, "C": C, "D": D, "z": z}
-    for name, t in given.items():
-        if t is not None and tuple(t.shape) != want[name]:
-            raise ValueError(
-                f"{name} must have shape {list(want[name])} for u {list(u.shape)} and "
-                f"A {list(A.shape)}, got {list(t.shape)}"
-            )
-    if u.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"u must be float32, bfloat16 or float16, got {u.dtype}")
-    for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
-        if t is not None and t.dtype != u.dtype:
-            raise ValueError(f"{name} must have u's dtype {u.dtype}, got {t.dtype}")
-    for name, t in (("A", A), ("D", D)):
-        if t is not None and t.dtype not in _KERNEL_DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-    devices = {t.device for t in (u, delta, A, B, C, D, z) if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    return Bt, L, Di, N
-
-
 def _default_blocks(device: torch.device) -> tuple[int, int]:
     """(BLOCK_D, num_warps). CUDA: 32 channels x N states per program, so Bt = 1 at Di = 1024
-    still gives 32 programs and h stays a few registers per thread (untuned, no GPU run yet).
+    still gives 32 programs and h stays a few registers per thread (untuned).
     The interpreter wants few programs (each tile op is one numpy call)."""
     if device.type == "cuda":
         return 32, 2
@@ -166,7 +123,7 @@ def selective_scan(
 
     Any strides; no host synchronization (graph-capturable). `block_d` (a power of two)
     overrides the channels per program. Raises ValueError on inconsistent inputs."""
-    Bt, L, Di, N = _check_inputs(u, delta, A, B, C, D, z)
+    Bt, L, Di, N = check_scan_inputs(u, delta, A, B, C, D, z)
     bd, warps = _default_blocks(u.device)
     bd = block_d or bd
     if bd & (bd - 1):
@@ -206,7 +163,7 @@ def aot_specs() -> list:
     Ints are i32: Triton types an int as i64 only from 2**31 up, which among these arguments
     only a batch stride can reach (one row of more than 2**31 elements, e.g. L * Di); one spec
     per activation dtype covers that case."""
-    from yan_kernels.aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec
 
     block_d, warps = _default_blocks(torch.device("cuda"))
     ints = ("L", "Di", "N", "s_ub", "s_ul", "s_ud", "s_db", "s_dl", "s_dd", "s_ad", "s_an",
@@ -258,7 +215,7 @@ def selective_scan_mamba_ssm(
     kernel's [Bt, Di, L] output."""
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    _check_inputs(u, delta, A, B, C, D, z)
+    check_scan_inputs(u, delta, A, B, C, D, z)
 
     def lead(x: Tensor) -> Tensor:  # [Bt, L, X] -> [Bt, X, L] with unit stride along L
         return x.transpose(1, 2).contiguous()
@@ -270,25 +227,3 @@ def selective_scan_mamba_ssm(
         delta_bias=None, delta_softplus=False,
     )  # fmt: skip
     return y.transpose(1, 2)
-
-
-def selective_scan_ref(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-) -> Tensor:
-    """Pure-torch reference with the launcher's signature (differentiable): the model's chunked
-    scan in fp32 (+ D * u), times silu(z) in fp32, rounded once to u's dtype, as the kernels do.
-    """
-    # imported here: yan_kernels must stay importable without the model package
-    from yan_serve.model.mamba import selective_scan_chunked
-
-    _check_inputs(u, delta, A, B, C, D, z)
-    y = selective_scan_chunked(u.float(), delta, A, B, C, D)  # fp32 [Bt, L, Di]
-    if z is not None:
-        y = y * F.silu(z.float())
-    return y.to(u.dtype)

@@ -109,3 +109,48 @@ def test_autograd_and_mixed_dtypes_fall_back_to_the_reference(device, monkeypatc
         z = torch.zeros(h.shape, dtype=torch.float64, device=device)
         ops.routed_expert_euler(h, e, w1, b1, w2, b2, z, 0.5)  # z's dtype differs
     assert not kernel_calls
+
+
+def test_one_switch_for_every_op() -> None:
+    """`force(backend, op=None)` drives the kernels; `op="selective_scan"` the scan's own
+    setting; each restores only its own."""
+    before = ops.use_triton()
+    with ops.force("ref", op="selective_scan"):
+        assert ops.scan_backend() == "ref"
+        assert ops.use_triton() is before
+        with ops.force("triton"):
+            assert ops.use_triton() and ops.scan_backend() == "ref"
+        assert ops.use_triton() is before
+    assert ops.scan_backend() == "auto"
+    with pytest.raises(ValueError, match="op must be"):
+        ops.set_backend("ref", op="routed_expert")  # type: ignore[arg-type]
+
+
+def test_triton_selected_only_for_cuda_models() -> None:
+    """Models use the kernels on CUDA only; the CPU interpreter never makes their default."""
+    with ops.force("triton"):
+        assert not ops.triton_selected(torch.device("cpu"))
+        assert ops.triton_selected(torch.device("cuda"))
+    with ops.force("ref"):
+        assert not ops.triton_selected(torch.device("cuda"))
+
+
+def test_scan_reference_widens_mixed_dtypes() -> None:
+    """Mixed activation dtypes (autocast: fp32 delta, bf16 u) take the reference on fp32 copies,
+    rounded to u's dtype, with gradients; the strict reference itself rejects them."""
+    from yan_kernels.chunked_scan import selective_scan_ref
+
+    g = torch.Generator().manual_seed(0)
+    u, z = torch.randn(2, 7, 6, generator=g), torch.randn(2, 7, 6, generator=g)
+    delta = torch.rand(2, 7, 6, generator=g).requires_grad_()
+    A, D = -torch.rand(6, 4, generator=g), torch.rand(6, generator=g)
+    B, C = torch.randn(2, 7, 4, generator=g), torch.randn(2, 7, 4, generator=g)
+    y = ops.selective_scan(u.bfloat16(), delta, A, B.bfloat16(), C.bfloat16(), D, z.bfloat16())
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert delta.grad is not None
+    wide = [t.bfloat16().float() for t in (u, B, C, z)]
+    want = selective_scan_ref(wide[0], delta.detach(), A, wide[1], wide[2], D, wide[3])
+    torch.testing.assert_close(y, want.bfloat16(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="delta must have u's dtype"):
+        selective_scan_ref(u.bfloat16(), delta, A, B.bfloat16(), C.bfloat16(), D, z.bfloat16())

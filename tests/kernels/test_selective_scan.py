@@ -13,20 +13,18 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from yan_kernels import chunked_scan as cs
 from yan_kernels import ops
+from yan_kernels.chunked_scan import selective_scan_ref
+from yan_kernels.chunked_scan import selective_scan_sequential as oracle
 
 from tests.kernels.tolerances import TOL
 from yan_serve.model.mamba import BiMamba, Mamba
-from yan_serve.model.mamba import selective_scan_ref as oracle
 
 pytest.importorskip("triton")
 
 from yan_kernels import selective_scan as ss
-from yan_kernels.selective_scan import (
-    selective_scan,
-    selective_scan_mamba_ssm,
-    selective_scan_ref,
-)
+from yan_kernels.selective_scan import selective_scan, selective_scan_mamba_ssm
 
 F32 = TOL[torch.float32]
 
@@ -193,10 +191,10 @@ def fresh_scan(monkeypatch):
     ops.mamba_ssm_available.cache_clear()
 
 
-def _spy(monkeypatch, name: str) -> list[int]:
+def _spy(monkeypatch, name: str, module=ss) -> list[int]:
     calls: list[int] = []
-    fn = getattr(ss, name)
-    monkeypatch.setattr(ss, name, lambda *a: calls.append(1) or fn(*a))
+    fn = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or fn(*a, **k))
     return calls
 
 
@@ -216,19 +214,23 @@ def test_scan_env_errors(fresh_scan) -> None:
     with pytest.raises(RuntimeError, match="mamba_ssm"):
         ops.scan_backend()
     with pytest.raises(RuntimeError, match="mamba_ssm"):
-        ops.set_scan_backend("mamba_ssm")
+        ops.set_backend("mamba_ssm", op="selective_scan")
     with pytest.raises(ValueError):
-        ops.set_scan_backend("fast")  # type: ignore[arg-type]
+        ops.set_backend("fast", op="selective_scan")
+    with pytest.raises(ValueError, match="op must be"):
+        ops.set_backend("ref", op="decoder_argmax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backend must be"):
+        ops.set_backend("mamba_ssm")  # the scan's own path, not the kernels switch
 
 
 def test_facade_paths(device, fresh_scan) -> None:
     fresh_scan.delenv("YAN_MAMBA_SCAN", raising=False)
     args = _inputs(2, 6, 40, 16, device)
-    kernel, ref = _spy(fresh_scan, "selective_scan"), _spy(fresh_scan, "selective_scan_ref")
-    with ops.force_scan("ref"):
+    kernel, ref = _spy(fresh_scan, "selective_scan"), _spy(fresh_scan, "selective_scan_ref", cs)
+    with ops.force("ref", op="selective_scan"):
         want = ops.selective_scan(*args)
-    with ops.force_scan("triton"):
-        with ops.force_scan("ref"):
+    with ops.force("triton", op="selective_scan"):
+        with ops.force("ref", op="selective_scan"):
             assert ops.scan_path(*args) == "ref"
         got = ops.selective_scan(*args)
     assert ops.scan_backend() == "auto"
@@ -245,7 +247,7 @@ def test_facade_paths(device, fresh_scan) -> None:
 def test_facade_falls_back_under_autograd_and_mixed_dtypes(device, fresh_scan) -> None:
     u, delta, A, B, C, D, z = _inputs(2, 6, 8, 4, device)
     kernel = _spy(fresh_scan, "selective_scan")
-    with ops.force_scan("triton"):
+    with ops.force("triton", op="selective_scan"):
         Dg = D.clone().requires_grad_()
         assert ops.scan_path(u, delta, A, B, C, Dg, z) == "ref"
         ops.selective_scan(u, delta, A, B, C, Dg, z).sum().backward()  # the reference has a grad
@@ -335,7 +337,7 @@ def test_mamba_ssm_adapter_layout(fake_mamba_ssm, use_D, use_z, dtype) -> None:
 def test_mamba_ssm_is_taken_only_on_cuda(fake_mamba_ssm) -> None:
     args = _inputs(2, 6, 8, 4)
     assert ops.mamba_ssm_available()
-    with ops.force_scan("mamba_ssm"):
+    with ops.force("mamba_ssm", op="selective_scan"):
         assert ops.scan_path(*args) == "ref"  # CPU tensors: its CUDA kernel cannot run them
         ops.selective_scan(*args)
     assert ops.scan_path(*args) != "mamba_ssm"
@@ -361,25 +363,32 @@ def test_bimamba_fused_triton_equals_reference(device, monkeypatch) -> None:
     kernel = _spy(monkeypatch, "selective_scan")
     with torch.no_grad():
         want = mix(x, mask, scan="ref")
-        with ops.force_scan("triton"):
-            got = mix(x, mask, scan="fused")
+        with ops.force("triton", op="selective_scan"):
+            got = mix(x, mask)
     assert len(kernel) == 2
     torch.testing.assert_close(got, want, **F32)
     assert not got[~mask].any()
 
 
-def test_mamba_auto_scan_is_chunked_on_cpu(monkeypatch) -> None:
-    """The default ("auto") never calls the facade on CPU, even with Triton forced."""
+def test_mamba_auto_scan_goes_through_the_facade(monkeypatch) -> None:
+    """The default ("auto") calls the facade, which alone picks the path: on the reference
+    path it equals the module's chunked scan, on the Triton path it runs the kernel."""
     calls: list[int] = []
     facade = ops.selective_scan
     monkeypatch.setattr(ops, "selective_scan", lambda *a: calls.append(1) or facade(*a))
+    kernel = _spy(monkeypatch, "selective_scan")
     torch.manual_seed(0)
     m = Mamba(16).eval()
     x = torch.randn(2, 9, 16)
-    with ops.force_scan("triton"), torch.no_grad():
-        y = m(x)
-    assert not calls
-    torch.testing.assert_close(y, m(x, scan="ref"), **F32)
+    with torch.no_grad():
+        with ops.force("ref", op="selective_scan"):
+            y = m(x)
+        assert (len(calls), len(kernel)) == (1, 0)
+        torch.testing.assert_close(y, m(x, scan="chunked"), rtol=0, atol=0)
+        torch.testing.assert_close(y, m(x, scan="ref"), **F32)
+        with ops.force("triton", op="selective_scan"):
+            torch.testing.assert_close(m(x), y, **F32)
+        assert (len(calls), len(kernel)) == (2, 1)
     with pytest.raises(ValueError, match="unknown scan"):
         m(x, scan="fast")
 
@@ -439,7 +448,7 @@ def test_bimamba_on_gpu_takes_the_fused_path(monkeypatch) -> None:
         assert not calls
         paths = ["triton", "ref"] + (["mamba_ssm"] if ops.mamba_ssm_available() else [])
         for path in paths:
-            with ops.force_scan(path):  # type: ignore[arg-type]
+            with ops.force(path, op="selective_scan"):
                 got = mix(x, mask)  # "auto": the fused facade on CUDA without autograd
             torch.testing.assert_close(got, want, **GPU_TOL[torch.float32], msg=path)
     assert len(calls) == 2 * len(paths)  # one call per direction

@@ -11,21 +11,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from yan_kernels.chunked_scan import (
+    _chunk_doubling,
+    _LoopScan,
+    selective_scan_chunked,
+    selective_scan_sequential,
+)
 
 from tests.conftest import micro_config
 from yan_serve.config import YANConfig
 from yan_serve.engine.sampler import GenerationRequest, Sampler
 from yan_serve.model import YAN
-from yan_serve.model.mamba import (
-    BiMamba,
-    Mamba,
-    _chunk_doubling,
-    _LoopScan,
-    reverse_valid_prefix,
-    reverse_valid_prefix_index,
-    selective_scan_chunked,
-    selective_scan_ref,
-)
+from yan_serve.model.mamba import BiMamba, Mamba, reverse_valid_prefix, reverse_valid_prefix_index
 from yan_serve.train.objectives import Stage1Weights, stage1_loss
 from yan_serve.weights import from_pretrained, save_pretrained
 
@@ -70,7 +67,7 @@ def mamba_model() -> YAN:
 def test_reference_scan_equals_a_scalar_recurrence() -> None:
     """Every (row, channel, state) as its own scalar recurrence, in float64 Python math."""
     u, delta, A, B, C, D = _scan_inputs(2, 6, 3, 4)
-    y = selective_scan_ref(u, delta, A, B, C, D)
+    y = selective_scan_sequential(u, delta, A, B, C, D)
     assert y.shape == (2, 6, 3)
     for b in range(2):
         for d in range(3):
@@ -88,12 +85,12 @@ def test_reference_scan_equals_a_scalar_recurrence() -> None:
 @pytest.mark.parametrize("L, chunk", [(1, 64), (7, 3), (33, 8), (33, 64), (50, 1), (64, 16)])
 def test_chunked_scan_equals_reference(inner: str, L: int, chunk: int) -> None:
     u, delta, A, B, C, D = _scan_inputs(3, L, 5, 7, seed=L)
-    ref = selective_scan_ref(u, delta, A, B, C, D)
+    ref = selective_scan_sequential(u, delta, A, B, C, D)
     out = selective_scan_chunked(u, delta, A, B, C, D, chunk=chunk, inner=inner)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(  # without the skip term too
         selective_scan_chunked(u, delta, A, B, C, None, chunk=chunk, inner=inner),
-        selective_scan_ref(u, delta, A, B, C, None),
+        selective_scan_sequential(u, delta, A, B, C, None),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -106,7 +103,7 @@ def test_chunked_scan_gradients_equal_reference(inner: str) -> None:
     w = torch.randn(2, 19, 4)
     grads = []
     for f in (
-        lambda *a: selective_scan_ref(*a),
+        lambda *a: selective_scan_sequential(*a),
         lambda *a: selective_scan_chunked(*a, chunk=5, inner=inner),
     ):
         (f(*ins) * w).sum().backward()
@@ -119,7 +116,7 @@ def test_chunked_scan_gradients_equal_reference(inner: str) -> None:
 
 def test_doubling_chunk_starts_from_the_carried_state() -> None:
     u, delta, A, B, C, _ = _scan_inputs(2, 9, 3, 4, seed=2)
-    full = selective_scan_ref(u, delta, A, B, C)
+    full = selective_scan_sequential(u, delta, A, B, C)
     _, h4 = _chunk_doubling(torch.zeros(2, 3, 4), u[:, :4], delta[:, :4], A, B[:, :4], C[:, :4])
     y, _ = _chunk_doubling(h4, u[:, 4:], delta[:, 4:], A, B[:, 4:], C[:, 4:])
     torch.testing.assert_close(y, full[:, 4:], rtol=1e-5, atol=1e-5)
@@ -129,7 +126,7 @@ def test_scan_runs_in_float32_for_half_inputs() -> None:
     u, delta, A, B, C, D = _scan_inputs(2, 12, 4, 3, seed=4)
     out = selective_scan_chunked(u.bfloat16(), delta.bfloat16(), A, B.bfloat16(), C.bfloat16(), D)
     assert out.dtype == torch.bfloat16
-    ref = selective_scan_ref(
+    ref = selective_scan_sequential(
         u.bfloat16().float(), delta.bfloat16().float(), A, B.bfloat16().float(),
         C.bfloat16().float(), D,
     )  # fmt: skip

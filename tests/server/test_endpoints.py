@@ -90,6 +90,36 @@ def test_same_seed_same_output_and_n_candidates(client: httpx.Client) -> None:
     assert many["text"] == many["candidates"][0]["text"]
 
 
+@pytest.mark.parametrize(
+    ("path", "req"),
+    [
+        (
+            "/v1/infill",
+            {"text": "And the [MASK:3] was upon the face of the deep.", "routing": "sample"},
+        ),
+        (
+            "/v1/complete",
+            {"prompt": "And God said unto Moses", "max_tokens": 6, "routing": "sample"},
+        ),
+    ],
+)
+def test_n_candidates_take_consecutive_seeds(client: httpx.Client, path: str, req: dict) -> None:
+    """One request with n = 3 and seed s: three different candidates, each the answer a single
+    request with seed s, s + 1 or s + 2 gets (candidates come best first, so matched as sets)."""
+    seed = 41
+    many = client.post(path, json={**req, "seed": seed, "n": 3})
+    assert many.status_code == 200, many.text
+    cands = [(c["text"], c["confidence"]) for c in many.json()["candidates"]]
+    assert len({conf for _, conf in cands}) == 3, cands  # three seeds, three draws
+    for i in range(3):
+        one = client.post(path, json={**req, "seed": seed + i}).json()["candidates"]
+        assert len(one) == 1
+        text, conf = one[0]["text"], one[0]["confidence"]
+        match = [c for c in cands if c[0] == text and c[1] == pytest.approx(conf, rel=1e-4)]
+        assert match, f"seed {seed + i}: {text!r} ({conf}) not among {cands}"
+        cands.remove(match[0])
+
+
 def test_stream_sends_a_preview_per_euler_point_then_the_result(client: httpx.Client) -> None:
     req = {"text": PASSAGE.replace("heaven", "[MASK]"), "seed": 3, "steps": 4, "stream": True}
     events = []

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
+from yan_serve.engine.tasks import parse_label
 from yan_serve.tasks.formats import (
     ANSWER_HEADER,
     TaskFormatter,
     mask_spans,
     parse_answer,
-    parse_label,
     split_last_word,
 )
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord

@@ -42,6 +42,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
+from yan_kernels import ops
 
 from yan_serve.engine.sampler import (
     Generation,
@@ -226,11 +227,7 @@ class CudaGraphCapturer:
 def cuda_graphs_supported(model: torch.nn.Module) -> bool:
     """Whether a sample of `model` can be captured: a CUDA model with the Triton kernels selected
     (the reference routed expert groups tokens with `nonzero`, which waits on the host)."""
-    if next(model.parameters()).device.type != "cuda":
-        return False
-    from yan_kernels import ops
-
-    return ops.use_triton()
+    return ops.triton_selected(next(model.parameters()).device)
 
 
 # ------------------------------------------------------------------------------- sampler

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from yan_kernels import ops
 
 from yan_serve.flow.solver import FrozenRoutingEuler, Routing, SolveResult
 from yan_serve.model.yan import YAN
@@ -89,9 +90,7 @@ def request_noise(
 
 def fused_available(model: YAN) -> bool:
     """Whether the default is the fused engine: a CUDA model with the Triton kernels selected."""
-    from yan_kernels import ops
-
-    return next(model.parameters()).is_cuda and ops.use_triton()
+    return ops.triton_selected(next(model.parameters()).device)
 
 
 StepCallback = Callable[[int, Tensor], None]  # (time-point index, tokens [B, Ly]) per preview
@@ -177,8 +176,6 @@ class Sampler:
 
     def draw(self, batch: PreparedBatch) -> Noise:
         """Every request's draws, generated on the batch's device from its seed."""
-        from yan_kernels import ops
-
         cfg = self.model.config
         dtype = next(self.model.parameters()).dtype
         z0, u, u_tok = ops.request_noise(

@@ -1,11 +1,11 @@
 """Serving-side task formats: a user request -> (source, target length), and the generated row
 -> the user's answer. Shared by the HTTP server and `yan generate`.
 
-The formats are the training ones (`yan_serve.tasks.formats`, YAN_SPEC.md section 5); the
-target length always comes from the request (span budgets, max_tokens), never from an oracle.
-Where the target's content is known in advance (the text around infill masks, the QA template
-the model regenerates before its answer) the server keeps the known tokens and reads only the
-unknown positions out of the generated row.
+The formats are the training ones (`yan_serve.tasks.formats`, which takes its prompt templates
+from here); the target length always comes from the request (span budgets, max_tokens), never
+from an oracle. Where the target's content is known in advance (the text around infill masks,
+the QA template the model regenerates before its answer) the server keeps the known tokens and
+reads only the unknown positions out of the generated row.
 """
 
 from __future__ import annotations
@@ -13,10 +13,33 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from yan_serve.tasks.formats import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE, parse_label
 from yan_serve.tokenizer import YANTokenizer
 
+# The prompt templates the model is trained on (yan_serve.tasks.formats) and served with.
+QA_TEMPLATE = (
+    "####### SUMMARY #######\n\n{ctx}\n\n####### QUESTION #######\n\n{q}\n\n"
+    "####### ANSWER #######\n\n"
+)
+CLS_SOURCE = "####### DOCUMENT #######\n\n{doc}\n\n####### ANSWER #######\n\n"
+ANSWER_HEADER = "####### ANSWER #######\n\n"
+
 MASK_PATTERN = re.compile(r"\[MASK(?::(\d+))?\]")
+
+
+def parse_label(text: str, labels: dict[int, str] | None = None) -> int | None:
+    """The label id from generated classification text ("... ANSWER ...\\n\\n3 wisdom").
+
+    A non-autoregressive decoder picks every position independently, so the id and the name can
+    disagree ("1 history"); the name carries more tokens, so a generated word that is one of
+    `labels`' names decides, and the id is read only when no name matches."""
+    tail = text.split("ANSWER #######")[-1]
+    if labels:
+        by_name = {v.lower(): k for k, v in labels.items()}
+        for word in re.findall(r"[A-Za-z][\w/-]*", tail):
+            if word.lower() in by_name:
+                return by_name[word.lower()]
+    m = re.search(r"(\d+)", tail)
+    return int(m.group(1)) if m else None
 
 
 class PlanError(ValueError):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from yan_kernels import ops
 
 from yan_serve.config import YANConfig
 from yan_serve.model.layers import (
@@ -117,28 +118,13 @@ class Experts(nn.Module):
     def routed(self, h: Tensor, expert: Tensor) -> Tensor:
         """Only the routed expert per token: h [B, L, d], expert [B, L] long -> [B, L, d].
 
-        Tokens are grouped by expert so each token costs one FFN, not K (the reference for the
-        Triton routed-expert kernel).
+        Each token costs one FFN, not K: the facade `yan_kernels.ops.routed_expert` (the fused
+        kernel where it runs, else tokens grouped by expert in torch).
         """
-        if h.is_cuda:  # the fused kernel (yan_kernels.routed_expert) when Triton is selected
-            from yan_kernels import ops
-
-            if ops.use_triton():
-                flat = ops.routed_expert(
-                    h.reshape(-1, h.shape[-1]), expert.reshape(-1),
-                    self.w1, self.b1, self.w2, self.b2,
-                )  # fmt: skip
-                return flat.view_as(h)
-        flat_h = h.reshape(-1, h.shape[-1])
-        flat_e = expert.reshape(-1)
-        out = torch.empty_like(flat_h)
-        for k in range(self.n_experts):
-            idx = (flat_e == k).nonzero(as_tuple=True)[0]
-            if idx.numel() == 0:
-                continue
-            a = F.gelu(flat_h[idx] @ self.w1[k] + self.b1[k])
-            out[idx] = a @ self.w2[k] + self.b2[k]
-        return out.view_as(h)
+        flat = ops.routed_expert(
+            h.reshape(-1, h.shape[-1]), expert.reshape(-1), self.w1, self.b1, self.w2, self.b2
+        )
+        return flat.view_as(h)
 
 
 class FlowNet(nn.Module):

@@ -1,8 +1,8 @@
 """Building blocks shared by the encoder, the flow trunk and the decoder.
 
-Module and parameter names follow the paper author's checkpoints (YAN_SPEC.md section 7):
-`W_q/W_k/W_v/out_proj`, `ff.layers.{0,2}`, LayerNorm `scale/shift`, so converting a foreign
-checkpoint is a renaming, not a re-implementation.
+Module and parameter names follow the paper author's checkpoints: `W_q/W_k/W_v/out_proj`,
+`ff.layers.{0,2}`, LayerNorm `scale/shift`, so converting a foreign checkpoint is a renaming,
+not a re-implementation.
 """
 
 from __future__ import annotations

@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from yan_serve.engine.sampler import GenerationRequest, Sampler
+from yan_serve.engine.tasks import parse_label
 from yan_serve.model import YAN
 from yan_serve.tasks import metrics
-from yan_serve.tasks.formats import TASKS, Example, TaskFormatter, parse_answer, parse_label
+from yan_serve.tasks.corpus import Corpus, label_table
+from yan_serve.tasks.formats import TASKS, Example, TaskFormatter, parse_answer
 from yan_serve.tokenizer import YANTokenizer
-from yan_serve.train.recipes import Corpus, label_table
 
 
 @dataclass
@@ -154,11 +155,10 @@ def classify_by_label_scores(
     log-probabilities of a chunk of (example index, target) pairs; per example the label with
     the highest summed log-probability after the answer header wins."""
     from yan_serve.engine import tasks as T
-    from yan_serve.tasks.formats import ANSWER_HEADER
 
     if not labels:
         raise ValueError("classify-scored needs the label table")
-    header = len(tok.encode(ANSWER_HEADER))
+    header = len(tok.encode(T.ANSWER_HEADER))
     ids = sorted(labels)
     targets = [T.label_target(tok, labels[k], labels) for k in ids]
     if pad:

@@ -1,4 +1,4 @@
-"""Task formats (YAN_SPEC.md section 5): records -> (source ids, target ids) pairs.
+"""Task formats: records -> (source ids, target ids) pairs.
 
 | task     | source                                        | target                        |
 |----------|-----------------------------------------------|-------------------------------|
@@ -17,15 +17,10 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from yan_serve.engine.tasks import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
 from yan_serve.tokenizer import YANTokenizer
 
-QA_TEMPLATE = (
-    "####### SUMMARY #######\n\n{ctx}\n\n####### QUESTION #######\n\n{q}\n\n"
-    "####### ANSWER #######\n\n"
-)
-CLS_SOURCE = "####### DOCUMENT #######\n\n{doc}\n\n####### ANSWER #######\n\n"
-ANSWER_HEADER = "####### ANSWER #######\n\n"
 TASKS = ("infill", "complete", "qa", "classify")
 
 # Length slack for serving: a server has no oracle target length, it sizes the target from the
@@ -89,22 +84,6 @@ def split_last_word(text: str) -> tuple[str, str] | None:
     """("prefix", "word") with the last word's trailing punctuation dropped, or None."""
     m = re.match(r"^(.*\S)\s+([A-Za-z][\w'-]*)[^\w]*$", text.strip(), flags=re.S)
     return (m.group(1), m.group(2)) if m else None
-
-
-def parse_label(text: str, labels: dict[int, str] | None = None) -> int | None:
-    """The label id from generated classification text ("... ANSWER ...\\n\\n3 wisdom").
-
-    A non-autoregressive decoder picks every position independently, so the id and the name can
-    disagree ("1 history"); the name carries more tokens, so a generated word that is one of
-    `labels`' names decides, and the id is read only when no name matches."""
-    tail = text.split("ANSWER #######")[-1]
-    if labels:
-        by_name = {v.lower(): k for k, v in labels.items()}
-        for word in re.findall(r"[A-Za-z][\w/-]*", tail):
-            if word.lower() in by_name:
-                return by_name[word.lower()]
-    m = re.search(r"(\d+)", tail)
-    return int(m.group(1)) if m else None
 
 
 def parse_answer(text: str) -> str:

@@ -1,1 +1,2 @@
-"""Training: objectives now; data pipeline and loops land with the training issue."""
+"""Training: the objectives, the data pipeline, the recipes (what each stage trains on) and the
+trainer."""

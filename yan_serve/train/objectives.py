@@ -1,4 +1,4 @@
-"""The two training objectives of YAN (YAN_SPEC.md section 4) as functions of a model and a batch.
+"""The two training objectives of YAN as functions of a model and a batch.
 
 Stage 1 trains the latent autoencoder (embeddings, encoder, decoder); stage 2 trains the flow
 (trunk, experts, gate) on the frozen autoencoder's latents, with a CE term through the unrolled

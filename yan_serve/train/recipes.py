@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from yan_serve.config import YANConfig
 from yan_serve.model import YAN
 from yan_serve.tasks.babi import babi_splits
+from yan_serve.tasks.corpus import Corpus
+from yan_serve.tasks.corpus import label_table as label_table  # cli and ar import it from here
 from yan_serve.tasks.formats import TASKS, Example, TaskFormatter
 from yan_serve.tasks.kjv import section_record
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
@@ -30,21 +31,6 @@ from yan_serve.train.data import (
     stage1_maker,
     task_maker,
 )
-
-
-@dataclass
-class Corpus:
-    text: dict[str, list[TextRecord]]
-    classes: dict[str, list[ClassRecord]]
-    qa: dict[str, list[QARecord]]
-
-    def records(self, task: str, split: str) -> list:
-        """The records a task draws from: text for infill/complete, QA, or classes."""
-        by_task = {"infill": self.text, "complete": self.text, "qa": self.qa,
-                   "classify": self.classes}  # fmt: skip
-        if task not in by_task:
-            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-        return by_task[task][split]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -203,11 +189,6 @@ def task_streams(
         streams[name] = batches(recs, task_maker(fmt, task, max_len, max_len, slack), batch_size,
                                 seed + 101 * seed_order.index(name))  # fmt: skip
     return streams
-
-
-def label_table(corpus: Corpus, split: str = "train") -> dict[int, str]:
-    """{label id: name} of the corpus's classification records."""
-    return {int(r.label): r.label_name for r in corpus.records("classify", split)}
 
 
 def fixed_batches(stream: Iterator[Batch], n: int) -> list[Batch]:
