@@ -4,10 +4,18 @@
     python loadtests/run.py --duration 3 --users 1,4 --endpoints complete   # quick look
 
 For each server (YAN, then AR: one at a time, so they never share the CPU/GPU) it starts
-`yan-serve` on loopback, waits for /ready, runs Locust for every endpoint and concurrency level,
-and stops the server with SIGTERM. Writes `loadtests/results/<date>-<device>/`: the raw Locust
-CSVs (raw/), results.json, results.md (the table) and results.png (latency and throughput vs
-concurrency, both servers).
+`yan-serve` on loopback, waits for /ready, runs the load for every endpoint and concurrency level,
+and stops the server with SIGTERM. Writes `loadtests/results/<date>-<device>/`: the raw
+per-point files (raw/), results.json, results.md (the table) and results.png (latency and
+throughput vs concurrency, both servers; skipped with a note when matplotlib is missing).
+
+The load comes from Locust (headless) or from the built-in client (`--client builtin`: closed
+loop, one thread and one keep-alive connection per user, standard library only, so a GPU image
+without Locust can run it). `--client auto` (the default) takes Locust when its command is on
+PATH. Both send the same payloads in the same per-user order with the same seeds, and report the
+same figures; the built-in client's raw files are one latency per request (`*_latencies.csv`).
+
+    python loadtests/run.py --device cuda --client builtin --users 1,4,16,64
 """
 
 from __future__ import annotations
@@ -15,18 +23,25 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import http.client
+import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+PATHS = {"infill": "/v1/infill", "infill-full": "/v1/infill", "complete": "/v1/complete",
+         "qa": "/v1/qa", "classify": "/v1/classify"}  # fmt: skip
 USER_CLASS = {"infill": "InfillUser", "infill-full": "InfillFullUser", "complete": "CompleteUser",
               "qa": "QAUser", "classify": "ClassifyUser"}  # fmt: skip
 
@@ -166,10 +181,91 @@ def run_locust(url: str, endpoint: str, users: int, duration: float, prefix: Pat
     }
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; 0.0 for no values."""
+    if not values:
+        return 0.0
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run_builtin(url: str, endpoint: str, users: int, duration: float, prefix: Path,
+                payload_file: Path) -> dict:  # fmt: skip
+    """A closed-loop load of `users` threads for `duration` seconds, as the Locust users send
+    it (each user walks the payloads in its own seeded order, seeds from 1000 * user), with
+    `http.client` only. Requests still in flight at the deadline finish and count."""
+    items = json.loads(payload_file.read_text())[endpoint]
+    host, port = url.removeprefix("http://").split(":")
+    path = PATHS[endpoint]
+    lat: list[float] = []
+    fails: list[str] = []
+    tokens = [0]
+    lock = threading.Lock()
+    start = threading.Barrier(users + 1)
+    deadline = [0.0]
+
+    def user(uid: int) -> None:
+        order = list(items)
+        random.Random(uid).shuffle(order)
+        cyc, seeds = itertools.cycle(order), itertools.count(1000 * uid)
+        conn = http.client.HTTPConnection(host, int(port), timeout=600)
+        start.wait()
+        while time.perf_counter() < deadline[0]:
+            body = json.dumps({**next(cyc), "seed": next(seeds)})
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", path, body, {"content-type": "application/json"})
+                r = conn.getresponse()
+                data = r.read()
+                ms = 1e3 * (time.perf_counter() - t0)
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}: {data[:200]!r}")
+                n = int(json.loads(data)["usage"]["completion_tokens"])
+            except Exception as exc:  # a failed request is counted, the user goes on
+                conn.close()
+                conn = http.client.HTTPConnection(host, int(port), timeout=600)
+                with lock:
+                    fails.append(f"{type(exc).__name__}: {exc}"[:300])
+                continue
+            with lock:
+                lat.append(ms)
+                tokens[0] += n
+        conn.close()
+
+    threads = [threading.Thread(target=user, args=(u,), daemon=True) for u in range(users)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    deadline[0] = t0 + duration
+    start.wait()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    with open(prefix.parent / f"{prefix.name}_latencies.csv", "w") as f:
+        f.write("latency_ms\n" + "".join(f"{x:.3f}\n" for x in lat))
+    if fails:
+        (prefix.parent / f"{prefix.name}_failures.txt").write_text("\n".join(fails) + "\n")
+    n = len(lat) + len(fails)
+    return {
+        "requests": n,
+        "failures": len(fails),
+        "rps": n / wall,
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "mean_ms": statistics.fmean(lat) if lat else 0.0,
+        "output_tok_s": tokens[0] / wall,
+    }
+
+
 def write_report(rows: list[dict], out: Path, meta: dict) -> None:
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Load test {meta['date']} on {meta['device']}", "",
-             f"commit {meta['commit']}; {meta['duration_s']} s per point; YAN steps "
+             f"commit {meta['commit']}; client {meta.get('client', 'locust')}; "
+             f"{meta['duration_s']} s per point; YAN steps "
              f"{meta['steps']}; complete max_tokens {meta['max_tokens']} (ignore_eos); "
              f"command: `{meta['command']}`", "",
              "| server | endpoint | users | requests | failures | req/s | p50 ms | p90 ms | "
@@ -193,7 +289,11 @@ def write_report(rows: list[dict], out: Path, meta: dict) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        log("matplotlib is not installed: no plot (results.md and results.json hold the data)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -250,7 +350,22 @@ def main(argv: list[str] | None = None) -> int:
         help="infill passages of this many words (consecutive verses; 0: one verse)",
     )
     p.add_argument("--out", help="results directory (default loadtests/results/<date>-<device>)")
+    p.add_argument(
+        "--client",
+        choices=("auto", "locust", "builtin"),
+        default="auto",
+        help="load generator: Locust, or the standard-library client (auto: Locust if on PATH)",
+    )
+    p.add_argument(
+        "--payload-file",
+        help="requests from this JSON file (a run's payloads.json; loadtests/payloads-kjv-test.json"
+        " is the default run's) instead of building them from --data: --payloads, --max-tokens,"
+        " --steps and --infill-words then do not apply",
+    )
     args = p.parse_args(argv)
+    client = args.client
+    if client == "auto":
+        client = "locust" if shutil.which("locust") else "builtin"
     servers = {"yan": Path(args.yan), "ar": Path(args.ar)}
     chosen = [s.strip() for s in args.servers.split(",") if s.strip()]
     for s in chosen:
@@ -269,9 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or ROOT / "loadtests" / "results" / f"{dt.date.today()}-{dev}")
     (out / "raw").mkdir(parents=True, exist_ok=True)
     payload_file = out / "payloads.json"
-    payload_file.write_text(json.dumps(build_payloads(Path(args.data), args.payloads,
-                                                      args.max_tokens, args.steps, 0,
-                                                      args.infill_words)))  # fmt: skip
+    if args.payload_file:
+        payload_file.write_text(Path(args.payload_file).read_text())
+    else:
+        payload_file.write_text(json.dumps(build_payloads(Path(args.data), args.payloads,
+                                                          args.max_tokens, args.steps, 0,
+                                                          args.infill_words)))  # fmt: skip
     rows = []
     total = len(chosen) * len(endpoints) * len(users)
     k = 0
@@ -283,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             for ep in endpoints:
                 for u in users:
                     k += 1
-                    r = run_locust(url, ep, u, args.duration, out / "raw" / f"{server}_{ep}_u{u}",
-                                   payload_file)  # fmt: skip
+                    load = run_locust if client == "locust" else run_builtin
+                    r = load(url, ep, u, args.duration, out / "raw" / f"{server}_{ep}_u{u}",
+                             payload_file)  # fmt: skip
                     rows.append({"server": server, "endpoint": ep, "users": u, **r})
                     log(f"[{k}/{total}] {server} {ep} users={u}: p50 {r['p50_ms']:.0f} ms, "
                         f"p99 {r['p99_ms']:.0f} ms, {r['rps']:.1f} req/s, "
@@ -296,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commit = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                     cwd=ROOT).stdout.strip() or "unknown"  # fmt: skip
-    meta = {"date": str(dt.date.today()), "device": dev, "commit": commit,
+    meta = {"date": str(dt.date.today()), "device": dev, "commit": commit, "client": client,
             "duration_s": args.duration, "steps": args.steps, "max_tokens": args.max_tokens,
             "command": "python loadtests/run.py " + " ".join(argv or sys.argv[1:])}  # fmt: skip
     write_report(rows, out, meta)

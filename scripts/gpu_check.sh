@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh                         # every stage, default arguments
 #   STAGES="tests smoke" bash scripts/gpu_check.sh    # some stages, in the order given
 #   SAMPLER_ARGS="--batches 1,8 --lengths 128" KERNELS_ARGS=--quick bash scripts/gpu_check.sh
+#   STAGES="versus loadtest" bash scripts/gpu_check.sh   # YAN vs the fused AR: bench, served
 #
 # The GPU image has torch/triton/transformers but not the server's web stack nor this package,
 # so the wheels carried in .whl/ are unpacked into $SITE and the repository is put on
@@ -12,13 +13,19 @@
 #
 # Results: $OUT/<date>-<gpu>/ (gpu_results/<date>-<gpu>/ in the repository when OUT is unset).
 # Only 8 files come back from $OUT, so the folder holds exactly: summary.txt, one log per stage
-# (tests, kernels, sampler, scan, smoke), results.json (bench JSON + smoke rows merged) and
-# extras.tar.gz (each bench's own JSON, the smoke JSON lines, the server logs, the setup log).
+# (tests, kernels, sampler, scan, smoke by default), results.json (bench JSON + smoke rows and
+# load-test rows merged) and extras.tar.gz (each bench's own JSON, the smoke JSON lines, the
+# load test's folder, the server logs, the setup log). The extra stages `versus` (bench versus)
+# and `loadtest` (loadtests/run.py with its built-in client: no Locust) are not in the default
+# list: five stages at most keep the folder within 8 files.
 #
 # Environment knobs (defaults in brackets):
 #   STAGES ["tests kernels sampler scan smoke"]  DEVICE [cuda]  BUDGET_S [450]: the whole run
+#   (stages: tests kernels sampler scan smoke versus loadtest)
 #   <STAGE>_TIMEOUT seconds: TESTS [200] KERNELS [90] SAMPLER [150] SCAN [45] SMOKE [150]
-#   PYTEST_ARGS KERNELS_ARGS SAMPLER_ARGS SCAN_ARGS SMOKE_ARGS: appended to each command
+#   VERSUS [240] LOADTEST [300]
+#   PYTEST_ARGS KERNELS_ARGS SAMPLER_ARGS SCAN_ARGS SMOKE_ARGS VERSUS_ARGS LOADTEST_ARGS: appended
+#   to each command (loadtest: defaults --users 1,4,16,64 --duration 5, every endpoint)
 #   TEST_PATHS ["tests/kernels tests/engine tests/ar"]: what the tests stage collects, in order
 #   TEST_MARK [gpu]: the tests stage's -m expression (one word: word splitting applies)
 #   TEST_TIMEOUT_EACH [90]: seconds per test when pytest-timeout is installed
@@ -39,6 +46,8 @@ KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-90}
 SAMPLER_TIMEOUT=${SAMPLER_TIMEOUT:-150}
 SCAN_TIMEOUT=${SCAN_TIMEOUT:-45}
 SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-150}
+VERSUS_TIMEOUT=${VERSUS_TIMEOUT:-240}
+LOADTEST_TIMEOUT=${LOADTEST_TIMEOUT:-300}
 INSTALL=${INSTALL:-auto}
 SITE=${SITE:-/tmp/yan-site}
 export PYTHONUNBUFFERED=1
@@ -46,8 +55,8 @@ PY=${PYTHON:-python3}
 
 for s in $STAGES; do
     case $s in
-        tests | kernels | sampler | scan | smoke) ;;
-        *) echo "gpu_check: unknown stage '$s' (tests kernels sampler scan smoke)" >&2; exit 2 ;;
+        tests | kernels | sampler | scan | smoke | versus | loadtest) ;;
+        *) echo "gpu_check: unknown stage '$s' (tests kernels sampler scan smoke versus loadtest)" >&2; exit 2 ;;
     esac
 done
 
@@ -251,6 +260,18 @@ for stage in $STAGES; do
                 --out "$WORK/smoke.jsonl" --log-dir "$WORK" --budget $((smoke_limit - 12)) \
                 ${SMOKE_ARGS:-}
             ;;
+        versus)
+            run_stage versus "$VERSUS_TIMEOUT" "$PY" -m yan_serve.bench versus \
+                --device "$DEVICE" --json "$WORK/versus.json" ${VERSUS_ARGS:-}
+            ;;
+        loadtest)
+            # Both servers on the device, one at a time; the built-in client needs no Locust,
+            # and the shipped payload file no KJV corpus on the image. Table in the log, the
+            # whole results folder (table, plot, raw latencies) in extras.tar.gz.
+            run_stage loadtest "$LOADTEST_TIMEOUT" "$PY" loadtests/run.py --device "$DEVICE" \
+                --client builtin --payload-file loadtests/payloads-kjv-test.json \
+                --out "$WORK/loadtest" --users 1,4,16,64 --duration 5 ${LOADTEST_ARGS:-}
+            ;;
     esac
 done
 
@@ -263,7 +284,7 @@ from pathlib import Path
 
 work, out, commit, gpu = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 merged = {"commit": commit, "gpu": gpu}
-for name in ("kernels", "sampler", "scan"):
+for name in ("kernels", "sampler", "scan", "versus"):
     p = work / f"{name}.json"
     try:
         merged[name] = json.loads(p.read_text()) if p.exists() else None
@@ -272,6 +293,8 @@ for name in ("kernels", "sampler", "scan"):
 p = work / "smoke.jsonl"
 merged["smoke"] = [json.loads(x) for x in p.read_text().splitlines() if x.strip()] \
     if p.exists() else None
+p = work / "loadtest" / "results.json"
+merged["loadtest"] = json.loads(p.read_text()) if p.exists() else None
 out.write_text(json.dumps(merged, indent=1))
 EOF
 
@@ -295,7 +318,7 @@ total=$(($(date +%s) - START))
         echo
         echo "================================================================ $s (tail)"
         case $s in
-            smoke) tail -n 45 "${LOGS[$s]}" ;;
+            smoke | loadtest) tail -n 45 "${LOGS[$s]}" ;;
             tests) tail -n 30 "${LOGS[$s]}" ;;
             *) tail -n 40 "${LOGS[$s]}" ;;
         esac

@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "scripts" / "gpu_check.sh"
 SMOKE = ROOT / "scripts" / "gpu_smoke.py"
-STAGES = ("tests", "kernels", "sampler", "scan", "smoke")
+STAGES = ("tests", "kernels", "sampler", "scan", "smoke")  # the default run
+EXTRA_STAGES = ("versus", "loadtest")  # on request: STAGES="versus loadtest"
 
 
 def load_smoke():
@@ -33,10 +34,12 @@ def test_check_script_parses_and_wires_every_stage() -> None:
     assert subprocess.run(["bash", "-n", str(CHECK)]).returncode == 0
     text = CHECK.read_text()
     assert f'STAGES=${{STAGES:-"{" ".join(STAGES)}"}}' in text
-    for stage in STAGES:
+    for stage in (*STAGES, *EXTRA_STAGES):
         assert f"        {stage})\n" in text, f"no case branch for stage {stage}"
         assert f"{stage.upper()}_TIMEOUT" in text
-    for bench in ("kernels", "sampler", "scan"):
+        assert f"{stage.upper()}_ARGS" in text or stage == "tests"
+    assert f"tests | {' | '.join((*STAGES, *EXTRA_STAGES)[1:])}) ;;" in text
+    for bench in ("kernels", "sampler", "scan", "versus"):
         assert f"-m yan_serve.bench {bench}" in text
         assert f"{bench.upper()}_ARGS" in text
     assert '-m pytest -q -m "${TEST_MARK:-gpu}"' in text
@@ -101,3 +104,15 @@ def test_smoke_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
         assert {r["endpoint"] for r in bursts} == {"/v1/complete", "/v1/infill"}
         assert all(r["errors"] == 0 and r["requests"] > 0 for r in bursts), bursts
     assert "YAN speedup" in p.stdout
+
+
+def test_loadtest_stage_needs_no_locust_and_no_corpus() -> None:
+    """The GPU image has neither Locust nor the KJV corpus: the stage uses the built-in client
+    and the shipped payload file, and its results reach results.json through extras."""
+    text = CHECK.read_text()
+    assert 'loadtests/run.py --device "$DEVICE"' in text
+    assert "--client builtin --payload-file loadtests/payloads-kjv-test.json" in text
+    assert (ROOT / "loadtests" / "payloads-kjv-test.json").exists()
+    payloads = json.loads((ROOT / "loadtests" / "payloads-kjv-test.json").read_text())
+    assert set(payloads) == {"infill", "infill-full", "complete", "qa", "classify"}
+    assert 'work / "loadtest" / "results.json"' in text and '"versus"' in text

@@ -19,7 +19,7 @@ eagerly and against a copy of the model whose encoder and trunk blocks and decod
 `torch.compile`, with the share of tokens where the two agree.
 
 `scan` times the Mamba-1 selective scan at Bt x L x Di x N shapes: the sequential oracle
-(`yan_serve.model.mamba.selective_scan_ref`), `selective_scan_chunked` with its two chunk
+(`yan_kernels.chunked_scan.selective_scan_sequential`), `selective_scan_chunked` with its two chunk
 solvers ("loop", the CPU path; "doubling", the CUDA training path), each forward (no_grad) and
 forward + backward, and, on CUDA, the fused forward-only paths of `yan_kernels.ops.selective_scan`
 (the Triton kernel, and mamba-ssm's kernel when it imports). Per row: median ms, speedup over
@@ -1154,10 +1154,10 @@ def _scan_inputs(shape: Shape, dtype: torch.dtype, device: str) -> dict[str, tor
 
 def _scan_fn(path: str) -> Callable:
     """(u, delta, A, B, C, D[, z]) -> y for one path; the fused ones import on first use."""
-    from yan_serve.model.mamba import selective_scan_chunked, selective_scan_ref
+    from yan_kernels.chunked_scan import selective_scan_chunked, selective_scan_sequential
 
     if path == "ref":
-        return selective_scan_ref
+        return selective_scan_sequential
     if path in ("chunked-loop", "chunked-doubling"):
         inner = path.split("-")[1]
         return lambda *a: selective_scan_chunked(*a, chunk=SCAN_CHUNK, inner=inner)
@@ -1202,7 +1202,7 @@ def _fused_unavailable(path: str, device: str) -> str | None:
 
 
 def _scan_oracle(x: dict[str, torch.Tensor]) -> dict[str, tuple]:
-    """`selective_scan_ref` in fp32 on the same input values: y per mode, fused-gated y."""
+    """`selective_scan_sequential` in fp32 on the same input values: y per mode, fused-gated y."""
     x32 = {k: v.float() for k, v in x.items()}
     oracle = {mode: _scan_call("ref", mode, x32)() for mode in SCAN_MODES}
     gated = (oracle["fwd"][0] * torch.nn.functional.silu(x32["z"]),)
@@ -1300,7 +1300,7 @@ def run_scan(args: argparse.Namespace) -> int:
         else f"wall-clock medians of up to {iters} calls (fewer past {CPU_BUDGET_S} s)"
     )
     print(
-        "shape: Bt x L x Di x N. ref: selective_scan_ref, the sequential oracle. chunked-loop /\n"
+        "shape: Bt x L x Di x N. ref: selective_scan_sequential, the oracle. chunked-loop /\n"
         f"chunked-doubling: selective_scan_chunked(chunk={SCAN_CHUNK}, inner=loop|doubling)."
         " triton /\nmamba_ssm: the fused paths of yan_kernels.ops.selective_scan (D skip and"
         " silu(z) gate\nfused; forward only). fwd: under no_grad; fwd+bwd: y, then the grads of"
@@ -1308,8 +1308,8 @@ def run_scan(args: argparse.Namespace) -> int:
         f" mode.\nms: {timing}.\nGB/s: minimal bytes in the input dtype / ms (fwd: read u,"
         " delta, B, C (+ z fused),\nwrite y; fwd+bwd: also read them and dy again, write their"
         " grads). % copy: share of\ncopy_GBps. max err: max |out - oracle| in fp32 over y"
-        " (fwd+bwd: and the five grads);\noracle: selective_scan_ref in fp32 on the same inputs"
-        " (fused: times silu(z)).\ntriton and mamba_ssm need CUDA: a CPU runs Triton only in"
+        " (fwd+bwd: and the five grads);\noracle: selective_scan_sequential in fp32 on the same"
+        " inputs (fused: times silu(z)).\ntriton and mamba_ssm need CUDA: a CPU runs Triton only in"
         " its interpreter (not timed)."
     )
     _write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows]}])
@@ -1436,7 +1436,13 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_scan)
 
 
-COMMANDS = [_add_kernels, _add_sampler, _add_scan]
+def _add_versus(sub: argparse._SubParsersAction) -> None:
+    from yan_serve.bench_versus import add_versus  # YAN vs the matched AR: its own module
+
+    add_versus(sub)
+
+
+COMMANDS = [_add_kernels, _add_sampler, _add_scan, _add_versus]
 
 
 def main(argv: list[str] | None = None) -> int:

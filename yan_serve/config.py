@@ -1,6 +1,6 @@
 """Model configuration: one typed dataclass, named presets, and config.json round-trips.
 
-Field names follow the paper author's checkpoint keys (YAN_SPEC.md section 7) where one exists,
+Field names follow the paper author's checkpoint keys where one exists,
 so a converted checkpoint's `model_config` maps onto this dataclass almost key for key.
 """
 

@@ -1,7 +1,7 @@
 """Convert a checkpoint written by the paper author's supplementary code into our format.
 
 The author's training code saves `torch.save({"model": state_dict, "step": ..., "model_config":
-{...}, "loss_config": ..., "trainer_config": ..., ...})` (YAN_SPEC.md section 7). This module
+{...}, "loss_config": ..., "trainer_config": ..., ...})`. This module
 reads such a file with `torch.load(weights_only=True)` only, maps `model_config` onto
 `YANConfig`, renames the state dict to our module layout and writes a model directory:
 

@@ -71,3 +71,52 @@ def test_runner_refuses_a_missing_checkpoint(tmp_path) -> None:
                         str(tmp_path / "none"), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == 2 and "not a checkpoint" in p.stderr
+
+
+def test_builtin_client_measures_a_closed_loop_load(tmp_path) -> None:
+    """The standard-library client (the GPU image has no Locust) against a stub server: every
+    request counted, seeds per user as the Locust users send them, failures counted."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    sys.path.insert(0, str(ROOT / "loadtests"))
+    try:
+        from run import percentile, run_builtin
+    finally:
+        sys.path.pop(0)
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            seen.append({**body, "path": self.path})
+            ok = body["seed"] % 7 != 3  # some requests fail
+            out = json.dumps({"usage": {"completion_tokens": 5}} if ok else {"detail": "no"})
+            self.send_response(200 if ok else 500)
+            self.send_header("content-length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out.encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        payloads = tmp_path / "payloads.json"
+        payloads.write_text(json.dumps({"complete": [{"prompt": f"p{i}"} for i in range(5)]}))
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        r = run_builtin(url, "complete", 3, 0.5, tmp_path / "ar_complete_u3", payloads)
+    finally:
+        server.shutdown()
+    assert r["requests"] == len(seen) > 10
+    assert r["failures"] == sum(b["seed"] % 7 == 3 for b in seen) > 0
+    assert r["p50_ms"] > 0 and r["p99_ms"] >= r["p50_ms"] and r["rps"] > 0
+    assert r["output_tok_s"] > 0 and all(b["path"] == "/v1/complete" for b in seen)
+    assert {b["seed"] // 1000 for b in seen} == {0, 1, 2}  # three users, their own seeds
+    lines = (tmp_path / "ar_complete_u3_latencies.csv").read_text().splitlines()
+    assert lines[0] == "latency_ms" and len(lines) - 1 == r["requests"] - r["failures"]
+    assert (tmp_path / "ar_complete_u3_failures.txt").exists()
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 50) == 0.0

@@ -167,3 +167,29 @@ def test_docs_page_works_offline(client: httpx.Client) -> None:
         assert got.status_code == 200 and len(got.content) > 500, a
     assert "SwaggerUIBundle" in client.get(next(a for a in assets if a.endswith(".js"))).text
     assert json.loads(client.get("/openapi.json").text)["info"]["title"] == "yan-serve"
+
+
+def test_docs_without_the_assets_package_is_a_503_not_a_crash(monkeypatch) -> None:
+    """Where swagger-ui-bundle is missing (an image with only the server's minimal wheels) the
+    app still builds and serves; /docs says which package it needs."""
+    import builtins
+
+    from fastapi.testclient import TestClient
+
+    from yan_serve.server.app import _install_docs
+
+    real_import = builtins.__import__
+
+    def no_bundle(name, *args, **kwargs):
+        if name.startswith("swagger_ui_bundle"):
+            raise ImportError("No module named 'swagger_ui_bundle'")
+        return real_import(name, *args, **kwargs)
+
+    from fastapi import FastAPI
+
+    app = FastAPI(docs_url=None, redoc_url=None)
+    monkeypatch.setattr(builtins, "__import__", no_bundle)
+    _install_docs(app)
+    monkeypatch.undo()
+    r = TestClient(app).get("/docs")
+    assert r.status_code == 503 and "swagger-ui-bundle" in r.json()["error"]["message"]

@@ -102,6 +102,19 @@ def test_the_schema_says_what_the_server_accepts(client: httpx.Client) -> None:
     assert schemas["InfillRequest"]["properties"]["text"]["pattern"] == r"\[MASK(:[0-9]+)?\]"
     top_p = schemas["OpenAICompletionRequest"]["properties"]["top_p"]["anyOf"][0]
     assert (top_p["minimum"], top_p["maximum"]) == (1, 1)
+    # generated lengths: at most the checkpoint's 256 positions (longer is refused with a 400)
+    for name in ("CompleteRequest", "QARequest"):
+        assert schemas[name]["properties"]["max_tokens"]["maximum"] == 256, name
+    oai = schemas["OpenAICompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]
+    assert oai["maximum"] == 256
+    assert schemas["ClassifyRequest"]["properties"]["max_tokens"]["maximum"] == 64
+    r = client.post("/v1/complete", json={"prompt": "In the beginning", "max_tokens": 257})
+    assert r.status_code == 400 and "256" in r.json()["error"]["message"]
+    # echo with a suffix: excluded by the schema, refused by the server
+    both = schemas["OpenAICompletionRequest"]["not"]
+    assert both["required"] == ["echo", "suffix"] and both["properties"]["echo"] == {"const": True}
+    r = client.post("/v1/completions", json={"prompt": "a", "suffix": "b", "echo": True})
+    assert r.status_code == 400 and "suffix" in r.json()["error"]["message"]
 
 
 def test_duplicate_labels_are_refused(client: httpx.Client) -> None:

@@ -5,19 +5,27 @@ samples with the row's own seeded generator.
 
 The forward passes come from a runner: `HFRunner` (Hugging Face's growing cache, any shape, the
 reference) or a `StaticRunner` (static KV cache, each decode step one CUDA-graph replay on GPU;
-yan_serve/ar/static.py) when one of its captured windows holds the batch."""
+yan_serve/ar/static.py) when one of its captured windows holds the batch. A `FusedRunner`
+(yan_serve/ar/fused.py: fused decode step, token choice and stopping on the device) passed as
+`static` generates the whole batch itself when one of its windows holds it, with the same
+outputs (`left_pad` and `collect_outputs` are the rules both paths share)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 from transformers import GPT2LMHeadModel
 
 from yan_serve.ar.static import HFRunner, StaticRunner
 from yan_serve.ar.train import collate_ar
 from yan_serve.engine.sampler import sample_tokens
+
+if TYPE_CHECKING:
+    from yan_serve.ar.fused import FusedRunner
 
 
 @dataclass
@@ -37,26 +45,57 @@ class AROutput:
     hit_eos: bool
 
 
+def left_pad(requests: Sequence[ARRequest], pad: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Left-padded prompts: ids, attention mask and position ids [B, Lp] on `device`; position
+    ids count real tokens only, so padding never shifts a row's positions."""
+    B, Lp = len(requests), max(len(r.prompt) for r in requests)
+    ids = torch.full((B, Lp), pad, dtype=torch.long)
+    att = torch.zeros(B, Lp, dtype=torch.long)
+    for i, r in enumerate(requests):
+        ids[i, Lp - len(r.prompt) :] = torch.as_tensor(r.prompt, dtype=torch.long)
+        att[i, Lp - len(r.prompt) :] = 1
+    ids, att = ids.to(device), att.to(device)
+    return ids, att, (att.cumsum(-1) - 1).clamp_min(0)
+
+
+def collect_outputs(requests: Sequence[ARRequest], picked: Sequence[Sequence[int]],
+                    probs: Sequence[Sequence[float]], eos: int) -> list[AROutput]:  # fmt: skip
+    """Outputs from every row's chosen tokens step by step (and their probabilities), by the
+    rules of `ar_generate`'s loop: a row keeps tokens until EOS (dropped, `hit_eos`) unless it
+    ignores EOS, and stops once it holds `max_new` (a step's token is kept before that check)."""
+    outs = []
+    for r, row, ps in zip(requests, picked, probs, strict=True):
+        toks: list[int] = []
+        conf: list[float] = []
+        hit = False
+        for t, p in zip(row, ps, strict=True):
+            if t == eos and not r.ignore_eos:
+                hit = True
+                break
+            toks.append(t)
+            conf.append(p)
+            if len(toks) >= r.max_new:
+                break
+        outs.append(AROutput(toks, conf, hit))
+    return outs
+
+
 @torch.no_grad()
 def ar_generate(
     model: GPT2LMHeadModel,
     requests: Sequence[ARRequest],
     eos: int,
     pad: int,
-    static: StaticRunner | None = None,
+    static: StaticRunner | FusedRunner | None = None,
 ) -> list[AROutput]:
     dev = next(model.parameters()).device
     B = len(requests)
-    Lp = max(len(r.prompt) for r in requests)
-    ids = torch.full((B, Lp), pad, dtype=torch.long)
-    att = torch.zeros(B, Lp, dtype=torch.long)
-    for i, r in enumerate(requests):
-        ids[i, Lp - len(r.prompt) :] = torch.as_tensor(r.prompt)
-        att[i, Lp - len(r.prompt) :] = 1
-    ids, att = ids.to(dev), att.to(dev)
-    pos = (att.cumsum(-1) - 1).clamp_min(0)
-    gens = [torch.Generator().manual_seed(int(r.seed)) for r in requests]
     limit = max(r.max_new for r in requests)
+    Lp = max(len(r.prompt) for r in requests)
+    if hasattr(static, "generate") and static.fits(B, Lp, limit):  # a FusedRunner
+        return static.generate(requests, eos, pad)
+    ids, att, pos = left_pad(requests, pad, dev)
+    gens = [torch.Generator().manual_seed(int(r.seed)) for r in requests]
     use_static = static is not None and static.fits(B, Lp, limit)
     runner = static if use_static else HFRunner(model)
     logp = runner.start(ids, att, pos, limit)

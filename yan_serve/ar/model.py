@@ -21,6 +21,8 @@ from yan_serve.tokenizer import YANTokenizer
 AR_PRESETS = {
     "ar-tiny": {"n_embd": 192, "n_layer": 6, "n_head": 6},
     "ar-small": {"n_embd": 384, "n_layer": 8, "n_head": 6},
+    # the GPT-2-124M shape (185M parameters with yan-paper's 128,258 vocabulary)
+    "ar-gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12},
 }
 
 

@@ -1,4 +1,4 @@
-"""Training objectives of YAN (YAN_SPEC.md sections 2 and 4).
+"""Training objectives of YAN (the paper's flow-matching and gate losses).
 
 All per-token losses take a boolean `mask` [B, L] (True = real token) and return a masked mean
 over tokens, so padding never contributes and batch composition does not reweight sequences.

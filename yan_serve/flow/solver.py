@@ -1,4 +1,4 @@
-"""Fixed-step Euler solver with trajectory-level frozen routing (YAN_SPEC.md section 3).
+"""Fixed-step Euler solver with trajectory-level frozen routing.
 
 The solver knows nothing about Transformers: it drives any `MoEVectorField` (YAN's `FlowNet`,
 the 2-D toy field). Randomness comes in from the caller (`uniforms` for expert draws), so a

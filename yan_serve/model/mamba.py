@@ -175,9 +175,6 @@ class BiMamba(nn.Module):
         return y * mask[..., None].to(y.dtype)
 
 
-# `yan_serve.bench` imports the oracle from here under its former name
-selective_scan_ref = selective_scan_sequential
-
 __all__ = [
     "BiMamba",
     "Mamba",

@@ -329,15 +329,24 @@ def create_app(
     )
     app.state.yan = state
 
+    context = context_limit(settings.model)
+
     def openapi() -> dict[str, Any]:
-        """FastAPI's schema, with `steps` bounded by this server's --max-steps."""
+        """FastAPI's schema, with `steps` bounded by this server's --max-steps and the
+        generated length (`max_tokens` of complete, QA and OpenAI completions) by the
+        checkpoint's context (what the server would refuse otherwise)."""
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
-            for model in schema.get("components", {}).get("schemas", {}).values():
-                steps = model.get("properties", {}).get("steps")
-                for alt in (steps or {}).get("anyOf", [steps] if steps else []):
-                    if alt.get("type") == "integer":
-                        alt["maximum"] = settings.max_steps
+            bounds = {"steps": settings.max_steps}
+            for name, model in schema.get("components", {}).get("schemas", {}).items():
+                limits = dict(bounds)
+                if context is not None and name in _CONTEXT_BOUND:
+                    limits["max_tokens"] = context
+                for field, bound in limits.items():
+                    prop = model.get("properties", {}).get(field)
+                    for alt in (prop or {}).get("anyOf", [prop] if prop else []):
+                        if alt.get("type") == "integer":
+                            alt["maximum"] = min(bound, alt.get("maximum", bound))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -350,9 +359,20 @@ def create_app(
 
 def _install_docs(app: FastAPI) -> None:
     """/docs: the Swagger UI page with its JavaScript and CSS from the installed
-    swagger-ui-bundle package, so it works offline (FastAPI's default loads them from a CDN)."""
-    from swagger_ui_bundle import swagger_ui_path
+    swagger-ui-bundle package, so it works offline (FastAPI's default loads them from a CDN).
+    Without that package (a dependency, but e.g. a GPU image with only the server's minimal
+    wheels) the API still serves and /docs answers 503 naming the package."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        log.warning("swagger-ui-bundle is not installed: /docs is unavailable (the API is not)")
 
+        @app.get("/docs", include_in_schema=False)
+        async def no_docs() -> JSONResponse:
+            return error_json(503, "/docs needs the swagger-ui-bundle package (pip install "
+                              "swagger-ui-bundle); /openapi.json is available")  # fmt: skip
+
+        return
     app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
@@ -952,6 +972,25 @@ def _openai_prompts(w: Any, prompt: Any) -> list[_Prompt]:
             )
         out.append(_Prompt(tok.decode(item), list(item), is_text=False))
     return out
+
+
+# request schemas whose max_tokens is a target length the checkpoint's context bounds
+_CONTEXT_BOUND = ("CompleteRequest", "QARequest", "OpenAICompletionRequest")
+
+
+def context_limit(model_dir: str) -> int | None:
+    """The checkpoint's context in positions, read from its config.json (YAN `max_length`,
+    GPT-2 `n_positions`); None when it cannot be read (the server reports that elsewhere)."""
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_length", "n_positions"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return cfg[key]
+    return None
 
 
 def _context_error(message: str, param: str) -> APIError:

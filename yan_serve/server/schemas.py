@@ -247,9 +247,19 @@ class StreamOptions(BaseModel):
 
 class OpenAICompletionRequest(BaseModel):
     """The subset of OpenAI's completions API that maps onto YAN completion (and, with `suffix`,
-    infilling). Unknown fields are accepted and ignored, as OpenAI clients send extra ones."""
+    infilling). Unknown fields are accepted and ignored, as OpenAI clients send extra ones.
+    `echo: true` with a `suffix` is refused, as OpenAI does (the schema says so with `not`)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(
+        extra="allow",
+        strict=True,
+        json_schema_extra={
+            "not": {
+                "required": ["echo", "suffix"],
+                "properties": {"echo": {"const": True}, "suffix": {"type": "string"}},
+            }
+        },
+    )
 
     model: str | None = Field(
         None, description="The served model's id (GET /v1/models); another id is a 404."

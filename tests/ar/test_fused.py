@@ -1,0 +1,211 @@
+"""The fused AR decoder (yan_serve/ar/fused.py) against Hugging Face's reference runner.
+
+On CPU the windows run through `EagerReplay` (and, by default, attend over the slots written so
+far); `trim=False` and `check_every` > 1 exercise the fixed-window, graph-shaped path the GPU
+captures. The `gpu` test captures real CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from yan_serve.ar.fused import FusedGPT2, FusedRunner, choose
+from yan_serve.ar.generate import ARRequest, ar_generate
+from yan_serve.ar.static import HFRunner
+from yan_serve.engine.sampler import sample_tokens
+
+V, PAD = 97, 0
+
+
+def _model(seed: int = 0, device: str = "cpu", **kw) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=V, n_positions=96, n_embd=48, n_layer=3, n_head=4,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
+                     initializer_range=0.3, **kw)  # fmt: skip
+    # a wide init: the blocks move the residual stream, so greedy tokens vary along a row
+    return GPT2LMHeadModel(cfg).eval().to(device)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT2LMHeadModel:
+    return _model()
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, V, (int(k),), generator=g).tolist()
+            for k in torch.randint(1, 14, (n,), generator=g)]  # fmt: skip
+
+
+def _mid_row_eos(model, reqs: list[ARRequest]) -> int:
+    """A token that some row decodes greedily after a few others and some row never decodes:
+    used as EOS, it stops rows mid-batch at different steps."""
+    rows = [o.tokens for o in ar_generate(model, reqs, -1, PAD)]
+    for t in rows[0][2:]:
+        if t not in rows[0][:2] and any(t not in r for r in rows):
+            return t
+    raise AssertionError("no token to stop on: pick other prompts")
+
+
+def _same(got, ref) -> None:
+    for g, r in zip(got, ref, strict=True):
+        assert g.tokens == r.tokens and g.hit_eos == r.hit_eos
+        assert g.confidence == pytest.approx(r.confidence, abs=1e-4)
+
+
+@pytest.mark.parametrize("trim,check_every", [(True, 1), (False, 3)])
+def test_greedy_awkward_batch_equals_reference(model, trim: bool, check_every: int) -> None:
+    prompts = _prompts(7)
+    reqs = [ARRequest(p, 3 + 4 * i, seed=i) for i, p in enumerate(prompts)]
+    eos = _mid_row_eos(model, reqs)
+    reqs[3].ignore_eos = True  # decodes through EOS
+    reqs.append(ARRequest([5], 1))  # one token
+    runner = FusedRunner(model, batch_sizes=(4, 16), lengths=(48,), check_every=check_every)
+    runner.fused.trim = trim
+    runner.capture()
+    ref = ar_generate(model, reqs, eos, PAD)
+    assert any(r.hit_eos for r in ref) and not all(r.hit_eos for r in ref)
+    assert any(len(r.tokens) > 2 for r in ref if r.hit_eos)  # EOS mid-row, not at once
+    got = ar_generate(model, reqs, eos, PAD, static=runner)
+    assert runner.current is not None and runner.current.batch == 16  # padding rows 8 .. 15
+    _same(got, ref)
+    assert eos in got[3].tokens or len(got[3].tokens) == reqs[3].max_new
+
+
+def test_rows_do_not_depend_on_batch_mates(model) -> None:
+    reqs = [ARRequest(p, 9, seed=i) for i, p in enumerate(_prompts(5, seed=1))]
+    runner = FusedRunner(model, batch_sizes=(1, 8), lengths=(32,))
+    runner.capture()
+    together = ar_generate(model, reqs, 2, PAD, static=runner)
+    for r, t in zip(reqs, together, strict=True):
+        assert ar_generate(model, [r], 2, PAD, static=runner)[0].tokens == t.tokens
+    assert runner.current.batch == 1  # the last call took the one-row window
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_seeded_sampling_equals_reference(model, trim: bool) -> None:
+    prompts = _prompts(6, seed=2)
+    settings = [(0.0, 0), (1.5, 0), (1.5, 5), (0.7, 20), (2.0, V + 10), (1.0, 1)]
+    reqs = [ARRequest(p, 12, seed=10 + i, temperature=t, top_k=k)
+            for i, (p, (t, k)) in enumerate(zip(prompts, settings, strict=True))]  # fmt: skip
+    reqs.append(ARRequest(prompts[1], 12, seed=10 + 1, temperature=1.5))  # same seed, same draw
+    runner = FusedRunner(model, batch_sizes=(8,), lengths=(32,), check_every=4)
+    runner.fused.trim = trim
+    runner.capture(sample=True)
+    eos = _mid_row_eos(model, [ARRequest(r.prompt, r.max_new) for r in reqs])
+    ref = ar_generate(model, reqs, eos, PAD)
+    got = ar_generate(model, reqs, eos, PAD, static=runner)
+    _same(got, ref)
+    assert got[-1].tokens == got[1].tokens
+    assert len({tuple(g.tokens) for g in got[1:5]}) > 1  # they sample, not argmax
+
+
+def test_choose_matches_sample_tokens_row_by_row() -> None:
+    g = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(3 * torch.randn(64, V, generator=g), -1)
+    temp = torch.rand(64, generator=g) * 2
+    temp[::5] = 0.0  # greedy rows
+    top_k = torch.randint(0, V + 5, (64,), generator=g)
+    top_k[::3] = 0
+    u = torch.rand(64, generator=g)
+    nxt, p = choose(logp, u, temp, top_k, sample=True)
+    for i in range(64):
+        t, k = float(temp[i]), int(top_k[i])
+        want = int(logp[i].argmax()) if t == 0 else \
+            int(sample_tokens(logp[i : i + 1], t, k, u[i : i + 1])[0])  # fmt: skip
+        assert int(nxt[i]) == want, (i, t, k)
+    torch.testing.assert_close(p, logp.gather(-1, nxt[:, None]).squeeze(-1).exp())
+    greedy, _ = choose(logp, u, temp, top_k, sample=False)
+    assert torch.equal(greedy, logp.argmax(-1))
+
+
+@torch.no_grad()
+def test_fused_steps_equal_hf_log_probs(model) -> None:
+    """Step by step through `decode_logp` (full window, padded rows, stale cache): the same
+    log-probabilities as Hugging Face's forward with its growing cache."""
+    from yan_serve.ar.generate import left_pad
+
+    reqs = [ARRequest(p, 8) for p in ([5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15])]
+    ids, att, pos = left_pad(reqs, PAD, torch.device("cpu"))
+    s = FusedGPT2(model, 4, 24)
+    s.k.fill_(1e4)  # stale garbage from "earlier requests" must stay masked
+    s.v.fill_(-1e4)
+    hf = HFRunner(model)
+    a, b = s.prefill(ids, att, pos, 4), hf.start(ids, att, pos, 8)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    step = s.fused_step_fn(4, 24, sample=False)
+    captured = {}
+    body = s.body
+    s.body = lambda *args: captured.setdefault("logp", []).append(body(*args)) or \
+        captured["logp"][-1]  # fmt: skip
+    for t in range(6):
+        tok = torch.tensor([20 + t, 30 + t, 40 + t])
+        s.tok[:3] = tok
+        step()
+        ref = hf.step(tok)
+        torch.testing.assert_close(captured["logp"][-1][:3], ref, atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(captured["logp"][-1]).all()  # the padding row too
+    assert int(s.slot) == ids.shape[1] + 6
+
+
+def test_batches_no_window_holds_fall_back_to_hf(model) -> None:
+    runner = FusedRunner(model, batch_sizes=(1, 2), lengths=(16,))
+    runner.capture()
+    assert not runner.fits(3, 4, 4) and not runner.fits(1, 10, 7) and runner.fits(2, 10, 6)
+    reqs = [ARRequest([5, 6, 7, 8, 9, 10, 11, 12, 13, 14], 8, ignore_eos=True)]
+    got = ar_generate(model, reqs, 2, PAD, static=runner)
+    assert runner.current is None  # never started: the HF runner served it
+    assert got[0].tokens == ar_generate(model, reqs, 2, PAD)[0].tokens
+    with pytest.raises(ValueError, match="no captured window"):
+        runner.generate([ARRequest([1] * 10, 7)], 2, PAD)
+
+
+def test_unsupported_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="tied"):
+        FusedGPT2(_model(tie_word_embeddings=False), 2, 16)
+    with pytest.raises(ValueError, match="n_positions"):
+        FusedGPT2(_model(), 2, 200)
+
+
+def test_versus_shapes_and_floor() -> None:
+    from yan_serve.bench_versus import ar_floor_ms, ar_model, fim_budget, protocol_shape
+
+    assert fim_budget(512) == 51 + 26 + 1
+    assert protocol_shape("complete") == (128, 129, 128)
+    assert protocol_shape("infill") == (512, 513, 512)
+    m = ar_model("ar-tiny", 8192, "cpu", torch.float32)
+    assert m.config.n_positions >= 513 + 512
+    one, two = ar_floor_ms(m, 1, 10, 5, 1e9), ar_floor_ms(m, 2, 10, 5, 1e9)
+    assert 0 < one < two < 2 * one  # the weights are read once per token whatever the batch
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager(model) -> None:
+    reqs = [ARRequest(p, 6, seed=i) for i, p in enumerate(_prompts(3, seed=3))]
+    runner = FusedRunner(model, batch_sizes=(4,), lengths=(24,), compile=True)
+    runner.fused.trim = False  # one fixed shape: one compilation
+    runner.capture()
+    got = ar_generate(model, reqs, 2, PAD, static=runner)
+    _same(got, ar_generate(model, reqs, 2, PAD))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_fused_decoding_equals_reference(compile: bool) -> None:
+    model = _model(device="cuda")
+    runner = FusedRunner(model, batch_sizes=(1, 8, 16), lengths=(32, 96), compile=compile)
+    graphs, _ = runner.capture(sample=True)
+    assert graphs == 12
+    assert isinstance(runner.windows[(8, 96)].graphs[False], torch.cuda.CUDAGraph)
+    gen = torch.Generator().manual_seed(0)
+    reqs = [ARRequest(torch.randint(3, V, (int(n),), generator=gen).tolist(), 40, seed=i,
+                      temperature=1.0 if i % 3 == 0 else 0.0, top_k=10 * (i % 2))
+            for i, n in enumerate(torch.randint(1, 50, (13,), generator=gen))]  # fmt: skip
+    eos = _mid_row_eos(model, reqs)
+    ref = ar_generate(model, reqs, eos, PAD)
+    got = ar_generate(model, reqs, eos, PAD, static=runner)
+    assert runner.current is not None and runner.current.batch == 16
+    assert [g.tokens for g in got] == [r.tokens for r in ref]
+    assert [g.hit_eos for g in got] == [r.hit_eos for r in ref]

@@ -1,0 +1,281 @@
+"""`python -m yan_serve.bench versus`: YAN against a same-vocabulary AR model of matched size.
+
+Pairs (random weights; latency does not depend on them): yan-paper vs the GPT-2-124M shape
+(`ar-gpt2`, 185M parameters with the 128,258 vocabulary), yan-small vs ar-small, yan-tiny vs
+ar-tiny; the AR model takes the YAN preset's vocabulary. Protocols, each at every batch size:
+
+- `complete`: a 128-token prompt, 128 new tokens (YAN: source 128, target 128);
+- `infill` (the paper's protocol): a 512-token passage; AR regenerates all 512 tokens after the
+  passage + BOS (YAN: source 512, target 512);
+- `fim` (fill-in-the-middle, the strong AR baseline): the same passage with 10% of its tokens
+  masked in spans of 2; AR writes only the spans, each closed by <mask>, then EOS
+  (51 + 26 + 1 = 78 tokens for 512); YAN does the same work as for `infill`.
+
+AR rows decode every token of their budget (`ignore_eos`: a fixed amount of work). Columns:
+YAN ms (CPU: `Sampler.generate` with the reference ops; CUDA: the fused engine replayed from a
+CUDA graph), AR ms (the fused AR decoder, `FusedRunner`), AR ref ms (the AR path before it:
+Hugging Face's runner on a CPU, the static-cache CUDA-graph runner on CUDA) and its speed-up,
+AR floor ms (bytes over measured copy bandwidth: the weights once per decoded token, the prompt's
+keys/values written once and every step's cache read; no arithmetic, no launches), YAN/AR and
+YAN/AR-floor (below 1: YAN is faster), and "same tok", the share of AR rows where the fused
+decoder's tokens equal the reference's. Every time is the wall time of a whole call (host work
+included), median of --iters after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+
+PAIRS = {"yan-paper": "ar-gpt2", "yan-small": "ar-small", "yan-tiny": "ar-tiny"}
+PROTOCOLS = ("complete", "infill", "fim")
+COMPLETE_PROMPT, COMPLETE_NEW, PASSAGE = 128, 128, 512
+EOS, PAD, BOS = 2, 0, 1
+
+
+@dataclass
+class VersusRow:
+    pair: str
+    protocol: str
+    batch: int
+    yan_ms: float
+    ar_ms: float
+    ar_ref_ms: float | None  # the AR path before the fused decoder (None: --no-ref)
+    ar_floor_ms: float
+    ar_prompt: int  # prompt tokens per AR row (BOS included)
+    ar_new: int  # tokens each AR row decodes
+    same_tokens: float | None  # share of rows where fused == reference tokens
+
+    @property
+    def yan_over_ar(self) -> float:
+        return self.yan_ms / self.ar_ms
+
+    @property
+    def yan_over_floor(self) -> float:
+        return self.yan_ms / self.ar_floor_ms
+
+
+def fim_budget(length: int) -> int:
+    """AR tokens for fill-in-the-middle on a `length`-token passage with 10% masked in spans of
+    2: the masked tokens, one <mask> closing each span, and EOS."""
+    masked = max(1, length // 10)
+    return masked + (masked + 1) // 2 + 1
+
+
+def protocol_shape(protocol: str) -> tuple[int, int, int]:
+    """(YAN source = target length, AR prompt length with BOS, AR new tokens)."""
+    if protocol == "complete":
+        return COMPLETE_PROMPT, COMPLETE_PROMPT + 1, COMPLETE_NEW
+    if protocol == "infill":
+        return PASSAGE, PASSAGE + 1, PASSAGE
+    if protocol == "fim":
+        return PASSAGE, PASSAGE + 1, fim_budget(PASSAGE)
+    raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+
+
+def ar_model(preset: str, vocab: int, device: str, dtype: torch.dtype):
+    """A GPT-2 preset with random weights, the given vocabulary and room for 1025 slots."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from yan_serve.ar.model import AR_PRESETS
+
+    cfg = GPT2Config(vocab_size=vocab, n_positions=2 * PASSAGE + 2, bos_token_id=BOS,
+                     eos_token_id=EOS, pad_token_id=PAD, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, **AR_PRESETS[preset])  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def ar_floor_ms(model, batch: int, prompt: int, new: int, bw: float) -> float:
+    """Bytes over bandwidth for one generate call: per decoded token the weights once (the
+    position table excepted: a row per token), plus the prompt's keys/values written once and
+    each step's read of the cache so far."""
+    cfg = model.config
+    elt = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters()) - cfg.n_positions * cfg.n_embd
+    kv_per_slot = batch * cfg.n_layer * 2 * cfg.n_embd * elt
+    total = new * weights * elt + prompt * kv_per_slot
+    total += sum((prompt + t + 1) * kv_per_slot for t in range(new - 1))
+    return total / bw * 1e3
+
+
+def _ar_requests(vocab: int, batch: int, prompt: int, new: int):
+    from yan_serve.ar.generate import ARRequest
+
+    g = torch.Generator().manual_seed(batch * 7919 + prompt)
+    return [ARRequest([*torch.randint(4, vocab, (prompt - 1,), generator=g).tolist(), BOS], new,
+                      seed=i, ignore_eos=True) for i in range(batch)]  # fmt: skip
+
+
+def _yan_timer(model, device: str, batch: int, length: int, steps: int, iters: int) -> float:
+    from yan_kernels import ops
+
+    from yan_serve.bench import _requests, _wall_ms, cpu_time_ms
+    from yan_serve.engine.sampler import Sampler
+
+    reqs = _requests(model.config, batch, length)
+    if device == "cuda":
+        from yan_serve.engine.graphs import GraphSampler, Ladder
+
+        graphs = GraphSampler(Sampler(model, fused=True))
+        ladder = Ladder(batch_sizes=(batch,), tgt_lengths=(length,), max_tokens=None,
+                        steps=steps, routings=("argmax",))  # fmt: skip
+        with ops.force("triton"):
+            graphs.capture(ladder)
+            ms = _wall_ms(lambda: graphs.generate(reqs, steps, "argmax"), iters)
+        del graphs
+        torch.cuda.empty_cache()
+        return ms
+    sampler = Sampler(model)
+    with ops.force("ref"):
+        return cpu_time_ms(lambda: sampler.generate(reqs, steps, "argmax"), iters)
+
+
+def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torch.dtype,
+               bw: float, header: dict) -> list[VersusRow]:  # fmt: skip
+    from yan_serve.ar.fused import FusedRunner
+    from yan_serve.ar.generate import ar_generate
+    from yan_serve.ar.static import StaticRunner
+    from yan_serve.bench import _bench_model, _wall_ms, cpu_time_ms
+
+    ar_name = PAIRS[yan_name]
+    protocols = args.protocols or list(PROTOCOLS)
+    batches = args.batches or ([1, 8, 64] if device == "cuda" else [1, 8])
+    iters = args.iters or (10 if device == "cuda" else 3)
+    timer = _wall_ms if device == "cuda" else cpu_time_ms
+    lengths = sorted({protocol_shape(p)[0] for p in protocols})
+    yan, yan_label = _bench_model(yan_name, lengths, device, dtype)
+    steps = yan.config.ode_steps
+    ar = ar_model(ar_name, yan.config.vocab_size, device, dtype)
+    n_yan = sum(p.numel() for p in yan.parameters())
+    n_ar = sum(p.numel() for p in ar.parameters())
+    slots = sorted({protocol_shape(p)[1] + protocol_shape(p)[2] for p in protocols})
+    fused = FusedRunner(ar, batch_sizes=tuple(batches), lengths=tuple(slots),
+                        compile=args.compile)  # fmt: skip
+    graphs, secs = fused.capture()
+    ref = None
+    if device == "cuda" and not args.no_ref:
+        ref = StaticRunner(ar, batch_sizes=tuple(batches), lengths=tuple(slots))
+        ref.capture()
+    print(f"pair: {yan_label}, {n_yan / 1e6:.1f}M parameters, T = {steps} vs {ar_name} "
+          f"(vocabulary {yan.config.vocab_size}), {n_ar / 1e6:.1f}M parameters; fused AR "
+          f"windows: {graphs} captured in {secs:.1f} s", flush=True)  # fmt: skip
+    header.setdefault("pairs", []).append(
+        {"yan": yan_label, "yan_params": n_yan, "ar": ar_name, "ar_params": n_ar, "steps": steps}
+    )
+    rows = []
+    for protocol in protocols:
+        length, prompt, new = protocol_shape(protocol)
+        for batch in batches:
+            t0 = time.perf_counter()
+            reqs = _ar_requests(yan.config.vocab_size, batch, prompt, new)
+            yan_ms = _yan_timer(yan, device, batch, length, steps, iters)
+            out: dict[str, list] = {}
+
+            def run(key: str, static, out=out, reqs=reqs) -> None:
+                out[key] = ar_generate(ar, reqs, EOS, PAD, static=static)
+
+            ar_ms = timer(lambda: run("fused", fused), iters)
+            ref_ms = same = None
+            if not args.no_ref:
+                ref_ms = timer(lambda: run("ref", ref), iters)
+                pairs = zip(out["fused"], out["ref"], strict=True)
+                same = sum(a.tokens == b.tokens for a, b in pairs) / batch
+            r = VersusRow(f"{yan_name}/{ar_name}", protocol, batch, yan_ms, ar_ms, ref_ms,
+                          ar_floor_ms(ar, batch, prompt, new, bw), prompt, new, same)  # fmt: skip
+            rows.append(r)
+            print(_line(r) + f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return rows
+
+
+COLUMNS = (
+    f"{'protocol':<10}{'batch':>6}{'AR new':>8}{'YAN ms':>10}{'AR ms':>10}{'AR ref ms':>11}"
+    f"{'AR speedup':>11}{'AR floor ms':>13}{'YAN/AR':>9}{'YAN/floor':>11}{'same tok':>10}"
+)
+
+
+def _line(r: VersusRow) -> str:
+    ref = "-" if r.ar_ref_ms is None else f"{r.ar_ref_ms:.2f}"
+    up = "-" if r.ar_ref_ms is None else f"{r.ar_ref_ms / r.ar_ms:.2f}x"
+    same = "-" if r.same_tokens is None else f"{100 * r.same_tokens:.0f}%"
+    return (f"{r.protocol:<10}{r.batch:>6}{r.ar_new:>8}{r.yan_ms:10.2f}{r.ar_ms:10.2f}{ref:>11}"
+            f"{up:>11}{r.ar_floor_ms:13.3f}{r.yan_over_ar:9.3f}{r.yan_over_floor:11.3f}"
+            f"{same:>10}")  # fmt: skip
+
+
+def run_versus(args: argparse.Namespace) -> int:
+    from yan_serve.bench import (
+        _DTYPES,
+        _device,
+        _missing_gpu_stack,
+        _run_header,
+        _write_json,
+        copy_bandwidth,
+    )
+
+    device = _device(args)
+    if device == "cuda" and (missing := _missing_gpu_stack("versus")) is not None:
+        return missing
+    warnings.filterwarnings("ignore", message=".*past_key_values.*")  # HF's reference runner
+    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    bw = copy_bandwidth(10 if device == "cuda" else 5, device)
+    header = {**_run_header(device), "dtype": dtype_name, "copy_GBps": round(bw / 1e9, 1),
+              "ar_compile": args.compile}  # fmt: skip
+    print("  ".join(f"{k}={v}" for k, v in header.items()), flush=True)
+    rows: list[VersusRow] = []
+    for i, name in enumerate(args.pairs or (["yan-paper"] if device == "cuda" else ["yan-tiny"])):
+        if i:
+            print()
+        rows += _pair_rows(name, args, device, _DTYPES[dtype_name], bw, header)
+    print(COLUMNS)
+    for r in rows:
+        print(f"{r.pair}  " + _line(r))
+    print(
+        "YAN ms / AR ms: whole generate calls (CPU: YAN reference ops; CUDA: YAN graph-replayed\n"
+        "fused engine). AR: the fused decoder; AR ref: the path before it (CPU: Hugging Face,\n"
+        "CUDA: static-cache graphs); AR speedup = ref / fused. AR floor: weight and KV bytes over\n"
+        "the measured copy bandwidth. YAN/AR and YAN/floor below 1: YAN faster. same tok: rows\n"
+        "whose fused tokens equal the reference's."
+    )
+    _write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows]}])
+    return 0
+
+
+def _pair_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in PAIRS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected YAN presets from {', '.join(PAIRS)}, got {text!r}"
+        )
+    return names
+
+
+def _protocol_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or any(n not in PROTOCOLS for n in names):
+        raise argparse.ArgumentTypeError(f"expected protocols from {', '.join(PROTOCOLS)}")
+    return names
+
+
+def add_versus(sub: argparse._SubParsersAction) -> None:
+    from yan_serve.bench import _DTYPES, _add_device, _int_list
+
+    p = sub.add_parser("versus", help="YAN vs a same-size, same-vocabulary AR: ms and AR floor")
+    _add_device(p)
+    p.add_argument("--pairs", type=_pair_list,
+                   help="YAN presets, each against its AR match (default: yan-paper on CUDA, "
+                        "yan-tiny on CPU; also yan-small)")  # fmt: skip
+    p.add_argument("--protocols", type=_protocol_list, help="default complete,infill,fim")
+    p.add_argument("--batches", type=_int_list, help="default 1,8,64 (CPU: 1,8)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--iters", type=int, help="timed calls, median (default: 10 CUDA, 3 CPU)")
+    p.add_argument("--compile", action="store_true", help="the fused AR step under torch.compile")
+    p.add_argument("--no-ref", action="store_true", help="skip the AR reference path")
+    p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
+    p.set_defaults(func=run_versus)
