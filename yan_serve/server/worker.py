@@ -166,24 +166,32 @@ class ARWorker:
         self.max_length = int(getattr(cfg, "yan_max_length", cfg.n_positions // 2))
         self.default_steps = 1
         self.created = int(self.model_dir.stat().st_mtime)
-        self.static = None  # CUDA: a StaticRunner whose decode steps are CUDA-graph replays
+        self.static = None  # CUDA: a FusedRunner (or StaticRunner) replaying CUDA graphs
 
     def warmup(self, steps: int) -> float:
         t0 = time.perf_counter()
         sp = self.tokenizer.special
         self._generate([Job([sp.bos] * 8, 4, 0, 1)])
         if self.device.type == "cuda":  # capture before /ready turns 200
+            from yan_serve.ar.fused import FusedRunner
             from yan_serve.ar.static import StaticRunner
 
-            try:
-                runner = StaticRunner(self.model)
-                graphs, secs = runner.capture()
-            except Exception:  # serve eagerly rather than not at all
-                log.exception("AR CUDA graph capture failed: decoding eagerly")
-            else:
+            # the fused decode step (token choice and EOS on the device); the per-module
+            # static runner if its capture fails; eager decoding if both do
+            for cls in (FusedRunner, StaticRunner):
+                try:
+                    runner = cls(self.model)
+                    graphs, secs = runner.capture()
+                except Exception:  # serve with the next path rather than not at all
+                    log.exception("AR CUDA graph capture failed (%s)", cls.__name__)
+                    continue
                 self.static = runner
-                log.info("captured %d AR decode graphs in %.1f s, KV cache %.0f MiB",
-                         graphs, secs, runner.static.nbytes / 2**20)  # fmt: skip
+                mib = runner.static.nbytes / 2**20
+                log.info("captured %d AR decode graphs (%s) in %.1f s, KV cache %.0f MiB",
+                         graphs, cls.__name__, secs, mib)  # fmt: skip
+                break
+            else:
+                log.warning("AR decoding runs eagerly")
         return time.perf_counter() - t0
 
     def run(self, jobs: Sequence[Job]) -> list[Any]:
