@@ -44,7 +44,7 @@ from torch import Tensor
 from transformers import GPT2LMHeadModel
 
 from yan_serve.ar.generate import AROutput, ARRequest, collect_outputs, left_pad
-from yan_serve.ar.static import DEFAULT_BATCH_SIZES, StaticGPT2
+from yan_serve.ar.static import DEFAULT_BATCH_SIZES, StaticGPT2, WindowedRunner
 from yan_serve.engine.graphs import (
     Capturer,
     CudaGraphCapturer,
@@ -198,7 +198,7 @@ class _Window:
     graphs: dict[bool, Replayable] = field(default_factory=dict)  # sample? -> graph
 
 
-class FusedRunner:
+class FusedRunner(WindowedRunner):
     """Generation through captured windows of one `FusedGPT2`: `fits` says whether a batch can,
     `generate(requests, eos, pad)` returns `ar_generate`'s outputs. `check_every` steps run
     between two reads of the `done` flags (default 8 on CUDA, 1 elsewhere: a CPU pays for the
@@ -257,16 +257,6 @@ class FusedRunner:
                     if mode not in w.graphs:
                         self._capture(w, mode)
         return sum(len(w.graphs) for w in self.windows.values()), time.perf_counter() - t0
-
-    def window(self, batch: int, slots: int) -> tuple[int, int] | None:
-        """The smallest (batch, length) window holding `batch` rows and `slots` cache slots."""
-        b = next((x for x in self.batch_sizes if x >= batch), None)
-        n = next((x for x in self.lengths if x >= slots), None)
-        return None if b is None or n is None else (b, n)
-
-    def fits(self, batch: int, prompt_len: int, max_new: int) -> bool:
-        w = self.window(batch, prompt_len + max_new)
-        return w is not None and w in self.windows
 
     @torch.no_grad()
     def generate(self, requests: Sequence[ARRequest], eos: int, pad: int) -> list[AROutput]:

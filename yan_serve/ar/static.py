@@ -191,7 +191,26 @@ class _Window:
     out: dict[str, Tensor]
 
 
-class StaticRunner:
+class WindowedRunner:
+    """What the graph runners share: captured (batch, length) windows. Subclasses set
+    `batch_sizes` and `lengths` (ascending) and fill `windows`, keyed by (batch, length)."""
+
+    batch_sizes: tuple[int, ...]
+    lengths: tuple[int, ...]
+    windows: dict
+
+    def window(self, batch: int, slots: int) -> tuple[int, int] | None:
+        """The smallest (batch, length) window holding `batch` rows and `slots` cache slots."""
+        b = next((x for x in self.batch_sizes if x >= batch), None)
+        n = next((x for x in self.lengths if x >= slots), None)
+        return None if b is None or n is None else (b, n)
+
+    def fits(self, batch: int, prompt_len: int, max_new: int) -> bool:
+        w = self.window(batch, prompt_len + max_new)
+        return w is not None and w in self.windows
+
+
+class StaticRunner(WindowedRunner):
     """Decoding through captured windows of one `StaticGPT2`; `fits` says whether a batch can.
 
     The runner interface `start(ids, att, pos, max_new) -> logp`, `step(tok) -> logp` is the one
@@ -234,16 +253,6 @@ class StaticRunner:
                     graph = self.capturer(fn)
                 self.windows[(b, n)] = _Window(b, n, graph, out)
         return len(self.windows), time.perf_counter() - t0
-
-    def window(self, batch: int, slots: int) -> tuple[int, int] | None:
-        """The smallest (batch, length) window holding `batch` rows and `slots` cache slots."""
-        b = next((x for x in self.batch_sizes if x >= batch), None)
-        n = next((x for x in self.lengths if x >= slots), None)
-        return None if b is None or n is None else (b, n)
-
-    def fits(self, batch: int, prompt_len: int, max_new: int) -> bool:
-        w = self.window(batch, prompt_len + max_new)
-        return w is not None and w in self.windows
 
     def start(self, ids: Tensor, att: Tensor, pos: Tensor, max_new: int) -> Tensor:
         key = self.window(ids.shape[0], ids.shape[1] + max_new)
