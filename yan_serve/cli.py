@@ -285,7 +285,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         plan = T.plan_classify(tok, args.text, args.max_tokens, L)
     gen = Sampler(model).generate(
-        [GenerationRequest(plan.src, plan.tgt_len, args.seed)],
+        [GenerationRequest(plan.src, plan.tgt_len, args.seed, content=T.content_positions(plan))],
         steps=args.steps,
         routing=args.routing,
         return_previews=args.previews,

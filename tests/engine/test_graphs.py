@@ -433,3 +433,25 @@ def test_worker_captures_at_warmup_and_serves_generate_from_graphs() -> None:
     jobs[0].on_step = lambda i, toks: seen.append(i)
     w.run(jobs)  # previews: eager
     assert w.graphs.stats["graph"] == 1 and seen == list(range(w.default_steps))
+
+
+def test_graph_replay_keeps_infill_content_positions(micro_model: YAN) -> None:
+    """The replayed path applies the same content constraint as the eager sampler."""
+    import dataclasses
+
+    model = YAN(micro_model.config).eval()
+    model.load_state_dict(micro_model.state_dict())
+    with torch.no_grad():
+        model.decoder.lm_head.bias[model.config.pad_token_id] += 50.0
+    gs = GraphSampler(Sampler(model))
+    gs.capture(Ladder(batch_sizes=(4,), tgt_lengths=(16,), src_lengths=(16,), max_tokens=None,
+                      steps=3, routings=("argmax",)))  # fmt: skip
+    reqs = [GenerationRequest([5, 6, 7][: 1 + i], 9, seed=i, content=(1, 4)) for i in range(3)]
+    reqs.append(dataclasses.replace(reqs[0], content=()))
+    got = gs.generate(reqs, 3, "argmax")
+    assert gs.stats["graph"] == 1
+    want = gs.sampler.generate(reqs, 3, "argmax")
+    assert [g.full for g in got] == [g.full for g in want]
+    pad = model.config.pad_token_id
+    assert all(g.full[1] != pad and g.full[4] != pad for g in got[:3])
+    assert got[3].full == [pad] * 9

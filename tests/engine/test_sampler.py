@@ -232,3 +232,35 @@ def test_on_step_sees_every_time_point_as_it_is_reached(micro_model: YAN) -> Non
     out = s.generate(reqs, steps=4, on_step=lambda i, toks: seen.append((i, toks.shape[0])))
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
     assert out[0].previews is None
+
+
+def test_content_positions_never_decode_a_special_token(micro_model: YAN) -> None:
+    """A model that wants padding everywhere (pad's lm_head bias raised): `content` positions get
+    the most likely non-special token instead, with its probability under the full softmax
+    (small: the model preferred padding); other positions keep the pad; results depend on the
+    request only (alone == batched)."""
+    cfg = micro_model.config
+    special = {cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id, cfg.mask_token_id}
+    model = YAN(cfg).eval()
+    model.load_state_dict(micro_model.state_dict())
+    with torch.no_grad():
+        model.decoder.lm_head.bias[cfg.pad_token_id] += 50.0
+    s = Sampler(model)
+    reqs = [dataclasses.replace(r, tgt_len=6, content=(0, 3)) for r in _requests(3)]
+    reqs[1] = dataclasses.replace(reqs[1], content=())
+    out = s.generate(reqs, steps=2)
+    for r, g in zip(reqs, out, strict=True):
+        for p in range(r.tgt_len):
+            if p in r.content:
+                assert g.full[p] not in special and g.full_confidence[p] < 1e-6
+            else:
+                assert g.full[p] == cfg.pad_token_id
+    solo = [s.generate([r], steps=2)[0] for r in reqs]
+    assert [g.full for g in solo] == [g.full for g in out]
+    # the replacement is the argmax over the content tokens at that position
+    batch = s.prepare(reqs[:1])
+    z = s.solve(batch, 2, "sample", noise=s.draw(batch)).z
+    logp = torch.log_softmax(model.decode_logits(z[0, :1]).float(), -1)[0]
+    logp[list(special)] = float("-inf")
+    assert out[0].full[0] == int(logp.argmax())
+    assert math.isclose(out[0].full_confidence[0], float(logp.max().exp()), rel_tol=1e-4)

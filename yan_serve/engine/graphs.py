@@ -453,4 +453,5 @@ class GraphSampler:
             noise = Noise(io.z[idx], torch.empty(0), io.token_uniforms[idx])
             tok_h, conf_h = self.sampler.decode(io.z[idx], rows, noise)
             tokens[hot], conf[hot] = tok_h, conf_h
+        self.sampler.fill_content(io.z, requests, tokens, conf)
         return assemble(requests, tokens, conf, expert, self.model.config.eos_token_id)

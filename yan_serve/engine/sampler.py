@@ -40,6 +40,9 @@ class GenerationRequest:
     seed: int = 0
     temperature: float = 0.0  # 0: greedy; > 0: sample from softmax(logits / temperature)
     top_k: int = 0  # with temperature > 0: sample among the k most likely tokens (0: all)
+    # target positions that must hold a content token, not a special one (pad, EOS, BOS, mask):
+    # the first position of each infill gap, so that no [MASK] comes back empty
+    content: tuple[int, ...] = ()
 
 
 @dataclass
@@ -241,6 +244,7 @@ class Sampler:
         hook = step_hook if want_traj else None
         res = self.solve(batch, steps, routing, step_hook=hook, noise=noise)
         tokens, conf = self.decode(res.z, batch, noise)
+        self.fill_content(res.z, requests, tokens, conf)
         return assemble(requests, tokens, conf, res.expert, self.model.config.eos_token_id,
                         previews if return_previews else None)  # fmt: skip
 
@@ -306,6 +310,36 @@ class Sampler:
         for i in hot:
             tok[i], best[i] = self._sample_row(logits[i], batch, noise, i)
         return tok.cpu(), best.cpu()
+
+    @torch.no_grad()
+    def fill_content(
+        self, z: Tensor, requests: Sequence[GenerationRequest], tokens: Tensor, conf: Tensor
+    ) -> None:
+        """Where a request's `content` position decoded to a special token, put the most likely
+        content token there instead (in place in `tokens` / `conf`, host tensors [B, L]), with
+        its probability under the full softmax: a position the model would rather leave empty
+        reports a low confidence. Only those positions' logits are computed (z [B, L, d] is the
+        latent the tokens were decoded from); each row's result depends on that row only."""
+        cfg = self.model.config
+        special = [cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id, cfg.mask_token_id]
+        rows, cols = [], []
+        for i, r in enumerate(requests):
+            for p in r.content:
+                if 0 <= p < r.tgt_len and int(tokens[i, p]) in special:
+                    rows.append(i)
+                    cols.append(p)
+        if not rows:
+            return
+        zz = z[torch.tensor(rows, device=z.device), torch.tensor(cols, device=z.device)]  # [K, d]
+        engine = self.engine
+        logits = engine.logits(zz) if engine is not None else self.model.decode_logits(zz).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        logp_content = logp.clone()
+        logp_content[:, special] = float("-inf")
+        best, tok = logp_content.max(-1)
+        for k, (i, p) in enumerate(zip(rows, cols, strict=True)):
+            tokens[i, p] = int(tok[k])
+            conf[i, p] = float(best[k].exp())
 
     def greedy(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """`decode`'s greedy path kept on the device (no `.cpu()`, capturable): z [B, L, d] ->

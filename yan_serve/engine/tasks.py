@@ -126,6 +126,28 @@ def infill_plan_from_source(src: list[int], budget: int, mask: int, eos: int) ->
     return infill_plan_from_pieces(pieces, [budget] * (len(pieces) - 1), mask)
 
 
+def content_positions(plan: Plan) -> tuple[int, ...]:
+    """The target positions that must hold a content token: the first slot of each infill gap
+    (so that no [MASK] comes back empty); none for the other tasks."""
+    if plan.task != "infill" or not plan.fill_slots:
+        return ()
+    return tuple(a for a, b in plan.fill_slots if b > a)
+
+
+def fill_confidences(
+    plan: Plan, row: list[int], conf: list[float], specials: set[int]
+) -> list[float]:
+    """Each fill's confidence, from its own tokens: the mean decoder probability of the content
+    tokens at its slots; 0.0 for a fill left empty (padding and other special tokens are not
+    the fill's words, so a gap the model leaves empty never reports a high confidence)."""
+    assert plan.fill_slots is not None
+    out = []
+    for a, b in plan.fill_slots:
+        kept = [conf[i] for i in range(a, b) if row[i] not in specials]
+        out.append(sum(kept) / len(kept) if kept else 0.0)
+    return out
+
+
 def finish_infill(tok: YANTokenizer, plan: Plan, row: list[int]) -> tuple[str, list[str]]:
     """(filled text, each fill's text) from the generated full-length row: known text is kept,
     fills are the tokens at their slots (special tokens dropped)."""

@@ -488,7 +488,12 @@ def _install_routes(app: FastAPI, state: State) -> None:
         def finish(g: Generation) -> S.Candidate:
             text, fills = T.finish_infill(w.tokenizer, plan, g.full)
             conf = [g.full_confidence[a + i] for a, b in plan.fill_slots for i in range(b - a)]
-            return _candidate(text, conf, req.return_confidence, fills=fills)
+            per_fill = T.fill_confidences(
+                plan, g.full, g.full_confidence, set(w.tokenizer.special.ids())
+            )
+            mean = sum(per_fill) / len(per_fill)
+            return _candidate(text, conf, req.return_confidence, fills=fills,
+                              fill_confidence=per_fill, confidence=mean)  # fmt: skip
 
         def respond(base: dict, best: S.Candidate) -> S.InfillResponse:
             return S.InfillResponse(**base, fills=best.fills or [])
@@ -648,12 +653,19 @@ def _plan(make: Callable[[], T.Plan]) -> T.Plan:
 
 
 def _candidate(
-    text: str, conf: Sequence[float], with_conf: bool, n_tokens: int | None = None, **kw
+    text: str,
+    conf: Sequence[float],
+    with_conf: bool,
+    n_tokens: int | None = None,
+    confidence: float | None = None,
+    **kw,
 ) -> S.Candidate:
-    """A candidate; confidence is the mean decoder probability over its output positions."""
-    mean = float(sum(conf) / len(conf)) if conf else 0.0
+    """A candidate; confidence is the mean decoder probability over its output positions
+    unless the task defines its own (`confidence`: infill, per fill)."""
+    if confidence is None:
+        confidence = float(sum(conf) / len(conf)) if conf else 0.0
     c = S.Candidate(
-        text=text, confidence=mean, token_confidence=list(conf) if with_conf else None, **kw
+        text=text, confidence=confidence, token_confidence=list(conf) if with_conf else None, **kw
     )
     c._n_tokens = len(conf) if n_tokens is None else n_tokens
     return c
@@ -696,7 +708,12 @@ def _jobs(
             steps,
             opts.routing,
             temperature,
-            extra={"plan": plan, "protocol": protocol, "ignore_eos": ignore_eos},
+            extra={
+                "plan": plan,
+                "protocol": protocol,
+                "ignore_eos": ignore_eos,
+                "allow_empty": bool(getattr(opts, "allow_empty", False)),
+            },
         )
         for i in range(n or opts.n)
     ]

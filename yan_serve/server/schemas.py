@@ -96,6 +96,12 @@ class InfillRequest(GenerationOptions):
         "`full`, every span's budget for `fim`) instead of stopping at EOS; YAN always computes "
         "every position.",
     )
+    allow_empty: bool = Field(
+        False,
+        description="YAN: let a span come back empty. By default each [MASK] gets at least one "
+        "word token (where the model would leave the gap empty, its most likely word, with the "
+        "low confidence the model gives it).",
+    )
 
 
 class CompleteRequest(GenerationOptions):
@@ -158,6 +164,11 @@ class Candidate(BaseModel):
     token_confidence: list[float] | None = None
     finish_reason: Literal["stop", "length"] | None = None
     fills: list[str] | None = Field(None, description="Infill: the text of each span.")
+    fill_confidence: list[float] | None = Field(
+        None,
+        description="Infill: each span's confidence, the mean decoder probability of its own "
+        "word tokens (0 for an empty span); `confidence` is their mean.",
+    )
     _n_tokens: int = PrivateAttr(0)  # output tokens, for usage accounting
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from yan_serve.engine.sampler import GenerationRequest, Sampler
+from yan_serve.engine.tasks import content_positions
 from yan_serve.server.batcher import Job
 from yan_serve.weights import from_pretrained, load_labels, load_tokenizer
 
@@ -107,7 +108,10 @@ class YANWorker:
 
     def run(self, jobs: Sequence[Job]) -> list[Any]:
         first = jobs[0]
-        reqs = [GenerationRequest(j.src, j.tgt_len, j.seed, j.temperature, j.top_k) for j in jobs]
+        reqs = [
+            GenerationRequest(j.src, j.tgt_len, j.seed, j.temperature, j.top_k, _content(j))
+            for j in jobs
+        ]
         if first.target is not None:
             logps = self.sampler.score(reqs, [j.target for j in jobs], first.steps, first.routing)
             return _with_top(
@@ -142,6 +146,15 @@ class YANWorker:
             [list(zip(ids[i][p], vals[i][p], strict=True)) for p in range(r.tgt_len)]
             for i, r in enumerate(reqs)
         ]
+
+
+def _content(job: Job) -> tuple[int, ...]:
+    """An infill job's positions that must hold a content token (none when the request allows
+    empty fills, or for other tasks)."""
+    plan = job.extra.get("plan")
+    if plan is None or job.extra.get("allow_empty"):
+        return ()
+    return content_positions(plan)
 
 
 class ARWorker:
