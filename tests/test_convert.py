@@ -1,4 +1,4 @@
-"""Converter from the paper author's checkpoints (YAN_SPEC.md section 7) to our format.
+"""Converter from the paper author's checkpoints to our format.
 
 The reference checkpoint is synthetic: a random micro YAN renamed back to the author's layout
 (shared embeddings under several names, one FFN per expert with out-major weights), saved with
