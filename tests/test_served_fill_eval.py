@@ -1,0 +1,47 @@
+"""scripts/served_fill_eval.py on a few passages: it prints both rows and never reports an empty
+fill when empty spans are not allowed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "served_fill_eval", ROOT / "scripts/served_fill_eval.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_masked_items_hide_one_to_three_words() -> None:
+    mod = _load()
+    rows = [{"text": "one two three four five six seven eight nine ten"}] * 20
+    for text, gold in mod.masked_items(rows, 20, seed=1):
+        assert text.count("[MASK]") == 1 and 1 <= len(gold.split()) <= 3
+        assert text.replace("[MASK]", gold) == rows[0]["text"]
+
+
+def test_runs_and_reports_both_settings(tmp_path: Path, capsys) -> None:
+    mod = _load()
+    passages = [
+        "In the beginning God created the heaven and the earth.",
+        "And God said, Let there be light: and there was light.",
+        "The LORD is my shepherd; I shall not want.",
+    ]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in passages))
+    rc = mod.main(
+        ["--model", str(ROOT / "weights/yan-tiny-kjv"), "--data", str(tmp_path), "--n", "3"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = re.findall(r"allow_empty=(True|False)\s+ROUGE-L ([0-9.]+)\s+empty fills (\d+)/3", out)
+    assert [r[0] for r in rows] == ["True", "False"]
+    assert rows[1][2] == "0"
+    assert mod.main(["--data", str(tmp_path / "missing")]) == 2
