@@ -14,11 +14,12 @@ import pytest
 
 from yan_serve.ar.evaluate import fim_text
 from yan_serve.ar.generate import ARRequest, ar_generate
-from yan_serve.ar.model import is_ar_checkpoint, load_ar
+from yan_serve.ar.model import load_ar
 from yan_serve.tasks import metrics
 from yan_serve.tasks.formats import TaskFormatter
 from yan_serve.tasks.records import TextRecord
 from yan_serve.tokenizer import YANTokenizer
+from yan_serve.weights import is_ar_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "weights" / "ar-tiny-kjv"

@@ -31,12 +31,7 @@ RANK = {
 TOP = max(RANK.values()) + 1  # the applications: cli, bench, convert, experiments, __main__
 
 # Upward imports that remain, each with the reason it cannot point down yet.
-EXCEPTIONS = {
-    # `yan compare` tells a GPT-2 checkpoint from a YAN one with `is_ar_checkpoint`, which is
-    # defined in yan_serve/ar/model.py; the check belongs below both (e.g. yan_serve.weights),
-    # with ar.model importing it from there.
-    ("yan_serve.tasks.compare", "yan_serve.ar.model"),
-}
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path, root: Path) -> str:

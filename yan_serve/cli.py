@@ -148,11 +148,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_train_ar(args: argparse.Namespace) -> int:
     """The AR baseline: fresh from --tokenizer (a YAN checkpoint or tokenizer directory, so both
     models share one tokenizer), or continued from an AR checkpoint given as --init."""
-    from yan_serve.ar.model import ar_config, is_ar_checkpoint, load_ar
+    from yan_serve.ar.model import ar_config, load_ar
     from yan_serve.ar.train import ARTrainConfig, train_ar
     from yan_serve.tokenizer import YANTokenizer
     from yan_serve.train.recipes import load_corpus
     from yan_serve.train.trainer import eprint
+    from yan_serve.weights import is_ar_checkpoint
 
     corpus = load_corpus(args.data, seed=args.seed)
     if args.init:
@@ -197,10 +198,10 @@ def cmd_train_ar(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from yan_serve.ar.model import is_ar_checkpoint
     from yan_serve.tasks.evaluate import evaluate, results_table
     from yan_serve.train.recipes import load_corpus
     from yan_serve.train.trainer import eprint, resolve_device
+    from yan_serve.weights import is_ar_checkpoint
 
     corpus = load_corpus(args.data, splits=(args.split,), seed=args.seed)
     steps = [int(s) for s in args.steps.split(",")]

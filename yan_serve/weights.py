@@ -22,6 +22,15 @@ from yan_serve.model import YAN
 from yan_serve.tokenizer import YANTokenizer
 
 
+def is_ar_checkpoint(directory: str | Path) -> bool:
+    """Whether a model directory holds the GPT-2 baseline (config.json's `model_type`), not YAN."""
+    f = Path(directory) / "config.json"
+    try:
+        return json.loads(f.read_text()).get("model_type") == "gpt2"
+    except (OSError, ValueError):
+        return False
+
+
 def save_pretrained(
     model: YAN,
     directory: str | Path,

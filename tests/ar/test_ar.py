@@ -12,12 +12,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from yan_serve.ar.evaluate import fim_text
 from yan_serve.ar.generate import ARRequest, ar_generate
-from yan_serve.ar.model import ar_config, fim_target, is_ar_checkpoint, load_ar, save_ar
+from yan_serve.ar.model import ar_config, fim_target, load_ar, save_ar
 from yan_serve.ar.train import collate_ar, target_loss
 from yan_serve.config import YANConfig
 from yan_serve.model import YAN
 from yan_serve.tasks.formats import Example
 from yan_serve.tokenizer import YANTokenizer, train_bpe
+from yan_serve.weights import is_ar_checkpoint
 
 EOS, PAD = 2, 0
 

@@ -124,8 +124,8 @@ def test_healthcheck_gates_on_readiness(name: str) -> None:
 def test_models() -> None:
     """yan serves the baked-in default checkpoint; ar serves weights/ar-tiny-kjv, shipped in the
     repository (so baked into the image) and started by default, not behind a profile."""
-    from yan_serve.ar.model import is_ar_checkpoint
     from yan_serve.server.settings import default_model_dir
+    from yan_serve.weights import is_ar_checkpoint
 
     services = compose()["services"]
     assert settings_of(services["yan"], "yan").model == default_model_dir()

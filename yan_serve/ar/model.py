@@ -8,7 +8,6 @@ the strong baseline.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -36,14 +35,6 @@ def ar_config(tok: YANTokenizer, max_length: int, preset: str = "ar-tiny") -> GP
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         yan_max_length=max_length, yan_preset=preset, **AR_PRESETS[preset],
     )  # fmt: skip
-
-
-def is_ar_checkpoint(directory: str | Path) -> bool:
-    f = Path(directory) / "config.json"
-    try:
-        return json.loads(f.read_text()).get("model_type") == "gpt2"
-    except (OSError, ValueError):
-        return False
 
 
 def load_ar(directory: str | Path, device: str | torch.device = "cpu") -> GPT2LMHeadModel:

@@ -308,9 +308,8 @@ def check_checkpoint(model_dir: str | Path, device: str = "auto") -> None:
     """What can be checked before loading, in seconds and without reading the weights: the
     device exists; config.json, model.safetensors' header, tokenizer.json and labels.json are
     readable and agree. Raises ValueError / FileNotFoundError naming the file and the field."""
-    from yan_serve.ar.model import is_ar_checkpoint
     from yan_serve.tokenizer import YANTokenizer
-    from yan_serve.weights import check_pretrained
+    from yan_serve.weights import check_pretrained, is_ar_checkpoint
 
     d = Path(model_dir)
     pick_device(device)
@@ -339,6 +338,6 @@ def check_checkpoint(model_dir: str | Path, device: str = "auto") -> None:
 
 def load_worker(model_dir: str | Path, device: str = "auto"):
     """The worker for a checkpoint directory: AR (GPT-2 config) or YAN."""
-    from yan_serve.ar.model import is_ar_checkpoint
+    from yan_serve.weights import is_ar_checkpoint
 
     return (ARWorker if is_ar_checkpoint(model_dir) else YANWorker)(model_dir, device)

@@ -71,7 +71,7 @@ def _load(path: str | Path) -> tuple[str, str, list[dict]]:
         results = json.loads(f.read_text())["results"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{f} is not a `yan eval --json` file") from e
-    from yan_serve.ar.model import is_ar_checkpoint
+    from yan_serve.weights import is_ar_checkpoint
 
     ar = is_ar_checkpoint(f.parent) or all(r["steps"] == 0 for r in results)
     kind = "ar" if ar else "yan"
