@@ -47,10 +47,8 @@ from yan_serve.ar.generate import AROutput, ARRequest, collect_outputs, left_pad
 from yan_serve.ar.static import DEFAULT_BATCH_SIZES, StaticGPT2, WindowedRunner
 from yan_serve.engine.graphs import (
     Capturer,
-    CudaGraphCapturer,
     EagerReplay,
     Replayable,
-    length_buckets,
 )
 
 log = logging.getLogger("yan_serve.ar")
@@ -213,16 +211,11 @@ class FusedRunner(WindowedRunner):
         compile: bool = False,
         check_every: int | None = None,
     ) -> None:
-        lengths = lengths or length_buckets(model.config.n_positions, smallest=64)
-        if any(n < 1 for n in (*batch_sizes, *lengths)):
-            raise ValueError("batch sizes and lengths must be >= 1")
-        self.batch_sizes, self.lengths = tuple(sorted(batch_sizes)), tuple(sorted(lengths))
+        super().__init__(model, batch_sizes, lengths)
         self.fused = FusedGPT2(model, self.batch_sizes[-1], self.lengths[-1], compile=compile)
         dev = self.fused.device
-        if capturer is None:
-            capturer = CudaGraphCapturer(dev) if dev.type == "cuda" else EagerReplay
-        self.capturer = capturer
-        self.fused.trim = capturer is EagerReplay
+        self.capturer = capturer if capturer is not None else self.default_capturer(dev)
+        self.fused.trim = self.capturer is EagerReplay
         self.check_every = check_every or (8 if dev.type == "cuda" else 1)
         self.windows: dict[tuple[int, int], _Window] = {}
         self.current: _Window | None = None

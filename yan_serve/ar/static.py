@@ -192,12 +192,27 @@ class _Window:
 
 
 class WindowedRunner:
-    """What the graph runners share: captured (batch, length) windows. Subclasses set
-    `batch_sizes` and `lengths` (ascending) and fill `windows`, keyed by (batch, length)."""
+    """What the graph runners share: captured (batch, length) windows. The ladder is
+    `batch_sizes` x `lengths` (ascending; lengths default to power-of-two buckets from 64 up to
+    the model's context); subclasses fill `windows`, keyed by (batch, length)."""
 
-    batch_sizes: tuple[int, ...]
-    lengths: tuple[int, ...]
-    windows: dict
+    def __init__(
+        self,
+        model: GPT2LMHeadModel,
+        batch_sizes: tuple[int, ...],
+        lengths: tuple[int, ...] | None,
+    ) -> None:
+        lengths = lengths or length_buckets(model.config.n_positions, smallest=64)
+        if any(n < 1 for n in (*batch_sizes, *lengths)):
+            raise ValueError("batch sizes and lengths must be >= 1")
+        self.batch_sizes, self.lengths = tuple(sorted(batch_sizes)), tuple(sorted(lengths))
+        self.windows: dict = {}
+        self.current = None
+
+    @staticmethod
+    def default_capturer(device: torch.device) -> Capturer:
+        """CUDA graphs on a GPU, eager replay of the same buffers elsewhere."""
+        return CudaGraphCapturer(device) if device.type == "cuda" else EagerReplay
 
     def window(self, batch: int, slots: int) -> tuple[int, int] | None:
         """The smallest (batch, length) window holding `batch` rows and `slots` cache slots."""
@@ -223,15 +238,11 @@ class StaticRunner(WindowedRunner):
         lengths: tuple[int, ...] | None = None,
         capturer: Capturer | None = None,
     ) -> None:
-        lengths = lengths or length_buckets(model.config.n_positions, smallest=64)
-        if any(n < 1 for n in (*batch_sizes, *lengths)):
-            raise ValueError("batch sizes and lengths must be >= 1")
-        self.batch_sizes, self.lengths = tuple(sorted(batch_sizes)), tuple(sorted(lengths))
+        super().__init__(model, batch_sizes, lengths)
         self.static = StaticGPT2(model, self.batch_sizes[-1], self.lengths[-1])
-        if capturer is None:
-            dev = self.static.device
-            capturer = CudaGraphCapturer(dev) if dev.type == "cuda" else EagerReplay
-        self.capturer = capturer
+        self.capturer = (
+            capturer if capturer is not None else self.default_capturer(self.static.device)
+        )
         self.windows: dict[tuple[int, int], _Window] = {}
         self.current: _Window | None = None
 
