@@ -750,7 +750,7 @@ def _bench_sampler_shape(
     from yan_kernels import ops
 
     from yan_serve.engine.graphs import GraphSampler, Ladder
-    from yan_serve.engine.launches import count_cuda_kernels, kernel_times
+    from yan_serve.engine.launches import kernel_counts, kernel_times
     from yan_serve.engine.sampler import Sampler
 
     reqs = _requests(model.config, batch, length)
@@ -765,12 +765,11 @@ def _bench_sampler_shape(
         fused_ms = _or_oom(lambda: _wall_ms(lambda: fused.generate(reqs, steps, "argmax"), iters))
         fused_out = _or_oom(lambda: fused.generate(reqs, steps, "argmax"))
         launches = None
-        if fused_out is not None:
-            kernels = count_cuda_kernels(lambda: fused.generate(reqs, steps, "argmax"))
-            launches = sum(kernels.values())
+        if fused_out is not None:  # one profiled sample: its launches (and breakdown)
+            times = kernel_times(lambda: fused.generate(reqs, steps, "argmax"))
+            launches = sum(kernel_counts(times).values())
             if profile:
-                _print_profile(kernel_times(lambda: fused.generate(reqs, steps, "argmax")),
-                               profile, f"{batch}x{length}")  # fmt: skip
+                _print_profile(times, profile, f"{batch}x{length}")
         ladder = Ladder(
             batch_sizes=(batch,), tgt_lengths=(length,), max_tokens=None, steps=steps,
             routings=("argmax",),

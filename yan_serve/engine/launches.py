@@ -3,8 +3,8 @@
 At batch 1 a YAN sample is launch-bound, so the number of kernels per sample is a figure the
 benchmarks report next to the time.
 
-- CUDA (`count_cuda_kernels`): torch.profiler's device activity, every kernel that ran (memory
-  copies and sets excluded).
+- CUDA (`kernel_times`, `kernel_counts`): torch.profiler's device activity, every kernel that
+  ran with its device time (`kernel_counts` drops memory copies and sets).
 - CPU proxy (`count_dispatched`): the torch operators a call dispatches that would launch a
   kernel on a GPU (views, allocations and other metadata-only operators are not counted), with
   each call of a fused `yan_kernels.ops` facade counted as the launches its Triton kernels take
@@ -90,27 +90,9 @@ def count_dispatched(fn: Callable[[], object]) -> Counter[str]:
     return counter.ops
 
 
-def count_cuda_kernels(fn: Callable[[], object]) -> Counter[str]:
-    """Kernels `fn()` runs on the GPU, by name (torch.profiler; copies and memsets excluded)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    out: Counter[str] = Counter()
-    for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        name = evt.name
-        if name.startswith(("Memcpy", "Memset")) or "memcpy" in name.lower():
-            continue
-        out[name] += 1
-    return out
-
-
 def kernel_times(fn: Callable[[], object]) -> dict[str, tuple[int, float]]:
-    """Kernels `fn()` runs on the GPU, by name: (count, total device microseconds)."""
+    """Everything `fn()` runs on the GPU (kernels, copies, sets), by name: (count, total device
+    microseconds), from torch.profiler's device activity."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -124,3 +106,13 @@ def kernel_times(fn: Callable[[], object]) -> dict[str, tuple[int, float]]:
         c, us = out.get(evt.name, (0, 0.0))
         out[evt.name] = (c + 1, us + evt.time_range.elapsed_us())
     return out
+
+
+def is_copy(name: str) -> bool:
+    """A memory copy or set, not a kernel launch of ours."""
+    return name.startswith(("Memcpy", "Memset")) or "memcpy" in name.lower()
+
+
+def kernel_counts(times: dict[str, tuple[int, float]]) -> Counter[str]:
+    """The kernels of a `kernel_times` result, by name (copies and sets excluded)."""
+    return Counter({name: c for name, (c, _) in times.items() if not is_copy(name)})
