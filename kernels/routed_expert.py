@@ -369,10 +369,9 @@ def routed_expert_euler(
     order, tile_tab, total, bm = tiles or build_tile_map(expert, K, cfg.block_m)
     act = torch.empty((N, Fh), device=h.device, dtype=h.dtype)
     precision = _precision(h.dtype)
-    w1a, w1_2d = w1, w1.reshape(K * D, Fh)
-    up_tma = cfg.tma and w1.is_contiguous() and tma.ready(w1_2d)
-    if up_tma:
-        w1a = tma.descriptor(w1_2d, [cfg.block_k, cfg.block_n])
+    # TMA forms read the weights as 2-D [K * rows, cols] views (contiguous weights only)
+    up_tma = cfg.tma and w1.is_contiguous() and tma.ready(w1.view(K * D, Fh))
+    w1a = tma.descriptor(w1.view(K * D, Fh), [cfg.block_k, cfg.block_n]) if up_tma else w1
     _expert_up_kernel[(total * triton.cdiv(Fh, cfg.block_n),)](
         h, order, tile_tab, w1a, b1, act,
         D, Fh, total,
@@ -382,10 +381,10 @@ def routed_expert_euler(
     )  # fmt: skip
     zz = z if z is not None else out  # a valid pointer; not read unless HAS_Z
     acta, w2a = act, w2
-    down_tma = dcfg.tma and w2.is_contiguous() and tma.ready(act, w2.reshape(K * Fh, D))
+    down_tma = dcfg.tma and w2.is_contiguous() and tma.ready(act, w2.view(K * Fh, D))
     if down_tma:
         acta = tma.descriptor(act, [bm, dcfg.block_k])
-        w2a = tma.descriptor(w2.reshape(K * Fh, D), [dcfg.block_k, dcfg.block_n])
+        w2a = tma.descriptor(w2.view(K * Fh, D), [dcfg.block_k, dcfg.block_n])
     _expert_down_kernel[(total * triton.cdiv(D, dcfg.block_n),)](
         acta, order, tile_tab, w2a, b2, zz, out, float(dt),
         D, Fh, total,

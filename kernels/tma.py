@@ -14,15 +14,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 def ready(*tensors: Tensor) -> bool:
-    """Whether TMA descriptors can describe these 2-D tensors of 16-bit elements for the GPU
-    they live on (Hopper or newer), or for the interpreter on the CPU."""
+    """Whether TMA descriptors can describe these 2-D tensors: 16-bit elements on a Hopper (or
+    newer) GPU; 16- or 32-bit on the CPU, where the interpreter runs descriptor kernels."""
     t0 = tensors[0]
     if t0.device.type == "cuda" and torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
     return all(
         t.dim() == 2
-        and t.element_size() in (2, 4)
-        and (t.element_size() == 2 or t.device.type == "cpu")
+        and (t.element_size() == 2 or (t.element_size() == 4 and t.device.type == "cpu"))
         and t.stride(-1) == 1
         and t.data_ptr() % 16 == 0
         and (t.stride(0) * t.element_size()) % 16 == 0
