@@ -211,7 +211,7 @@ def test_flash_attention_equals_sdpa_at_paper_shapes_on_gpu() -> None:
     reqs = _paper_requests(1, [(300, 257), (17, 512), (512, 1), (1, 64)])
     sdpa, flash = Sampler(model, fused=True), Sampler(model, fused=True)
     sdpa.engine.attention, flash.engine.attention = "sdpa", "flash"
-    assert flash.engine.uses_flash(next(model.parameters()), 17)
+    assert flash.engine.uses_flash(next(model.parameters()))
     batch, want, got = _solve_both(sdpa, flash, reqs)
     real = batch.tgt_mask
     err = (got.z[real].float() - want.z[real].float()).norm() / want.z[real].float().norm()
@@ -225,5 +225,5 @@ def test_attention_backend_is_checked() -> None:
         FusedEngine(model, attention="xformers")
     eng = FusedEngine(model, attention="flash")
     with pytest.raises(ValueError, match="needs CUDA, 16-bit weights"):
-        eng.uses_flash(next(model.parameters()), 4096)  # a CPU float32 model
-    assert not FusedEngine(model).uses_flash(next(model.parameters()), 4096)
+        eng.uses_flash(next(model.parameters()))  # a CPU float32 model
+    assert not FusedEngine(model).uses_flash(next(model.parameters()))

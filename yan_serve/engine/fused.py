@@ -32,6 +32,7 @@ whether any source parameter changed since (an optimizer step, `load_state_dict`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,7 +98,6 @@ class KeyPadding:
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "cudnn")
-FLASH_MIN_LENGTH: int | None = None  # "auto": FlashAttention from this many positions on
 
 
 def flash_varlen_available() -> bool:
@@ -112,11 +112,9 @@ class FusedEngine:
     additive key-padding mask (the reference; the only path off CUDA); "flash" through
     FlashAttention's variable-length kernel, which skips padded keys instead of masking them
     and reads Q, K and V straight out of the packed projections (no transposes); "cudnn" SDPA
-    restricted to cuDNN's fused attention; "auto" takes flash on CUDA for 16-bit weights and
-    head sizes it supports when the queries or keys number `FLASH_MIN_LENGTH` or more (None:
-    never), SDPA otherwise. Measured on an H100 (torch 2.11, yan-paper, bf16), SDPA, which
-    picks cuDNN's fused attention there, was as fast as flash or faster at 1 x 512, 1 x 1024 and
-    64 x 512 and within 1% at 64 x 1024, so "auto" is SDPA."""
+    restricted to cuDNN's fused attention; "auto" is SDPA: measured on an H100 (torch 2.11,
+    yan-paper, bf16), SDPA, which picks cuDNN's fused attention there, was as fast as flash or
+    faster at 1 x 512, 1 x 1024 and 64 x 512 and within 1% at 64 x 1024."""
 
     def __init__(self, model: YAN, attention: str = "auto") -> None:
         if attention not in ATTENTION_BACKENDS:
@@ -237,8 +235,11 @@ class FusedEngine:
         zero = torch.zeros((), dtype=dtype, device=mask.device)
         return torch.where(keep, zero, float("-inf")).to(dtype)[:, None, None, :]
 
-    def flash_able(self, x: Tensor) -> bool:
-        """Whether FlashAttention can run on activations like `x` (see the class)."""
+    def uses_flash(self, x: Tensor) -> bool:
+        """Whether attention on activations like `x` runs FlashAttention: only when asked
+        (`attention="flash"`), which needs CUDA, 16-bit weights and a supported head size."""
+        if self.attention != "flash":
+            return False
         hd = self.cfg.d_model // self.cfg.attention_heads
         able = (
             x.is_cuda
@@ -247,20 +248,12 @@ class FusedEngine:
             and hd <= 256
             and flash_varlen_available()
         )
-        if self.attention == "flash" and not able:
+        if not able:
             raise ValueError(
                 "attention='flash' needs CUDA, 16-bit weights and a head size that is a "
                 f"multiple of 8 up to 256 (got {x.device.type}, {x.dtype}, head size {hd})"
             )
-        return able
-
-    def uses_flash(self, x: Tensor, length: int) -> bool:
-        """Whether an attention over `length` queries or keys (the larger) runs FlashAttention."""
-        if self.attention in ("sdpa", "cudnn") or not self.flash_able(x):
-            return False
-        if self.attention == "flash":
-            return True
-        return FLASH_MIN_LENGTH is not None and length >= FLASH_MIN_LENGTH
+        return True
 
     def key_padding(self, mask: Tensor, dtype: torch.dtype, flash: bool) -> KeyPadding:
         """[B, L] bool prefix mask -> `KeyPadding` (the flash fields only when `flash`)."""
@@ -280,18 +273,18 @@ class FusedEngine:
         H, hd = q.shape[1], q.shape[2]
         Lq, Lk = qpad.length, kpad.length
         B = q.shape[0] // Lq
-        if qpad.flash and kpad.flash and self.uses_flash(q, max(Lq, Lk)):
+        if kpad.flash:  # the paddings carry flash fields exactly when flash was chosen
             out = torch.ops.aten._flash_attention_forward(
                 q, k, v, qpad.starts, kpad.starts, Lq, Lk, 0.0, False, False, seqused_k=kpad.used
             )[0]
             return out.reshape(B * Lq, H * hd)
         qt, kt, vt = (t.view(B, -1, H, hd).transpose(1, 2) for t in (q, k, v))  # [B, H, L, hd]
+        backends = contextlib.nullcontext()
         if self.attention == "cudnn":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=kpad.bias())
-        else:
+            backends = sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+        with backends:
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=kpad.bias())
         return o.transpose(1, 2).reshape(B * Lq, H * hd)
 
@@ -323,17 +316,15 @@ class FusedEngine:
 
     # ----------------------------------------------------------------------------- encoder
     @torch.no_grad()
-    def encode(
-        self, src: Tensor, src_mask: Tensor, tgt_length: int = 0
-    ) -> tuple[Tensor, KeyPadding]:
+    def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, KeyPadding]:
         """src [B, Lx] long, src_mask [B, Lx] (a prefix mask) -> (latents [B, Lx, d] zero at
         padding, the source's key padding for attending to them, with the flash fields when
-        an attention over Lx source or `tgt_length` target positions runs FlashAttention)."""
+        attention runs FlashAttention)."""
         m = self.model
         B, Lx = src.shape
         d = self.cfg.d_model
         w = m.tok_emb.weight
-        pad = self.key_padding(src_mask, w.dtype, self.uses_flash(w, max(Lx, tgt_length)))
+        pad = self.key_padding(src_mask, w.dtype, self.uses_flash(w))
         x = F.embedding(src, m.tok_emb.weight) + m.positions(Lx)  # [B, Lx, d]
         x = x.reshape(B * Lx, d)
         blocks = m.encoder.trf_blocks
@@ -432,7 +423,7 @@ class FusedEngine:
         flow = self.model.flow
         B, L, d = z0.shape
         tables = self.tables(steps)
-        src_h, src_pad = self.encode(src, src_mask, L)
+        src_h, src_pad = self.encode(src, src_mask)
         src_pooled = masked_mean(src_h, src_mask)
         tgt_pad = self.key_padding(tgt_mask, z0.dtype, src_pad.flash)
         cross_kv = self._cross_kv(src_h)
