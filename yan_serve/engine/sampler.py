@@ -333,10 +333,9 @@ class Sampler:
         zz = z[torch.tensor(rows, device=z.device), torch.tensor(cols, device=z.device)]  # [K, d]
         engine = self.engine
         logits = engine.logits(zz) if engine is not None else self.model.decode_logits(zz).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        logp_content = logp.clone()
-        logp_content[:, special] = float("-inf")
-        best, tok = logp_content.max(-1)
+        logp = torch.log_softmax(logits, dim=-1)  # over every token: the reported probability
+        logp[:, special] = float("-inf")  # then the choice among content tokens
+        best, tok = logp.max(-1)
         for k, (i, p) in enumerate(zip(rows, cols, strict=True)):
             tokens[i, p] = int(tok[k])
             conf[i, p] = float(best[k].exp())
