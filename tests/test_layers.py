@@ -1,7 +1,7 @@
 """Import layers, read from the source (ast, nothing imported): every import points down.
 
     yan_kernels (kernels/)  imports nothing from yan_serve, and its own modules only relatively
-    config, tokenizer, flow  <  model  <  engine, weights  <  tasks  <  train  <  ar  <  server
+    config, device, tokenizer, flow  <  model  <  engine, weights  <  tasks  <  train  <  ar  <  server
     everything else (cli, bench, convert, experiments, __main__) sits on top
 
 Imports inside functions count: a lazy import is still a dependency.
@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RANK = {
     "config": 0,
+    "device": 0,
     "tokenizer": 0,
     "flow": 0,
     "model": 1,

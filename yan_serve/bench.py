@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from yan_serve.device import resolve_device
+
 if TYPE_CHECKING:
     from yan_serve.config import YANConfig
     from yan_serve.engine.sampler import Generation, GenerationRequest
@@ -232,13 +234,6 @@ def _commit() -> str:
     except OSError:
         return "unknown"
     return (sha or "unknown") + ("-dirty" if dirty else "")
-
-
-def _device(args: argparse.Namespace) -> str:
-    """`--device auto`: CUDA when present, else the CPU."""
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return args.device
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -539,7 +534,7 @@ def _kernels_header(device: str, dtype: str, bw: float, rate: float) -> dict:
 
 
 def run_kernels(args: argparse.Namespace) -> int:
-    if _device(args) == "cpu":
+    if str(resolve_device(args.device)) == "cpu":
         return _run_kernels_cpu(args)
     if (missing := _missing_gpu_stack("kernels")) is not None:
         return missing
@@ -1077,7 +1072,7 @@ def _sampler_cpu(name: str, args: argparse.Namespace) -> dict:
 
 
 def run_sampler(args: argparse.Namespace) -> int:
-    device = _device(args)
+    device = str(resolve_device(args.device))
     if device == "cuda" and (missing := _missing_gpu_stack("sampler")) is not None:
         return missing
     presets = args.presets or (["yan-paper"] if device == "cuda" else ["yan-tiny"])
@@ -1269,7 +1264,7 @@ def _scan_line(r: ScanRow) -> str:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    device = _device(args)
+    device = str(resolve_device(args.device))
     if device == "cuda" and (missing := _missing_gpu_stack("scan")) is not None:
         return missing
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
@@ -1454,6 +1449,11 @@ def main(argv: list[str] | None = None) -> int:
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
+    try:
+        resolve_device(args.device)
+    except ValueError as e:
+        print(f"yan-serve bench {args.command}: {e}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

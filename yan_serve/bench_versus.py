@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from yan_serve.device import resolve_device
+
 PAIRS = {"yan-paper": "ar-gpt2", "yan-small": "ar-small", "yan-tiny": "ar-tiny"}
 PROTOCOLS = ("complete", "infill", "fim")
 COMPLETE_PROMPT, COMPLETE_NEW, PASSAGE = 128, 128, 512
@@ -211,14 +213,13 @@ def _line(r: VersusRow) -> str:
 def run_versus(args: argparse.Namespace) -> int:
     from yan_serve.bench import (
         _DTYPES,
-        _device,
         _missing_gpu_stack,
         _run_header,
         _write_json,
         copy_bandwidth,
     )
 
-    device = _device(args)
+    device = str(resolve_device(args.device))
     if device == "cuda" and (missing := _missing_gpu_stack("versus")) is not None:
         return missing
     warnings.filterwarnings("ignore", message=".*past_key_values.*")  # HF's reference runner

@@ -198,9 +198,10 @@ def cmd_train_ar(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
+    from yan_serve.device import resolve_device
     from yan_serve.tasks.evaluate import evaluate, results_table
     from yan_serve.train.recipes import load_corpus
-    from yan_serve.train.trainer import eprint, resolve_device
+    from yan_serve.train.trainer import eprint
     from yan_serve.weights import is_ar_checkpoint
 
     corpus = load_corpus(args.data, splits=(args.split,), seed=args.seed)

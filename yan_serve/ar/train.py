@@ -18,6 +18,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from yan_serve.ar.model import ar_sequence, fim_target, save_ar
+from yan_serve.device import resolve_device
 from yan_serve.tasks.formats import TASKS, Example, TaskFormatter
 from yan_serve.tokenizer import YANTokenizer
 from yan_serve.train.data import mixture
@@ -67,8 +68,7 @@ def target_loss(model: GPT2LMHeadModel, ids, att, labels) -> torch.Tensor:
 
 def train_ar(model: GPT2LMHeadModel, tok: YANTokenizer, corpus: Corpus, cfg: ARTrainConfig,
              max_len: int, log=print) -> dict:  # fmt: skip
-    dev = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                       else ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
+    dev = resolve_device(cfg.device)
     model.to(dev).train()
     torch.manual_seed(cfg.seed)
     pad = tok.special.pad

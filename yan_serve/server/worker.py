@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from yan_serve.device import resolve_device
 from yan_serve.engine.sampler import GenerationRequest, Sampler
 from yan_serve.engine.tasks import content_positions
 from yan_serve.server.batcher import Job
@@ -44,20 +45,12 @@ def _with_top(jobs: Sequence[Job], logps: list[list[float]], top_of) -> list[Any
     return [Scored(lp, tops[i]) if i in tops else lp for i, lp in enumerate(logps)]
 
 
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available on this machine")
-    return torch.device(spec)
-
-
 class YANWorker:
     kind = "yan"
 
     def __init__(self, model_dir: str | Path, device: str = "auto") -> None:
         self.model_dir = Path(model_dir)
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.model = from_pretrained(self.model_dir, device=self.device)
         self.tokenizer = load_tokenizer(self.model_dir, self.model.config)
         self.labels = load_labels(self.model_dir)
@@ -170,7 +163,7 @@ class ARWorker:
         from yan_serve.tokenizer import YANTokenizer
 
         self.model_dir = Path(model_dir)
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.model = load_ar(self.model_dir, self.device)
         self.tokenizer = YANTokenizer.load(self.model_dir)
         self.labels = load_labels(self.model_dir)
@@ -312,7 +305,7 @@ def check_checkpoint(model_dir: str | Path, device: str = "auto") -> None:
     from yan_serve.weights import check_pretrained, is_ar_checkpoint
 
     d = Path(model_dir)
-    pick_device(device)
+    resolve_device(device)
     if is_ar_checkpoint(d):
         from safetensors import SafetensorError, safe_open
 
