@@ -149,6 +149,27 @@ def test_fused_steps_equal_hf_log_probs(model) -> None:
     assert int(s.slot) == ids.shape[1] + 6
 
 
+@torch.no_grad()
+def test_cpu_output_projection_reads_a_fresh_transposed_table() -> None:
+    """The CPU step's [d, V] copy of the tied embedding gives the same log-probs as the table
+    itself, and follows an in-place change of the weights (a stale copy would decode with the
+    old embedding)."""
+    model = _model(seed=4)
+    reqs = [ARRequest(p, 6, ignore_eos=True) for p in _prompts(2, seed=5)]
+    runner = FusedRunner(model, batch_sizes=(2,), lengths=(32,))
+    runner.capture()
+    head = runner.fused.head_t()
+    wte = model.transformer.wte.weight
+    assert head is not None and head.shape == (wte.shape[1], wte.shape[0]) and head.is_contiguous()
+    x = torch.randn(3, wte.shape[1])
+    torch.testing.assert_close(x @ head, torch.nn.functional.linear(x, wte))
+    _same(ar_generate(model, reqs, 2, PAD, static=runner), ar_generate(model, reqs, 2, PAD))
+    wte.mul_(-1.5)  # an in-place load, as load_state_dict does
+    assert runner.fused.head_t() is not head
+    torch.testing.assert_close(runner.fused.head_t(), wte.t())
+    _same(ar_generate(model, reqs, 2, PAD, static=runner), ar_generate(model, reqs, 2, PAD))
+
+
 def test_batches_no_window_holds_fall_back_to_hf(model) -> None:
     runner = FusedRunner(model, batch_sizes=(1, 2), lengths=(16,))
     runner.capture()

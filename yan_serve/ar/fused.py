@@ -10,7 +10,8 @@ with `decode_logp`, a plain function over the model's own parameters (shared, no
 - per layer: LayerNorm, one `addmm` for Q, K and V together, the new key/value written into the
   cache slot, SDPA over the window's valid slots, `addmm` output projection plus residual,
   LayerNorm, `addmm` + tanh-GELU, `addmm` + residual; then the final LayerNorm, the tied output
-  projection and log-softmax;
+  projection (on the CPU through a [d, V] copy of the table, `FusedGPT2.head_t`) and
+  log-softmax; the attention mask is made additive once per step, not once per layer;
 - `torch.compile` can take the whole function (`compile=True`; no graph breaks: it only reads its
   tensor arguments and writes the cache in place), so on a GPU inductor fuses the bias, GELU,
   residual and LayerNorm epilogues and the captured graph holds a few dozen kernels per token.
@@ -69,16 +70,22 @@ def decode_logp(
     ln_f: tuple[Tensor, Tensor],
     n_head: int,
     eps: float,
+    head_t: Tensor | None = None,
 ) -> Tensor:
     """One decode step over a static cache window: tokens `tok` [B] at positions `pos` [B];
     their keys/values go into slot `slot` (a 1-element tensor) of `kc`/`vc` [layers, B, H, L, hd],
     attention reads the slots where `valid` [B, L] is true (the caller marks `slot` valid first).
-    Returns the next token's log-probabilities [B, V], float32. Conv1D weights are [in, out]."""
+    Returns the next token's log-probabilities [B, V], float32. Conv1D weights are [in, out].
+    The output projection is `x @ head_t` when `head_t` ([d, V], the tied embedding transposed)
+    is given, else `x @ wte.T`."""
     B = tok.shape[0]
     d = wte.shape[1]
     hd = d // n_head
     x = wte[tok] + wpe[pos]
-    mask = valid[:, None, None, :]
+    # one additive mask for every layer (SDPA would convert a boolean one per call)
+    mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill_(
+        ~valid, float("-inf")
+    )[:, None, None, :]
     for i, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wout, bout) in enumerate(layers):
         a = F.layer_norm(x, (d,), w1, b1, eps)
         q, k, v = torch.addmm(bqkv, a, wqkv).view(B, 3, n_head, 1, hd).unbind(1)
@@ -89,7 +96,8 @@ def decode_logp(
         m = F.layer_norm(x, (d,), w2, b2, eps)
         x = x + torch.addmm(bout, F.gelu(torch.addmm(bfc, m, wfc), approximate="tanh"), wout)
     x = F.layer_norm(x, (d,), ln_f[0], ln_f[1], eps)
-    return torch.log_softmax(F.linear(x, wte).float(), -1)
+    logits = F.linear(x, wte) if head_t is None else x @ head_t
+    return torch.log_softmax(logits.float(), -1)
 
 
 def choose(
@@ -151,6 +159,24 @@ class FusedGPT2(StaticGPT2):
         self.host_slot = 0  # the host's copy of `slot`, for `trim`
         self.body = torch.compile(decode_logp, fullgraph=True, dynamic=False) if compile \
             else decode_logp  # fmt: skip
+        self._head_t: Tensor | None = None
+        self._head_version = -1
+
+    def head_t(self) -> Tensor | None:
+        """On the CPU, the tied embedding transposed to [d, V] (contiguous), else None.
+
+        At batch 1 the output projection is a GEMV over the whole vocabulary table, read from
+        memory every token. On the CPU (MKL, one thread) a GEMV streams a [d, V] table about
+        twice as fast as the [V, d] rows (`F.linear`), so the decode step reads a transposed
+        copy: V x d more floats held, refreshed whenever the embedding changes in place (its
+        version counter moves). GPUs read either layout at full rate and use the table itself."""
+        if self.device.type != "cpu":
+            return None
+        w = self.model.transformer.wte.weight
+        if self._head_t is None or self._head_version != w._version:
+            self._head_t = w.detach().t().contiguous()
+            self._head_version = w._version
+        return self._head_t
 
     def select(self, logp: Tensor, n: int, col: Tensor, sample: bool) -> None:
         """Choose rows 0 .. n - 1's next tokens from `logp` [n, V]; record token and probability
@@ -180,7 +206,7 @@ class FusedGPT2(StaticGPT2):
             n = self.host_slot + 1 if self.trim else length
             logp = self.body(tok, pos, self.slot, valid[:, :n], kw[..., :n, :], vw[..., :n, :],
                              tr.wte.weight, tr.wpe.weight, self.layers, self.ln_f, self.n_head,
-                             self.eps)  # fmt: skip
+                             self.eps, self.head_t())  # fmt: skip
             self.select(logp, batch, self.slot + 1, sample)
             pos.add_(1)
             self.slot.add_(1)
