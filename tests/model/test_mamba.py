@@ -19,6 +19,7 @@ from yan_kernels.chunked_scan import (
 )
 
 from tests.conftest import micro_config
+from tests.kernels.test_selective_scan import _inputs as scan_inputs
 from yan_serve.config import YANConfig
 from yan_serve.engine.sampler import GenerationRequest, Sampler
 from yan_serve.model import YAN
@@ -28,14 +29,8 @@ from yan_serve.weights import from_pretrained, save_pretrained
 
 
 def _scan_inputs(Bt: int, L: int, Di: int, N: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(Bt, L, Di, generator=g)
-    delta = F.softplus(torch.randn(Bt, L, Di, generator=g) - 1)
-    A = -torch.exp(torch.randn(Di, N, generator=g))
-    B = torch.randn(Bt, L, N, generator=g)
-    C = torch.randn(Bt, L, N, generator=g)
-    D = torch.randn(Di, generator=g)
-    return u, delta, A, B, C, D
+    """u, delta, A, B, C, D in fp32 on the CPU (the kernel tests' inputs without the gate)."""
+    return scan_inputs(Bt, L, Di, N, seed=seed)[:6]
 
 
 def _mask(lengths: list[int], L: int) -> torch.Tensor:
