@@ -30,13 +30,16 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import closed_loop  # loadtests/closed_loop.py: this script's folder is on sys.path
+from closed_loop import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -115,12 +118,6 @@ def build_payloads(data: Path, n: int, max_tokens: int, steps: int, seed: int = 
             "complete": complete, "qa": qa, "classify": classify}  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: Path, device: str, threads: int, extra: list[str]) -> tuple:
     import httpx
 
@@ -183,13 +180,8 @@ def run_locust(url: str, endpoint: str, users: int, duration: float, prefix: Pat
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100) by linear interpolation; 0.0 for no values."""
-    if not values:
-        return 0.0
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    p = closed_loop.percentile(values, q)
+    return 0.0 if p is None else p
 
 
 def run_builtin(url: str, endpoint: str, users: int, duration: float, prefix: Path,
@@ -204,16 +196,14 @@ def run_builtin(url: str, endpoint: str, users: int, duration: float, prefix: Pa
     fails: list[str] = []
     tokens = [0]
     lock = threading.Lock()
-    start = threading.Barrier(users + 1)
-    deadline = [0.0]
 
-    def user(uid: int) -> None:
+    def user(uid: int, start: Callable[[], float]) -> None:
         order = list(items)
         random.Random(uid).shuffle(order)
         cyc, seeds = itertools.cycle(order), itertools.count(1000 * uid)
         conn = http.client.HTTPConnection(host, int(port), timeout=600)
-        start.wait()
-        while time.perf_counter() < deadline[0]:
+        deadline = start()
+        while time.perf_counter() < deadline:
             body = json.dumps({**next(cyc), "seed": next(seeds)})
             t0 = time.perf_counter()
             try:
@@ -235,15 +225,7 @@ def run_builtin(url: str, endpoint: str, users: int, duration: float, prefix: Pa
                 tokens[0] += n
         conn.close()
 
-    threads = [threading.Thread(target=user, args=(u,), daemon=True) for u in range(users)]
-    for t in threads:
-        t.start()
-    t0 = time.perf_counter()
-    deadline[0] = t0 + duration
-    start.wait()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = closed_loop.closed_loop(users, duration, user)
     with open(prefix.parent / f"{prefix.name}_latencies.csv", "w") as f:
         f.write("latency_ms\n" + "".join(f"{x:.3f}\n" for x in lat))
     if fails:

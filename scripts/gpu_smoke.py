@@ -23,16 +23,23 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "loadtests"))  # the closed-loop client shared with loadtests/run.py
+try:
+    from closed_loop import closed_loop, free_port
+    from closed_loop import percentile as pct
+finally:
+    sys.path.remove(str(ROOT / "loadtests"))
+
 DEFAULT_MODELS = "weights/yan-tiny-kjv,weights/ar-tiny-kjv"
 
 PASSAGE = (
@@ -276,23 +283,6 @@ def parse_sse(payload: bytes) -> list[tuple[str, str]]:
     return events
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
 def r3(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
@@ -379,6 +369,14 @@ class Run:
         self.failures.append(what)
         print(f"FAIL {what}", flush=True)
 
+    def record(self, row: dict, line: str, failure: str | None = None) -> dict:
+        """Emit a result row, print its line, and count `failure` (what went wrong) if any."""
+        self.emit(row)
+        print(line, flush=True)
+        if failure is not None:
+            self.fail(failure)
+        return row
+
 
 def check_endpoints(run: Run, model: str, port: int) -> None:
     client = Client(port)
@@ -400,14 +398,13 @@ def check_endpoints(run: Run, model: str, port: int) -> None:
             ms = 1000 * (time.perf_counter() - t0)
             problem = f"{type(e).__name__}: {e}"
         ok = status == 200 and problem is None
-        run.emit({
+        row = {
             "kind": "endpoint", "model": model, "endpoint": ep.name, "method": ep.method,
             "status": status, "ok": ok, "ms": r3(ms), "problem": problem,
-        })  # fmt: skip
-        print(f"  {'ok  ' if ok else 'FAIL'} {status} {ep.name:<28} {ms:8.1f} ms"
-              + (f"  {problem}" if problem else ""), flush=True)  # fmt: skip
-        if not ok:
-            run.fail(f"{model} {ep.name}: {status} {problem}")
+        }  # fmt: skip
+        line = f"  {'ok  ' if ok else 'FAIL'} {status} {ep.name:<28} {ms:8.1f} ms"
+        line += f"  {problem}" if problem else ""
+        run.record(row, line, None if ok else f"{model} {ep.name}: {status} {problem}")
     client.close()
 
 
@@ -457,13 +454,12 @@ def sequential(run: Run, model: str, port: int, task: str, n: int) -> dict | Non
         "server_total_ms_p50": r3(pct(server, 50)),
         "completion_tokens": round(sum(tokens) / len(tokens), 1) if tokens else None,
     }  # fmt: skip
-    run.emit(row)
-    print(f"  sequential {path:<14} n={row['n']:<3} p50 {row['p50_ms']} ms  p90 {row['p90_ms']} ms"
-          f"  lone queue {row['queue_ms_p50']} ms  compute {row['compute_ms_p50']} ms"
-          f"  tokens {row['completion_tokens']}  errors {errors}", flush=True)  # fmt: skip
-    if errors or not lat:
-        run.fail(f"{model} sequential {path}: {errors} errors, {len(lat)} answers")
-    return row
+    line = (f"  sequential {path:<14} n={row['n']:<3} p50 {row['p50_ms']} ms"
+            f"  p90 {row['p90_ms']} ms  lone queue {row['queue_ms_p50']} ms"
+            f"  compute {row['compute_ms_p50']} ms  tokens {row['completion_tokens']}"
+            f"  errors {errors}")  # fmt: skip
+    failure = f"{model} sequential {path}: {errors} errors, {len(lat)} answers"
+    return run.record(row, line, failure if errors or not lat else None)
 
 
 def burst(run: Run, model: str, port: int, task: str, concurrency: int, duration: float) -> dict:
@@ -475,13 +471,11 @@ def burst(run: Run, model: str, port: int, task: str, concurrency: int, duration
     statuses: dict[str, int] = {}
     tokens = [0]
     counter = [0]
-    start = threading.Barrier(concurrency + 1)
-    stop_at = [0.0]
 
-    def worker(w: int) -> None:
+    def worker(w: int, start: Callable[[], float]) -> None:
         client = Client(port)
-        start.wait()
-        while time.perf_counter() < stop_at[0]:
+        deadline = start()
+        while time.perf_counter() < deadline:
             with lock:
                 i = counter[0] = counter[0] + 1
             t0 = time.perf_counter()
@@ -506,15 +500,7 @@ def burst(run: Run, model: str, port: int, task: str, concurrency: int, duration
                     tokens[0] += body["usage"]["completion_tokens"]
         client.close()
 
-    threads = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(concurrency)]
-    for t in threads:
-        t.start()
-    t0 = time.perf_counter()
-    stop_at[0] = t0 + duration
-    start.wait()
-    for t in threads:
-        t.join(duration + 120)
-    elapsed = time.perf_counter() - t0
+    elapsed = closed_loop(concurrency, duration, worker, join_timeout=duration + 120)
     ok = len(lat)
     errors = sum(v for k, v in statuses.items() if k != "200")
     row = {
@@ -525,13 +511,11 @@ def burst(run: Run, model: str, port: int, task: str, concurrency: int, duration
         "p99_ms": r3(pct(lat, 99)), "queue_ms_p50": r3(pct(queue, 50)),
         "queue_ms_p99": r3(pct(queue, 99)),
     }  # fmt: skip
-    run.emit(row)
-    print(f"  burst {path:<14} x{concurrency} {elapsed:.1f} s: {row['req_s']} req/s "
-          f"{row['tokens_s']} tok/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  "
-          f"queue p50 {row['queue_ms_p50']} ms  statuses {statuses}", flush=True)  # fmt: skip
-    if errors or not ok:
-        run.fail(f"{model} burst {path}: {errors} errors {statuses}")
-    return row
+    line = (f"  burst {path:<14} x{concurrency} {elapsed:.1f} s: {row['req_s']} req/s "
+            f"{row['tokens_s']} tok/s  p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  "
+            f"queue p50 {row['queue_ms_p50']} ms  statuses {statuses}")  # fmt: skip
+    failure = f"{model} burst {path}: {errors} errors {statuses}"
+    return run.record(row, line, failure if errors or not ok else None)
 
 
 def model_kind(model: str) -> str:
@@ -648,22 +632,28 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The valued options, flag -> (default, help): each parses as the type of its default.
+OPTIONS = {
+    "--device": ("cuda", "the servers' --device (cuda, cpu, auto)"),
+    "--models": (DEFAULT_MODELS, "comma-separated checkpoint dirs"),
+    "--duration": (5.0, "seconds per burst"),
+    "--concurrency": (64, "burst clients"),
+    "--seq": (20, "sequential requests per endpoint"),
+    "--tokens": (128, "max_tokens of timed /v1/complete"),
+    "--burst": (
+        "complete,infill",
+        "comma-separated burst endpoints: complete, infill (empty: none)",
+    ),
+    "--ready-timeout": (120.0, "seconds to wait for /ready"),
+    "--budget": (0.0, "total seconds (0: no limit)"),
+    "--out": ("smoke.jsonl", "JSON lines, one per result"),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="the servers' --device (cuda, cpu, auto)")
-    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated checkpoint dirs")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per burst")
-    p.add_argument("--concurrency", type=int, default=64, help="burst clients")
-    p.add_argument("--seq", type=int, default=20, help="sequential requests per endpoint")
-    p.add_argument("--tokens", type=int, default=128, help="max_tokens of timed /v1/complete")
-    p.add_argument(
-        "--burst",
-        default="complete,infill",
-        help="comma-separated burst endpoints: complete, infill (empty: none)",
-    )
-    p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for /ready")
-    p.add_argument("--budget", type=float, default=0.0, help="total seconds (0: no limit)")
-    p.add_argument("--out", default="smoke.jsonl", help="JSON lines, one per result")
+    for flag, (default, help_text) in OPTIONS.items():
+        p.add_argument(flag, type=type(default), default=default, help=help_text)
     p.add_argument("--log-dir", help="server logs (default: beside --out)")
     p.add_argument(
         "--server-arg",

@@ -190,7 +190,7 @@ def test_unsupported_configs_are_refused() -> None:
 
 
 def test_versus_shapes_and_floor() -> None:
-    from yan_serve.bench_versus import ar_floor_ms, ar_model, fim_budget, protocol_shape
+    from yan_serve.bench.versus import ar_floor_ms, ar_model, fim_budget, protocol_shape
 
     assert fim_budget(512) == 51 + 26 + 1
     assert protocol_shape("complete") == (128, 129, 128)

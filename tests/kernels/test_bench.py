@@ -18,8 +18,7 @@ import sys
 import pytest
 import torch
 
-from yan_serve import bench
-from yan_serve.bench import main
+from yan_serve.bench import common, kernels, main, sampler, scan
 
 TINY_KERNELS = [
     "kernels", "--device", "cpu", "--iters", "1", "--d-model", "32", "--experts", "3",
@@ -74,9 +73,9 @@ def test_cpu_kernels_table(capsys: pytest.CaptureFixture[str], tmp_path) -> None
     assert h["threads"] == str(torch.get_num_threads())
     assert h["dtype"] == "fp32" and h["cuda"] == "None" and h["torch"] == torch.__version__
     assert float(h["copy_GBps"]) > 0 and float(h["matmul_TFLOPs"]) >= 0
-    assert bench.CPU_KERNEL_COLUMNS in out.splitlines()
+    assert kernels.CPU_KERNEL_COLUMNS in out.splitlines()
     for col in ("eager ms", "compiled ms", "speedup", "1st call s", "triton", "% floor"):
-        assert col in bench.CPU_KERNEL_COLUMNS
+        assert col in kernels.CPU_KERNEL_COLUMNS
     # greedy rows at --decoder-n, the sampled row only at --sample-n, in that order
     assert [(m["op"], m["shape"]) for m in rows] == [
         ("routed_expert_euler", "N=8 d=32 K=3"),
@@ -91,7 +90,7 @@ def test_cpu_kernels_table(capsys: pytest.CaptureFixture[str], tmp_path) -> None
     data = json.loads(out_json.read_text())
     assert data["header"]["dtype"] == "fp32"
     for r, m in zip(data["rows"], rows, strict=True):
-        assert r["compiled_ms"] is None and r["compiled"] == bench.NO_COMPILE
+        assert r["compiled_ms"] is None and r["compiled"] == common.NO_COMPILE
         assert r["eager_ms"] > 0 and r["bytes"] > 0 and r["flops"] > 0
         # with no compiled run, GB/s and % floor are the eager path's
         assert float(m["gbps"]) == pytest.approx(r["bytes"] / r["eager_ms"] / 1e6, abs=0.051)
@@ -137,12 +136,12 @@ def test_compile_errors_name_the_user_code() -> None:
         'from user code:\n   File "/x/kernels/routed_expert.py", line 254, in routed_ref\n'
         "    if idx.numel() == 0:\n\nSet TORCHDYNAMO_VERBOSE=1"
     )
-    assert bench._one_line(exc, limit=1000) == (
+    assert common.one_line(exc, limit=1000) == (
         "routed_expert.py:254 `if idx.numel() == 0:`: "
         "RuntimeError: Could not guard on data-dependent expression Eq(u0, 0)"
     )
-    assert bench._one_line(ValueError("a\nb")) == "ValueError: a"
-    assert len(bench._one_line(ValueError("x" * 500), limit=50)) == 50
+    assert common.one_line(ValueError("a\nb")) == "ValueError: a"
+    assert len(common.one_line(ValueError("x" * 500), limit=50)) == 50
 
 
 # ---------------------------------------------------------------------------- CPU sampler
@@ -161,9 +160,9 @@ def test_cpu_sampler_one_table_per_preset(capsys, tmp_path) -> None:
         "yan-mamba-tiny (random weights, max_length 300)",
     ]
     assert all(h["dtype"] == "fp32" and h["steps"] == "3" for h in headers)
-    assert out.splitlines().count(bench.CPU_SAMPLER_COLUMNS) == 2
+    assert out.splitlines().count(sampler.CPU_SAMPLER_COLUMNS) == 2
     for col in ("eager ms", "compiled ms", "same tok", "fused", "graph"):
-        assert col in bench.CPU_SAMPLER_COLUMNS
+        assert col in sampler.CPU_SAMPLER_COLUMNS
     shapes = [(1, 8), (2, 8), (1, 300), (2, 300)]
     assert [(int(m["batch"]), int(m["length"])) for m in rows] == shapes * 2
     for m in rows:
@@ -228,15 +227,15 @@ def test_cli_exit_status_without_cuda() -> None:
 
 # ---------------------------------------------------------------------------------- flags
 def test_list_flags_parse() -> None:
-    assert bench._int_list("1, 8,64") == [1, 8, 64]
-    assert bench._int_list("128,") == [128]
+    assert common.int_list("1, 8,64") == [1, 8, 64]
+    assert common.int_list("128,") == [128]
     for bad in ("", "0", "8,-1", "a,b", "1.5"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench._int_list(bad)
-    assert bench._preset_list("yan-tiny, yan-mamba-tiny") == ["yan-tiny", "yan-mamba-tiny"]
+            common.int_list(bad)
+    assert common.preset_list("yan-tiny, yan-mamba-tiny") == ["yan-tiny", "yan-mamba-tiny"]
     for bad in ("", "yan-huge", "yan-tiny,nope"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench._preset_list(bad)
+            common.preset_list(bad)
 
 
 @pytest.mark.parametrize(
@@ -277,22 +276,22 @@ def test_cpu_scan_table(monkeypatch, capsys, tmp_path) -> None:
     fused rows say why they are not timed. The timed fwd+bwd call returns y and the five input
     grads (a spy on the timer runs it once more), so a mode that skipped backward fails here."""
     timed: list[tuple] = []
-    real = bench.cpu_time_ms
+    real = common.cpu_time_ms
 
     def spy(fn, iters, *args, **kwargs):
         timed.append(fn())
         return real(fn, iters, *args, **kwargs)
 
-    monkeypatch.setattr(bench, "cpu_time_ms", spy)
+    monkeypatch.setattr(common, "cpu_time_ms", spy)
     out_json = tmp_path / "scan.json"
     assert main([*TINY_SCAN, "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     headers, rows = _table(out, SCAN_ROW)
     (h,) = headers
     assert h["dtype"] == "fp32" and h["chunk"] == "64" and float(h["copy_GBps"]) > 0
-    assert bench.SCAN_COLUMNS in out.splitlines()
+    assert scan.SCAN_COLUMNS in out.splitlines()
     for col in ("path", "mode", "shape", "ms", "speedup", "GB/s", "% copy", "max err"):
-        assert col in bench.SCAN_COLUMNS
+        assert col in scan.SCAN_COLUMNS
     expected = [
         *[(p, mode) for p in TORCH_SCANS for mode in ("fwd", "fwd+bwd")],
         ("triton", "fwd"),
@@ -303,7 +302,7 @@ def test_cpu_scan_table(monkeypatch, capsys, tmp_path) -> None:
     ]
     for m in rows:
         if m["path"] == "triton":
-            assert m["rest"] == bench.TRITON_ON_CPU == "n/a (interpreter)"
+            assert m["rest"] == common.TRITON_ON_CPU == "n/a (interpreter)"
         elif m["path"] == "mamba_ssm":
             assert m["rest"].startswith("n/a (")  # not installed, or needs CUDA
         else:
@@ -342,13 +341,13 @@ def test_cpu_scan_table(monkeypatch, capsys, tmp_path) -> None:
 
 def test_scan_max_err_catches_a_wrong_path(monkeypatch, capsys, tmp_path) -> None:
     """The error column compares with the oracle, not with the path itself."""
-    real = bench._scan_fn
+    real = scan._scan_fn
 
     def off(path):
         fn = real(path)
         return (lambda *a: fn(*a) * 1.01) if path == "chunked-loop" else fn
 
-    monkeypatch.setattr(bench, "_scan_fn", off)
+    monkeypatch.setattr(scan, "_scan_fn", off)
     out_json = tmp_path / "scan.json"
     argv = ["scan", "--device", "cpu", "--shapes", "2x9x8x4", "--iters", "1"]
     assert main([*argv, "--json", str(out_json)]) == 0
@@ -361,9 +360,9 @@ def test_scan_fused_triton_row(device, monkeypatch, capsys, tmp_path) -> None:
     """The Triton row itself: on CUDA as the command runs it, on a CPU in the interpreter (which
     the command never times): the fused scan with its gate matches the gated oracle."""
     if device.type == "cpu":
-        real = bench._fused_unavailable
+        real = scan._fused_unavailable
         monkeypatch.setattr(
-            bench, "_fused_unavailable", lambda p, d: None if p == "triton" else real(p, d)
+            scan, "_fused_unavailable", lambda p, d: None if p == "triton" else real(p, d)
         )
     out_json = tmp_path / "scan.json"
     argv = ["scan", "--device", device.type, "--dtype", "fp32", "--shapes", "2x9x8x4"]
@@ -376,11 +375,11 @@ def test_scan_fused_triton_row(device, monkeypatch, capsys, tmp_path) -> None:
 
 
 def test_scan_shapes_parse() -> None:
-    assert bench._shape_list("16x128x256x16, 1x512x256x16") == [
+    assert scan._shape_list("16x128x256x16, 1x512x256x16") == [
         (16, 128, 256, 16),
         (1, 512, 256, 16),
     ]
-    assert bench._shape_list("2X9x8x4,") == [(2, 9, 8, 4)]
+    assert scan._shape_list("2X9x8x4,") == [(2, 9, 8, 4)]
     for bad in ("", ",", "2x9x8", "2x9x8x4x1", "2x9x0x4", "2x-9x8x4", "axbxcxd", "2x9x8x4.5"):
         with pytest.raises(argparse.ArgumentTypeError):
-            bench._shape_list(bad)
+            scan._shape_list(bad)

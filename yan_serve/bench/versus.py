@@ -27,16 +27,31 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from yan_serve.device import resolve_device
+from yan_serve.bench.common import (
+    DTYPES,
+    bench_device,
+    bench_model,
+    choice_list,
+    copy_bandwidth,
+    euler_steps,
+    finish,
+    int_list,
+    print_header,
+    random_requests,
+    run_header,
+    suite_parser,
+    wall_timer,
+)
 
 PAIRS = {"yan-paper": "ar-gpt2", "yan-small": "ar-small", "yan-tiny": "ar-tiny"}
 PROTOCOLS = ("complete", "infill", "fim")
 COMPLETE_PROMPT, COMPLETE_NEW, PASSAGE = 128, 128, 512
 EOS, PAD, BOS = 2, 0, 1
+ITERS = {"cuda": 10, "cpu": 3}  # timed calls per measurement by default
 
 
 @dataclass
@@ -117,10 +132,10 @@ def _ar_requests(vocab: int, batch: int, prompt: int, new: int):
 def _yan_timer(model, device: str, batch: int, length: int, steps: int, iters: int) -> float:
     from yan_kernels import ops
 
-    from yan_serve.bench import _requests, _wall_ms, cpu_time_ms
     from yan_serve.engine.sampler import Sampler
 
-    reqs = _requests(model.config, batch, length)
+    reqs = random_requests(model.config, batch, length)
+    timer = wall_timer(device)
     if device == "cuda":
         from yan_serve.engine.graphs import GraphSampler, Ladder
 
@@ -129,13 +144,13 @@ def _yan_timer(model, device: str, batch: int, length: int, steps: int, iters: i
                         steps=steps, routings=("argmax",))  # fmt: skip
         with ops.force("triton"):
             graphs.capture(ladder)
-            ms = _wall_ms(lambda: graphs.generate(reqs, steps, "argmax"), iters)
+            ms = timer(lambda: graphs.generate(reqs, steps, "argmax"), iters)
         del graphs
         torch.cuda.empty_cache()
         return ms
     sampler = Sampler(model)
     with ops.force("ref"):
-        return cpu_time_ms(lambda: sampler.generate(reqs, steps, "argmax"), iters)
+        return timer(lambda: sampler.generate(reqs, steps, "argmax"), iters)
 
 
 def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torch.dtype,
@@ -143,16 +158,15 @@ def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torc
     from yan_serve.ar.fused import FusedRunner
     from yan_serve.ar.generate import ar_generate
     from yan_serve.ar.static import StaticRunner
-    from yan_serve.bench import _bench_model, _wall_ms, cpu_time_ms
 
     ar_name = PAIRS[yan_name]
     protocols = args.protocols or list(PROTOCOLS)
     batches = args.batches or ([1, 8, 64] if device == "cuda" else [1, 8])
-    iters = args.iters or (10 if device == "cuda" else 3)
-    timer = _wall_ms if device == "cuda" else cpu_time_ms
+    iters = args.iters or ITERS[device]
+    timer = wall_timer(device)
     lengths = sorted({protocol_shape(p)[0] for p in protocols})
-    yan, yan_label = _bench_model(yan_name, lengths, device, dtype)
-    steps = yan.config.ode_steps
+    yan, yan_label = bench_model(yan_name, lengths, device, dtype)
+    steps = euler_steps(yan.config)
     ar = ar_model(ar_name, yan.config.vocab_size, device, dtype)
     n_yan = sum(p.numel() for p in yan.parameters())
     n_ar = sum(p.numel() for p in ar.parameters())
@@ -211,72 +225,49 @@ def _line(r: VersusRow) -> str:
 
 
 def run_versus(args: argparse.Namespace) -> int:
-    from yan_serve.bench import (
-        _DTYPES,
-        _missing_gpu_stack,
-        _run_header,
-        _write_json,
-        copy_bandwidth,
-    )
-
-    device = str(resolve_device(args.device))
-    if device == "cuda" and (missing := _missing_gpu_stack("versus")) is not None:
-        return missing
+    if (device := bench_device(args, "versus")) is None:
+        return 2
     warnings.filterwarnings("ignore", message=".*past_key_values.*")  # HF's reference runner
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     bw = copy_bandwidth(10 if device == "cuda" else 5, device)
-    header = {**_run_header(device), "dtype": dtype_name, "copy_GBps": round(bw / 1e9, 1),
+    header = {**run_header(device), "dtype": dtype_name, "copy_GBps": round(bw / 1e9, 1),
               "ar_compile": args.compile}  # fmt: skip
-    print("  ".join(f"{k}={v}" for k, v in header.items()), flush=True)
+    print_header(header)
     rows: list[VersusRow] = []
     for i, name in enumerate(args.pairs or (["yan-paper"] if device == "cuda" else ["yan-tiny"])):
         if i:
             print()
-        rows += _pair_rows(name, args, device, _DTYPES[dtype_name], bw, header)
+        rows += _pair_rows(name, args, device, DTYPES[dtype_name], bw, header)
     print(COLUMNS)
     for r in rows:
         print(f"{r.pair}  " + _line(r))
-    print(
+    return finish(
+        args,
+        header,
+        rows,
         "YAN ms / AR ms: whole generate calls (CPU: YAN reference ops; CUDA: YAN graph-replayed\n"
         "fused engine). AR: the fused decoder; AR ref: the path before it (CPU: Hugging Face,\n"
         "CUDA: static-cache graphs); AR speedup = ref / fused. AR floor: weight and KV bytes over\n"
         "the measured copy bandwidth. YAN/AR and YAN/floor below 1: YAN faster. same tok: rows\n"
-        "whose fused tokens equal the reference's."
+        "whose fused tokens equal the reference's.",
     )
-    _write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows]}])
-    return 0
 
 
 def _pair_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [n for n in names if n not in PAIRS]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(
-            f"expected YAN presets from {', '.join(PAIRS)}, got {text!r}"
-        )
-    return names
+    return choice_list(text, list(PAIRS), "YAN preset")
 
 
 def _protocol_list(text: str) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    if not names or any(n not in PROTOCOLS for n in names):
-        raise argparse.ArgumentTypeError(f"expected protocols from {', '.join(PROTOCOLS)}")
-    return names
+    return choice_list(text, PROTOCOLS, "protocol")
 
 
 def add_versus(sub: argparse._SubParsersAction) -> None:
-    from yan_serve.bench import _DTYPES, _add_device, _int_list
-
-    p = sub.add_parser("versus", help="YAN vs a same-size, same-vocabulary AR: ms and AR floor")
-    _add_device(p)
+    p = suite_parser(sub, "versus", "YAN vs a same-size, same-vocabulary AR: ms and AR floor",
+                     run_versus, (ITERS["cuda"], ITERS["cpu"]))  # fmt: skip
     p.add_argument("--pairs", type=_pair_list,
                    help="YAN presets, each against its AR match (default: yan-paper on CUDA, "
                         "yan-tiny on CPU; also yan-small)")  # fmt: skip
     p.add_argument("--protocols", type=_protocol_list, help="default complete,infill,fim")
-    p.add_argument("--batches", type=_int_list, help="default 1,8,64 (CPU: 1,8)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--iters", type=int, help="timed calls, median (default: 10 CUDA, 3 CPU)")
+    p.add_argument("--batches", type=int_list, help="default 1,8,64 (CPU: 1,8)")
     p.add_argument("--compile", action="store_true", help="the fused AR step under torch.compile")
     p.add_argument("--no-ref", action="store_true", help="skip the AR reference path")
-    p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
-    p.set_defaults(func=run_versus)
