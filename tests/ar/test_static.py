@@ -150,13 +150,13 @@ def test_cuda_graph_decoding_equals_eager_token_for_token() -> None:
 
 
 def test_ar_worker_decodes_the_same_through_the_static_runner(ar_checkpoint) -> None:
-    from yan_serve.server.batcher import Job
-    from yan_serve.server.worker import ARWorker
+    from yan_serve.ar.worker import ARWorker
+    from yan_serve.engine.requests import EngineRequest, TaskOptions
 
     worker = ARWorker(ar_checkpoint, "cpu")
     gen = torch.Generator().manual_seed(1)
-    jobs = [Job(torch.randint(5, 8000, (int(n),), generator=gen).tolist(), 24, i, 1,
-                extra={"ignore_eos": i % 2 == 0})
+    jobs = [EngineRequest(torch.randint(5, 8000, (int(n),), generator=gen).tolist(), 24, i, 1,
+                          options=TaskOptions(ignore_eos=i % 2 == 0))
             for i, n in enumerate(torch.randint(3, 60, (5,), generator=gen))]  # fmt: skip
     eager = worker.run(jobs)
     worker.static = StaticRunner(worker.model, batch_sizes=(2, 8), lengths=(64, 128))

@@ -35,7 +35,7 @@ def test_flags_and_variables_in_the_guide_exist() -> None:
 
 
 def test_length_buckets_as_documented() -> None:
-    from yan_serve.server.batcher import length_bucket
+    from yan_serve.engine.graphs import length_bucket
 
     text = " ".join(DOC.read_text().split())
     assert "next power of two" in text and "at least 16" in text

@@ -304,7 +304,7 @@ def test_cpu_worker_keeps_the_eager_sampler() -> None:
     captures nothing."""
     from pathlib import Path
 
-    from yan_serve.server.worker import YANWorker
+    from yan_serve.engine.worker import YANWorker
 
     ckpt = Path(__file__).resolve().parents[2] / "weights" / "yan-tiny-kjv"
     w = YANWorker(ckpt, "cpu")
@@ -415,8 +415,8 @@ def test_cuda_graphs_bf16_model() -> None:
 def test_worker_captures_at_warmup_and_serves_generate_from_graphs() -> None:
     from pathlib import Path
 
-    from yan_serve.server.batcher import Job
-    from yan_serve.server.worker import YANWorker
+    from yan_serve.engine.requests import EngineRequest
+    from yan_serve.engine.worker import YANWorker
 
     ckpt = Path(__file__).resolve().parents[2] / "weights" / "yan-tiny-kjv"
     w = YANWorker(ckpt, "cuda")
@@ -424,7 +424,7 @@ def test_worker_captures_at_warmup_and_serves_generate_from_graphs() -> None:
     w.warmup(w.default_steps)
     assert w.graphs is not None, "capture failed: the worker fell back to eager (see the log)"
     assert w.graphs.captures > 0
-    jobs = [Job([5, 6, 7, 8][: 1 + i % 4], 10 + i, i, w.default_steps) for i in range(5)]
+    jobs = [EngineRequest([5, 6, 7, 8][: 1 + i % 4], 10 + i, i, w.default_steps) for i in range(5)]
     out = w.run(jobs)
     assert w.graphs.stats["graph"] == 1
     reqs = [GenerationRequest(j.src, j.tgt_len, j.seed) for j in jobs]

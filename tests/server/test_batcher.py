@@ -8,7 +8,9 @@ import threading
 import pytest
 import torch
 
-from yan_serve.server.batcher import Batcher, Job, OutOfMemory, length_bucket
+from yan_serve.engine.graphs import length_bucket
+from yan_serve.engine.requests import EngineRequest
+from yan_serve.server.batcher import Batcher, Job, OutOfMemory
 
 
 class FakeWorker:
@@ -48,7 +50,7 @@ async def until_started(w: FakeWorker) -> None:
 
 
 def job(seed: int, steps: int = 3, length: int = 10, **kw) -> Job:
-    return Job(src=[5] * length, tgt_len=length, seed=seed, steps=steps, **kw)
+    return Job(EngineRequest(src=[5] * length, tgt_len=length, seed=seed, steps=steps, **kw))
 
 
 def run(coro):

@@ -25,23 +25,19 @@ def test_openai_client_completes_streaming_and_not(server: ServerProcess) -> Non
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
 
-    many = client.completions.create(
-        model="yan-tiny-kjv",
-        prompt=[prompt, "In the beginning"],
-        max_tokens=4,
-        n=2,
-        seed=1,
-        temperature=0.8,
-    )
+    def sampled():
+        return client.completions.create(
+            model="yan-tiny-kjv",
+            prompt=[prompt, "In the beginning"],
+            max_tokens=4,
+            n=2,
+            seed=1,
+            temperature=0.8,
+        )
+
+    many = sampled()
     assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
-    again = client.completions.create(
-        model="yan-tiny-kjv",
-        prompt=[prompt, "In the beginning"],
-        max_tokens=4,
-        n=2,
-        seed=1,
-        temperature=0.8,
-    )
+    again = sampled()
     assert [c.text for c in many.choices] == [c.text for c in again.choices]  # seeded sampling
 
 

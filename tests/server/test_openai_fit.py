@@ -176,7 +176,7 @@ def test_docs_without_the_assets_package_is_a_503_not_a_crash(monkeypatch) -> No
 
     from fastapi.testclient import TestClient
 
-    from yan_serve.server.app import _install_docs
+    from yan_serve.server.docs import install_docs
 
     real_import = builtins.__import__
 
@@ -189,7 +189,7 @@ def test_docs_without_the_assets_package_is_a_503_not_a_crash(monkeypatch) -> No
 
     app = FastAPI(docs_url=None, redoc_url=None)
     monkeypatch.setattr(builtins, "__import__", no_bundle)
-    _install_docs(app)
+    install_docs(app)
     monkeypatch.undo()
     r = TestClient(app).get("/docs")
     assert r.status_code == 503 and "swagger-ui-bundle" in r.json()["error"]["message"]

@@ -38,6 +38,7 @@ from torch import Tensor
 from transformers import GPT2LMHeadModel
 
 from yan_serve.engine.graphs import (
+    DEFAULT_BATCH_SIZES,
     Capturer,
     CudaGraphCapturer,
     EagerReplay,
@@ -46,8 +47,6 @@ from yan_serve.engine.graphs import (
 )
 
 log = logging.getLogger("yan_serve.ar")
-
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class HFRunner:

@@ -78,7 +78,7 @@ class GraphShape:
 
 def length_buckets(max_length: int, smallest: int = SMALLEST_BUCKET) -> tuple[int, ...]:
     """Powers of two from `smallest` below `max_length`, then `max_length` itself
-    (the batcher's `length_bucket`, clamped to what the model accepts)."""
+    (`length_bucket`'s classes, clamped to what the model accepts)."""
     if max_length < 1 or smallest < 1:
         raise ValueError("max_length and smallest must be >= 1")
     out = []
@@ -455,3 +455,12 @@ class GraphSampler:
             tokens[hot], conf[hot] = tok_h, conf_h
         self.sampler.fill_content(io.z, requests, tokens, conf)
         return assemble(requests, tokens, conf, expert, self.model.config.eos_token_id)
+
+
+def length_bucket(n: int, smallest: int = SMALLEST_BUCKET) -> int:
+    """The length bucket `n` positions fall in: the smallest of `smallest`, 2 * `smallest`,
+    4 * `smallest`, ... that holds them (unclamped; `length_buckets` lists a model's)."""
+    b = smallest
+    while b < n:
+        b *= 2
+    return b

@@ -1,7 +1,8 @@
 """Continuous batching: an asyncio queue in front of one model worker.
 
-Jobs (one per generated candidate) wait in arrival order. Jobs can share a batch when they have
-the same `Job.key` (mode, Euler steps, routing and length bucket). The dispatch rule:
+Jobs (one per generated candidate or scored target) wait in arrival order. Jobs can share a batch
+when they have the same `Job.key` (mode, Euler time points, routing and length bucket). The
+dispatch rule:
 
 - Whenever the model thread is free and a live (not cancelled) job is waiting, the loop takes the
   oldest waiting job plus the other waiting jobs with its key, in arrival order, up to
@@ -28,13 +29,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
 
 import torch
 
+from yan_serve.engine.graphs import length_bucket
+from yan_serve.engine.requests import EngineRequest, Result, Runner
 from yan_serve.server.metrics import Metrics
 
 log = logging.getLogger("yan_serve.batcher")
@@ -48,41 +50,29 @@ class ShuttingDown(RuntimeError):
     """The shutdown deadline passed before the job's result (the server answers 503)."""
 
 
-def length_bucket(n: int) -> int:
-    """The padded length class of a job: the next power of two, at least 16."""
-    b = 16
-    while b < n:
-        b *= 2
-    return b
-
-
 @dataclass(eq=False)
 class Job:
-    src: list[int]
-    tgt_len: int
-    seed: int
-    steps: int
-    routing: str = "argmax"
-    temperature: float = 0.0
-    top_k: int = 0
-    target: list[int] | None = None  # score this target instead of generating
-    on_step: Callable[[int, list[int]], None] | None = None  # preview callback (worker thread)
-    future: asyncio.Future | None = None
+    """An `EngineRequest` in the queue, with what only the queue needs: its future and clocks.
+
+    These live on this batcher-side wrapper rather than on the request: the worker runs on the
+    model thread and sees only `EngineRequest`s, so it can never touch an asyncio future (which
+    only the event loop may complete) or the queue's clocks, and the engine layer stays free of
+    asyncio. The server reads the clocks back for a response's `timing`."""
+
+    request: EngineRequest
+    future: asyncio.Future | None = None  # set by `Batcher.submit`
     t_enqueue: float = 0.0
     t_start: float = 0.0
     t_end: float = 0.0
     batch_size: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple:
-        mode = "score" if self.target is not None else "generate"
-        return (mode, self.steps, self.routing, length_bucket(max(len(self.src), self.tgt_len)))
-
-
-class Worker(Protocol):
-    def run(self, jobs: Sequence[Job]) -> list[Any]:
-        """Results for a batch of jobs that share a key, in order."""
+        """Jobs with the same key may share a batch: the same mode, time points and routing
+        (what `Runner.run` requires) and the same length bucket (so padding stays small)."""
+        r = self.request
+        mode = "score" if r.scores else "generate"
+        return (mode, r.steps, r.routing, length_bucket(max(len(r.src), r.tgt_len)))
 
 
 def is_oom(e: BaseException) -> bool:
@@ -94,7 +84,7 @@ def is_oom(e: BaseException) -> bool:
 class Batcher:
     def __init__(
         self,
-        worker: Worker,
+        worker: Runner,
         max_batch_size: int = 32,
         max_wait_ms: float = 0.0,
         max_queue: int = 256,
@@ -217,10 +207,10 @@ class Batcher:
             else:
                 j.future.set_result(r)
 
-    def run_splitting(self, batch: Sequence[Job]) -> list[Any]:
+    def run_splitting(self, batch: Sequence[Job]) -> list[Result | BaseException]:
         """Run a batch on the worker thread; on out-of-memory split it in halves and retry."""
         try:
-            return list(self.worker.run(batch))
+            return list(self.worker.run([j.request for j in batch]))
         except Exception as e:
             if not is_oom(e):
                 raise

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pathlib import Path
 
-    from yan_serve.server.worker import check_checkpoint
+    from yan_serve.server.loader import check_checkpoint
 
     if not (Path(settings.model) / "config.json").is_file():
         print(

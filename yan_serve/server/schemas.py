@@ -50,8 +50,9 @@ class GenerationOptions(BaseModel):
 
     steps: Int(1) | None = Field(
         None,
-        description="Euler time points T (T - 1 trunk passes); 1..the server's --max-steps. "
-        "Default: the checkpoint's setting (3 for the shipped model).",
+        description="Euler time points T on [0, 1]; T - 1 Euler steps (trunk passes) are "
+        "taken. 1..the server's --max-steps. Default: --default-steps, else the checkpoint's "
+        "setting (3 for the shipped model).",
         examples=[3],
     )
     seed: Int(0, SEED_MAX) | None = Field(
@@ -72,7 +73,8 @@ class GenerationOptions(BaseModel):
     return_confidence: bool = Field(False, description="Include per-token decoder probabilities.")
     stream: bool = Field(
         False,
-        description="Server-sent events: the decoded text after each Euler step, then the result.",
+        description="Server-sent events: the decoded text at each Euler time point (0: the "
+        "initial noise), then the result.",
     )
 
 
@@ -178,7 +180,7 @@ class GenerationResponse(BaseModel):
     task: str
     text: str = Field(..., description="The best candidate's output.")
     candidates: list[Candidate]
-    steps: int
+    steps: int = Field(..., description="The Euler time points T used (T - 1 Euler steps).")
     usage: Usage
     timing: Timing
 

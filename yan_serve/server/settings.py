@@ -33,7 +33,7 @@ class Settings:
     log_level: str = "info"
     max_body_bytes: int = 1 << 20
     max_steps: int = 16
-    default_steps: int = 0  # 0: the checkpoint's ode_steps
+    default_steps: int = 0  # Euler time points T; 0: the checkpoint's ode_steps
     threads: int = 0  # torch intra-op threads (0: torch's default)
 
     def __post_init__(self) -> None:
@@ -83,8 +83,9 @@ HELP = {
     "api_key": "require `Authorization: Bearer KEY` on the API endpoints",
     "log_level": "critical | error | warning | info | debug",
     "max_body_bytes": "largest request body accepted (413 beyond)",
-    "max_steps": "largest `steps` a request may ask for",
-    "default_steps": "Euler time points when a request gives none (0: the checkpoint's)",
+    "max_steps": "largest `steps` (Euler time points T) a request may ask for",
+    "default_steps": "Euler time points T on [0, 1] when a request gives none; T - 1 Euler steps"
+    " are taken (0: the checkpoint's)",
     "threads": "torch intra-op threads on CPU (0: torch's default)",
 }
 

@@ -1,0 +1,118 @@
+"""Server-sent events: the task endpoints' previews and result, and OpenAI's completion chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from yan_serve.engine.requests import EngineRequest, Result
+from yan_serve.server import schemas as S
+from yan_serve.server.batcher import Job
+from yan_serve.server.dispatch import admit, cancel, error_status, gather_all
+from yan_serve.server.state import State
+
+EVENT_STREAM = "text/event-stream"
+
+
+def sse(event: str, data: Any) -> bytes:
+    """One named event whose data is JSON."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _response(events: Any) -> StreamingResponse:
+    return StreamingResponse(events, media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
+
+
+def result_stream(body: BaseModel) -> StreamingResponse:
+    """A stream of the one `result` event (a result computed without Euler previews)."""
+    return _response(iter([sse("result", body.model_dump(mode="json"))]))
+
+
+def preview_stream(
+    state: State,
+    requests: Sequence[EngineRequest],
+    body: Callable[[list[Job], list[Result]], BaseModel],
+    t0: float,
+) -> StreamingResponse:
+    """Queue the requests and stream a `preview` of each candidate's decoded text (cut at EOS)
+    at each Euler time point, then the `result` event, `body(jobs, results)`; an `error` event
+    instead on a failure or after --request-timeout (counted from `t0`)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    tok = state.serving_worker().tokenizer
+    for idx, r in enumerate(requests):
+
+        def on_step(step: int, row: list[int], idx: int = idx) -> None:  # the model thread
+            loop.call_soon_threadsafe(events.put_nowait, ("preview", idx, step, row))
+
+        r.on_step = on_step
+    jobs = admit(state, requests)
+
+    async def stream() -> AsyncIterator[bytes]:
+        gathered = gather_all(jobs)
+        gathered.add_done_callback(lambda _: events.put_nowait(("done", 0, 0, None)))
+        deadline = t0 + state.settings.request_timeout
+        try:
+            while True:
+                left = deadline - time.perf_counter()
+                try:
+                    kind, idx, step, row = await asyncio.wait_for(events.get(), max(left, 0))
+                except asyncio.TimeoutError:
+                    state.metrics.rejected.labels("timeout").inc()
+                    yield sse(
+                        "error",
+                        {"error": {"message": "request timed out", "type": "timeout", "code": 504}},
+                    )
+                    return
+                if kind == "preview":
+                    eos = tok.special.eos
+                    cut = row.index(eos) if eos in row else len(row)
+                    yield sse(
+                        "preview", {"index": idx, "step": step, "text": tok.decode(row[:cut])}
+                    )
+                    continue
+                try:
+                    results = gathered.result()
+                except Exception as e:
+                    error = {"message": str(e), "type": type(e).__name__, "code": error_status(e)}
+                    yield sse("error", {"error": error})
+                    return
+                yield sse("result", body(jobs, results).model_dump(mode="json"))
+                return
+        finally:
+            cancel(jobs)  # client gone or finished: drop any queued work
+
+    return _response(stream())
+
+
+def openai_stream(body: S.OpenAICompletion, include_usage: bool) -> StreamingResponse:
+    """A finished completion as OpenAI's chunks: each choice's text in one chunk, then one with
+    its finish_reason; with `include_usage` a last chunk with `usage`; then `[DONE]`."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        common: dict[str, Any] = {
+            "id": body.id,
+            "object": "text_completion",
+            "created": body.created,
+            "model": body.model,
+        }
+        if include_usage:
+            common["usage"] = None  # OpenAI: null on every chunk but the last
+        for c in body.choices:
+            lp = c.logprobs.model_dump() if c.logprobs is not None else None
+            for text, logprobs, reason in ((c.text, lp, None), ("", None, c.finish_reason)):
+                choice = {"text": text, "index": c.index, "logprobs": logprobs,
+                          "finish_reason": reason}  # fmt: skip
+                yield f"data: {json.dumps({**common, 'choices': [choice]})}\n\n".encode()
+        if include_usage:
+            chunk = {**common, "choices": [], "usage": body.usage.model_dump()}
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type=EVENT_STREAM)
