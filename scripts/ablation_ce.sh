@@ -4,11 +4,10 @@
 #   bash scripts/ablation_ce.sh   (after scripts/train_default.sh has written $OUT/stage1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-runs/yan-tiny-kjv}"; DATA="${DATA:-data/kjv}"; S2="${S2:-2500}"; BS="${BS:-16}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+OUT="${OUT:-runs/yan-tiny-kjv}"
+source scripts/train_common.sh
 yan train stage2 --init "$OUT/stage1" --out "$OUT/ablation-nll-only" --steps "$S2" --lr 1e-3 \
-    --warmup 100 --fm-weight 0.1 --ce-weight 0 --data "$DATA" --batch-size "$BS" \
-    --eval-every 250 --save-every 500
+    --warmup 100 --fm-weight 0.1 --ce-weight 0 "${common[@]}"
 while [[ ! -f "$OUT/finetune/config.json" && ! -f "$OUT/stage2-done" ]]; do
     # the main recipe's stage 2 must be finished (it is saved every 500 steps while it runs)
     grep -q "done: stage2" "${MAIN_LOG:-runs/train_default.log}" 2>/dev/null && break

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The AR baseline beside the YAN default (issue #6): GPT-2 "ar-tiny" (4.34M parameters, within
-# 1% of yan-tiny), the same tokenizer, KJV corpus, task formats, batch size and step counts as
-# scripts/train_default.sh: S1 + S2 steps of infill pre-training (paper format + fill-in-the-
-# middle), then FT steps on the task mixture (+ infill-fim). Then `yan eval` on the same test
-# splits. On 2 CPU cores one step takes ~1 s (GPT-2 decodes the target after the source, so
-# each sequence is about twice as long as YAN's target): run it on a GPU.
+# The AR baseline beside the YAN default: GPT-2 "ar-tiny" (4.34M parameters, within 1% of
+# yan-tiny), the same tokenizer, KJV corpus, task formats, batch size and step counts as
+# scripts/train_default.sh (scripts/train_common.sh holds them): S1 + S2 steps of infill
+# pre-training (paper format + fill-in-the-middle), then FT steps on the task mixture
+# (+ infill-fim). Then `yan eval` on the same test splits. On 2 CPU cores one step takes ~1 s
+# (GPT-2 decodes the target after the source, so each sequence is about twice as long as YAN's
+# target): run it on a GPU.
 #
 #   DEVICE=cuda PUBLISH=weights/ar-tiny-kjv bash scripts/train_ar.sh
 #   S1=10 S2=10 FT=10 EVAL_LIMIT=8 bash scripts/train_ar.sh        # smoke run
@@ -12,25 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-runs/ar-tiny-kjv}"
-DATA="${DATA:-data/kjv}"
 TOKENIZER="${TOKENIZER:-weights/yan-tiny-kjv}"
-S1="${S1:-3000}"; S2="${S2:-2500}"; FT="${FT:-4200}"
-BS="${BS:-16}"
-EVAL_LIMIT="${EVAL_LIMIT:-}"
-DEVICE="${DEVICE:-auto}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --save-every 500)
+source scripts/train_common.sh
 
-[[ -f "$DATA/train.jsonl" ]] || yan data kjv --out "$DATA"
 yan train ar --tokenizer "$TOKENIZER" --config ar-tiny --out "$OUT/pretrain" \
     --steps $((S1 + S2)) --lr 1e-3 --warmup 100 --tasks infill,infill-fim "${common[@]}"
 yan train ar --init "$OUT/pretrain" --out "$OUT/finetune" --steps "$FT" --lr 3e-4 --warmup 50 \
     --tasks infill,infill-fim,complete,qa,classify "${common[@]}"
-yan eval "$OUT/finetune" --data "$DATA" --device "$DEVICE" \
-    ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --json "$OUT/eval.json"
-if [[ -n "${PUBLISH:-}" ]]; then  # e.g. PUBLISH=weights/ar-tiny-kjv
-    mkdir -p "$PUBLISH"
-    cp "$OUT"/finetune/{config.json,generation_config.json,model.safetensors,tokenizer.json,labels.json} \
-        "$OUT/eval.json" "$PUBLISH/"
-    echo "published the AR baseline to $PUBLISH"
-fi
+evaluate
+publish config.json generation_config.json model.safetensors tokenizer.json labels.json

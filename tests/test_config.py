@@ -18,7 +18,7 @@ def test_presets_build_and_round_trip(name: str, tmp_path) -> None:
     assert json.loads((tmp_path / "config.json").read_text())["d_model"] == cfg.d_model
 
 
-def test_paper_preset_matches_spec() -> None:
+def test_paper_preset_matches_the_paper() -> None:
     cfg = YANConfig.from_name("yan-paper")
     assert (cfg.d_model, cfg.encoder_n_trf_blocks, cfg.n_trf_blocks) == (512, 6, 8)
     assert cfg.cross_att_idx == (0, 1, 2, 4)

@@ -1,7 +1,8 @@
 """Import layers, read from the source (ast, nothing imported): every import points down.
 
     yan_kernels (kernels/)  imports nothing from yan_serve, and its own modules only relatively
-    config, device, tokenizer, flow  <  model  <  engine, weights  <  tasks  <  train  <  ar  <  server
+    config, device, tokenizer, flow  <  model  <  engine, weights  <  tasks  <  train  <  ar
+        <  server
     everything else (cli, bench, convert, experiments, __main__) sits on top
 
 Imports inside functions count: a lazy import is still a dependency.

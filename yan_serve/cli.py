@@ -93,22 +93,33 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.stage == "ar":
-        return cmd_train_ar(args)
-    from yan_serve.train.objectives import Stage1Weights, Stage2Weights
-    from yan_serve.train.recipes import (
-        config_for_tokenizer,
-        fixed_batches,
-        label_table,
-        load_corpus,
-        stage_batches,
-        tokenizer_for,
-    )
+    """One loop for every stage: the stage picks the objective, the flags fill the config."""
+    from yan_serve.train.recipes import load_corpus
     from yan_serve.train.trainer import TrainConfig, Trainer, eprint
-    from yan_serve.weights import save_labels
 
     torch.manual_seed(args.seed)
     corpus = load_corpus(args.data, seed=args.seed)
+    make = _ar_objective if args.stage == "ar" else _yan_objective
+    objective = make(args, corpus, tuple(args.tasks.split(",")))
+    cfg = TrainConfig(
+        out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        warmup=args.warmup, grad_clip=args.grad_clip, log_every=args.log_every,
+        eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+        seed=args.seed, device=args.device,
+    )  # fmt: skip
+    trainer = Trainer(objective, cfg, log=eprint)
+    if args.resume:
+        trainer.resume()
+    print(json.dumps(trainer.train(), indent=2))
+    return 0
+
+
+def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
+    """stage1 builds a fresh model (and a tokenizer unless given); the later stages continue
+    --init."""
+    from yan_serve.train.objectives import Stage1Weights, Stage2Weights, StageConfig, YANObjective
+    from yan_serve.train.recipes import config_for_tokenizer, tokenizer_for
+
     if args.stage == "stage1":
         if args.init:
             raise ValueError("stage1 starts from a fresh model: drop --init")
@@ -119,43 +130,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.init:
             raise ValueError(f"{args.stage} needs --init (the previous stage's checkpoint)")
         model, tok = _load_checkpoint(args.init)
-        model.train()
-    tcfg = TrainConfig(
-        stage=args.stage, out=args.out, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr if args.lr is not None else (1e-5 if args.stage == "finetune" else 1e-4),
-        warmup=args.warmup, grad_clip=args.grad_clip, log_every=args.log_every,
-        eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, device=args.device,
-        stage1=Stage1Weights(ce=1.0, mmd=args.mmd_weight, scale=args.scale_weight),
-        stage2=Stage2Weights(fm=args.fm_weight, ce=args.ce_weight),
-        freeze_autoencoder=not args.unfreeze,
+    spec = StageConfig(
+        args.stage, Stage1Weights(mmd=args.mmd_weight, scale=args.scale_weight),
+        Stage2Weights(fm=args.fm_weight, ce=args.ce_weight), freeze_autoencoder=not args.unfreeze,
+        tasks=tasks, slack=args.slack,
     )  # fmt: skip
-    tasks = tuple(args.tasks.split(","))
-    train = stage_batches(args.stage, corpus, tok, model, "train", args.batch_size, args.seed,
-                          tasks, args.slack)  # fmt: skip
-    val_stream = stage_batches(args.stage, corpus, tok, model, "val", args.batch_size,
-                               args.seed + 1, tasks, args.slack)  # fmt: skip
-    val = fixed_batches(val_stream, args.eval_batches)
-    trainer = Trainer(model, tok, tcfg, train, val, log=eprint)
-    if args.resume:
-        trainer.resume()
-    summary = trainer.train()
-    if args.stage == "finetune" and "classify" in tasks and trainer.rank == 0:
-        save_labels(args.out, label_table(corpus))
-    print(json.dumps(summary, indent=2))
-    return 0
+    return YANObjective(model, tok, spec, corpus)
 
 
-def cmd_train_ar(args: argparse.Namespace) -> int:
+def _ar_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
     """The AR baseline: fresh from --tokenizer (a YAN checkpoint or tokenizer directory, so both
-    models share one tokenizer), or continued from an AR checkpoint given as --init."""
+    models share one tokenizer), or continued from an AR checkpoint given as --init. The default
+    task mixture adds infill-fim."""
     from yan_serve.ar.model import ar_config, load_ar
-    from yan_serve.ar.train import ARTrainConfig, train_ar
+    from yan_serve.ar.train import ARObjective
+    from yan_serve.tasks.formats import TASKS
     from yan_serve.tokenizer import YANTokenizer
-    from yan_serve.train.recipes import load_corpus
-    from yan_serve.train.trainer import eprint
     from yan_serve.weights import is_ar_checkpoint
 
-    corpus = load_corpus(args.data, seed=args.seed)
     if args.init:
         if not is_ar_checkpoint(args.init):
             raise ValueError(f"{args.init} is not an AR (GPT-2) checkpoint")
@@ -174,26 +166,10 @@ def cmd_train_ar(args: argparse.Namespace) -> int:
         preset = args.config if args.config != "yan-tiny" else "ar-tiny"
         from transformers import GPT2LMHeadModel
 
-        torch.manual_seed(args.seed)
         model = GPT2LMHeadModel(ar_config(tok, max_len, preset))
-    tasks = tuple(args.tasks.split(","))
-    if tasks == ("infill", "complete", "qa", "classify"):
+    if tasks == TASKS:
         tasks = (*tasks, "infill-fim")
-    cfg = ARTrainConfig(
-        out=args.out, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr if args.lr is not None else 1e-3, warmup=args.warmup,
-        grad_clip=args.grad_clip, log_every=args.log_every, eval_every=args.eval_every,
-        eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
-        device=args.device, tasks=tasks,
-    )  # fmt: skip
-    summary = train_ar(model, tok, corpus, cfg, max_len, log=eprint)
-    from yan_serve.train.recipes import label_table
-    from yan_serve.weights import save_labels
-
-    if "classify" in tasks:
-        save_labels(args.out, label_table(corpus))
-    print(json.dumps(summary, indent=2))
-    return 0
+    return ARObjective(model, tok, max_len, tasks, corpus)
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -347,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--limit", type=int, help="keep the first N records per split")
     ip.set_defaults(func=cmd_data_import)
 
+    from yan_serve.train.objectives import StageConfig
+    from yan_serve.train.trainer import TrainConfig
+
+    run, yan = TrainConfig(out=""), StageConfig("finetune")  # the defaults of every run
     tp = sub.add_parser("train", help="train a stage")
     tp.add_argument(
         "stage",
@@ -362,33 +342,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--init", help="checkpoint to start from (stage2, finetune)")
     tp.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on the data)")
-    tp.add_argument("--steps", type=int, default=1000)
-    tp.add_argument("--batch-size", type=int, default=32)
-    tp.add_argument("--lr", type=float, help="default 1e-4, fine-tune 1e-5")
-    tp.add_argument("--warmup", type=int, default=1000)
-    tp.add_argument("--grad-clip", type=float, default=1.0)
-    tp.add_argument("--mmd-weight", type=float, default=1.0)
-    tp.add_argument("--scale-weight", type=float, default=0.01)
-    tp.add_argument("--fm-weight", type=float, default=1.0)
-    tp.add_argument("--ce-weight", type=float, default=1.0)
+    tp.add_argument("--steps", type=int, default=run.steps)
+    tp.add_argument("--batch-size", type=int, default=run.batch_size)
+    tp.add_argument("--lr", type=float, help="default: the stage's (1e-4; finetune 1e-5; ar 1e-3)")
+    tp.add_argument("--warmup", type=int, default=run.warmup)
+    tp.add_argument("--grad-clip", type=float, default=run.grad_clip)
+    tp.add_argument("--mmd-weight", type=float, default=yan.stage1.mmd)
+    tp.add_argument("--scale-weight", type=float, default=yan.stage1.scale)
+    tp.add_argument("--fm-weight", type=float, default=yan.stage2.fm)
+    tp.add_argument("--ce-weight", type=float, default=yan.stage2.ce)
     tp.add_argument(
         "--tasks",
-        default="infill,complete,qa,classify",
+        default=",".join(yan.tasks),
         help="fine-tune mixture (ar also knows infill-fim: generate only the spans)",
     )
     tp.add_argument(
         "--slack",
         type=float,
-        default=0.5,
+        default=yan.slack,
         help="fine-tune: share of targets given serving length slack (EOS filler)",
     )
     tp.add_argument("--unfreeze", action="store_true", help="also train encoder/decoder (stage 2)")
-    tp.add_argument("--log-every", type=int, default=50)
-    tp.add_argument("--eval-every", type=int, default=500)
-    tp.add_argument("--eval-batches", type=int, default=8)
-    tp.add_argument("--save-every", type=int, default=1000)
-    tp.add_argument("--seed", type=int, default=0)
-    tp.add_argument("--device", default="auto")
+    tp.add_argument("--log-every", type=int, default=run.log_every)
+    tp.add_argument("--eval-every", type=int, default=run.eval_every)
+    tp.add_argument("--eval-batches", type=int, default=run.eval_batches)
+    tp.add_argument("--save-every", type=int, default=run.save_every)
+    tp.add_argument("--seed", type=int, default=run.seed)
+    tp.add_argument("--device", default=run.device)
     tp.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     tp.set_defaults(func=cmd_train)
 

@@ -177,55 +177,34 @@ _JSON_TYPES: dict[str, tuple[str, Any]] = {
 }
 
 
+# What yan-small shares with the paper's model: heads, cross-attention, decoder, experts, sigma.
+_PAPER_SHAPE = dict(attention_heads=8, cross_att_idx=(0, 1, 2, 4), decoder_n_resi_blocks=1,
+                    moe_n_experts=6, moe_sigma=0.1, dropout=0.1)  # fmt: skip
+
+# fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains on 2 CPU cores in well under an hour; the shipped default is of this class.
     # sigma = 1 (not the paper's 0.1): at d = 128 it keeps expert responsibilities sharp while
     # the NLL stays on a scale the CE term can balance.
     "yan-tiny": dict(
-        d_model=128,
-        attention_heads=4,
-        encoder_n_trf_blocks=2,
-        n_trf_blocks=3,
-        cross_att_idx=(0, 1, 2),
-        decoder_n_resi_blocks=1,
-        moe_n_experts=4,
-        moe_sigma=1.0,
-        vocab_size=8192,
-        max_length=256,
-        dropout=0.0,
+        vocab_size=8192, max_length=256,
+        d_model=128, attention_heads=4, encoder_n_trf_blocks=2, n_trf_blocks=3,
+        cross_att_idx=(0, 1, 2), decoder_n_resi_blocks=1, dropout=0.0,
+        moe_n_experts=4, moe_sigma=1.0,
     ),
     "yan-small": dict(
-        d_model=256,
-        attention_heads=8,
-        encoder_n_trf_blocks=4,
-        n_trf_blocks=6,
-        cross_att_idx=(0, 1, 2, 4),
-        decoder_n_resi_blocks=1,
-        moe_n_experts=6,
-        moe_sigma=0.1,
-        vocab_size=32000,
-        max_length=1024,
-        dropout=0.1,
+        _PAPER_SHAPE, vocab_size=32000, max_length=1024,
+        d_model=256, encoder_n_trf_blocks=4, n_trf_blocks=6,
     ),
     # The paper's ~200M Transformer variant with the LLaMA-3 vocabulary + <|padding|>, <|mask|>.
     "yan-paper": dict(
-        d_model=512,
-        attention_heads=8,
-        encoder_n_trf_blocks=6,
-        n_trf_blocks=8,
-        cross_att_idx=(0, 1, 2, 4),
-        decoder_n_resi_blocks=1,
-        moe_n_experts=6,
-        moe_sigma=0.1,
-        vocab_size=128258,
-        pad_token_id=128256,
-        mask_token_id=128257,
-        bos_token_id=128000,
-        eos_token_id=128001,
-        max_length=2048,
-        dropout=0.1,
+        _PAPER_SHAPE, vocab_size=128258, max_length=2048,
+        pad_token_id=128256, mask_token_id=128257, bos_token_id=128000, eos_token_id=128001,
+        d_model=512, encoder_n_trf_blocks=6, n_trf_blocks=8,
     ),
 }
+# fmt: on
+
 _MAMBA = dict(encoder_use_mamba=True, flow_use_mamba=True, mamba_d_state=16, mamba_d_conv=4,
               mamba_expand=2)  # fmt: skip
 # yan-tiny with the bidirectional Mamba mixer in the encoder and the flow trunk.

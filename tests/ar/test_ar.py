@@ -130,6 +130,38 @@ def test_yan_train_ar_learns_and_yan_eval_reads_it(tmp_path) -> None:
     assert "infill-fim" in e.stdout and "exact_match" in e.stdout
 
 
+def test_ar_trains_through_the_shared_loop_and_resumes(tmp_path) -> None:
+    """2 steps + resume to 4 gives exactly the weights of 4 uninterrupted steps."""
+    from yan_serve.ar.train import ARObjective
+    from yan_serve.train.recipes import load_corpus
+    from yan_serve.train.trainer import TrainConfig, Trainer
+
+    _corpus_dir(tmp_path)
+    corpus = load_corpus(tmp_path, babi_sizes=(8, 4, 4))
+    tok = train_bpe([r.text for r in corpus.text["train"]], 300)
+
+    def trainer(out: str, steps: int) -> Trainer:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(ar_config(tok, 40, "ar-tiny"))
+        objective = ARObjective(model, tok, 40, ("infill-fim", "complete"), corpus)
+        cfg = TrainConfig(out=str(tmp_path / out), steps=steps, batch_size=4, warmup=2,
+                          log_every=1, eval_batches=1, save_every=100, device="cpu")  # fmt: skip
+        return Trainer(objective, cfg, log=lambda *a: None)
+
+    summary = trainer("straight", 4).train()
+    assert summary["stage"] == "ar" and summary["target_tokens"] > 0
+    trainer("split", 2).train()
+    resumed = trainer("split", 4)
+    assert resumed.resume() and resumed.step == 2
+    resumed.train()
+    a, b = load_ar(tmp_path / "straight").state_dict(), load_ar(tmp_path / "split").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run diverged"
+    log = [json.loads(x) for x in (tmp_path / "split" / ARObjective.log_file).open()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "val_loss" in log[-1]
+    with pytest.raises(ValueError, match="unknown task 'summarize'"):
+        ARObjective(GPT2LMHeadModel(ar_config(tok, 40)), tok, 40, ("summarize",), corpus)
+
+
 def test_ar_score_is_one_forward_that_ignores_batch_mates(micro) -> None:
     from yan_serve.ar.generate import ar_score
 

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from yan_serve.experiments.moe_fm_2d import (
     MOONS_NOISE,
     MOONS_SCALE,
     MOONS_SHIFT,
+    TOY_SCHEDULE,
     ExperimentConfig,
     ToyMoEField,
     evaluate,
@@ -152,9 +154,10 @@ def test_sample_counts_euler_steps_not_time_points() -> None:
 
 
 def test_training_lowers_the_moe_nll() -> None:
-    cfg = ExperimentConfig(train_steps=150, batch_size=128, hidden=32, expert_hidden=16)
+    short = replace(TOY_SCHEDULE, steps=150, batch_size=128)
+    cfg = ExperimentConfig(schedule=short, hidden=32, expert_hidden=16)
     data = make_dataset("moons", 2000, 0)
-    _, first = train_field(data, 2, 0.3, ExperimentConfig(**{**vars(cfg), "train_steps": 1}), 0)
+    _, first = train_field(data, 2, 0.3, replace(cfg, schedule=replace(short, steps=1)), 0)
     _, last = train_field(data, 2, 0.3, cfg, 0)
     assert math.isfinite(last) and last < first - 1.0
 
@@ -197,7 +200,8 @@ def test_moe_beats_vanilla_fm_at_4_euler_steps_on_two_moons() -> None:
     Margin chosen from run seeds 0..5 at this exact config (docs/moe_fm_2d.md): MoE/vanilla
     ratio 0.24..0.53 (vanilla 63..93e-3, MoE 20..35e-3); we assert ratio < 0.75.
     """
-    cfg = ExperimentConfig(train_steps=1500, euler_steps=(4,), eval_seeds=3)
+    cfg = ExperimentConfig(schedule=replace(TOY_SCHEDULE, steps=1500), euler_steps=(4,),
+                           eval_seeds=3)  # fmt: skip
     seed = 0
     train = make_dataset("moons", cfg.n_train, seed * 1_000_003 + 1)
     heldout = make_dataset("moons", cfg.n_eval, seed * 1_000_003 + 3)

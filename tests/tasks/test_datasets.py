@@ -139,12 +139,6 @@ def test_rocstories_cloze_format(tmp_path: Path) -> None:
     assert load_rocstories(p) == [TextRecord("A. B. C. D. Right.", "c1")]
 
 
-def test_rocstories_missing_column(tmp_path: Path) -> None:
-    p = write(tmp_path / "roc.csv", "storyid,sentence1,sentence2\nx,a,b\n")
-    with pytest.raises(ValueError, match=r"roc\.csv: missing column\(s\) sentence3, sentence4"):
-        load_rocstories(p)
-
-
 def test_simplestories(tmp_path: Path) -> None:
     p = write(
         tmp_path / "ss.jsonl",
@@ -159,20 +153,11 @@ def test_simplestories(tmp_path: Path) -> None:
     ]
 
 
-def test_jsonl_errors_name_line(tmp_path: Path) -> None:
+def test_bad_json_line_is_named_without_the_decoder_traceback(tmp_path: Path) -> None:
     p = write(tmp_path / "ss.jsonl", '{"story": "ok"}\n\n{"story": "broken"\n')
     with pytest.raises(ValueError, match=r"ss\.jsonl: line 3: bad JSON") as info:
         load_simplestories(p)
     assert info.value.__cause__ is None and info.value.__suppress_context__
-    p = write(tmp_path / "nofield.jsonl", '{"story": "ok"}\n{"title": "no story"}\n')
-    with pytest.raises(ValueError, match=r"line 2: no 'story' or 'text' field \(keys: title\)"):
-        load_simplestories(p)
-    p = write(tmp_path / "list.jsonl", "[1, 2]\n")
-    with pytest.raises(ValueError, match="line 1: expected a JSON object, got list"):
-        load_simplestories(p)
-    p = write(tmp_path / "num.jsonl", '{"story": 3}\n')
-    with pytest.raises(ValueError, match="field 'story' is int, expected a string"):
-        load_simplestories(p)
 
 
 # --------------------------------------------------------------------------- SQuAD
@@ -244,18 +229,7 @@ def test_squad(tmp_path: Path) -> None:
         load_squad(tmp_path)
 
 
-def test_squad_errors(tmp_path: Path) -> None:
-    broken = json.loads(json.dumps(SQUAD))
-    del broken["data"][0]["paragraphs"][0]["qas"][1]["question"]
-    p = write(tmp_path / "a.json", json.dumps(broken))
-    with pytest.raises(ValueError, match=r"a\.json: data\[0\]\.paragraphs\[0\]\.qas\[1\]: missing"):
-        load_squad(p)
-    p = write(tmp_path / "b.json", '{"data": [\n  {"paragraphs": ]}')
-    with pytest.raises(ValueError, match=r"b\.json: bad JSON: .* \(line 2, column"):
-        load_squad(p)
-    p = write(tmp_path / "c.json", '{"version": "1.1"}')
-    with pytest.raises(ValueError, match="expected a JSON object with a 'data' list"):
-        load_squad(p)
+def test_squad_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.json"):
         load_squad(tmp_path / "nope.json")
 
@@ -318,21 +292,6 @@ def test_babi_directory_split(tmp_path: Path) -> None:
     assert [r.answers for r in load_babi(tmp_path, split="test")] == [["out"]]
 
 
-def test_babi_errors(tmp_path: Path) -> None:
-    p = write(tmp_path / "x.txt", "1 Mary moved.\nMary went home.\n")
-    with pytest.raises(ValueError, match=r"x\.txt: line 2: expected 'N text'"):
-        load_babi(p)
-    p = write(tmp_path / "y.txt", "1 Mary moved.\n2 Where is Mary?\t\t1\n")
-    with pytest.raises(ValueError, match=r"y\.txt: line 2: question line needs"):
-        load_babi(p)
-    p = write(tmp_path / "z.txt", "1 Mary moved.\n2 Where?\thome\tone\n")
-    with pytest.raises(ValueError, match="line 2: supporting ids must be numbers"):
-        load_babi(p)
-    p = write(tmp_path / "w.txt", "3 Mary moved.\n")
-    with pytest.raises(ValueError, match="line 1: first story starts at 3"):
-        load_babi(p)
-
-
 # --------------------------------------------------------------------------- classification
 
 
@@ -358,18 +317,9 @@ def test_ag_news(tmp_path: Path) -> None:
     assert AG_NEWS_LABELS == ("World", "Sports", "Business", "Sci/Tech")
 
 
-def test_ag_news_header_and_errors(tmp_path: Path) -> None:
+def test_ag_news_header_row_is_skipped(tmp_path: Path) -> None:
     p = write(tmp_path / "h.csv", "Class Index,Title,Description\n2,Goal,A goal.\n")
     assert load_ag_news(p) == [ClassRecord("Goal A goal.", 2, "Sports", "2")]
-    p = write(tmp_path / "bad.csv", '"1","a","b"\n"5","c","d"\n')
-    with pytest.raises(ValueError, match=r"bad\.csv: line 2: class index 5 outside 1\.\.4"):
-        load_ag_news(p)
-    p = write(tmp_path / "short.csv", '"1","a","b"\n"2","only title"\n')
-    with pytest.raises(ValueError, match=r"short\.csv: line 2: expected 3 fields .* got 2"):
-        load_ag_news(p)
-    p = write(tmp_path / "nan.csv", '"1","a","b"\n"x","c","d"\n')
-    with pytest.raises(ValueError, match="line 2: class index 'x' is not a number"):
-        load_ag_news(p)
 
 
 def test_dbpedia(tmp_path: Path) -> None:
@@ -380,22 +330,17 @@ def test_dbpedia(tmp_path: Path) -> None:
         '14,"Moby-Dick, or The Whale"," An 1851 novel."\n'
         "9,Zabłocie, Zabłocie is a village.\n",
     )
-    recs = load_dbpedia(tmp_path, split="test")
-    assert recs == [
-        ClassRecord(
-            "E. D. Abbott Ltd Abbott of Farnham E D Abbott Limited was a British coachbuilding "
-            "business.",
-            1,
-            "Company",
-            "1",
-        ),
-        ClassRecord("Moby-Dick, or The Whale An 1851 novel.", 14, "WrittenWork", "2"),
-        ClassRecord("Zabłocie Zabłocie is a village.", 9, "Village", "3"),
+    texts = [
+        "E. D. Abbott Ltd Abbott of Farnham E D Abbott Limited was a British coachbuilding "
+        "business.",
+        "Moby-Dick, or The Whale An 1851 novel.",
+        "Zabłocie Zabłocie is a village.",
     ]
+    labels = [(1, "Company"), (14, "WrittenWork"), (9, "Village")]
+    rows = enumerate(zip(texts, labels, strict=True), start=1)
+    expected = [ClassRecord(text, k, name, str(line)) for line, (text, (k, name)) in rows]
+    assert load_dbpedia(tmp_path, split="test") == expected
     assert len(DBPEDIA_LABELS) == 14 and DBPEDIA_LABELS[5] == "MeanOfTransportation"
-    p = write(tmp_path / "x.csv", "15,a,b\n")
-    with pytest.raises(ValueError, match=r"class index 15 outside 1\.\.14 for DBpedia"):
-        load_dbpedia(p)
 
 
 def test_sst2(tmp_path: Path) -> None:
@@ -409,18 +354,6 @@ def test_sst2(tmp_path: Path) -> None:
         ClassRecord("unflinchingly bleak and desperate", 0, "negative", "3"),
     ]
     assert load_dataset("SST-2", tmp_path, split="dev") == load_sst2(p)
-
-
-def test_sst2_errors(tmp_path: Path) -> None:
-    p = write(tmp_path / "test.tsv", "index\tsentence\n0\tuh-oh\n")
-    with pytest.raises(ValueError, match=r"test\.tsv: header .* \(GLUE's test split is unlabeled"):
-        load_sst2(p)
-    p = write(tmp_path / "a.tsv", "sentence\tlabel\ngood\t1\nbad\t2\n")
-    with pytest.raises(ValueError, match=r"a\.tsv: line 3: label must be 0 or 1, got '2'"):
-        load_sst2(p)
-    p = write(tmp_path / "b.tsv", "sentence\tlabel\ngood\n")
-    with pytest.raises(ValueError, match="line 2: expected 2 tab-separated fields, got 1"):
-        load_sst2(p)
 
 
 # --------------------------------------------------------------------------- generic
@@ -457,6 +390,71 @@ def test_not_utf8(tmp_path: Path) -> None:
     p.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin\.txt: not UTF-8 text"):
         load_text(p)
+
+
+# --------------------------------------------------------------------------- malformed files
+
+
+def _squad_without_a_question() -> str:
+    broken = json.loads(json.dumps(SQUAD))
+    del broken["data"][0]["paragraphs"][0]["qas"][1]["question"]
+    return json.dumps(broken)
+
+
+# {loader: [(file name, content, message)]}: a malformed file is a ValueError whose message
+# names the file, the line or entry and the problem.
+MALFORMED = {
+    load_rocstories: [
+        ("roc.csv", "storyid,sentence1,sentence2\nx,a,b\n",
+         r"roc\.csv: missing column\(s\) sentence3, sentence4"),
+    ],
+    load_simplestories: [
+        ("nofield.jsonl", '{"story": "ok"}\n{"title": "no story"}\n',
+         r"line 2: no 'story' or 'text' field \(keys: title\)"),
+        ("list.jsonl", "[1, 2]\n", "line 1: expected a JSON object, got list"),
+        ("num.jsonl", '{"story": 3}\n', "field 'story' is int, expected a string"),
+    ],
+    load_squad: [
+        ("a.json", _squad_without_a_question(),
+         r"a\.json: data\[0\]\.paragraphs\[0\]\.qas\[1\]: missing"),
+        ("b.json", '{"data": [\n  {"paragraphs": ]}', r"b\.json: bad JSON: .* \(line 2, column"),
+        ("c.json", '{"version": "1.1"}', "expected a JSON object with a 'data' list"),
+    ],
+    load_babi: [
+        ("x.txt", "1 Mary moved.\nMary went home.\n", r"x\.txt: line 2: expected 'N text'"),
+        ("y.txt", "1 Mary moved.\n2 Where is Mary?\t\t1\n", r"y\.txt: line 2: question line needs"),
+        ("z.txt", "1 Mary moved.\n2 Where?\thome\tone\n", "line 2: supporting ids must be numbers"),
+        ("w.txt", "3 Mary moved.\n", "line 1: first story starts at 3"),
+    ],
+    load_ag_news: [
+        ("bad.csv", '"1","a","b"\n"5","c","d"\n',
+         r"bad\.csv: line 2: class index 5 outside 1\.\.4"),
+        ("short.csv", '"1","a","b"\n"2","only title"\n',
+         r"short\.csv: line 2: expected 3 fields .* got 2"),
+        ("nan.csv", '"1","a","b"\n"x","c","d"\n', "line 2: class index 'x' is not a number"),
+    ],
+    load_dbpedia: [("x.csv", "15,a,b\n", r"class index 15 outside 1\.\.14 for DBpedia")],
+    load_sst2: [
+        ("test.tsv", "index\tsentence\n0\tuh-oh\n",
+         r"test\.tsv: header .* \(GLUE's test split is unlabeled"),
+        ("a.tsv", "sentence\tlabel\ngood\t1\nbad\t2\n",
+         r"a\.tsv: line 3: label must be 0 or 1, got '2'"),
+        ("b.tsv", "sentence\tlabel\ngood\n", "line 2: expected 2 tab-separated fields, got 1"),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "loader, name, text, message",
+    [
+        pytest.param(f, *case, id=f"{f.__name__}:{case[0]}")
+        for f, cs in MALFORMED.items()
+        for case in cs
+    ],
+)
+def test_malformed_files_are_named(tmp_path: Path, loader, name: str, text: str, message: str):
+    with pytest.raises(ValueError, match=message):
+        loader(write(tmp_path / name, text))
 
 
 # --------------------------------------------------------------------------- registry

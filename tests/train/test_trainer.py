@@ -18,7 +18,8 @@ from tests.conftest import micro_config
 from yan_serve.model import YAN
 from yan_serve.tokenizer import train_bpe
 from yan_serve.train.data import Batch, collate_stage1, stage1_maker
-from yan_serve.train.trainer import TrainConfig, Trainer, lr_at, trainable_parameters
+from yan_serve.train.objectives import StageConfig, YANObjective, trainable_parameters
+from yan_serve.train.trainer import TrainConfig, Trainer, lr_at
 from yan_serve.weights import from_pretrained
 
 TEXTS = ["In the beginning God created the heaven and the earth.",
@@ -27,7 +28,7 @@ TEXTS = ["In the beginning God created the heaven and the earth.",
 
 
 def test_lr_warmup_then_constant() -> None:
-    cfg = TrainConfig(stage="stage1", out="x", lr=1e-3, warmup=10)
+    cfg = TrainConfig(out="x", lr=1e-3, warmup=10)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(4, cfg) == pytest.approx(5e-4)
     assert lr_at(9, cfg) == lr_at(500, cfg) == pytest.approx(1e-3)
@@ -36,15 +37,15 @@ def test_lr_warmup_then_constant() -> None:
 def test_each_stage_trains_its_own_parts() -> None:
     m = YAN(micro_config())
     n_flow = sum(p.numel() for p in m.flow.parameters())
-    s1 = trainable_parameters(m, TrainConfig(stage="stage1", out="x"))
+    s1 = trainable_parameters(m, StageConfig("stage1"))
     assert sum(p.numel() for p in s1) == m.num_parameters() - n_flow
-    s2 = trainable_parameters(m, TrainConfig(stage="stage2", out="x"))
+    s2 = trainable_parameters(m, StageConfig("stage2"))
     assert sum(p.numel() for p in s2) == n_flow
     assert not m.encoder.trf_blocks[0].ff.layers[0].weight.requires_grad
-    ft = trainable_parameters(m, TrainConfig(stage="finetune", out="x", freeze_autoencoder=False))
+    ft = trainable_parameters(m, StageConfig("finetune", freeze_autoencoder=False))
     assert sum(p.numel() for p in ft) == m.num_parameters()
     with pytest.raises(ValueError, match="stage"):
-        TrainConfig(stage="stage3", out="x")
+        StageConfig("stage3")
 
 
 def _stream(tok, seed: int = 0):
@@ -60,20 +61,24 @@ def _stream(tok, seed: int = 0):
         yield collate_stage1([make(rng.choice(recs), rng) for _ in range(4)], tok.special.pad)
 
 
+def _objective(tok, stage: str = "stage1") -> YANObjective:
+    return YANObjective(YAN(micro_config(vocab_size=tok.vocab_size)), tok, StageConfig(stage))
+
+
 def test_resume_continues_the_same_run(tmp_path) -> None:
     tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
-    cfg = dict(stage="stage1", out=str(tmp_path / "run"), batch_size=4, warmup=2, lr=1e-3,
-               log_every=2, eval_every=2, save_every=100)  # fmt: skip
+    cfg = dict(out=str(tmp_path / "run"), batch_size=4, warmup=2, lr=1e-3, log_every=2,
+               eval_every=2, save_every=100)  # fmt: skip
     torch.manual_seed(0)
-    model = YAN(micro_config(vocab_size=tok.vocab_size))
     val: list[Batch] = [next(_stream(tok, 9))]
-    first = Trainer(model, tok, TrainConfig(**cfg, steps=4), _stream(tok), val, log=lambda *a: None)
+    first = Trainer(_objective(tok), TrainConfig(**cfg, steps=4), _stream(tok), val,
+                    log=lambda *a: None)  # fmt: skip
     first.train()
     state = json.loads((tmp_path / "run/trainer_state.json").read_text())
     assert state["step"] == 4 and (tmp_path / "run/optimizer.pt").exists()
 
-    second = Trainer(YAN(micro_config(vocab_size=tok.vocab_size)), tok, TrainConfig(**cfg, steps=6),
-                     _stream(tok, 1), val, log=lambda *a: None)  # fmt: skip
+    second = Trainer(_objective(tok), TrainConfig(**cfg, steps=6), _stream(tok, 1), val,
+                     log=lambda *a: None)  # fmt: skip
     assert second.resume() and second.step == 4
     for k, v in from_pretrained(tmp_path / "run").state_dict().items():
         assert torch.equal(second.model.state_dict()[k], v), k
@@ -82,24 +87,20 @@ def test_resume_continues_the_same_run(tmp_path) -> None:
     assert summary["steps"] == 6
     assert "val_loss" in summary["final"]
     with pytest.raises(ValueError, match="stage1 run"):
-        wrong_stage = TrainConfig(**{**cfg, "stage": "stage2"}, steps=6)
-        Trainer(
-            YAN(micro_config(vocab_size=tok.vocab_size)), tok, wrong_stage, _stream(tok), val
-        ).resume()
+        wrong_stage = _objective(tok, "stage2")
+        Trainer(wrong_stage, TrainConfig(**cfg, steps=6), _stream(tok), val).resume()
 
 
 def test_an_interrupted_run_resumes_into_the_same_weights(tmp_path) -> None:
     """Resume restores weights, optimizer, step, the RNG and the position in the batch stream:
     4 steps + resume to 8 gives exactly the weights of 8 uninterrupted steps."""
     tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
-    cfg = dict(stage="stage1", batch_size=4, warmup=2, lr=1e-3, log_every=2, eval_every=2,
-               save_every=100)  # fmt: skip
+    cfg = dict(batch_size=4, warmup=2, lr=1e-3, log_every=2, eval_every=2, save_every=100)
     val: list[Batch] = [next(_stream(tok, 9))]
 
     def trainer(out: str, steps: int) -> Trainer:
-        return Trainer(YAN(micro_config(vocab_size=tok.vocab_size)), tok,
-                       TrainConfig(**cfg, out=str(tmp_path / out), steps=steps), _stream(tok),
-                       val, log=lambda *a: None)  # fmt: skip
+        return Trainer(_objective(tok), TrainConfig(**cfg, out=str(tmp_path / out), steps=steps),
+                       _stream(tok), val, log=lambda *a: None)  # fmt: skip
 
     torch.manual_seed(0)
     trainer("straight", 8).train()

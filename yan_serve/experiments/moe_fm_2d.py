@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from yan_serve.flow.losses import mmd2, moe_fm_nll
 from yan_serve.flow.path import LinearPath
 from yan_serve.flow.solver import FrozenRoutingEuler, Routing, SolveResult
+from yan_serve.train.trainer import Schedule
 
 Log = Callable[[str], None]
 
@@ -189,6 +190,10 @@ class ToyMoEField(nn.Module):
 # ----------------------------------------------------------------------------------- training
 
 
+# The documented run's optimization of each field (Adam, warm-up then cosine decay).
+TOY_SCHEDULE = Schedule(steps=2000, batch_size=512, lr=2e-3, warmup=100)
+
+
 @dataclass
 class ExperimentConfig:
     """Everything that defines one run of the experiment (defaults: the documented run)."""
@@ -196,10 +201,7 @@ class ExperimentConfig:
     datasets: tuple[str, ...] = ("grid", "moons")
     experts: tuple[int, ...] = (1, 4, 8)  # K = 1 is the vanilla flow-matching baseline
     sigmas: tuple[float, ...] = (0.1,)  # Eq. 5 sigma for the MoE runs; K = 1 uses the first
-    train_steps: int = 2000
-    batch_size: int = 512
-    lr: float = 2e-3
-    warmup: int = 100
+    schedule: Schedule = field(default_factory=lambda: replace(TOY_SCHEDULE))
     n_train: int = 50_000
     hidden: int = 128
     expert_hidden: int = 64
@@ -254,21 +256,22 @@ def train_field(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # init only; the global RNG is left untouched
         model = ToyMoEField(n_experts, hidden=cfg.hidden, expert_hidden=cfg.expert_hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sch = cfg.schedule
+    opt = torch.optim.Adam(model.parameters(), lr=sch.lr)
 
     def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        p = (step - cfg.warmup) / max(1, cfg.train_steps - cfg.warmup)
+        if step < sch.warmup:
+            return (step + 1) / sch.warmup
+        p = (step - sch.warmup) / max(1, sch.steps - sch.warmup)
         return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * p))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = _gen(seed, _TRAIN_NOISE)
     path = LinearPath()
-    B = cfg.batch_size
+    B = sch.batch_size
     mask = torch.ones(B, 1, dtype=torch.bool)
     ema = float("nan")
-    for step in range(cfg.train_steps):
+    for step in range(sch.steps):
         x1 = data[torch.randint(len(data), (B,), generator=gen)][:, None]  # [B, 1, 2]
         x0 = torch.randn(x1.shape, generator=gen)
         ps = path.sample(x0, x1, path.sample_t(B, generator=gen))
@@ -279,8 +282,8 @@ def train_field(
         opt.step()
         sched.step()
         ema = loss.item() if step == 0 else 0.98 * ema + 0.02 * loss.item()
-        if log is not None and (step + 1) % max(1, cfg.train_steps // 4) == 0:
-            log(f"    step {step + 1:5d}/{cfg.train_steps}  NLL(ema) {ema:9.3f}")
+        if log is not None and (step + 1) % max(1, sch.steps // 4) == 0:
+            log(f"    step {step + 1:5d}/{sch.steps}  NLL(ema) {ema:9.3f}")
     model.eval()
     return model, ema
 
@@ -392,7 +395,7 @@ def _run_experiment(cfg: ExperimentConfig, log: Log | None) -> Experiment:
             for sigma in cfg.sigmas if k > 1 else cfg.sigmas[:1]:
                 if log is not None:
                     sig = f"sigma={sigma:g}" if k > 1 else "vanilla FM"
-                    log(f"[{ds}] training K={k} ({sig}), {cfg.train_steps} steps")
+                    log(f"[{ds}] training K={k} ({sig}), {cfg.schedule.steps} steps")
                 t0 = time.perf_counter()
                 # same init / data stream seed for every K: differences come from K, not luck
                 model, loss = train_field(train, k, sigma, cfg, seed, log)
@@ -514,15 +517,15 @@ def _parse(argv: Sequence[str] | None) -> tuple[ExperimentConfig, Path | None]:
         description="Vanilla FM (K=1) vs MoE-FM on 2-D toy data; MMD^2 to held-out samples.",
     )
     p.add_argument("--out", type=Path, default=None, help="PNG path for the figure")
-    p.add_argument("--steps", type=int, default=d.train_steps, help="training steps per model")
+    p.add_argument("--steps", type=int, default=d.schedule.steps, help="training steps per model")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--datasets", nargs="+", default=list(d.datasets), choices=sorted(DATASETS))
     p.add_argument("--experts", nargs="+", type=int, default=list(d.experts), help="K values")
     p.add_argument("--sigmas", nargs="+", type=float, default=list(d.sigmas))
     p.add_argument("--euler-steps", nargs="+", type=int, default=list(d.euler_steps))
     p.add_argument("--eval-seeds", type=int, default=d.eval_seeds)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.schedule.batch_size)
+    p.add_argument("--lr", type=float, default=d.schedule.lr)
     p.add_argument("--hidden", type=int, default=d.hidden, help="trunk width")
     p.add_argument("--expert-hidden", type=int, default=d.expert_hidden, help="expert FFN width")
     p.add_argument("--routing", choices=["sample", "argmax"], default=d.routing)
@@ -532,9 +535,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[ExperimentConfig, Path | None]:
         datasets=tuple(a.datasets),
         experts=tuple(a.experts),
         sigmas=tuple(a.sigmas),
-        train_steps=a.steps,
-        batch_size=a.batch_size,
-        lr=a.lr,
+        schedule=replace(d.schedule, steps=a.steps, batch_size=a.batch_size, lr=a.lr),
         hidden=a.hidden,
         expert_hidden=a.expert_hidden,
         seed=a.seed,
@@ -557,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"\nMMD^2 to {cfg.n_eval} held-out samples (x1e-3, mean ± std over {cfg.eval_seeds} "
         f"sampling seeds); E = Euler steps, T = E + 1 solver time points; routing={cfg.routing}; "
-        f"train steps={cfg.train_steps}, seed={cfg.seed}\n"
+        f"train steps={cfg.schedule.steps}, seed={cfg.seed}\n"
     )
     print(format_table(exp))
     print("\nrouting at t=0: I(z_0; expert) in nats (log K = z_0 decides) | fraction per expert")

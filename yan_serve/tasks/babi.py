@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from yan_serve.tasks.records import QARecord
 
@@ -75,28 +76,40 @@ def _check_vocab(name: str, words: Sequence[str], minimum: int) -> tuple[str, ..
     return words
 
 
-def _validate(
-    task: str,
-    min_sentences: int,
-    max_sentences: int,
-    people: Sequence[str],
-    locations: Sequence[str],
-    objects: Sequence[str],
-) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """Check the arguments shared by every public function; return the vocabularies."""
+@dataclass(frozen=True)
+class StoryOptions:
+    """How stories are written: their length range in sentences and their vocabularies (single
+    words, distinct within and across the three lists). Every generator takes these as keyword
+    arguments."""
+
+    min_sentences: int = 2
+    max_sentences: int = 8
+    people: Sequence[str] = PEOPLE
+    locations: Sequence[str] = LOCATIONS
+    objects: Sequence[str] = OBJECTS
+
+
+Stream = Iterator[tuple[str, str, str, list[int]]]
+
+
+def _stories(task: str, options: dict) -> Callable[[random.Random], Stream]:
+    """Check `task` and the `StoryOptions` in `options`; return rng -> its endless story stream."""
+    opts = StoryOptions(**options)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    lo, hi = opts.min_sentences, opts.max_sentences
     lowest = 1 if task == "single" else 2
-    if min_sentences < lowest:
-        raise ValueError(f"task {task!r} needs min_sentences >= {lowest}, got {min_sentences}")
-    if max_sentences < min_sentences:
-        raise ValueError(f"max_sentences ({max_sentences}) < min_sentences ({min_sentences})")
-    ppl = _check_vocab("people", people, 1)
-    locs = _check_vocab("locations", locations, 2)
-    objs = _check_vocab("objects", objects, 1 if task == "two" else 0)
+    if lo < lowest:
+        raise ValueError(f"task {task!r} needs min_sentences >= {lowest}, got {lo}")
+    if hi < lo:
+        raise ValueError(f"max_sentences ({hi}) < min_sentences ({lo})")
+    ppl = _check_vocab("people", opts.people, 1)
+    locs = _check_vocab("locations", opts.locations, 2)
+    objs = _check_vocab("objects", opts.objects, 1 if task == "two" else 0)
     if set(ppl) & set(locs) or set(ppl) & set(objs) or set(locs) & set(objs):
         raise ValueError("people, locations and objects must not share words")
-    return ppl, locs, objs
+    checked = replace(opts, people=ppl, locations=locs, objects=objs)
+    return lambda rng: _iter_babi(task, rng, checked)
 
 
 def _move(
@@ -123,14 +136,10 @@ def _pickable(world: _World, objects: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def _story(
-    rng: random.Random,
-    task: str,
-    length: int,
-    people: tuple[str, ...],
-    locs: tuple[str, ...],
-    objects: tuple[str, ...],
+    rng: random.Random, task: str, length: int, opts: StoryOptions
 ) -> tuple[list[str], _World]:
     """Write one story of ``length`` sentences; return the sentences and the final world."""
+    people, locs, objects = opts.people, opts.locations, opts.objects
     world = _World()
     sentences: list[str] = []
     for idx in range(length):
@@ -180,20 +189,12 @@ def _answerable(task: str, world: _World) -> list[tuple[str, str, list[int]]]:
     return out
 
 
-def _iter_babi(
-    task: str,
-    rng: random.Random,
-    min_sentences: int,
-    max_sentences: int,
-    people: tuple[str, ...],
-    locs: tuple[str, ...],
-    objects: tuple[str, ...],
-) -> Iterator[tuple[str, str, str, list[int]]]:
+def _iter_babi(task: str, rng: random.Random, opts: StoryOptions) -> Stream:
     """Yield (context, question, answer, support) forever, drawing everything from ``rng``."""
     while True:
-        length = rng.randint(min_sentences, max_sentences)
+        length = rng.randint(opts.min_sentences, opts.max_sentences)
         for _ in range(_MAX_TRIES):
-            sentences, world = _story(rng, task, length, people, locs, objects)
+            sentences, world = _story(rng, task, length, opts)
             candidates = _answerable(task, world)
             if candidates:
                 break
@@ -204,24 +205,17 @@ def _iter_babi(
 
 
 def generate_babi_with_support(
-    task: str,
-    n: int,
-    seed: int,
-    min_sentences: int = 2,
-    max_sentences: int = 8,
-    people: Sequence[str] = PEOPLE,
-    locations: Sequence[str] = LOCATIONS,
-    objects: Sequence[str] = OBJECTS,
+    task: str, n: int, seed: int, **options: Any
 ) -> list[tuple[QARecord, list[int]]]:
-    """``n`` stories with the sorted 0-based indices of the sentences that support each answer.
+    """``n`` stories with the sorted 0-based indices of the sentences that support each answer;
+    ``options`` are `StoryOptions` fields.
 
     Task "single" has one supporting fact (the person's latest move); task "two" has two (the
     object's pick-up or drop, and the move that put its holder where the answer says).
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    vocab = _validate(task, min_sentences, max_sentences, people, locations, objects)
-    stream = _iter_babi(task, random.Random(seed), min_sentences, max_sentences, *vocab)
+    stream = _stories(task, options)(random.Random(seed))
     out = []
     for i in range(n):
         context, question, answer, support = next(stream)
@@ -229,24 +223,13 @@ def generate_babi_with_support(
     return out
 
 
-def generate_babi(
-    task: str,
-    n: int,
-    seed: int,
-    min_sentences: int = 2,
-    max_sentences: int = 8,
-    people: Sequence[str] = PEOPLE,
-    locations: Sequence[str] = LOCATIONS,
-    objects: Sequence[str] = OBJECTS,
-) -> list[QARecord]:
-    """``n`` bAbI-style stories for ``task`` ("single" or "two"), fixed by ``seed``.
+def generate_babi(task: str, n: int, seed: int, **options: Any) -> list[QARecord]:
+    """``n`` bAbI-style stories for ``task`` ("single" or "two"), fixed by ``seed``; ``options``
+    are `StoryOptions` fields.
 
     The context is the story's sentences joined by single spaces; the one answer is a location.
     """
-    pairs = generate_babi_with_support(
-        task, n, seed, min_sentences, max_sentences, people, locations, objects
-    )
-    return [record for record, _ in pairs]
+    return [record for record, _ in generate_babi_with_support(task, n, seed, **options)]
 
 
 def _derive_seed(seed: int, task: str, split: str) -> int:
@@ -256,18 +239,10 @@ def _derive_seed(seed: int, task: str, split: str) -> int:
 
 
 def babi_splits(
-    task: str,
-    n_train: int,
-    n_val: int,
-    n_test: int,
-    seed: int,
-    min_sentences: int = 2,
-    max_sentences: int = 8,
-    people: Sequence[str] = PEOPLE,
-    locations: Sequence[str] = LOCATIONS,
-    objects: Sequence[str] = OBJECTS,
+    task: str, n_train: int, n_val: int, n_test: int, seed: int, **options: Any
 ) -> dict[str, list[QARecord]]:
-    """Train/val/test splits with distinct derived seeds and no shared (context, question).
+    """Train/val/test splits with distinct derived seeds and no shared (context, question);
+    ``options`` are `StoryOptions` fields.
 
     Test is drawn first, then val (skipping test's pairs), then train (skipping both), so the
     test and val sets do not depend on ``n_train``. Ids look like ``"two-val-000042"``.
@@ -275,12 +250,11 @@ def babi_splits(
     sizes = {"test": n_test, "val": n_val, "train": n_train}
     if any(size < 0 for size in sizes.values()):
         raise ValueError(f"split sizes must be >= 0, got {sizes}")
-    vocab = _validate(task, min_sentences, max_sentences, people, locations, objects)
+    stories = _stories(task, options)
     seen: set[tuple[str, str]] = set()
     splits: dict[str, list[QARecord]] = {}
     for split, size in sizes.items():
-        rng = random.Random(_derive_seed(seed, task, split))
-        stream = _iter_babi(task, rng, min_sentences, max_sentences, *vocab)
+        stream = stories(random.Random(_derive_seed(seed, task, split)))
         taken: set[tuple[str, str]] = set()  # duplicates within one split are allowed
         records: list[QARecord] = []
         misses = 0

@@ -1,4 +1,4 @@
-"""Evaluation metrics for the YAN tasks (spec section 5) and for generation diversity.
+"""Evaluation metrics for the YAN tasks (the paper's protocol) and for generation diversity.
 
 Scales: corpus scores against references are in percent (0-100): `rouge`, `exact_match_score`,
 `token_f1_score`, `accuracy`; so is `self_bleu` (BLEU's own scale). Per-example `exact_match` and
@@ -138,7 +138,7 @@ def _f1_tokens(pred: list[str], ref: list[str]) -> float:
 def token_f1(prediction: str, references: References) -> float:
     """SQuAD-style bag-of-tokens F1 over lowercased whitespace tokens, max over references.
 
-    No punctuation or article stripping (spec: "lowercased whitespace tokens"). Two empty
+    No punctuation or article stripping: the tokens are exactly the lowercased words. Two empty
     strings score 1.0; an empty one against a non-empty one 0.0.
     """
     pred = prediction.lower().split()

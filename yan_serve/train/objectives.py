@@ -1,17 +1,21 @@
-"""The two training objectives of YAN as functions of a model and a batch.
+"""The training objectives of YAN: the two stage losses as functions of a model and a batch,
+and `YANObjective`, a stage as the trainer's `Objective`.
 
 Stage 1 trains the latent autoencoder (embeddings, encoder, decoder); stage 2 trains the flow
 (trunk, experts, gate) on the frozen autoencoder's latents, with a CE term through the unrolled
-frozen-routing Euler solve.
+frozen-routing Euler solve; fine-tuning is stage 2's loss on the task mixture.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from yan_serve.flow.losses import (
     distill_mse,
@@ -25,6 +29,15 @@ from yan_serve.flow.losses import (
 from yan_serve.flow.path import LinearPath
 from yan_serve.flow.solver import FrozenRoutingEuler, Routing
 from yan_serve.model.yan import YAN
+from yan_serve.tasks.corpus import Corpus, label_table
+from yan_serve.tasks.formats import TASKS
+from yan_serve.tokenizer import YANTokenizer
+from yan_serve.train.data import Batch
+from yan_serve.train.recipes import stage_batches
+from yan_serve.train.trainer import Objective
+from yan_serve.weights import from_pretrained, save_labels, save_pretrained
+
+STAGES = ("stage1", "stage2", "finetune")
 
 
 @dataclass
@@ -32,7 +45,7 @@ class Stage1Weights:
     ce: float = 1.0
     mmd: float = 1.0
     scale: float = 0.01
-    mmd_samples: int = 512  # the spec allows <= 2000; 512 keeps the O(N^2) kernel cheap on CPU
+    mmd_samples: int = 512  # the paper allows up to 2000; 512 keeps the O(N^2) kernel cheap on CPU
 
 
 @dataclass
@@ -131,3 +144,86 @@ def stage2_loss(
         loss = loss + w.distill * terms["distill"]
     terms["loss"] = loss
     return terms
+
+
+@dataclass
+class StageConfig:
+    """The YAN part of a run: the stage, its loss weights and what it trains on."""
+
+    stage: str
+    stage1: Stage1Weights = field(default_factory=Stage1Weights)
+    stage2: Stage2Weights = field(default_factory=Stage2Weights)
+    freeze_autoencoder: bool = True  # stage 2 and fine-tuning train only the flow
+    tasks: tuple[str, ...] = TASKS  # the fine-tuning mixture, one task per batch
+    slack: float = 0.5  # fine-tuning: the share of targets given serving length slack
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+
+
+def trainable_parameters(model: YAN, spec: StageConfig) -> list[nn.Parameter]:
+    """Stage 1: embeddings + encoder + decoder. Stage 2 / fine-tune: the flow (unless unfrozen)."""
+    if spec.stage == "stage1":
+        train = [model.tok_emb, model.pos_emb, model.encoder, model.decoder]
+        frozen = [model.flow]
+    elif spec.freeze_autoencoder:
+        train, frozen = [model.flow], [model.tok_emb, model.pos_emb, model.encoder, model.decoder]
+    else:
+        train, frozen = [model], []
+    for m in frozen:
+        m.requires_grad_(False)
+    for m in train:
+        m.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class YANObjective(Objective):
+    """A YAN stage for the trainer: stage 1 on corrupted text, stage 2 on infilling, fine-tuning
+    on the task mixture (`recipes.stage_batches`). Checkpoints are YAN directories
+    (`save_pretrained`), with the corpus's label table when the run trains classification.
+    Without a corpus the trainer must be given its batches."""
+
+    def __init__(
+        self, model: YAN, tokenizer: YANTokenizer, spec: StageConfig, corpus: Corpus | None = None
+    ) -> None:
+        super().__init__(model)
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.corpus = corpus
+        self.name = spec.stage
+        self.default_lr = 1e-5 if spec.stage == "finetune" else 1e-4
+        self.tasks = {"stage1": (), "stage2": ("infill",)}.get(spec.stage, spec.tasks)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return trainable_parameters(self.model, self.spec)
+
+    def batches(self, split: str, batch_size: int, seed: int) -> Iterator[Batch]:
+        if self.corpus is None:
+            raise ValueError(f"{self.name}: no corpus to draw {split} batches from")
+        s = self.spec
+        return stage_batches(s.stage, self.corpus, self.tokenizer, self.model, split, batch_size,
+                             seed, s.tasks, s.slack)  # fmt: skip
+
+    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        s, b = self.spec, batch
+        if s.stage == "stage1":
+            return stage1_loss(self.model, b.src, b.tgt, b.tgt_mask, s.stage1, generator)
+        return stage2_loss(
+            self.model, b.src, b.src_mask, b.tgt, b.tgt_mask, s.stage2,
+            freeze_autoencoder=s.freeze_autoencoder, generator=generator,
+        )  # fmt: skip
+
+    def target_tokens(self, batch: Batch) -> int:
+        return int(batch.tgt_mask.sum())
+
+    def save(self, out: Path, step: int) -> None:
+        save_pretrained(self.model, out, self.tokenizer, {"stage": self.name, "step": str(step)})
+        if "classify" in self.tasks and self.corpus is not None:  # the server's label table
+            save_labels(out, label_table(self.corpus))
+
+    def load(self, out: Path, device: torch.device) -> None:
+        self.model.load_state_dict(from_pretrained(out, device=device).state_dict())
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self.spec).items() if k != "stage"}

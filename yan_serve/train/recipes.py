@@ -17,7 +17,7 @@ from yan_serve.config import YANConfig
 from yan_serve.model import YAN
 from yan_serve.tasks.babi import babi_splits
 from yan_serve.tasks.corpus import Corpus
-from yan_serve.tasks.corpus import label_table as label_table  # cli and ar import it from here
+from yan_serve.tasks.corpus import label_table as label_table  # yan_serve.ar.evaluate's import
 from yan_serve.tasks.formats import TASKS, Example, TaskFormatter
 from yan_serve.tasks.kjv import section_record
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
@@ -189,7 +189,3 @@ def task_streams(
         streams[name] = batches(recs, task_maker(fmt, task, max_len, max_len, slack), batch_size,
                                 seed + 101 * seed_order.index(name))  # fmt: skip
     return streams
-
-
-def fixed_batches(stream: Iterator[Batch], n: int) -> list[Batch]:
-    return [next(stream) for _ in range(n)]

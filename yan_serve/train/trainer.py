@@ -1,11 +1,15 @@
-"""The training loop shared by stage 1, stage 2 and fine-tuning.
+"""The one training loop: YAN's stages and the AR baseline are objectives it optimizes.
 
-AdamW (0.9, 0.999), weight decay 0.01, linear warm-up then constant LR, gradient clipping,
-bf16 autocast on CUDA, validation loss on fixed batches, resumable checkpoints. Multi-GPU and
-multi-node through torchrun: the objective is an nn.Module wrapped in DistributedDataParallel,
-rank 0 logs and saves.
+AdamW (0.9, 0.999), linear warm-up then constant LR, gradient clipping (a non-finite norm skips
+the update), bf16 autocast on CUDA, validation loss on fixed batches, resumable checkpoints.
+Multi-GPU and multi-node through torchrun: the objective is an nn.Module wrapped in
+DistributedDataParallel, each rank draws its own seeded batch stream, rank 0 logs and saves.
 
     torchrun --nproc_per_node 8 -m yan_serve.cli train stage2 --init runs/s1 --out runs/s2 ...
+
+What is trained is an `Objective`: the batches of a split, the loss of a batch, how its model is
+saved and loaded. `yan_serve.train.objectives.YANObjective` is a YAN stage (stage 1, stage 2,
+fine-tuning), `yan_serve.ar.train.ARObjective` the GPT-2 baseline.
 """
 
 from __future__ import annotations
@@ -16,31 +20,38 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from yan_serve.device import resolve_device
-from yan_serve.model import YAN
-from yan_serve.tokenizer import YANTokenizer
-from yan_serve.train.data import Batch
-from yan_serve.train.objectives import Stage1Weights, Stage2Weights, stage1_loss, stage2_loss
-from yan_serve.weights import from_pretrained, save_pretrained
-
-STAGES = ("stage1", "stage2", "finetune")
 
 
 @dataclass
-class TrainConfig:
-    stage: str
-    out: str
+class Schedule:
+    """How long and how hard a model is optimized: `steps` updates of `batch_size` examples, the
+    learning rate reached after `warmup` steps."""
+
     steps: int = 1000
     batch_size: int = 32
-    lr: float = 1e-4
+    lr: float | None = None  # None: the objective's `default_lr`
     warmup: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+
+
+@dataclass(kw_only=True)
+class TrainConfig(Schedule):
+    """One run of the loop, whatever its objective: the schedule plus where it writes, how often
+    it logs, validates and saves, and where it runs."""
+
+    out: str
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     log_every: int = 50
@@ -49,69 +60,73 @@ class TrainConfig:
     save_every: int = 1000
     seed: int = 0
     device: str = "auto"
-    stage1: Stage1Weights = field(default_factory=Stage1Weights)
-    stage2: Stage2Weights = field(default_factory=Stage2Weights)
-    freeze_autoencoder: bool = True  # stage 2 and fine-tuning train only the flow
-
-    def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
 
 
 class Objective(nn.Module):
-    """Model + stage loss in one forward, so DistributedDataParallel syncs its gradients."""
+    """What one run trains. The loop needs from it:
 
-    def __init__(self, model: YAN, cfg: TrainConfig) -> None:
+    * `name`: the run's kind (`stage1`, `ar`, ...): the log prefix, recorded with every checkpoint
+      and checked on resume;
+    * `batches(split, batch_size, seed)`: an endless stream of batches of `split` (objects with
+      `.to(device)`), a deterministic function of `seed`;
+    * `forward(batch, generator)`: the loss terms of a batch, the optimized one under "loss"
+      (as the module's forward, DistributedDataParallel around the objective syncs the
+      gradients); `generator` draws its randomness, so a resumed run continues the same draws;
+    * `save(out, step)` / `load(out, device)`: the model's checkpoint directory.
+
+    `self.model` is the trained model; `trainable()` picks the parameters the optimizer updates,
+    `default_lr` is the learning rate when the config gives none, `tasks` the task formats it
+    trains on and `target_tokens(batch)` how many target tokens a batch holds.
+    """
+
+    name: str
+    default_lr: float
+    log_file = "training_log.jsonl"  # the records of `Trainer.history`, beside the checkpoint
+    tasks: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.cfg = cfg
 
-    def forward(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        if self.cfg.stage == "stage1":
-            return stage1_loss(
-                self.model, batch.src, batch.tgt, batch.tgt_mask, self.cfg.stage1, generator
-            )
-        return stage2_loss(
-            self.model, batch.src, batch.src_mask, batch.tgt, batch.tgt_mask, self.cfg.stage2,
-            freeze_autoencoder=self.cfg.freeze_autoencoder, generator=generator,
-        )  # fmt: skip
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
+    def batches(self, split: str, batch_size: int, seed: int) -> Iterator[Any]:
+        raise NotImplementedError
 
-def trainable_parameters(model: YAN, cfg: TrainConfig) -> list[nn.Parameter]:
-    """Stage 1: embeddings + encoder + decoder. Stage 2 / fine-tune: the flow (unless unfrozen)."""
-    if cfg.stage == "stage1":
-        train = [model.tok_emb, model.pos_emb, model.encoder, model.decoder]
-        frozen = [model.flow]
-    elif cfg.freeze_autoencoder:
-        train, frozen = [model.flow], [model.tok_emb, model.pos_emb, model.encoder, model.decoder]
-    else:
-        train, frozen = [model], []
-    for m in frozen:
-        m.requires_grad_(False)
-    for m in train:
-        m.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
+    def target_tokens(self, batch: Any) -> int:
+        raise NotImplementedError
+
+    def save(self, out: Path, step: int) -> None:
+        raise NotImplementedError
+
+    def load(self, out: Path, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """The objective's own settings, recorded in trainer_state.json."""
+        return {}
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: Schedule) -> float:
     """Linear warm-up over `warmup` steps, then constant."""
+    assert cfg.lr is not None, "the trainer sets the objective's default_lr"
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
 class Trainer:
+    """Runs `cfg` on `objective`. Without explicit streams it draws the training batches from
+    `objective.batches("train", ...)` and `cfg.eval_batches` fixed validation batches from
+    `"val"` (seeded `seed + 1`)."""
+
     def __init__(
         self,
-        model: YAN,
-        tokenizer: YANTokenizer,
+        objective: Objective,
         cfg: TrainConfig,
-        train_batches: Iterator[Batch],
-        val_batches: list[Batch] | None = None,
+        train_batches: Iterator[Any] | None = None,
+        val_batches: list[Any] | None = None,
         log=print,
     ) -> None:
-        self.cfg = cfg
-        self.tokenizer = tokenizer
         self.distributed = dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.rank = 0
         if self.distributed:
@@ -121,25 +136,34 @@ class Trainer:
             if torch.cuda.is_available():
                 local = int(os.environ.get("LOCAL_RANK", "0"))
                 torch.cuda.set_device(local)
-                cfg.device = f"cuda:{local}"
+                cfg = replace(cfg, device=f"cuda:{local}")
+        if cfg.lr is None:
+            cfg = replace(cfg, lr=objective.default_lr)
+        self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.model = model.to(self.device)
-        self.params = trainable_parameters(self.model, cfg)
-        self.objective: nn.Module = Objective(self.model, cfg)
+        self.objective = objective.to(self.device)
+        self.model = objective.model
+        self.params = objective.trainable()
+        self.loss_fn: nn.Module = objective
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+            self.loss_fn = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, foreach=True
         )
+        if train_batches is None:
+            train_batches = objective.batches("train", cfg.batch_size, cfg.seed + 7919 * self.rank)
+        if val_batches is None:
+            val_stream = objective.batches("val", cfg.batch_size, cfg.seed + 1)
+            val_batches = [next(val_stream) for _ in range(cfg.eval_batches)]
         self.train_batches = train_batches
-        self.val_batches = val_batches or []
+        self.val_batches = val_batches
         self.step = 0
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.history: list[dict] = []
         self.gen: torch.Generator | None = None  # the training draws (noise, routing, masks)
         self._resumed_gen: torch.Tensor | None = None
-        self._logged = 0  # history records already in training_log.jsonl
+        self._logged = 0  # history records already in the log file
 
     # ---------------------------------------------------------------- state
     @property
@@ -149,8 +173,8 @@ class Trainer:
     def save(self) -> None:
         if self.rank != 0:
             return
-        save_pretrained(self.model, self.out, self.tokenizer, {"stage": self.cfg.stage,
-                                                               "step": str(self.step)})  # fmt: skip
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.objective.save(self.out, self.step)
         torch.save(self.opt.state_dict(), self.out / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -158,24 +182,25 @@ class Trainer:
         if self.gen is not None:
             rng["train"] = self.gen.get_state()  # rank 0's; other ranks re-seed on resume
         torch.save(rng, self.out / "rng_state.pt")
-        with (self.out / "training_log.jsonl").open("a") as f:  # records since the last save
+        with (self.out / self.objective.log_file).open("a") as f:  # records since the last save
             for rec in self.history[self._logged :]:
                 f.write(json.dumps(rec) + "\n")
         self._logged = len(self.history)
-        state = {"step": self.step, "train_config": _jsonable(asdict(self.cfg))}
+        run = {"stage": self.objective.name, **asdict(self.cfg), **self.objective.settings()}
+        state = {"step": self.step, "train_config": _jsonable(run)}
         (self.out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     def resume(self) -> bool:
-        """Continue from `out` if it holds a checkpoint of this stage. Returns True if resumed."""
+        """Continue from `out` if it holds a checkpoint of this objective. Returns True if
+        resumed."""
         f = self.out / "trainer_state.json"
         if not f.exists():
             return False
         state = json.loads(f.read_text())
-        if state["train_config"]["stage"] != self.cfg.stage:
-            raise ValueError(f"{self.out} holds a {state['train_config']['stage']} run, not "
-                             f"{self.cfg.stage}")  # fmt: skip
-        loaded = from_pretrained(self.out, device=self.device)
-        self.model.load_state_dict(loaded.state_dict())
+        name, held = self.objective.name, state["train_config"]["stage"]
+        if held != name:
+            raise ValueError(f"{self.out} holds a {held} run, not {name}")
+        self.objective.load(self.out, self.device)
         opt_state = torch.load(self.out / "optimizer.pt", map_location=self.device,
                                weights_only=True)  # fmt: skip
         self.opt.load_state_dict(opt_state)
@@ -192,7 +217,7 @@ class Trainer:
         # sees the same batches as an uninterrupted one
         for _ in range(self.step):
             next(self.train_batches)
-        self.log(f"resumed {self.cfg.stage} from {self.out} at step {self.step}")
+        self.log(f"resumed {name} from {self.out} at step {self.step}")
         return True
 
     # ------------------------------------------------------------------ run
@@ -205,38 +230,40 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if not self.val_batches:
             return {}
-        self.model.eval()
+        self.objective.eval()
         g = torch.Generator(device=self.device).manual_seed(1234)  # same draws every time
         sums: dict[str, float] = {}
         for b in self.val_batches:
             with self._autocast():
-                terms = self.objective(b.to(self.device), g)
+                terms = self.loss_fn(b.to(self.device), g)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        self.model.train()
+        self.objective.train()
         return {f"val_{k}": v / len(self.val_batches) for k, v in sums.items()}
 
     def train(self) -> dict:
-        cfg = self.cfg
-        self.model.train()
+        cfg, name = self.cfg, self.objective.name
+        self.objective.train()
         torch.set_flush_denormal(True)  # RBF kernels underflow; denormal arithmetic is slow on x86
         t0 = time.time()
         start = self.step
         window: dict[str, float] = {}
         n_window = 0
+        tokens = 0
         best_val = math.inf
         g = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * self.rank)
         if self._resumed_gen is not None:
             g.set_state(self._resumed_gen)
         self.gen = g
-        self.log(f"{cfg.stage}: {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable "
+        self.log(f"{name}: {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable "
                  f"parameters on {self.device}, {cfg.steps} steps of {cfg.batch_size}")  # fmt: skip
         while self.step < cfg.steps:
             batch = next(self.train_batches).to(self.device)
+            tokens += self.objective.target_tokens(batch)
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(self.step, cfg)
             with self._autocast():
-                terms = self.objective(batch, g)
+                terms = self.loss_fn(batch, g)
             self.opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -258,7 +285,7 @@ class Trainer:
                     best_val = min(best_val, rec.get("val_loss", math.inf))
                 self.history.append(rec)
                 shown = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k not in ("step",))
-                self.log(f"[{cfg.stage}] step {self.step}/{cfg.steps} {shown} "
+                self.log(f"[{name}] step {self.step}/{cfg.steps} {shown} "
                          f"({rate:.2f} it/s, eta {eta / 60:.1f} min)")  # fmt: skip
                 window, n_window = {}, 0
             if self.step % cfg.save_every == 0:
@@ -266,15 +293,16 @@ class Trainer:
         self.save()
         wall = time.time() - t0
         summary = {
-            "stage": cfg.stage,
+            "stage": name,
             "steps": self.step,
             "wall_seconds": round(wall, 1),
             "device": str(self.device),
             "final": self.history[-1] if self.history else {},
             "best_val_loss": None if best_val == math.inf else best_val,
+            "target_tokens": tokens,
             "out": str(self.out),
         }
-        self.log(f"done: {cfg.stage} {self.step} steps in {wall / 60:.1f} min on {self.device}; "
+        self.log(f"done: {name} {self.step} steps in {wall / 60:.1f} min on {self.device}; "
                  f"last {_fmt(summary['final'])}; saved to {self.out}")  # fmt: skip
         return summary
 
