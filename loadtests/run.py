@@ -71,7 +71,7 @@ def build_payloads(data: Path, n: int, max_tokens: int, steps: int, seed: int = 
     `protocol: full`, which makes the AR server regenerate the whole passage (the paper's AR
     protocol, with `ignore_eos` so that it regenerates all of it) instead of only the spans; YAN
     answers both the same way."""
-    from yan_serve.train.recipes import load_corpus
+    from yan_serve.tasks.corpus import load_corpus
 
     if not (data / "test.jsonl").exists():
         from yan_serve.tasks.kjv import build_corpus

@@ -84,7 +84,7 @@ def cmd_data_english(args: argparse.Namespace) -> int:
 
 
 def cmd_data_import(args: argparse.Namespace) -> int:
-    from yan_serve.train.recipes import import_dataset
+    from yan_serve.tasks.corpus import import_dataset
 
     counts = import_dataset(args.name, args.path, args.out, args.limit)
     print(f"{args.name} written to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -94,7 +94,7 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     """One loop for every stage: the stage picks the objective, the flags fill the config."""
-    from yan_serve.train.recipes import load_corpus
+    from yan_serve.tasks.corpus import load_corpus
     from yan_serve.train.trainer import TrainConfig, Trainer, eprint
 
     torch.manual_seed(args.seed)
@@ -175,8 +175,8 @@ def _ar_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
 # ------------------------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
     from yan_serve.device import resolve_device
+    from yan_serve.tasks.corpus import load_corpus
     from yan_serve.tasks.evaluate import evaluate, results_table
-    from yan_serve.train.recipes import load_corpus
     from yan_serve.train.trainer import eprint
     from yan_serve.weights import is_ar_checkpoint
 

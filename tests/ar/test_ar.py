@@ -133,7 +133,7 @@ def test_yan_train_ar_learns_and_yan_eval_reads_it(tmp_path) -> None:
 def test_ar_trains_through_the_shared_loop_and_resumes(tmp_path) -> None:
     """2 steps + resume to 4 gives exactly the weights of 4 uninterrupted steps."""
     from yan_serve.ar.train import ARObjective
-    from yan_serve.train.recipes import load_corpus
+    from yan_serve.tasks.corpus import load_corpus
     from yan_serve.train.trainer import TrainConfig, Trainer
 
     _corpus_dir(tmp_path)

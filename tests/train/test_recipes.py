@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from yan_serve.train.recipes import import_dataset, load_corpus
+from yan_serve.tasks.corpus import import_dataset, load_corpus
 
 
 def _write(path, rows) -> None:

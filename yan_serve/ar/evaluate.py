@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from transformers import GPT2LMHeadModel
 
 from yan_serve.ar.generate import ARRequest, ar_generate, ar_score
+from yan_serve.tasks.corpus import Corpus, label_table
 from yan_serve.tasks.evaluate import TaskResult, classify_by_label_scores, score, task_examples
 from yan_serve.tasks.formats import TASKS, Example
 from yan_serve.tokenizer import YANTokenizer
-from yan_serve.train.recipes import Corpus, label_table
 
 
 def fim_text(tok: YANTokenizer, ex: Example, generated: list[int]) -> str:

@@ -9,18 +9,12 @@ generator. `yan data import` writes such directories from the paper's datasets.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from yan_serve.config import YANConfig
 from yan_serve.model import YAN
-from yan_serve.tasks.babi import babi_splits
 from yan_serve.tasks.corpus import Corpus
-from yan_serve.tasks.corpus import label_table as label_table  # yan_serve.ar.evaluate's import
 from yan_serve.tasks.formats import TASKS, Example, TaskFormatter
-from yan_serve.tasks.kjv import section_record
-from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
 from yan_serve.tokenizer import YANTokenizer, train_bpe
 from yan_serve.train.data import (
     Batch,
@@ -31,91 +25,6 @@ from yan_serve.train.data import (
     stage1_maker,
     task_maker,
 )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"no {path}")
-    rows = []
-    for i, ln in enumerate(path.read_text().splitlines(), 1):
-        if not ln.strip():
-            continue
-        try:
-            row = json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i} is not valid JSON ({e.msg})") from None
-        if "text" not in row and not {"context", "question", "answers"} <= set(row):
-            raise ValueError(f"{path}:{i} has neither 'text' nor 'context'/'question'/'answers'")
-        rows.append(row)
-    return rows
-
-
-def _class_record(r: dict) -> ClassRecord | None:
-    if "section" in r:
-        return section_record(r)
-    if "label" in r and "label_name" in r:
-        return ClassRecord(r["text"], int(r["label"]), str(r["label_name"]), r.get("id", ""))
-    return None
-
-
-def load_corpus(
-    data_dir: str | Path,
-    splits: tuple[str, ...] = ("train", "val"),
-    babi_sizes: tuple[int, int, int] = (4000, 200, 300),
-    seed: int = 0,
-) -> Corpus:
-    d = Path(data_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"corpus directory {d} does not exist (yan data kjv --out {d})")
-    text, classes, qa = {}, {}, {}
-    for s in splits:
-        rows = read_jsonl(d / f"{s}.jsonl")
-        text[s] = [TextRecord(r["text"], r.get("id", "")) for r in rows if "text" in r]
-        classes[s] = [c for r in rows if "text" in r and (c := _class_record(r)) is not None]
-        qa[s] = [QARecord(r["context"], r["question"], list(r["answers"]), r.get("id", ""))
-                 for r in rows if "question" in r]  # fmt: skip
-    if not any(qa.values()):
-        for task in ("single", "two"):
-            sp = babi_splits(task, *babi_sizes, seed=seed)
-            for s in splits:
-                qa[s] += sp[s]
-    return Corpus(text, classes, qa)
-
-
-def import_dataset(name: str, path: str | Path, out_dir: str | Path,
-                   limit: int | None = None) -> dict[str, int]:  # fmt: skip
-    """Write a paper dataset's local files as a corpus directory (train/val/test.jsonl).
-
-    Splits the files do not provide are skipped; returns the row count per written split.
-    """
-    from dataclasses import asdict
-
-    from yan_serve.tasks.datasets import load_dataset
-
-    out = Path(out_dir)
-    counts: dict[str, int] = {}
-    single_file = Path(path).is_file()
-    for split in ("train", "val", "test"):
-        try:
-            recs = load_dataset(name, path, split=split, limit=limit)
-        except FileNotFoundError:
-            if single_file:
-                raise
-            continue
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / f"{split}.jsonl").open("w") as f:
-            for r in recs:
-                row = asdict(r)
-                row.pop("meta", None)
-                f.write(json.dumps(row) + "\n")
-        counts[split] = len(recs)
-        if single_file:  # one file holds one split: write it as test
-            (out / f"{split}.jsonl").rename(out / "test.jsonl")
-            counts = {"test": counts.pop(split)}
-            break
-    if not counts:
-        raise FileNotFoundError(f"no train/val/test files for {name} under {path}")
-    return counts
 
 
 def tokenizer_for(corpus: Corpus, tokenizer_dir: str | None, vocab_size: int) -> YANTokenizer:
