@@ -18,8 +18,8 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer
 
-from yan_serve.engine import tasks as T
 from yan_serve.engine.sampler import GenerationRequest, Sampler
+from yan_serve.tasks import serving as T
 from yan_serve.weights import from_pretrained, load_tokenizer
 
 

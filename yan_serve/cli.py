@@ -245,9 +245,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
-    """One request, formatted and read out exactly as the server does (engine/tasks.py)."""
-    from yan_serve.engine import tasks as T
+    """One request, formatted and read out exactly as the server does (tasks/serving.py)."""
     from yan_serve.engine.sampler import GenerationRequest, Sampler
+    from yan_serve.tasks import serving as T
     from yan_serve.weights import load_labels
 
     model, tok = _load_checkpoint(args.checkpoint)

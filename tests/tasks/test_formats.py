@@ -6,7 +6,6 @@ import random
 
 import pytest
 
-from yan_serve.engine.tasks import parse_label
 from yan_serve.tasks.formats import (
     ANSWER_HEADER,
     TaskFormatter,
@@ -15,6 +14,7 @@ from yan_serve.tasks.formats import (
     split_last_word,
 )
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
+from yan_serve.tasks.serving import parse_label
 from yan_serve.tokenizer import train_bpe
 
 CORPUS = [

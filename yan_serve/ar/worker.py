@@ -18,9 +18,8 @@ import torch
 from yan_serve.ar.generate import ARRequest, ar_generate, ar_score
 from yan_serve.ar.model import load_ar
 from yan_serve.ar.train import collate_ar
-from yan_serve.engine.requests import EngineRequest, Result, Scored, TopLogprobs, scored
+from yan_serve.engine.requests import EngineRequest, Plan, Result, Scored, TopLogprobs, scored
 from yan_serve.engine.sampler import Generation
-from yan_serve.engine.tasks import Plan
 from yan_serve.engine.worker import CheckpointWorker
 from yan_serve.tokenizer import YANTokenizer
 

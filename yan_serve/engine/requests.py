@@ -16,11 +16,33 @@ from typing import Literal, Protocol
 import torch
 
 from yan_serve.engine.sampler import Generation
-from yan_serve.engine.tasks import Plan
 from yan_serve.flow.solver import Routing
 from yan_serve.tokenizer import YANTokenizer
 
 TopLogprobs = list[list[tuple[int, float]]]  # per target position: (token id, logprob), best first
+
+
+@dataclass
+class Plan:
+    """A request's layout, as the task formats (`yan_serve.tasks.serving`) build it: the source,
+    the target length, and where in the target the unknown content lies."""
+
+    task: str
+    src: list[int]
+    tgt_len: int
+    # infill: the known target pieces around the fills and each fill's target positions
+    pieces: list[list[int]] | None = None
+    fill_slots: list[tuple[int, int]] | None = None
+    # qa / classify: the target position where the answer starts (after the known prefix)
+    answer_start: int = 0
+
+
+def content_positions(plan: Plan) -> tuple[int, ...]:
+    """The target positions that must hold a content token: the first slot of each infill gap
+    (so that no [MASK] comes back empty); none for the other tasks."""
+    if plan.task != "infill" or not plan.fill_slots:
+        return ()
+    return tuple(a for a, b in plan.fill_slots if b > a)
 
 
 @dataclass(frozen=True)

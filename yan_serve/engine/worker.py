@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from yan_serve.device import resolve_device
-from yan_serve.engine.requests import EngineRequest, Result, TopLogprobs, scored
+from yan_serve.engine.requests import EngineRequest, Result, TopLogprobs, content_positions, scored
 from yan_serve.engine.sampler import GenerationRequest, Sampler
-from yan_serve.engine.tasks import content_positions
 from yan_serve.weights import from_pretrained, load_labels, load_tokenizer
 
 log = logging.getLogger("yan_serve.worker")

@@ -9,13 +9,13 @@ from collections.abc import Callable, Sequence
 
 from fastapi import Request
 
-from yan_serve.engine import tasks as T
 from yan_serve.engine.requests import EngineRequest, Result, TaskOptions
 from yan_serve.flow.solver import Routing
 from yan_serve.server import schemas as S
 from yan_serve.server.batcher import Job, OutOfMemory, ShuttingDown
 from yan_serve.server.errors import APIError, bad_request
 from yan_serve.server.state import State, resolve_steps
+from yan_serve.tasks import serving as T
 
 
 def plan_or_400(make: Callable[[], T.Plan]) -> T.Plan:

@@ -11,7 +11,6 @@ from typing import Any
 
 from fastapi import Request
 
-from yan_serve.engine import tasks as T
 from yan_serve.engine.requests import Result, TaskOptions, Worker
 from yan_serve.engine.sampler import Generation
 from yan_serve.server import schemas as S
@@ -22,6 +21,7 @@ from yan_serve.server.errors import bad_request
 from yan_serve.server.labels import score_labels
 from yan_serve.server.state import State
 from yan_serve.server.streaming import preview_stream, result_stream
+from yan_serve.tasks import serving as T
 
 MAX_SPAN_TOKENS = 64  # T.plan_infill's default limit on a [MASK:n] budget
 

@@ -9,13 +9,13 @@ from collections.abc import Sequence
 
 from fastapi import Request
 
-from yan_serve.engine import tasks as T
 from yan_serve.engine.requests import EngineRequest
 from yan_serve.server import schemas as S
 from yan_serve.server.dispatch import new_seed, run
 from yan_serve.server.envelope import envelope
 from yan_serve.server.errors import bad_request
 from yan_serve.server.state import State, resolve_steps
+from yan_serve.tasks import serving as T
 from yan_serve.tokenizer import YANTokenizer
 
 

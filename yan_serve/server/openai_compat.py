@@ -12,7 +12,6 @@ from typing import Any
 
 from fastapi import Request
 
-from yan_serve.engine import tasks as T
 from yan_serve.engine.requests import EngineRequest, Result, Scored, TopLogprobs, Worker
 from yan_serve.engine.sampler import Generation
 from yan_serve.server import schemas as S
@@ -20,6 +19,7 @@ from yan_serve.server.dispatch import generation_requests, new_seed, run
 from yan_serve.server.errors import APIError, bad_request
 from yan_serve.server.state import State, resolve_steps
 from yan_serve.server.streaming import openai_stream
+from yan_serve.tasks import serving as T
 from yan_serve.tokenizer import YANTokenizer
 
 MAX_CHOICES = 64  # prompts x n

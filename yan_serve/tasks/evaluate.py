@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from yan_serve.engine.sampler import GenerationRequest, Sampler
-from yan_serve.engine.tasks import parse_label
 from yan_serve.model import YAN
 from yan_serve.tasks import metrics
 from yan_serve.tasks.corpus import Corpus, label_table
 from yan_serve.tasks.formats import TASKS, Example, TaskFormatter, parse_answer
+from yan_serve.tasks.serving import parse_label
 from yan_serve.tokenizer import YANTokenizer
 
 
@@ -151,10 +151,10 @@ def classify_by_label_scores(
     pad: bool = False,
 ) -> TaskResult:
     """The `classify-scored` row for any model: every example against every label's target
-    (`engine.tasks.label_target`, EOS-padded to one length when `pad`), `score` giving the
+    (`tasks.serving.label_target`, EOS-padded to one length when `pad`), `score` giving the
     log-probabilities of a chunk of (example index, target) pairs; per example the label with
     the highest summed log-probability after the answer header wins."""
-    from yan_serve.engine import tasks as T
+    from yan_serve.tasks import serving as T
 
     if not labels:
         raise ValueError("classify-scored needs the label table")
@@ -184,7 +184,7 @@ def served_infill(sampler: Sampler, tok: YANTokenizer, exs: Sequence[Example], s
                   routing: str, batch_size: int, budget: int = 2) -> TaskResult:  # fmt: skip
     """Infill as the server does it (no oracle): every span gets the server's default budget of
     `budget` positions, the known text is kept and the fills are read from their slots."""
-    from yan_serve.engine import tasks as T
+    from yan_serve.tasks import serving as T
 
     sp = tok.special
     plans = [T.infill_plan_from_source(e.src, budget, sp.mask, sp.eos) for e in exs]

@@ -17,8 +17,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from yan_serve.engine.tasks import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
+from yan_serve.tasks.serving import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE
 from yan_serve.tokenizer import YANTokenizer
 
 TASKS = ("infill", "complete", "qa", "classify")

@@ -2,7 +2,8 @@
 -> the user's answer. Shared by the HTTP server and `yan generate`.
 
 The formats are the training ones (`yan_serve.tasks.formats`, which takes its prompt templates
-from here); the target length always comes from the request (span budgets, max_tokens), never
+from here); a request's layout is a `Plan` (`yan_serve.engine.requests`, part of the engine
+contract); the target length always comes from the request (span budgets, max_tokens), never
 from an oracle. Where the target's content is known in advance (the text around infill masks,
 the QA template the model regenerates before its answer) the server keeps the known tokens and
 reads only the unknown positions out of the generated row.
@@ -11,8 +12,9 @@ reads only the unknown positions out of the generated row.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from yan_serve.engine.requests import Plan
+from yan_serve.engine.requests import content_positions as content_positions  # re-exported
 from yan_serve.tokenizer import YANTokenizer
 
 # The prompt templates the model is trained on (yan_serve.tasks.formats) and served with.
@@ -44,18 +46,6 @@ def parse_label(text: str, labels: dict[int, str] | None = None) -> int | None:
 
 class PlanError(ValueError):
     """A request that parses but cannot be served (HTTP 400)."""
-
-
-@dataclass
-class Plan:
-    task: str
-    src: list[int]
-    tgt_len: int
-    # infill: the known target pieces around the fills and each fill's target positions
-    pieces: list[list[int]] | None = None
-    fill_slots: list[tuple[int, int]] | None = None
-    # qa / classify: the target position where the answer starts (after the known prefix)
-    answer_start: int = 0
 
 
 def _check(tok: YANTokenizer, src: list[int], tgt_len: int, max_length: int, what: str) -> None:
@@ -124,14 +114,6 @@ def infill_plan_from_source(src: list[int], budget: int, mask: int, eos: int) ->
         else:
             pieces[-1].append(t)
     return infill_plan_from_pieces(pieces, [budget] * (len(pieces) - 1), mask)
-
-
-def content_positions(plan: Plan) -> tuple[int, ...]:
-    """The target positions that must hold a content token: the first slot of each infill gap
-    (so that no [MASK] comes back empty); none for the other tasks."""
-    if plan.task != "infill" or not plan.fill_slots:
-        return ()
-    return tuple(a for a, b in plan.fill_slots if b > a)
 
 
 def fill_confidences(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from yan_serve.engine import tasks as T
+from yan_serve.tasks import serving as T
 from yan_serve.tasks.formats import ANSWER_HEADER
 from yan_serve.tokenizer import YANTokenizer, train_bpe
 
@@ -89,7 +89,7 @@ def test_plan_from_a_training_source_matches_the_text_plan(tok: YANTokenizer) ->
 def test_label_parsing_prefers_a_known_name_and_scoring_targets_share_a_length(
     tok: YANTokenizer,
 ) -> None:
-    from yan_serve.engine.tasks import parse_label
+    from yan_serve.tasks.serving import parse_label
 
     names = {1: "law", 2: "history"}
     assert parse_label("####### ANSWER #######\n\n1 history", names) == 2  # name beats the id
