@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="${OUT:-runs/ar-tiny-kjv}"
+OUT="${OUT:-runs/ar-tiny-${CORPUS:-kjv}}"
 TOKENIZER="${TOKENIZER:-weights/yan-tiny-kjv}"
 source scripts/train_common.sh
 

@@ -1,7 +1,9 @@
+# shellcheck shell=bash
 # The recipe knobs and steps that train_default.sh (YAN) and train_ar.sh (the AR baseline)
 # share, so both models see the same corpus, batch size, step counts and evaluation. Sourced by
 # them (and ablation_ce.sh) after they set OUT; every knob is an environment variable.
-DATA="${DATA:-data/kjv}"
+CORPUS="${CORPUS:-kjv}"  # what `yan data` builds into DATA when it is missing: kjv or english
+DATA="${DATA:-data/$CORPUS}"
 S1="${S1:-3000}"; S2="${S2:-2500}"; FT="${FT:-4200}"
 BS="${BS:-16}"
 EVAL_LIMIT="${EVAL_LIMIT:-}"
@@ -17,7 +19,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --save-every 500
         --resume)
 
-[[ -f "$DATA/train.jsonl" ]] || yan data kjv --out "$DATA"
+[[ -f "$DATA/train.jsonl" ]] || yan data "$CORPUS" --out "$DATA"
 
 # evaluate [FLAG...]: `yan eval` the fine-tuned checkpoint on the test split into $OUT/eval.json.
 evaluate() {

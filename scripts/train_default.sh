@@ -6,13 +6,13 @@
 #   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~1 h)
 #   S1=20 S2=20 FT=20 EVAL_LIMIT=16 bash scripts/train_default.sh   # smoke run (CI test)
 #
-# Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (DATA, S1, S2, FT, BS,
-# EVAL_LIMIT, DEVICE, PUBLISH).
+# Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA, S1, S2,
+# FT, BS, EVAL_LIMIT, DEVICE, PUBLISH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CONFIG="${CONFIG:-yan-tiny}"  # or yan-mamba-tiny: same data and budget
-OUT="${OUT:-runs/$CONFIG-kjv}"
+OUT="${OUT:-runs/$CONFIG-${CORPUS:-kjv}}"
 source scripts/train_common.sh
 
 yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" --lr 1e-3 --warmup 100 \
