@@ -34,6 +34,7 @@ KERNEL_MODULES = (
     "yan_kernels.selective_scan",
     "yan_kernels.noise",
     "yan_kernels.layer_norm",
+    "yan_kernels.linear_gelu",
 )
 TARGETS = (90, 80)
 

@@ -204,6 +204,15 @@ def decoder_argmax(
     return fn(x, weight, bias, temperature, seed, labels)
 
 
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """gelu(x @ weight.T + bias) with the exact (erf) GELU in the GEMM's epilogue: x [..., K],
+    weight [N, K], bias [N] or None -> [..., N] (see `yan_kernels.linear_gelu`)."""
+    from . import linear_gelu as m
+
+    fn = m.linear_gelu if _take_triton(x, weight, bias) else m.linear_gelu_ref
+    return fn(x, weight, bias)
+
+
 def add_layer_norm(
     x: Tensor,
     y: Tensor | None,

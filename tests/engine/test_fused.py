@@ -39,10 +39,11 @@ def _model(**overrides) -> YAN:
     return YAN(micro_config(**overrides)).eval()
 
 
-def _compare(model: YAN, steps: int, routing: str, reqs=None) -> None:
+def _compare(model: YAN, steps: int, routing: str, reqs=None, gelu_epilogue=False) -> None:
     reqs = reqs or _requests(model.config.vocab_size)
     ref = Sampler(model, fused=False)
     fast = Sampler(model, fused=True)
+    fast.engine.gelu_epilogue = gelu_epilogue
     batch = ref.prepare(reqs)
     noise = ref.draw(batch)
     want = ref.solve(batch, steps, routing, noise=noise)
@@ -66,6 +67,15 @@ def test_engine_equals_the_modules(backend: str, routing: str, steps: int) -> No
     pytest.importorskip("triton")
     with ops.force(backend):
         _compare(_model(), steps, routing)
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+def test_gelu_epilogue_equals_the_modules(backend: str) -> None:
+    """Every FFN's up-projection through `ops.linear_gelu` (the Triton GEMM with the exact GELU
+    in its epilogue, in the interpreter off CUDA): the same sample as the modules."""
+    pytest.importorskip("triton")
+    with ops.force(backend):
+        _compare(_model(decoder_n_resi_blocks=2), 3, "argmax", gelu_epilogue=True)
 
 
 @pytest.mark.parametrize(
@@ -185,11 +195,15 @@ def _solve_both(a: Sampler, b: Sampler, reqs: list[GenerationRequest]):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gelu_epilogue", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_engine_equals_the_modules_at_paper_shapes_on_gpu(dtype: torch.dtype) -> None:
+def test_engine_equals_the_modules_at_paper_shapes_on_gpu(
+    dtype: torch.dtype, gelu_epilogue: bool
+) -> None:
     model = _paper_model(dtype)
     reqs = _paper_requests(0, [(300, 257), (17, 512), (512, 1)])
     ref, fast = Sampler(model, fused=False), Sampler(model, fused=True)
+    fast.engine.gelu_epilogue = gelu_epilogue
     batch, want, got = _solve_both(ref, fast, reqs)
     real = batch.tgt_mask
     err = (got.z[real].float() - want.z[real].float()).norm() / want.z[real].float().norm()

@@ -23,9 +23,10 @@ from yan_serve.bench import common, kernels, main, sampler, scan
 TINY_KERNELS = [
     "kernels", "--device", "cpu", "--iters", "1", "--d-model", "32", "--experts", "3",
     "--vocab", "1000", "--routed-n", "8,16", "--decoder-n", "4,8", "--sample-n", "8",
+    "--gelu-n", "5",
 ]  # fmt: skip
 KERNEL_ROW = re.compile(
-    r"^(?P<op>\S+)\s+(?P<shape>N=\d+ d=\d+ [KV]=\d+)\s+(?P<eager>\d+\.\d+)\s+(?P<rest>.+?)"
+    r"^(?P<op>\S+)\s+(?P<shape>N=\d+ d=\d+ [KVF]=\d+)\s+(?P<eager>\d+\.\d+)\s+(?P<rest>.+?)"
     r"\s+n/a \(interpreter\)\s+(?P<gbps>\d+\.\d)\s+(?P<tflops>\d+\.\d{3})"
     r"\s+(?P<floor>\d+\.\d{3})\s+(?P<pct>\d+)%$"
 )
@@ -83,6 +84,7 @@ def test_cpu_kernels_table(capsys: pytest.CaptureFixture[str], tmp_path) -> None
         ("decoder_argmax", "N=4 d=32 V=1000"),
         ("decoder_argmax", "N=8 d=32 V=1000"),
         ("decoder_argmax+sample", "N=8 d=32 V=1000"),
+        ("linear_gelu", "N=5 d=32 F=128"),
     ]
     for m in rows:
         assert float(m["eager"]) > 0
@@ -105,13 +107,14 @@ def test_cpu_kernels_report_a_failed_compile(monkeypatch, capsys) -> None:
     assert main([*TINY_KERNELS, "--routed-n", "8"]) == 0
     out = capsys.readouterr().out
     _, rows = _table(out, KERNEL_ROW)
-    assert len(rows) == 4
+    assert len(rows) == 5
     for m in rows:
         assert float(m["eager"]) > 0
         assert m["rest"].split() == ["failed", "-", "-"]
     reason = "compile failed: RuntimeError: no C compiler found"
     notes = [ln for ln in out.splitlines() if reason in ln]
-    assert notes == [f"routed_expert_euler, decoder_argmax, decoder_argmax+sample: {reason}"]
+    ops = "routed_expert_euler, decoder_argmax, decoder_argmax+sample, linear_gelu"
+    assert notes == [f"{ops}: {reason}"]
     assert "second line" not in out
 
 
@@ -183,7 +186,7 @@ def test_cpu_compiled_paths(capsys) -> None:
     out = capsys.readouterr().out
     _, rows = _table(out, KERNEL_ROW)
     ops = [m["op"] for m in rows]
-    assert ops == ["routed_expert_euler", "decoder_argmax", "decoder_argmax+sample"]
+    assert ops == ["routed_expert_euler", "decoder_argmax", "decoder_argmax+sample", "linear_gelu"]
     assert rows[0]["rest"].split() == ["failed", "-", "-"]
     assert "routed_expert_euler: compile failed: routed_expert.py:" in out
     for m in rows[1:]:

@@ -1,14 +1,14 @@
 """`python -m yan_serve.bench kernels`: each fused op at the paper's shapes.
 
-The ops are the routed expert's Euler step and the decoder's argmax at d = 512, K = 6 experts,
-V = 128258. On CUDA: the Triton kernel (yan_kernels) against its torch eager reference
-(`*_ref`), and per shape eager and Triton time, the Triton kernel's achieved GB/s and TFLOP/s,
-and its roofline floor, i.e. the larger of (minimal bytes / measured copy bandwidth) and
-(flops / measured dense matmul rate). On CPU: the same reference eager against the same
-reference under `torch.compile` (the CPU's compiled path); GB/s, TFLOP/s and the floor are
-computed the same way, from a CPU copy and a CPU GEMM. Triton runs on a CPU only in its
-interpreter, which is not a performance path: that column reads "n/a (interpreter)". The header
-records device, date, commit and library versions.
+The ops are the routed expert's Euler step, the decoder's argmax and the FFN up-projection with
+its exact GELU (`linear_gelu`, d -> 4d) at d = 512, K = 6 experts, V = 128258. On CUDA: the
+Triton kernel (yan_kernels) against its torch eager reference (`*_ref`), and per shape eager and
+Triton time, the Triton kernel's achieved GB/s and TFLOP/s, and its roofline floor, i.e. the
+larger of (minimal bytes / measured copy bandwidth) and (flops / measured dense matmul rate). On
+CPU: the same reference eager against the same reference under `torch.compile` (the CPU's
+compiled path); GB/s, TFLOP/s and the floor are computed the same way, from a CPU copy and a CPU
+GEMM. Triton runs on a CPU only in its interpreter, which is not a performance path: that column
+reads "n/a (interpreter)". The header records device, date, commit and library versions.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ DEFAULTS = {
              ([64, 1024, 8192, 65536], [64, 1024])),
     "cpu": ("fp32", 3, ([256, 1024, 4096], [256, 1024]), ([64, 256], [64])),
 }  # fmt: skip
+# linear_gelu rows per device, as (all shapes, --quick): a 1 x 128 sample's tokens up to 64 x 1024
+GELU_ROWS = {"cuda": ([128, 1024, 8192, 65536], [128, 1024]), "cpu": ([256, 1024], [256])}
 # The launch configurations `--sweep` times, as (block_m, block_n | block_v, block_k, warps,
 # stages, tma). (128, 128, 64, 4, 3, True) runs two programs per SM: one's epilogue under the
 # other's MMA.
@@ -211,6 +213,18 @@ def _decoder_cases(
             )
 
 
+def _linear_gelu_cases(dtype: torch.dtype, device: str, ns: list[int], d: int = 512):
+    """The FFN's first layer, gelu(x @ W.T + b) with W [4d, d], at `ns` token rows."""
+    F = 4 * d
+    elt = torch.finfo(dtype).bits // 8
+    w = torch.randn(F, d, device=device, dtype=dtype) / d**0.5
+    b = torch.randn(F, device=device, dtype=dtype) * 0.1
+    for n in ns:
+        x = torch.randn(n, d, device=device, dtype=dtype)
+        nbytes = elt * (n * d + F * d + F + n * F)
+        yield _Case("linear_gelu", f"N={n} d={d} F={F}", (x, w, b), nbytes, 2 * n * d * F)
+
+
 def _gpu_rows(
     cases: Iterator[_Case], ref: Callable, kernel: Callable, iters: int, bw: float, rate: float
 ) -> Iterator[Row]:
@@ -262,12 +276,14 @@ def _sweep(
     """Launch configurations of both kernels at the large shapes, graph-timed: the data the
     GPU defaults in the kernel files are chosen from."""
     from yan_kernels import decoder_argmax as dm
+    from yan_kernels import linear_gelu as lg
     from yan_kernels import routed_expert as rm
 
     out = []
     print(f"{'sweep':<26}{'shape':<26}{'config':<40}{'ms':>9}{'% floor':>9}")
     print("routed up / down: that projection's configuration swept, the other at its default;")
-    print("config: (block_m, block_n|v, block_k, warps, stages, tma); % floor: of the whole op")
+    print("config: (block_m, block_n|v, block_k, warps, stages, tma); linear_gelu: (block_m,")
+    print("block_n, block_k, group_m, warps, stages); % floor: of the whole op")
     up = rm.GPU_LARGE  # the other projection's configuration while one is swept
     routed_fn = rm.routed_expert_euler
 
@@ -290,6 +306,15 @@ def _sweep(
         plans += [
             (c, dm.decoder_argmax, decoder, "")
             for c in _decoder_cases(dtype, "cuda", [8192, 65536], [], d, V)
+        ]
+    if which in ("all", "gelu"):
+
+        def gelu_with(*args, blocks):
+            return lg.linear_gelu(*args, config=blocks)
+
+        plans += [
+            (c, gelu_with, list(lg.SWEEP), "")
+            for c in _linear_gelu_cases(dtype, "cuda", [128, 1024, 65536], d)
         ]
     for c, fn, configs, part in plans:
         floor = c.floor_ms(bw, rate)
@@ -350,6 +375,7 @@ def run_kernels(args: argparse.Namespace) -> int:
     if (device := bench_device(args, "kernels")) is None:
         return 2
     from yan_kernels.decoder_argmax import decoder_argmax, decoder_argmax_ref
+    from yan_kernels.linear_gelu import linear_gelu, linear_gelu_ref
     from yan_kernels.routed_expert import routed_expert_euler, routed_expert_euler_ref
 
     cuda = device == "cuda"
@@ -373,6 +399,8 @@ def run_kernels(args: argparse.Namespace) -> int:
          routed_expert_euler),
         (_decoder_cases(dtype, device, decoder_ns, sample_ns, d, V), decoder_argmax_ref,
          decoder_argmax),
+        (_linear_gelu_cases(dtype, device, args.gelu_n or GELU_ROWS[device][args.quick], d),
+         linear_gelu_ref, linear_gelu),
     ]  # fmt: skip
     rows: list = []
     for cases, ref, kernel in plans:
@@ -405,7 +433,7 @@ def add_kernels(sub: argparse._SubParsersAction) -> None:
         "--sweep",
         nargs="?",
         const="all",
-        choices=("all", "routed", "up", "down", "decoder"),
+        choices=("all", "routed", "up", "down", "decoder", "gelu"),
         help="CUDA: also time launch configurations (all, or one kernel / projection)",
     )
     p.add_argument("--d-model", type=int, default=512, help="hidden size d")
@@ -423,5 +451,8 @@ def add_kernels(sub: argparse._SubParsersAction) -> None:
         "--sample-n",
         type=int_list,
         help="decoder rows with sampling (CUDA: the --decoder-n; CPU: the smallest of them)",
+    )
+    p.add_argument(
+        "--gelu-n", type=int_list, help="linear_gelu rows (CUDA 128,1024,8192,65536; CPU 256,1024)"
     )
     p.add_argument("--no-compile", action="store_true", help="CPU: skip the torch.compile path")

@@ -172,6 +172,7 @@ class _GpuTable:
     def __init__(self, model: YAN, steps: int, iters: int, args: argparse.Namespace) -> None:
         self.model, self.steps, self.iters = model, steps, iters
         self.attention, self.profile = args.attention, args.profile
+        self.gelu_epilogue = args.gelu_epilogue
         dtype = next(model.parameters()).dtype
         self.bw = copy_bandwidth(10)
         self.rate = matmul_rate(dtype, 10)
@@ -203,6 +204,7 @@ class _GpuTable:
         modules = Sampler(model, fused=False)
         fused = Sampler(model, fused=True)
         fused.engine.attention = self.attention
+        fused.engine.gelu_epilogue = self.gelu_epilogue
         graphs = GraphSampler(fused)
 
         with ops.force("ref"):
@@ -370,6 +372,7 @@ def _sampler_table(name: str, args: argparse.Namespace, device: str) -> dict:
         "routing": "argmax",
         "decode": "greedy",
         "attention": args.attention,
+        "gelu_epilogue": args.gelu_epilogue,
         **table.header,
     }
     print_header(header)
@@ -421,6 +424,12 @@ def add_sampler(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="CUDA: the fused engine's attention (default auto: SDPA, which picks cuDNN"
         " attention on an H100; see FusedEngine)",
+    )
+    p.add_argument(
+        "--gelu-epilogue",
+        action="store_true",
+        help="CUDA: the fused engine's FFN up-projections with bias and exact GELU in one Triton"
+        " GEMM (ops.linear_gelu) instead of cuBLAS + a GELU pass",
     )
     p.add_argument(
         "--profile",

@@ -114,14 +114,20 @@ class FusedEngine:
     and reads Q, K and V straight out of the packed projections (no transposes); "cudnn" SDPA
     restricted to cuDNN's fused attention; "auto" is SDPA: measured on an H100 (torch 2.11,
     yan-paper, bf16), SDPA, which picks cuDNN's fused attention there, was as fast as flash or
-    faster at 1 x 512, 1 x 1024 and 64 x 512 and within 1% at 64 x 1024."""
+    faster at 1 x 512, 1 x 1024 and 64 x 512 and within 1% at 64 x 1024.
 
-    def __init__(self, model: YAN, attention: str = "auto") -> None:
+    `gelu_epilogue`: every FFN's up-projection, bias and exact GELU in one Triton GEMM
+    (`ops.linear_gelu`) instead of cuBLAS + a GELU pass: one launch fewer per FFN, and no
+    second pass over the [tokens, 4d] activation. Off by default until a GPU measurement
+    (`bench sampler --gelu-epilogue`) shows it faster than cuBLAS + GELU."""
+
+    def __init__(self, model: YAN, attention: str = "auto", gelu_epilogue: bool = False) -> None:
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         self.model = model
         self.cfg = model.config
         self.attention = attention
+        self.gelu_epilogue = gelu_epilogue
         self._attn: dict[int, _Attn] = {}  # id(MultiHeadAttention) -> pack
         self._cross_kv_w: Tensor | None = None
         self._cross_kv_b: Tensor | None = None
@@ -307,11 +313,15 @@ class FusedEngine:
 
     def _ffn(self, ff, h: Tensor, with_bias: bool = False) -> Tensor:
         """FeedForward without its output bias (the fused residual adds it), unless asked.
-        The up-projection's bias is in its GEMM; GELU stays a separate pass: cuBLASLt's GELU
-        epilogue computes the tanh form, which moved the bf16 latents measurably off the
-        modules' exact erf form, so it is not used."""
+        The up-projection's bias is in its GEMM. With `gelu_epilogue` the exact GELU is in that
+        GEMM's epilogue too (`ops.linear_gelu`, one launch); otherwise it is a separate pass
+        after cuBLAS (cuBLASLt's own GELU epilogue is the tanh form, which moved the bf16
+        latents measurably off the modules' erf form, so it is not used)."""
         up, down = ff.layers[0], ff.layers[2]
-        a = F.gelu(F.linear(h, up.weight, up.bias))
+        if self.gelu_epilogue:
+            a = ops.linear_gelu(h, up.weight, up.bias)
+        else:
+            a = F.gelu(F.linear(h, up.weight, up.bias))
         return F.linear(a, down.weight, down.bias if with_bias else None)
 
     # ----------------------------------------------------------------------------- encoder
