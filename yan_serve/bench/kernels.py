@@ -439,20 +439,11 @@ def add_kernels(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--d-model", type=int, default=512, help="hidden size d")
     p.add_argument("--experts", type=int, default=6, help="routed experts K")
     p.add_argument("--vocab", type=int, default=128258, help="decoder vocabulary V")
-    p.add_argument(
-        "--routed-n",
-        type=int_list,
-        help="routed-expert tokens (CUDA 1024,8192,65536; CPU 256,1024,4096)",
-    )
-    p.add_argument(
-        "--decoder-n", type=int_list, help="decoder rows (CUDA 64,1024,8192,65536; CPU 64,256)"
-    )
-    p.add_argument(
-        "--sample-n",
-        type=int_list,
-        help="decoder rows with sampling (CUDA: the --decoder-n; CPU: the smallest of them)",
-    )
-    p.add_argument(
-        "--gelu-n", type=int_list, help="linear_gelu rows (CUDA 128,1024,8192,65536; CPU 256,1024)"
-    )
+    for flag, what in (
+        ("--routed-n", "routed-expert tokens (CUDA 1024,8192,65536; CPU 256,1024,4096)"),
+        ("--decoder-n", "decoder rows (CUDA 64,1024,8192,65536; CPU 64,256)"),
+        ("--sample-n", "decoder rows with sampling (CUDA: the --decoder-n; CPU: the smallest)"),
+        ("--gelu-n", "linear_gelu rows (CUDA 128,1024,8192,65536; CPU 256,1024)"),
+    ):
+        p.add_argument(flag, type=int_list, help=what)
     p.add_argument("--no-compile", action="store_true", help="CPU: skip the torch.compile path")
