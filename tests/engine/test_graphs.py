@@ -242,8 +242,10 @@ def test_outside_the_ladder_runs_the_eager_sampler(micro_model: YAN) -> None:
 def test_bad_requests_raise_the_eager_errors(graphs: GraphSampler) -> None:
     with pytest.raises(ValueError, match="empty source"):
         graphs.generate([GenerationRequest([], 3)], steps=3)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        graphs.generate([GenerationRequest([4, 61], 3)], steps=3)
+    for bad in (61, -1, 2**70):  # checked on the packed ids; too large for int64 too
+        with pytest.raises(ValueError, match=f"token id {bad} outside the vocabulary"):
+            graphs.generate([GenerationRequest([4, 5], 3), GenerationRequest([4, bad], 3)], steps=3)
+    assert graphs.stats["graph"] == 0
     with pytest.raises(ValueError, match="no requests"):
         graphs.generate([], steps=3)
     with pytest.raises(ValueError, match="max_length"):

@@ -430,10 +430,20 @@ class GraphSampler:
             self.stats["eager"] += 1
             return self.sampler.generate(requests, steps, routing, return_previews, on_step)
         entry = next(e for e in self._entries[(steps, routing)] if e.shape == shape)
-        self.sampler.validate(requests)  # the eager sampler's checks and errors
+        # the eager sampler's checks and errors; the source ids' vocabulary range is checked
+        # on the packed buffer in one pass (a bad id then raises through the full check)
+        self.sampler.validate(requests, token_ids=False)
         _ = self.sampler.engine  # re-derives the engine's constants if the weights changed
         io = entry.io
-        staged = pack_inputs(requests, shape, self.model.config.pad_token_id, io.stage)
+        cfg = self.model.config
+        try:
+            staged = pack_inputs(requests, shape, cfg.pad_token_id, io.stage)
+        except (OverflowError, TypeError):  # an id int64 cannot hold: the full check names it
+            self.sampler.validate(requests)
+            raise
+        ids = staged[: shape.batch * shape.src_len].numpy()
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            self.sampler.validate(requests)  # raises, naming the id
         io.packed.copy_(staged, non_blocking=True)
         entry.graph.replay()
         io.host_out.copy_(io.out, non_blocking=True)

