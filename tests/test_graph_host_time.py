@@ -1,0 +1,21 @@
+"""scripts/graph_host_time.py: the graph path's host work, timed with the replay stubbed out."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "graph_host_time.py"
+
+
+def test_prints_each_piece_in_ms(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("graph_host_time", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--batch", "3", "--length", "16", "--iters", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "batch 3 x 16, one thread, 2 calls: median and min ms"
+    names = [re.match(r"^(.*?)\s+\d+\.\d\d\s+\d+\.\d\d$", ln).group(1).strip() for ln in lines[1:]]
+    assert names == ["generate (no replay)", "validate", "pack", "assemble"]
