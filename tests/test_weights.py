@@ -77,6 +77,26 @@ def test_save_and_load_round_trip(tmp_path, bpe: YANTokenizer) -> None:
     assert load_tokenizer(d, loaded.config).encode(TEXT[1]) == bpe.encode(TEXT[1])
 
 
+def test_bf16_storage_halves_the_file_and_loads_as_fp32(tmp_path, bpe: YANTokenizer) -> None:
+    """A checkpoint stored in bf16 loads as an fp32 model holding the bf16-rounded weights
+    (unless a dtype is asked for), so a smaller shipped file serves with fp32 numerics."""
+    model, full = _saved(tmp_path, bpe)
+    half = save_pretrained(model, tmp_path / "half", bpe, dtype=torch.bfloat16)
+    ratio = (half / "model.safetensors").stat().st_size / (
+        full / "model.safetensors"
+    ).stat().st_size
+    assert 0.45 < ratio < 0.55
+    loaded = from_pretrained(half)
+    for k, v in model.state_dict().items():
+        got = loaded.state_dict()[k]
+        if v.is_floating_point():
+            assert got.dtype == torch.float32, k
+            assert torch.equal(got, v.to(torch.bfloat16).float()), k
+        else:
+            assert torch.equal(got, v), k
+    assert next(from_pretrained(half, dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
+
+
 def test_load_errors_name_the_problem(tmp_path, bpe: YANTokenizer) -> None:
     _, d = _saved(tmp_path, bpe)
     with pytest.raises(FileNotFoundError, match="does not exist"):

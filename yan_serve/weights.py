@@ -36,13 +36,21 @@ def save_pretrained(
     directory: str | Path,
     tokenizer: YANTokenizer | None = None,
     metadata: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write config.json, model.safetensors (fp32 unless the model is in another dtype) and the
-    tokenizer. Returns the directory."""
+    """Write config.json, model.safetensors and the tokenizer. Returns the directory.
+
+    The weights are stored in the model's dtype, or in `dtype` when given (`torch.bfloat16`
+    halves a shipped checkpoint; `from_pretrained` upcasts it again)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model.config.save(d / "config.json")
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        sd[k] = v.contiguous().cpu()
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
     if tokenizer is not None:
         tokenizer.save(d)
@@ -110,7 +118,11 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> YAN:
-    """Load a checkpoint directory into an eval-mode YAN. Errors name the file and the problem."""
+    """Load a checkpoint directory into an eval-mode YAN. Errors name the file and the problem.
+
+    `dtype` None gives fp32 parameters whatever the file stores: 16-bit stored weights are
+    upcast (the samplers' float tolerances and batch independence assume fp32 unless a
+    caller asks for a 16-bit model with `dtype`)."""
     d = Path(directory)
     f = _weights_file(d)
     cfg = YANConfig.load(d / "config.json")
@@ -123,7 +135,7 @@ def from_pretrained(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_shapes(f, expected, {k: tuple(v.shape) for k, v in sd.items()})
     model.load_state_dict(sd, assign=True)
-    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    model = model.to(device=device, dtype=dtype or torch.float32)
     return model.eval()
 
 
