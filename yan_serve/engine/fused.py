@@ -412,7 +412,7 @@ class FusedEngine:
         row = torch.addmm(tables.gate_t, src_pooled, g0.weight[:, d : 2 * d].t())  # [B, gd]
         hid = F.linear(h, g0.weight[:, :d]).view(B, -1, row.shape[-1]) + row[:, None]
         logits = F.linear(F.gelu(hid), g2.weight, g2.bias) / flow.gate_temperature
-        return torch.softmax(logits.float(), dim=-1)
+        return torch.softmax(logits, dim=-1, dtype=torch.float32)  # the upcast in the same kernel
 
     @torch.no_grad()
     def solve(
