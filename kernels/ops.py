@@ -273,6 +273,15 @@ def scan_backend() -> ScanBackend:
     return _scan_override if _scan_override != "auto" else _scan_env()
 
 
+def _one_kernel_dtype(*scan_inputs: Tensor | None) -> bool:
+    """For (u, delta, A, B, C, D, z): the activations u, delta, B, C, z share one dtype and every
+    given input is a kernel dtype (A and D may differ from the activations)."""
+    u, delta, _, B, C, _, z = scan_inputs
+    acts = {t.dtype for t in (u, delta, B, C, z) if t is not None}
+    given = [t for t in scan_inputs if t is not None]
+    return len(acts) == 1 and all(t.dtype in _KERNEL_DTYPES for t in given)
+
+
 def scan_path(
     u: Tensor,
     delta: Tensor,
@@ -293,9 +302,7 @@ def scan_path(
       else ref.  "ref": ref.
     """
     ts = [t for t in (u, delta, A, B, C, D, z) if t is not None]
-    acts = {t.dtype for t in (u, delta, B, C, z) if t is not None}
-    floats = all(t.dtype in _KERNEL_DTYPES for t in ts)
-    if len(acts) != 1 or not floats or _records_grad(ts):
+    if not _one_kernel_dtype(u, delta, A, B, C, D, z) or _records_grad(ts):
         return "ref"
     backend = scan_backend()
     if backend in ("auto", "mamba_ssm"):
@@ -331,8 +338,7 @@ def selective_scan(
         from . import chunked_scan as m
 
         ts = (u, delta, A, B, C, D, z)
-        acts = {t.dtype for t in (u, delta, B, C, z) if t is not None}
-        if len(acts) == 1 and all(t.dtype in _KERNEL_DTYPES for t in ts if t is not None):
+        if _one_kernel_dtype(*ts):
             return m.selective_scan_ref(*ts, chunk=chunk, inner=inner)
         wide = (None if t is None else t.float() for t in ts)
         return m.selective_scan_ref(*wide, chunk=chunk, inner=inner).to(u.dtype)
