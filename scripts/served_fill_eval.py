@@ -1,11 +1,13 @@
 """Served infill quality on held-out passages, without oracle lengths: mask 1-3 consecutive words
-of each passage as one bare [MASK] (the server's default span budget), fill it as /v1/infill does
-(`plan_infill`, greedy, argmax routing, each gap's content positions), and score the fill against
+of each passage as one bare [MASK] (the server's default span budget) and fill it exactly as
+/v1/infill does (the same plan, worker and options: greedy, argmax routing; YAN at the
+checkpoint's default T, an AR checkpoint by fill-in-the-middle), then score each fill against
 the masked words with ROUGE-L. Reports the mean ROUGE-L and the share of empty fills, with and
-without empty spans allowed.
+without empty spans allowed (YAN; the AR baseline writes what it writes either way).
 
     yan data kjv --out data/kjv
     python scripts/served_fill_eval.py --data data/kjv --n 300
+    python scripts/served_fill_eval.py --data data/kjv --n 300 --model weights/ar-tiny-kjv
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer
 
-from yan_serve.engine.sampler import GenerationRequest, Sampler
+from yan_serve.engine.requests import EngineRequest, TaskOptions
+from yan_serve.server.loader import load_worker
 from yan_serve.tasks import serving as T
-from yan_serve.weights import from_pretrained, load_tokenizer
 
 
 def masked_items(rows: list[dict], n: int, seed: int) -> list[tuple[str, str]]:
@@ -39,37 +41,40 @@ def masked_items(rows: list[dict], n: int, seed: int) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="weights/yan-tiny-kjv")
+    p.add_argument("--model", default="weights/yan-tiny-kjv", help="a YAN or AR checkpoint")
     p.add_argument("--data", required=True, help="a corpus directory (yan data kjv / english)")
     p.add_argument("--split", default="test")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--span-tokens", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
     path = Path(args.data) / f"{args.split}.jsonl"
     if not path.is_file():
         print(f"served_fill_eval: no {path} (build the corpus first)", file=sys.stderr)
         return 2
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    model = from_pretrained(args.model).eval()
-    tok = load_tokenizer(args.model, model.config)
-    sampler = Sampler(model)
+    worker = load_worker(args.model, "cpu")
+    tok = worker.tokenizer
     items = masked_items(rows, args.n, args.seed)
+    plans = [T.plan_infill(tok, text, worker.max_length, args.span_tokens,
+                           infill_masks=worker.infill_masks) for text, _ in items]  # fmt: skip
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    print(f"{args.model} on {len(items)} {args.split} passages of {args.data}, bare [MASK] "
-          f"({args.span_tokens} positions), greedy")  # fmt: skip
+    print(f"{args.model} ({worker.kind}) on {len(items)} {args.split} passages of {args.data}, "
+          f"bare [MASK] ({args.span_tokens} positions), greedy")  # fmt: skip
     for allow_empty in (True, False):
+        opts = TaskOptions(allow_empty=allow_empty)
         scores, empty = [], 0
-        for j, (text, gold) in enumerate(items):
-            plan = T.plan_infill(tok, text, model.config.max_length, args.span_tokens)
-            content = () if allow_empty else T.content_positions(plan)
-            req = GenerationRequest(plan.src, plan.tgt_len, args.seed, content=content)
-            g = sampler.generate([req], routing="argmax")[0]
-            fill = T.finish_infill(tok, plan, g.full)[1][0].strip()
-            empty += fill == ""
-            scores.append(scorer.score(gold, fill)["rougeL"].fmeasure)
-            if (j + 1) % 100 == 0:
-                print(f"  allow_empty={allow_empty}: {j + 1}/{len(items)}", flush=True)
+        for a in range(0, len(items), args.batch_size):
+            chunk = plans[a : a + args.batch_size]
+            reqs = [EngineRequest(pl.src, pl.tgt_len, args.seed, worker.default_steps, plan=pl,
+                                  options=opts) for pl in chunk]  # fmt: skip
+            for (_, gold), pl, g in zip(items[a:], chunk, worker.run(reqs), strict=False):
+                fill = T.finish_infill(tok, pl, g.full)[1][0].strip()
+                empty += fill == ""
+                scores.append(scorer.score(gold, fill)["rougeL"].fmeasure)
+            if len(scores) // 100 > (len(scores) - len(chunk)) // 100:
+                print(f"  allow_empty={allow_empty}: {len(scores)}/{len(items)}", flush=True)
         print(f"allow_empty={allow_empty!s:<5}  ROUGE-L {sum(scores) / len(scores):.3f}  "
               f"empty fills {empty}/{len(items)} ({100 * empty / len(items):.1f}%)")  # fmt: skip
     return 0

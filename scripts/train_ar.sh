@@ -2,13 +2,13 @@
 # The AR baseline beside the YAN default: GPT-2 "ar-tiny" (4.34M parameters, within 1% of
 # yan-tiny), the same tokenizer, KJV corpus, task formats, batch size and step counts as
 # scripts/train_default.sh (scripts/train_common.sh holds them): S1 + S2 steps of infill
-# pre-training (paper format + fill-in-the-middle), then FT steps on the task mixture
-# (+ infill-fim). Then `yan eval` on the same test splits. On 2 CPU cores one step takes ~1 s
+# pre-training (paper format + fill-in-the-middle), then FT + FILL steps on the task mixture
+# (+ infill-fim): as many fine-tuning steps as YAN's two fine-tunes. Then `yan eval` on the same test splits. On 2 CPU cores one step takes ~1 s
 # (GPT-2 decodes the target after the source, so each sequence is about twice as long as YAN's
 # target): run it on a GPU.
 #
 #   DEVICE=cuda PUBLISH=weights/ar-tiny-kjv bash scripts/train_ar.sh
-#   S1=10 S2=10 FT=10 EVAL_LIMIT=8 bash scripts/train_ar.sh        # smoke run
+#   S1=10 S2=10 FT=10 FILL=0 EVAL_LIMIT=8 bash scripts/train_ar.sh        # smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +18,7 @@ source scripts/train_common.sh
 
 yan train ar --tokenizer "$TOKENIZER" --config ar-tiny --out "$OUT/pretrain" \
     --steps $((S1 + S2)) --lr 1e-3 --warmup 100 --tasks infill,infill-fim "${common[@]}"
-yan train ar --init "$OUT/pretrain" --out "$OUT/finetune" --steps "$FT" --lr 3e-4 --warmup 50 \
-    --tasks infill,infill-fim,complete,qa,classify "${common[@]}"
+yan train ar --init "$OUT/pretrain" --out "$OUT/finetune" --steps $((FT + FILL)) --lr 3e-4 \
+    --warmup 50 --tasks infill,infill-fim,complete,qa,classify "${common[@]}"
 evaluate
-publish config.json generation_config.json model.safetensors tokenizer.json labels.json
+publish config.json generation_config.json model.safetensors tokenizer.json labels.json eval.json

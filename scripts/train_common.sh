@@ -5,6 +5,8 @@
 CORPUS="${CORPUS:-kjv}"  # what `yan data` builds into DATA when it is missing: kjv or english
 DATA="${DATA:-data/$CORPUS}"
 S1="${S1:-3000}"; S2="${S2:-2500}"; FT="${FT:-4200}"
+FILL="${FILL:-6000}"  # fine-tune steps after FT: YAN's per-position infill layout; AR: more FT
+FINAL=finetune  # the stage that is evaluated and published (train_default.sh: fill when FILL > 0)
 BS="${BS:-16}"
 EVAL_LIMIT="${EVAL_LIMIT:-}"
 DEVICE="${DEVICE:-auto}"
@@ -21,20 +23,21 @@ common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --
 
 [[ -f "$DATA/train.jsonl" ]] || yan data "$CORPUS" --out "$DATA"
 
-# evaluate [FLAG...]: `yan eval` the fine-tuned checkpoint on the test split into $OUT/eval.json.
+# evaluate [FLAG...]: `yan eval` the final checkpoint (or EVAL_CKPT) on the test split into
+# $OUT/eval.json.
 evaluate() {
-    yan eval "$OUT/finetune" --data "$DATA" --device "$DEVICE" "$@" \
+    yan eval "${EVAL_CKPT:-$OUT/$FINAL}" --data "$DATA" --device "$DEVICE" "$@" \
         ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --json "$OUT/eval.json"
 }
 
-# publish FILE...: with PUBLISH set, copy these files of the fine-tuned checkpoint and
-# eval.json there.
+# publish FILE...: with PUBLISH set, copy these files there: eval.json from $OUT, the others from
+# the final checkpoint.
 publish() {
     [[ -n "${PUBLISH:-}" ]] || return 0
     mkdir -p "$PUBLISH"
     for f in "$@"; do
-        cp "$OUT/finetune/$f" "$PUBLISH/"
+        if [[ "$f" == eval.json ]]; then src="$OUT"; else src="$OUT/$FINAL"; fi
+        cp "$src/$f" "$PUBLISH/"
     done
-    cp "$OUT/eval.json" "$PUBLISH/"
-    echo "published $OUT/finetune to $PUBLISH"
+    echo "published $OUT/$FINAL to $PUBLISH"
 }

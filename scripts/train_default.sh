@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Reproduces the shipped default checkpoint weights/yan-tiny-kjv from a clean checkout:
 # KJV corpus -> stage 1 (denoising autoencoder) -> stage 2 (MoE-FM NLL + CE) -> multi-task
-# fine-tune (infill, last-word completion, bAbI-style QA, KJV section classification) -> eval.
+# fine-tune (infill, last-word completion, bAbI-style QA, KJV section classification) in the
+# paper's infill layout (one <mask> per span) -> FILL more fine-tuning steps in the serving
+# layout (one <mask> per target position of a span: `--infill-masks per_position`) -> eval.
 #
-#   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~1 h)
-#   S1=20 S2=20 FT=20 EVAL_LIMIT=16 bash scripts/train_default.sh   # smoke run (CI test)
+#   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~2 h)
+#   S1=20 S2=20 FT=20 FILL=20 EVAL_LIMIT=16 bash scripts/train_default.sh   # smoke run (CI test)
 #
 # Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA, S1, S2,
-# FT, BS, EVAL_LIMIT, DEVICE, PUBLISH).
+# FT, FILL, BS, EVAL_LIMIT, DEVICE, PUBLISH); S1_MIN S2_MIN FT_MIN FILL_MIN cap a stage's wall
+# time (minutes); EVAL=0 skips the test-split evaluation. FILL=0 stops after the paper-layout
+# fine-tune.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,11 +19,31 @@ CONFIG="${CONFIG:-yan-tiny}"  # or yan-mamba-tiny: same data and budget
 OUT="${OUT:-runs/$CONFIG-${CORPUS:-kjv}}"
 source scripts/train_common.sh
 
-yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" --lr 1e-3 --warmup 100 \
-    "${common[@]}"
-yan train stage2 --init "$OUT/stage1" --out "$OUT/stage2" --steps "$S2" --lr 1e-3 --warmup 100 \
-    --fm-weight 0.1 --ce-weight 1 "${common[@]}"
-yan train finetune --init "$OUT/stage2" --out "$OUT/finetune" --steps "$FT" --lr 3e-4 \
-    --warmup 50 --fm-weight 0.1 --ce-weight 1 "${common[@]}"
-evaluate --steps 1,2,3,4,6
-publish config.json model.safetensors tokenizer.json labels.json
+# capped MINUTES CMD...: CMD with `--max-minutes MINUTES` when MINUTES is set (<STAGE>_MIN)
+capped() {
+    local minutes=$1
+    shift
+    if [[ -n "$minutes" ]]; then "$@" --max-minutes "$minutes"; else "$@"; fi
+}
+
+capped "${S1_MIN:-}" yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" \
+    --lr 1e-3 --warmup 100 "${common[@]}"
+capped "${S2_MIN:-}" yan train stage2 --init "$OUT/stage1" --out "$OUT/stage2" --steps "$S2" \
+    --lr 1e-3 --warmup 100 --fm-weight 0.1 --ce-weight 1 "${common[@]}"
+capped "${FT_MIN:-}" yan train finetune --init "$OUT/stage2" --out "$OUT/finetune" --steps "$FT" \
+    --lr 3e-4 --warmup 50 --fm-weight 0.1 --ce-weight 1 "${common[@]}"
+if ((FILL > 0)); then
+    capped "${FILL_MIN:-}" yan train finetune --init "$OUT/finetune" --out "$OUT/fill" \
+        --steps "$FILL" --lr 3e-4 --warmup 50 --fm-weight 0.1 --ce-weight 1 \
+        --infill-masks per_position "${common[@]}"
+    FINAL=fill
+fi
+if [[ -n "${PUBLISH:-}" ]]; then
+    # shipped weights are stored in bf16 (half the bytes; they load as fp32): evaluate those
+    yan export "$OUT/$FINAL" "$PUBLISH" --dtype bfloat16
+    EVAL_CKPT="$PUBLISH"
+fi
+if [[ "${EVAL:-1}" == 1 ]]; then
+    evaluate --steps 1,2,3,4,6
+    publish eval.json
+fi

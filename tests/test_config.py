@@ -40,6 +40,7 @@ def test_overrides_apply() -> None:
         (dict(moe_n_experts=0), "moe_n_experts"),
         (dict(moe_sigma=0.0), "moe_sigma"),
         (dict(ode_steps=0), "ode_steps"),
+        (dict(infill_masks="sideways"), "infill_masks"),
     ],
 )
 def test_invalid_configs_name_the_field(bad: dict, needle: str) -> None:
@@ -58,3 +59,12 @@ def test_unknown_preset_and_keys(tmp_path) -> None:
         YANConfig.load(tmp_path)
     with pytest.raises(FileNotFoundError):
         YANConfig.load(tmp_path / "missing")
+
+
+def test_infill_layout_round_trips_and_old_configs_read_as_collapsed(tmp_path) -> None:
+    cfg = YANConfig(infill_masks="per_position")
+    cfg.save(tmp_path)
+    assert YANConfig.load(tmp_path).infill_masks == "per_position"
+    old = cfg.to_dict()
+    del old["infill_masks"]  # a checkpoint saved before the field existed
+    assert YANConfig.from_dict(old).infill_masks == "collapsed"

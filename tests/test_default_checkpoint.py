@@ -57,7 +57,7 @@ def test_files_size_and_config(loaded) -> None:
 def test_infill_recovers_held_out_passages(loaded) -> None:
     """Well above chance, as the cards' ROUGE-1 of 70+ says (a random model scores < 15)."""
     model, tok, _ = loaded
-    fmt = TaskFormatter(tok)
+    fmt = TaskFormatter(tok, model.config.infill_masks)
     exs = [fmt.infill(TextRecord(p), random.Random(i)) for i, p in enumerate(PASSAGES)]
     gens = Sampler(model).generate(
         [GenerationRequest(e.src, len(e.tgt), seed=i) for i, e in enumerate(exs)], routing="argmax"

@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,9 @@ def test_masked_items_hide_one_to_three_words() -> None:
         assert text.replace("[MASK]", gold) == rows[0]["text"]
 
 
-def test_runs_and_reports_both_settings(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("model", ["yan-tiny-kjv", "ar-tiny-kjv"])
+def test_runs_and_reports_both_settings(tmp_path: Path, capsys, model: str) -> None:
+    """Through the server's worker for either backend (the AR baseline fills by FIM)."""
     mod = _load()
     passages = [
         "In the beginning God created the heaven and the earth.",
@@ -36,11 +40,9 @@ def test_runs_and_reports_both_settings(tmp_path: Path, capsys) -> None:
         "The LORD is my shepherd; I shall not want.",
     ]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in passages))
-    rc = mod.main(
-        ["--model", str(ROOT / "weights/yan-tiny-kjv"), "--data", str(tmp_path), "--n", "3"]
-    )
+    rc = mod.main(["--model", str(ROOT / "weights" / model), "--data", str(tmp_path), "--n", "3"])
     out = capsys.readouterr().out
-    assert rc == 0
+    assert rc == 0 and f"({model.split('-')[0]})" in out
     rows = re.findall(r"allow_empty=(True|False)\s+ROUGE-L ([0-9.]+)\s+empty fills (\d+)/3", out)
     assert [r[0] for r in rows] == ["True", "False"]
     assert rows[1][2] == "0"

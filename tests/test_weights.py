@@ -97,6 +97,30 @@ def test_bf16_storage_halves_the_file_and_loads_as_fp32(tmp_path, bpe: YANTokeni
     assert next(from_pretrained(half, dtype=torch.bfloat16).parameters()).dtype == torch.bfloat16
 
 
+def test_export_writes_the_serving_files_in_bf16(tmp_path, bpe: YANTokenizer) -> None:
+    """`yan export` = the checkpoint's config, tokenizer and labels with bf16 weights; it never
+    overwrites its own input."""
+    from yan_serve.cli import main
+
+    model, full = _saved(tmp_path, bpe)
+    (full / "labels.json").write_text('{"1": "law"}')
+    assert main(["export", str(full), str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "labels.json",
+    }
+    assert (out / "labels.json").read_text() == '{"1": "law"}'
+    loaded = from_pretrained(out)
+    assert loaded.config == model.config
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16).float()), k
+    assert main(["export", str(full), str(full)]) == 2
+
+
 def test_load_errors_name_the_problem(tmp_path, bpe: YANTokenizer) -> None:
     _, d = _saved(tmp_path, bpe)
     with pytest.raises(FileNotFoundError, match="does not exist"):

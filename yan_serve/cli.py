@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from yan_serve.config import YANConfig, preset_names
+from yan_serve.config import INFILL_MASKS, YANConfig, preset_names
 from yan_serve.model import YAN
 
 
@@ -105,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup=args.warmup, grad_clip=args.grad_clip, log_every=args.log_every,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
+        max_minutes=args.max_minutes,
         seed=args.seed, device=args.device,
     )  # fmt: skip
     trainer = Trainer(objective, cfg, log=eprint)
@@ -130,6 +131,9 @@ def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
         if not args.init:
             raise ValueError(f"{args.stage} needs --init (the previous stage's checkpoint)")
         model, tok = _load_checkpoint(args.init)
+    if args.infill_masks:
+        model.config.infill_masks = args.infill_masks
+        model.config.validate()
     spec = StageConfig(
         args.stage, Stage1Weights(mmd=args.mmd_weight, scale=args.scale_weight),
         Stage2Weights(fm=args.fm_weight, ce=args.ce_weight), freeze_autoencoder=not args.unfreeze,
@@ -253,7 +257,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tok = _load_checkpoint(args.checkpoint)
     L = model.config.max_length
     if args.task == "infill":
-        plan = T.plan_infill(tok, args.text, L, args.span_tokens)
+        plan = T.plan_infill(tok, args.text, L, args.span_tokens,
+                             infill_masks=model.config.infill_masks)  # fmt: skip
     elif args.task == "complete":
         plan = T.plan_complete(tok, args.text, args.max_tokens, L)
     elif args.task == "qa":
@@ -281,6 +286,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         answer = tok.decode(T.answer_tokens(tok, plan, gen.full)).strip()
         print(T.parse_class(answer, load_labels(args.checkpoint))[0])
+    return 0
+
+
+# ---------------------------------------------------------------------------------- export
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The serving files of a checkpoint (config, weights, tokenizer, label table) written to
+    another directory, the weights in `--dtype`: what `weights/` ships (bf16 halves the bytes;
+    `from_pretrained` loads fp32 parameters from it)."""
+    import shutil
+
+    from yan_serve.weights import save_pretrained
+
+    src, out = Path(args.checkpoint), Path(args.out)
+    if src.resolve() == out.resolve():
+        raise ValueError("export writes a new directory: give an --out other than the checkpoint")
+    model, tok = _load_checkpoint(args.checkpoint)
+    meta = {"exported_from": src.name, "dtype": args.dtype}
+    save_pretrained(model, out, tok, meta, dtype=EXPORT_DTYPES[args.dtype])
+    if (src / "labels.json").exists():
+        shutil.copy(src / "labels.json", out / "labels.json")
+    size = (out / "model.safetensors").stat().st_size
+    print(f"exported {src} to {out} ({args.dtype}, {size / 2**20:.1f} MiB of weights)")
     return 0
 
 
@@ -363,10 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune: share of targets given serving length slack (EOS filler)",
     )
     tp.add_argument("--unfreeze", action="store_true", help="also train encoder/decoder (stage 2)")
+    tp.add_argument(
+        "--infill-masks",
+        choices=INFILL_MASKS,
+        help="how infill sources mark spans, saved in the checkpoint's config (default: the "
+        "config's, collapsed: one <mask> per span as in the paper; per_position: one per target "
+        "position)",
+    )
     tp.add_argument("--log-every", type=int, default=run.log_every)
     tp.add_argument("--eval-every", type=int, default=run.eval_every)
     tp.add_argument("--eval-batches", type=int, default=run.eval_batches)
     tp.add_argument("--save-every", type=int, default=run.save_every)
+    tp.add_argument(
+        "--max-minutes",
+        type=float,
+        help="stop and save after this much wall time (a later --resume continues the run)",
+    )
     tp.add_argument("--seed", type=int, default=run.seed)
     tp.add_argument("--device", default=run.device)
     tp.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -413,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--seed", type=int, default=0)
     gp.add_argument("--previews", action="store_true", help="print the text at every time point")
     gp.set_defaults(func=cmd_generate)
+
+    xp = sub.add_parser("export", help="a checkpoint's serving files, weights in another dtype")
+    xp.add_argument("checkpoint")
+    xp.add_argument("out", help="the directory to write")
+    xp.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="bfloat16")
+    xp.set_defaults(func=cmd_export)
 
     from yan_serve.convert import add_subparser as add_convert
 

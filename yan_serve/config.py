@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+INFILL_MASKS = ("collapsed", "per_position")
+
 
 @dataclass
 class YANConfig:
@@ -47,6 +49,11 @@ class YANConfig:
     init_noise: float = 1.0  # z_0 ~ N(0, init_noise^2 I)
     beta_a: float = 1.0  # t ~ Beta(a, b) in training
     beta_b: float = 1.0
+    # How an infill source marks its spans: "collapsed" (the paper's format: each masked run is
+    # one <mask>, the decoder must infer how many target positions it spans) or "per_position"
+    # (one <mask> per target position of the span, so source and target align position by
+    # position; the server sizes each span from the request either way)
+    infill_masks: str = "collapsed"
 
     # Mamba variant: a bidirectional Mamba-1 mixer replaces self-attention in the encoder
     # and/or flow-trunk blocks (yan_serve/model/mamba.py, docs/mamba.md)
@@ -101,6 +108,10 @@ class YANConfig:
             raise ValueError("ode_steps and train_ode_steps count time points and must be >= 1")
         if self.max_length < 1:
             raise ValueError("max_length must be >= 1")
+        if self.infill_masks not in INFILL_MASKS:
+            raise ValueError(
+                f"infill_masks must be one of {', '.join(INFILL_MASKS)}, got {self.infill_masks!r}"
+            )
         for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -1,11 +1,68 @@
 """Every [MASK] gets at least one word unless the request allows an empty span, and a span's
-confidence comes from its own word tokens (an empty or forced fill never reports 1.0)."""
+confidence comes from its own word tokens (an empty or forced fill never reports 1.0).
+
+The server runs a copy of the default checkpoint whose decoder favours <pad> (its output bias
+raised), so the model would leave every gap empty whatever the shipped weights have learned."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
 import httpx
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tests.server.conftest import CHECKPOINT, ServerProcess
 
 TEXT = "In the beginning God created the [MASK] and the earth."
+
+
+def pad_loving_checkpoint(out: Path) -> Path:
+    """The default checkpoint with <pad>'s output bias raised just enough that the model pads
+    TEXT's gap while a forced word keeps a non-zero probability."""
+    import torch
+
+    from yan_serve.engine.sampler import GenerationRequest, Sampler
+    from yan_serve.tasks import serving as T
+    from yan_serve.weights import from_pretrained, load_tokenizer
+
+    model = from_pretrained(CHECKPOINT).eval()
+    tok = load_tokenizer(CHECKPOINT, model.config)
+    pad = tok.special.pad
+    plan = T.plan_infill(tok, TEXT, model.config.max_length, infill_masks=model.config.infill_masks)
+    a, b = plan.fill_slots[0]
+    bias0 = model.decoder.lm_head.bias.detach().clone()
+    for boost in range(8, 41, 2):
+        with torch.no_grad():
+            model.decoder.lm_head.bias.copy_(bias0)
+            model.decoder.lm_head.bias[pad] += boost
+        free, forced = Sampler(model).generate(
+            [GenerationRequest(plan.src, plan.tgt_len, 0),
+             GenerationRequest(plan.src, plan.tgt_len, 0, content=T.content_positions(plan))],
+            routing="argmax",
+        )  # fmt: skip
+        if set(free.full[a:b]) == {pad} and forced.full_confidence[a] > 1e-3:
+            break
+    else:
+        raise AssertionError("no output bias makes the default checkpoint pad the gap")
+    shutil.copytree(CHECKPOINT, out)
+    weights = load_file(out / "model.safetensors")
+    weights["decoder.lm_head.bias"] = model.decoder.lm_head.bias.detach().float()  # exact
+    save_file(weights, out / "model.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    ckpt = pad_loving_checkpoint(tmp_path_factory.mktemp("pad") / "ckpt")
+    server = ServerProcess("--model", str(ckpt)).wait_ready()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            yield c
+    finally:
+        server.stop()
 
 
 def test_each_mask_gets_a_word_with_its_own_confidence(client: httpx.Client) -> None:
@@ -14,7 +71,7 @@ def test_each_mask_gets_a_word_with_its_own_confidence(client: httpx.Client) -> 
     assert r.status_code == 200, r.text
     cand = r.json()["candidates"][0]
     (fill,) = cand["fills"]
-    assert fill.strip(), "the shipped checkpoint pads this gap: the server must still fill it"
+    assert fill.strip(), "the model pads this gap: the server must still fill it"
     assert r.json()["text"] == TEXT.replace("[MASK]", fill.strip())
     (fc,) = cand["fill_confidence"]
     assert 0.0 < fc < 0.5 and cand["confidence"] == fc  # the model preferred padding here

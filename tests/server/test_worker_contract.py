@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from yan_serve.config import INFILL_MASKS
 from yan_serve.engine.requests import EngineRequest, Scored, Worker
 from yan_serve.engine.sampler import Generation
 from yan_serve.tokenizer import YANTokenizer
@@ -40,7 +41,7 @@ def load(kind: str) -> Worker:
 
 def test_the_protocol_lists_what_the_server_uses() -> None:
     attrs, methods = protocol_members(Worker)
-    assert {"kind", "tokenizer", "default_steps", "model_id", "max_length"} <= attrs
+    assert {"kind", "tokenizer", "default_steps", "model_id", "max_length", "infill_masks"} <= attrs
     assert {"run", "warmup"} <= methods
 
 
@@ -55,6 +56,7 @@ def test_each_worker_implements_the_protocol(kind: str) -> None:
     assert isinstance(w.device, torch.device) and w.device.type == "cpu"
     assert isinstance(w.default_steps, int) and w.default_steps >= 1
     assert isinstance(w.max_length, int) and isinstance(w.created, int)
+    assert w.infill_masks in INFILL_MASKS
     assert w.labels is None or isinstance(w.labels, dict)
     assert w.warmup(w.default_steps) >= 0.0
 

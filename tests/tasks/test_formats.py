@@ -9,6 +9,8 @@ import pytest
 from yan_serve.tasks.formats import (
     ANSWER_HEADER,
     TaskFormatter,
+    expand_masks,
+    mask_runs,
     mask_spans,
     parse_answer,
     split_last_word,
@@ -120,3 +122,30 @@ def test_length_slack_pads_with_eos_where_the_server_leaves_room(
     assert [t for t in s.tgt if t != fmt.sp.pad] == inf.tgt
     assert len(s.tgt) - len(inf.tgt) <= SLACK["infill"] * len(inf.fills)
     assert fmt.add_slack(inf, rng, max_len=len(inf.tgt)).tgt == inf.tgt  # no room, no slack
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_per_position_layout_aligns_source_and_target(fmt: TaskFormatter, seed: int) -> None:
+    """per_position infill: the same masks as the paper's layout (collapsing each <mask> run gives
+    its source back), source and target of one length, and a <mask> exactly where the target
+    holds a span's token or its <pad> slack."""
+    pp = TaskFormatter(fmt.tok, "per_position")
+    sp = fmt.sp
+    text = TextRecord(" ".join(CORPUS[:3]), id="g")
+    a, b = fmt.infill(text, random.Random(seed)), pp.infill(text, random.Random(seed))
+    assert mask_runs(b.src, sp.mask) == a.src and b.fills == a.fills and b.tgt == a.tgt
+    assert expand_masks(a.src, [len(f) for f in a.fills], sp.mask) == b.src
+    for ex in (b, pp.add_slack(b, random.Random(seed + 1), max_len=200)):
+        assert len(ex.src) == len(ex.tgt)
+        for s, t in zip(ex.src, ex.tgt, strict=True):
+            assert s == t or s == sp.mask
+        span_tokens = [t for s, t in zip(ex.src, ex.tgt, strict=True) if s == sp.mask]
+        assert [t for t in span_tokens if t != sp.pad] == [t for f in ex.fills for t in f]
+    slack = pp.add_slack(b, random.Random(seed + 1), max_len=200)
+    same = fmt.add_slack(a, random.Random(seed + 1), max_len=200)
+    assert slack.tgt == same.tgt and mask_runs(slack.src, sp.mask) == same.src
+
+
+def test_unknown_infill_layout_is_refused(fmt: TaskFormatter) -> None:
+    with pytest.raises(ValueError, match="infill_masks"):
+        TaskFormatter(fmt.tok, "sideways")

@@ -82,8 +82,36 @@ def test_label_targets_use_the_checkpoint_label_table(tok: YANTokenizer) -> None
 def test_plan_from_a_training_source_matches_the_text_plan(tok: YANTokenizer) -> None:
     sp = tok.special
     p = T.plan_infill(tok, "In the beginning [MASK] the heaven and the [MASK].", 200)
-    q = T.infill_plan_from_source([*p.src, sp.eos], 2, sp.mask, sp.eos)
+    q = T.infill_plan_from_source(p.src, 2, sp.mask, sp.eos)
     assert (q.src, q.tgt_len, q.pieces, q.fill_slots) == (p.src, p.tgt_len, p.pieces, p.fill_slots)
+
+
+def test_infill_source_ends_with_eos_as_training_sources_do(tok: YANTokenizer) -> None:
+    """Training masks the clean text + EOS, so its sources end with EOS; the served source must
+    too (a source without it is one the model never saw)."""
+    from yan_serve.tasks.formats import TaskFormatter
+    from yan_serve.tasks.records import TextRecord
+
+    sp = tok.special
+    for layout in ("collapsed", "per_position"):
+        p = T.plan_infill(tok, "In the beginning [MASK] the heaven.", 200, infill_masks=layout)
+        ex = TaskFormatter(tok, layout).infill(TextRecord("In the beginning God created"),
+                                               __import__("random").Random(0))  # fmt: skip
+        assert p.src[-1] == sp.eos and ex.src[-1] == sp.eos
+
+
+def test_per_position_plan_marks_every_target_position_of_a_span(tok: YANTokenizer) -> None:
+    """per_position: source and target align; span i is `budget_i` <mask>s at its own slot."""
+    sp = tok.special
+    text = "In the beginning [MASK:3] the heaven and the [MASK]."
+    c = T.plan_infill(tok, text, 200, span_tokens=2)
+    p = T.plan_infill(tok, text, 200, span_tokens=2, infill_masks="per_position")
+    assert (p.tgt_len, p.pieces, p.fill_slots) == (c.tgt_len, c.pieces, c.fill_slots)
+    assert len(p.src) == p.tgt_len and p.src.count(sp.mask) == 3 + 2
+    masked = {i for i, t in enumerate(p.src) if t == sp.mask}
+    assert masked == {i for a, b in p.fill_slots for i in range(a, b)}
+    q = T.infill_plan_from_source(p.src, 2, sp.mask, sp.eos, "per_position")
+    assert q.pieces == p.pieces and [b - a for a, b in q.fill_slots] == [2, 2]
 
 
 def test_label_parsing_prefers_a_known_name_and_scoring_targets_share_a_length(

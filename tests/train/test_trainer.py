@@ -115,6 +115,31 @@ def test_an_interrupted_run_resumes_into_the_same_weights(tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run diverged"
 
 
+def test_a_time_limit_stops_saves_and_resume_finishes_the_run(tmp_path) -> None:
+    """max_minutes ends the run early with everything saved; --resume completes the same run
+    (the weights of an unlimited run of as many steps)."""
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    cfg = dict(batch_size=4, warmup=2, lr=1e-3, log_every=2, eval_every=2, save_every=100)
+    val: list[Batch] = [next(_stream(tok, 9))]
+
+    def trainer(out: str, **kw) -> Trainer:
+        return Trainer(_objective(tok), TrainConfig(**cfg, out=str(tmp_path / out), **kw),
+                       _stream(tok), val, log=lambda *a: None)  # fmt: skip
+
+    torch.manual_seed(0)
+    cut = trainer("cut", steps=6, max_minutes=0.0).train()
+    assert cut["steps"] == 0 and "time limit" in cut["stopped"]
+    assert json.loads((tmp_path / "cut/trainer_state.json").read_text())["step"] == 0
+    torch.manual_seed(0)
+    trainer("straight", steps=6).train()
+    resumed = trainer("cut", steps=6)
+    assert resumed.resume()
+    assert "stopped" not in resumed.train()
+    a = from_pretrained(tmp_path / "straight").state_dict()
+    b = from_pretrained(tmp_path / "cut").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run diverged"
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_save(tmp_path) -> None:
     """The documented multi-process launch, on CPU with the gloo backend."""

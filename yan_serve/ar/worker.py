@@ -38,6 +38,7 @@ class ARWorker(CheckpointWorker):
         self.tokenizer = YANTokenizer.load(self.model_dir)
         cfg = self.model.config
         self.max_length = int(getattr(cfg, "yan_max_length", cfg.n_positions // 2))
+        self.infill_masks = "collapsed"  # the paper protocol's source; FIM reads the pieces
         self.static = None  # CUDA: a FusedRunner (or StaticRunner) replaying CUDA graphs
 
     def warmup(self, steps: int) -> float:

@@ -131,6 +131,7 @@ class Worker(Runner, Protocol):
     tokenizer: YANTokenizer
     labels: dict[int, str] | None  # the checkpoint's class labels (labels.json), if any
     max_length: int  # the most source and target positions a request may have
+    infill_masks: str  # how an infill source marks a span (YANConfig.infill_masks)
     default_steps: int  # the checkpoint's Euler time points T when a request gives none
 
     def warmup(self, steps: int) -> float:

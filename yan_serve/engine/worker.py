@@ -56,6 +56,7 @@ class YANWorker(CheckpointWorker):
             else:
                 log.warning("CUDA without the Triton kernels: no CUDA graphs, eager sampling")
         self.max_length = self.model.config.max_length
+        self.infill_masks = self.model.config.infill_masks
         self.default_steps = self.model.config.ode_steps
 
     def warmup(self, steps: int) -> float:

@@ -84,7 +84,8 @@ def check_span_budgets(text: str) -> None:
 
 def _plan_infill(w: Worker, req: S.InfillRequest) -> T.Plan:
     check_span_budgets(req.text)
-    return T.plan_infill(w.tokenizer, req.text, w.max_length, req.span_tokens)
+    return T.plan_infill(w.tokenizer, req.text, w.max_length, req.span_tokens,
+                         infill_masks=w.infill_masks)  # fmt: skip
 
 
 def _finish_infill(w: Worker, plan: T.Plan, req: S.InfillRequest, g: Generation) -> S.Candidate:

@@ -94,7 +94,13 @@ def _plan(w: Worker, p: _Prompt, max_tokens: int, suffix: list[int] | None) -> T
         # as /v1/infill: a string prompt's trailing spaces go to the fill (byte-level BPE words
         # carry their leading space)
         ids = w.tokenizer.encode(p.text.rstrip(" ")) if p.is_text else p.ids
-        plan = T.infill_plan_from_pieces([ids, suffix], [max_tokens], w.tokenizer.special.mask)
+        plan = T.infill_plan_from_pieces(
+            [ids, suffix],
+            [max_tokens],
+            w.tokenizer.special.mask,
+            w.tokenizer.special.eos,
+            w.infill_masks,
+        )
     if plan.tgt_len > n:
         around = " (with the prompt and suffix around them)" if suffix is not None else ""
         raise _context_error(
@@ -274,8 +280,8 @@ async def completions(state: State, request: Request, req: S.OpenAICompletionReq
             choice.index = len(choices)
             choices.append(choice)
             completion_tokens += n_tokens
-    # what the model read: the prompt (and suffix), without the <mask>
-    prompt_tokens = sum(len(p.plan.src) - 1 if p.plan else len(p.ids) for p in prompts)
+    # the prompt (and suffix): the known tokens, without the <mask>s and the infill source's EOS
+    prompt_tokens = sum(_prompt_tokens(p.plan) if p.plan else len(p.ids) for p in prompts)
     state.metrics.prompt_tokens.inc(prompt_tokens)
     state.metrics.generated_tokens.inc(completion_tokens)
     body = S.OpenAICompletion(
@@ -293,3 +299,11 @@ async def completions(state: State, request: Request, req: S.OpenAICompletionReq
         return body
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     return openai_stream(body, include_usage)
+
+
+def _prompt_tokens(plan: T.Plan) -> int:
+    """The user's tokens in a completion plan: prompt + suffix for infilling, the prompt before
+    the <mask> otherwise."""
+    if plan.pieces is not None:
+        return sum(len(piece) for piece in plan.pieces)
+    return len(plan.src) - 1

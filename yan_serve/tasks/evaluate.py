@@ -32,9 +32,11 @@ class TaskResult:
 
 
 def task_examples(corpus: Corpus, tok: YANTokenizer, task: str, split: str, limit: int | None,
-                  max_len: int, seed: int = 0) -> list[Example]:  # fmt: skip
-    """The split's examples of a task, fixed by `seed` (infill masks) and cut to `limit`."""
-    fmt = TaskFormatter(tok)
+                  max_len: int, seed: int = 0,
+                  infill_masks: str = "collapsed") -> list[Example]:  # fmt: skip
+    """The split's examples of a task, fixed by `seed` (infill masks) and cut to `limit`; infill
+    sources in the model's layout (`infill_masks`), the same masks in either layout."""
+    fmt = TaskFormatter(tok, infill_masks)
     rng = random.Random(seed)
     out: list[Example] = []
     for r in corpus.records(task, split):
@@ -84,7 +86,8 @@ def evaluate(
     sampler = Sampler(model)
     results = []
     for task in tasks:
-        exs = task_examples(corpus, tok, task, split, limit, model.config.max_length)
+        exs = task_examples(corpus, tok, task, split, limit, model.config.max_length,
+                            infill_masks=model.config.infill_masks)  # fmt: skip
         if not exs:
             raise ValueError(f"no {split} examples for task {task!r}")
         if task == "infill":
@@ -187,7 +190,8 @@ def served_infill(sampler: Sampler, tok: YANTokenizer, exs: Sequence[Example], s
     from yan_serve.tasks import serving as T
 
     sp = tok.special
-    plans = [T.infill_plan_from_source(e.src, budget, sp.mask, sp.eos) for e in exs]
+    layout = sampler.model.config.infill_masks
+    plans = [T.infill_plan_from_source(e.src, budget, sp.mask, sp.eos, layout) for e in exs]
     outs: list[str] = []
     n_tok, secs = 0, 0.0
     for i in range(0, len(exs), batch_size):
@@ -217,7 +221,8 @@ def diversity(
     Self-BLEU averaged over passages, and (if `semantic`, needs the MiniLM package) the mean
     pairwise semantic distance."""
     sampler = Sampler(model)
-    exs = task_examples(corpus, tok, "infill", split, n_examples, model.config.max_length)
+    exs = task_examples(corpus, tok, "infill", split, n_examples, model.config.max_length,
+                        infill_masks=model.config.infill_masks)  # fmt: skip
     d2, sb, sem = [], [], []
     for e in exs:
         reqs = [GenerationRequest(e.src, len(e.tgt), seed=s) for s in range(n_samples)]

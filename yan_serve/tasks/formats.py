@@ -2,10 +2,13 @@
 
 | task     | source                                        | target                        |
 |----------|-----------------------------------------------|-------------------------------|
-| infill   | text, masked spans collapsed to one <mask>    | the full clean text + EOS     |
+| infill   | text, each masked span one <mask> (*)         | the full clean text + EOS     |
 | complete | prefix + <mask>                               | last word + EOS               |
 | qa       | SUMMARY/QUESTION/ANSWER template + <mask>     | the whole template with answer + EOS |
 | classify | DOCUMENT/ANSWER template                      | ANSWER header + "id name" + EOS |
+
+(*) the paper's layout; a model configured with `infill_masks = "per_position"` reads one <mask>
+per target position of the span instead (`expand_masks`), so source and target align.
 
 Every target ends with EOS; the sampler cuts there. `Example.reference` is the string the metric
 compares against (clean text, last word, answer, label id).
@@ -17,6 +20,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from yan_serve.config import INFILL_MASKS
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
 from yan_serve.tasks.serving import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE
 from yan_serve.tokenizer import YANTokenizer
@@ -80,6 +84,26 @@ def mask_spans(
     return src, fills
 
 
+def expand_masks(src: list[int], spans: list[int], mask_id: int) -> list[int]:
+    """A collapsed infill source with its i-th <mask> repeated `spans[i]` times: the
+    `per_position` layout, one <mask> per target position of each span."""
+    out: list[int] = []
+    i = 0
+    for tok in src:
+        if tok == mask_id and i < len(spans):
+            out += [mask_id] * spans[i]
+            i += 1
+        else:
+            out.append(tok)
+    return out
+
+
+def mask_runs(src: list[int], mask_id: int) -> list[int]:
+    """A per-position infill source -> the collapsed one: each run of <mask> becomes one (spans
+    never touch: `mask_spans` merges adjacent masked tokens into one run)."""
+    return [t for i, t in enumerate(src) if t != mask_id or i == 0 or src[i - 1] != mask_id]
+
+
 def split_last_word(text: str) -> tuple[str, str] | None:
     """("prefix", "word") with the last word's trailing punctuation dropped, or None."""
     m = re.match(r"^(.*\S)\s+([A-Za-z][\w'-]*)[^\w]*$", text.strip(), flags=re.S)
@@ -94,9 +118,12 @@ def parse_answer(text: str) -> str:
 class TaskFormatter:
     """Builds examples of every task with one tokenizer."""
 
-    def __init__(self, tok: YANTokenizer) -> None:
+    def __init__(self, tok: YANTokenizer, infill_masks: str = "collapsed") -> None:
+        if infill_masks not in INFILL_MASKS:
+            raise ValueError(f"infill_masks must be one of {', '.join(INFILL_MASKS)}")
         self.tok = tok
         self.sp = tok.special
+        self.per_position = infill_masks == "per_position"
 
     def _eos(self, ids: list[int]) -> list[int]:
         return [*ids, self.sp.eos]
@@ -107,6 +134,8 @@ class TaskFormatter:
         src, fills = mask_spans(
             clean, rng, rng.uniform(*rate), max_span, self.sp.mask, frozenset({self.sp.eos})
         )
+        if self.per_position:
+            src = expand_masks(src, [len(f) for f in fills], self.sp.mask)
         return Example("infill", src, clean, rec.text, rec.id, fills)
 
     def complete(self, rec: TextRecord) -> Example | None:
@@ -145,17 +174,23 @@ class TaskFormatter:
         if ex.task != "infill":
             k = min(rng.randint(0, SLACK[ex.task]), room)
             return Example(ex.task, ex.src, ex.tgt + [eos] * k, ex.reference, ex.id, ex.fills)
+        mask = self.sp.mask
+        src = mask_runs(ex.src, mask) if self.per_position else ex.src
         tgt: list[int] = []
+        spans: list[int] = []
         fill = 0
-        for tok in ex.src:
-            if tok == self.sp.mask and fill < len(ex.fills):
+        for tok in src:
+            if tok == mask and fill < len(ex.fills):
                 k = min(rng.randint(0, SLACK["infill"]), room)
                 room -= k
                 tgt += ex.fills[fill] + [self.sp.pad] * k
+                spans.append(len(ex.fills[fill]) + k)
                 fill += 1
             else:
                 tgt.append(tok)
-        return Example(ex.task, ex.src, tgt, ex.reference, ex.id, ex.fills)
+        if self.per_position:
+            src = expand_masks(src, spans, mask)
+        return Example(ex.task, src, tgt, ex.reference, ex.id, ex.fills)
 
     def classify(self, rec: ClassRecord) -> Example:
         src = self.tok.encode(CLS_SOURCE.format(doc=rec.text))

@@ -61,11 +61,17 @@ def _check(tok: YANTokenizer, src: list[int], tgt_len: int, max_length: int, wha
 
 
 def plan_infill(
-    tok: YANTokenizer, text: str, max_length: int, span_tokens: int = 2, max_span_tokens: int = 64
+    tok: YANTokenizer,
+    text: str,
+    max_length: int,
+    span_tokens: int = 2,
+    max_span_tokens: int = 64,
+    infill_masks: str = "collapsed",
 ) -> Plan:
     """`text` with `[MASK]` / `[MASK:n]` placeholders. Source: the text with each placeholder
-    collapsed to one <mask> (the training format); target: the whole clean text + EOS, with n
-    (default `span_tokens`) positions per placeholder."""
+    as the model's training format marks a span (`infill_masks`: one <mask>, or one per
+    position); target: the whole clean text + EOS, with n (default `span_tokens`) positions per
+    placeholder."""
     matches = list(MASK_PATTERN.finditer(text))
     if not matches:
         raise PlanError("infill text has no [MASK] placeholder (write [MASK] or [MASK:n])")
@@ -82,14 +88,22 @@ def plan_infill(
         budgets.append(n)
         last = m.end()
     pieces.append(tok.encode(text[last:]) if text[last:] else [])
-    plan = infill_plan_from_pieces(pieces, budgets, tok.special.mask)
+    plan = infill_plan_from_pieces(pieces, budgets, tok.special.mask, tok.special.eos, infill_masks)
     _check(tok, plan.src, plan.tgt_len, max_length, "the infill text")
     return plan
 
 
-def infill_plan_from_pieces(pieces: list[list[int]], budgets: list[int], mask: int) -> Plan:
-    """Source = pieces joined by one <mask> each; target = pieces with `budgets[i]` positions
+def infill_plan_from_pieces(
+    pieces: list[list[int]],
+    budgets: list[int],
+    mask: int,
+    eos: int,
+    infill_masks: str = "collapsed",
+) -> Plan:
+    """Source = pieces joined by one <mask> each (`per_position`: `budgets[i]` of them), then
+    EOS, as training masks the clean text + EOS; target = pieces with `budgets[i]` positions
     for span i, then EOS. `len(pieces) == len(budgets) + 1`."""
+    per_position = infill_masks == "per_position"
     src: list[int] = []
     slots: list[tuple[int, int]] = []
     pos = 0
@@ -97,23 +111,26 @@ def infill_plan_from_pieces(pieces: list[list[int]], budgets: list[int], mask: i
         src += piece
         pos += len(piece)
         if i < len(budgets):
-            src.append(mask)
+            src += [mask] * (budgets[i] if per_position else 1)
             slots.append((pos, pos + budgets[i]))
             pos += budgets[i]
-    return Plan("infill", src, pos + 1, pieces=pieces, fill_slots=slots)
+    return Plan("infill", [*src, eos], pos + 1, pieces=pieces, fill_slots=slots)
 
 
-def infill_plan_from_source(src: list[int], budget: int, mask: int, eos: int) -> Plan:
-    """The serving plan for a training-format infill source (masks collapsed, EOS at the end),
-    every span given `budget` positions: what the server does with `[MASK]` placeholders."""
+def infill_plan_from_source(
+    src: list[int], budget: int, mask: int, eos: int, infill_masks: str = "collapsed"
+) -> Plan:
+    """The serving plan for a training-format infill source (EOS at the end; a span is one
+    <mask> or a run of them), every span given `budget` positions: what the server does with
+    `[MASK]` placeholders."""
     body = src[:-1] if src and src[-1] == eos else list(src)
     pieces: list[list[int]] = [[]]
-    for t in body:
-        if t == mask:
-            pieces.append([])
-        else:
+    for i, t in enumerate(body):
+        if t != mask:
             pieces[-1].append(t)
-    return infill_plan_from_pieces(pieces, [budget] * (len(pieces) - 1), mask)
+        elif i == 0 or body[i - 1] != mask:
+            pieces.append([])
+    return infill_plan_from_pieces(pieces, [budget] * (len(pieces) - 1), mask, eos, infill_masks)
 
 
 def fill_confidences(

@@ -62,7 +62,7 @@ def stage_batches(
 ) -> Iterator[Batch]:
     """Endless batches for a stage: stage1 = corrupted text, stage2 = infilling, finetune = the
     task mixture (one task per batch; a `slack` share of targets get serving length slack)."""
-    fmt = TaskFormatter(tok)
+    fmt = TaskFormatter(tok, model.config.infill_masks)
     L = model.config.max_length
     pad = tok.special.pad
     if stage == "stage1":

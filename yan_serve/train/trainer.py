@@ -60,6 +60,9 @@ class TrainConfig(Schedule):
     save_every: int = 1000
     seed: int = 0
     device: str = "auto"
+    # stop (and save) once this much wall time has passed, whatever `steps` says: a run given a
+    # fixed window (a lent GPU) ends on time and a later `--resume` continues it
+    max_minutes: float | None = None
 
 
 class Objective(nn.Module):
@@ -257,7 +260,11 @@ class Trainer:
         self.gen = g
         self.log(f"{name}: {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable "
                  f"parameters on {self.device}, {cfg.steps} steps of {cfg.batch_size}")  # fmt: skip
+        stopped = None
         while self.step < cfg.steps:
+            if cfg.max_minutes is not None and time.time() - t0 >= 60 * cfg.max_minutes:
+                stopped = f"time limit of {cfg.max_minutes:g} min reached"
+                break
             batch = next(self.train_batches).to(self.device)
             tokens += self.objective.target_tokens(batch)
             for group in self.opt.param_groups:
@@ -302,6 +309,9 @@ class Trainer:
             "target_tokens": tokens,
             "out": str(self.out),
         }
+        if stopped:
+            summary["stopped"] = stopped
+            self.log(f"{name}: {stopped} at step {self.step}/{cfg.steps} (--resume continues)")
         self.log(f"done: {name} {self.step} steps in {wall / 60:.1f} min on {self.device}; "
                  f"last {_fmt(summary['final'])}; saved to {self.out}")  # fmt: skip
         return summary
