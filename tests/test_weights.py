@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from tests.conftest import micro_config
 from yan_serve.model import YAN
 from yan_serve.tokenizer import YANTokenizer, train_bpe
-from yan_serve.weights import from_pretrained, load_tokenizer, save_pretrained
+from yan_serve.weights import SERVING_FILES, from_pretrained, load_tokenizer, save_pretrained
 
 TEXT = ["In the beginning God created the heaven and the earth."] * 20 + [
     "And the earth was without form, and void; and darkness was upon the deep."
@@ -106,12 +106,7 @@ def test_export_writes_the_serving_files_in_bf16(tmp_path, bpe: YANTokenizer) ->
     (full / "labels.json").write_text('{"1": "law"}')
     assert main(["export", str(full), str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "labels.json",
-    }
+    assert {p.name for p in out.iterdir()} == set(SERVING_FILES)
     assert (out / "labels.json").read_text() == '{"1": "law"}'
     loaded = from_pretrained(out)
     assert loaded.config == model.config

@@ -299,7 +299,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     `from_pretrained` loads fp32 parameters from it)."""
     import shutil
 
-    from yan_serve.weights import save_pretrained
+    from yan_serve.weights import LABELS_FILE, save_pretrained
 
     src, out = Path(args.checkpoint), Path(args.out)
     if src.resolve() == out.resolve():
@@ -307,8 +307,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, tok = _load_checkpoint(args.checkpoint)
     meta = {"exported_from": src.name, "dtype": args.dtype}
     save_pretrained(model, out, tok, meta, dtype=EXPORT_DTYPES[args.dtype])
-    if (src / "labels.json").exists():
-        shutil.copy(src / "labels.json", out / "labels.json")
+    if (src / LABELS_FILE).exists():
+        shutil.copy(src / LABELS_FILE, out / LABELS_FILE)
     size = (out / "model.safetensors").stat().st_size
     print(f"exported {src} to {out} ({args.dtype}, {size / 2**20:.1f} MiB of weights)")
     return 0

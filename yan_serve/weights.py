@@ -140,6 +140,8 @@ def from_pretrained(
 
 
 LABELS_FILE = "labels.json"
+# what a server needs of a YAN checkpoint (labels.json when it classifies with names)
+SERVING_FILES = ("config.json", "model.safetensors", "tokenizer.json", LABELS_FILE)
 
 
 def save_labels(directory: str | Path, labels: dict[int, str]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from yan_serve.weights import from_pretrained, load_tokenizer
+from yan_serve.weights import SERVING_FILES, from_pretrained, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,13 +53,7 @@ def test_shortened_default_recipe(tmp_path) -> None:
     assert (tmp_path / "run/fill/labels.json").exists()  # the server's label table
     # PUBLISH: the final stage's serving files with bf16 weights, and the eval of those weights
     pub = tmp_path / "published"
-    assert {p.name for p in pub.iterdir()} == {
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "labels.json",
-        "eval.json",
-    }
+    assert {p.name for p in pub.iterdir()} == {*SERVING_FILES, "eval.json"}
     assert from_pretrained(pub).config == model.config
     assert r.stderr.count("[eval] infill T=3") == 1 and "exported" in r.stdout
     assert all(r["n"] == 4 for r in results)
