@@ -299,14 +299,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     `from_pretrained` loads fp32 parameters from it)."""
     import shutil
 
-    from yan_serve.weights import LABELS_FILE, save_pretrained
+    from yan_serve.weights import LABELS_FILE, is_ar_checkpoint, save_pretrained
 
     src, out = Path(args.checkpoint), Path(args.out)
     if src.resolve() == out.resolve():
         raise ValueError("export writes a new directory: give an --out other than the checkpoint")
-    model, tok = _load_checkpoint(args.checkpoint)
-    meta = {"exported_from": src.name, "dtype": args.dtype}
-    save_pretrained(model, out, tok, meta, dtype=EXPORT_DTYPES[args.dtype])
+    dtype = EXPORT_DTYPES[args.dtype]
+    if is_ar_checkpoint(src):  # the GPT-2 baseline: Hugging Face's files, in `dtype`
+        from yan_serve.ar.model import load_ar, save_ar
+        from yan_serve.tokenizer import YANTokenizer
+
+        save_ar(load_ar(src).to(dtype), YANTokenizer.load(src), out)
+    else:
+        model, tok = _load_checkpoint(args.checkpoint)
+        save_pretrained(model, out, tok, {"exported_from": src.name}, dtype=dtype)
     if (src / LABELS_FILE).exists():
         shutil.copy(src / LABELS_FILE, out / LABELS_FILE)
     size = (out / "model.safetensors").stat().st_size

@@ -99,6 +99,25 @@ def test_checkpoint_round_trip(tmp_path, micro) -> None:
     assert YANTokenizer.load(tmp_path).vocab_size == tok.vocab_size
 
 
+def test_export_stores_bf16_and_loads_fp32(tmp_path, micro) -> None:
+    """`yan export` of an AR checkpoint: half the bytes, loaded back as fp32 parameters holding
+    the bf16-rounded weights (a 16-bit model only when asked for)."""
+    from yan_serve.cli import main
+
+    tok = train_bpe(["In the beginning God created the heaven and the earth."] * 50, 300)
+    save_ar(micro, tok, tmp_path / "full")
+    assert main(["export", str(tmp_path / "full"), str(tmp_path / "half")]) == 0
+    size = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("full", "half")]
+    assert 0.45 < size[1] / size[0] < 0.55
+    back = load_ar(tmp_path / "half")
+    for k, v in micro.state_dict().items():
+        got = back.state_dict()[k]
+        assert got.dtype == torch.float32 and torch.equal(got, v.to(torch.bfloat16).float()), k
+    assert next(load_ar(tmp_path / "half", dtype=torch.bfloat16).parameters()).dtype == (
+        torch.bfloat16
+    )
+
+
 def _corpus_dir(path) -> None:
     rows = [{"text": f"And God said, let there be light number {i} upon the earth.",
              "section": "law", "book": "Genesis"} for i in range(40)]  # fmt: skip

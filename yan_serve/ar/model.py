@@ -37,12 +37,16 @@ def ar_config(tok: YANTokenizer, max_length: int, preset: str = "ar-tiny") -> GP
     )  # fmt: skip
 
 
-def load_ar(directory: str | Path, device: str | torch.device = "cpu") -> GPT2LMHeadModel:
+def load_ar(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> GPT2LMHeadModel:
+    """An AR checkpoint with `dtype` parameters whatever the file stores (a bf16-stored
+    checkpoint serves with fp32 numerics unless a 16-bit model is asked for)."""
     d = Path(directory)
     if not (d / "model.safetensors").exists():
         raise FileNotFoundError(f"no model.safetensors in {d}")
-    model = GPT2LMHeadModel.from_pretrained(str(d), use_safetensors=True)
-    return model.to(device).eval()
+    model = GPT2LMHeadModel.from_pretrained(str(d), use_safetensors=True, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def save_ar(model: GPT2LMHeadModel, tok: YANTokenizer, directory: str | Path) -> Path:
