@@ -110,6 +110,10 @@ def test_per_position_plan_marks_every_target_position_of_a_span(tok: YANTokeniz
     assert len(p.src) == p.tgt_len and p.src.count(sp.mask) == 3 + 2
     masked = {i for i, t in enumerate(p.src) if t == sp.mask}
     assert masked == {i for a, b in p.fill_slots for i in range(a, b)}
+    with pytest.raises(T.PlanError, match="with its span budgets"):  # budgets fill the source
+        T.plan_infill(
+            tok, "In the beginning [MASK:40] the heaven.", 40, infill_masks="per_position"
+        )
     q = T.infill_plan_from_source(p.src, 2, sp.mask, sp.eos, "per_position")
     assert q.pieces == p.pieces and [b - a for a, b in q.fill_slots] == [2, 2]
 

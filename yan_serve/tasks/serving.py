@@ -89,7 +89,12 @@ def plan_infill(
         last = m.end()
     pieces.append(tok.encode(text[last:]) if text[last:] else [])
     plan = infill_plan_from_pieces(pieces, budgets, tok.special.mask, tok.special.eos, infill_masks)
-    _check(tok, plan.src, plan.tgt_len, max_length, "the infill text")
+    what = (
+        "the infill text"
+        if infill_masks == "collapsed"
+        else "the infill text with its span budgets"
+    )
+    _check(tok, plan.src, plan.tgt_len, max_length, what)
     return plan
 
 
