@@ -11,7 +11,7 @@
 # Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA, S1, S2,
 # FT, FILL, BS, EVAL_LIMIT, DEVICE, PUBLISH); S1_MIN S2_MIN FT_MIN FILL_MIN cap a stage's wall
 # time (minutes); EVAL=0 skips the test-split evaluation. FILL=0 stops after the paper-layout
-# fine-tune.
+# fine-tune; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,9 +33,11 @@ capped "${S2_MIN:-}" yan train stage2 --init "$OUT/stage1" --out "$OUT/stage2" -
 capped "${FT_MIN:-}" yan train finetune --init "$OUT/stage2" --out "$OUT/finetune" --steps "$FT" \
     --lr 3e-4 --warmup 50 --fm-weight 0.1 --ce-weight 1 "${common[@]}"
 if ((FILL > 0)); then
+    unfreeze=()
+    [[ "${FILL_UNFREEZE:-0}" != 1 ]] || unfreeze=(--unfreeze)
     capped "${FILL_MIN:-}" yan train finetune --init "$OUT/finetune" --out "$OUT/fill" \
         --steps "$FILL" --lr 3e-4 --warmup 50 --fm-weight 0.1 --ce-weight 1 \
-        --infill-masks per_position "${common[@]}"
+        --infill-masks per_position "${unfreeze[@]}" "${common[@]}"
     FINAL=fill
 fi
 if [[ -n "${PUBLISH:-}" ]]; then
