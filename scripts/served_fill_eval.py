@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -75,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                 scores.append(scorer.score(gold, fill)["rougeL"].fmeasure)
             if len(scores) // 100 > (len(scores) - len(chunk)) // 100:
                 print(f"  allow_empty={allow_empty}: {len(scores)}/{len(items)}", flush=True)
-        print(f"allow_empty={allow_empty!s:<5}  ROUGE-L {sum(scores) / len(scores):.3f}  "
-              f"empty fills {empty}/{len(items)} ({100 * empty / len(items):.1f}%)")  # fmt: skip
+        se = statistics.stdev(scores) / len(scores) ** 0.5 if len(scores) > 1 else 0.0
+        print(f"allow_empty={allow_empty!s:<5}  ROUGE-L {statistics.mean(scores):.3f}  "
+              f"empty fills {empty}/{len(items)} ({100 * empty / len(items):.1f}%)  "
+              f"(standard error of the mean {se:.3f})")  # fmt: skip
     return 0
 
 
