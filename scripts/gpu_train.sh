@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train the default recipe (scripts/train_default.sh) on a lent GPU within one call, and bring
-# the weights back; then unpack them here and evaluate on the CPU.
+# Train the default recipe (scripts/train_default.sh, or the AR baseline's: RECIPE=train_ar) on a
+# lent GPU within one call, and bring the weights back; then unpack them here and evaluate on the
+# CPU.
 #
 #   on the GPU machine (device `run`, carry ["data/kjv"], timeout_s ~590):
 #       MINUTES=7 CONFIG=yan-tiny bash scripts/gpu_train.sh
@@ -16,14 +17,16 @@
 # how many steps each made. Nothing is evaluated there.
 #
 # What comes back, in $OUT/gpu-train/ (8 files at most, 16 MiB each): config.json,
-# tokenizer.json, labels.json, the bf16 weights cut into 15 MiB parts
+# tokenizer.json, labels.json (AR: also generation_config.json), the bf16 weights cut into 15 MiB
+# parts
 # (model.safetensors.part-aa, -ab, ...), and train.tar.gz (each stage's training_log.jsonl and
 # trainer_state.json, and the run's output). The optimizer state stays behind (too large to
 # carry back): to continue, start a stage from the returned weights with --init.
 #
-# Knobs (defaults in brackets): CONFIG [yan-tiny], BS [64], MINUTES [7], SPLIT ["20 30 20 30"]:
-# the percent of MINUTES for stage 1, stage 2, fine-tune and fill; S1 S2 FT FILL [100000 each]:
-# step caps; DATA [data/kjv]; PYTHON [python3].
+# Knobs (defaults in brackets): RECIPE [train_default] or train_ar; CONFIG [yan-tiny] (YAN); BS [64];
+# MINUTES [7]; SPLIT ["20 30 20 30"]: the percent of MINUTES for stage 1, stage 2, fine-tune and
+# fill (the AR recipe: pre-training = the first two, fine-tuning = the last two); S1 S2 FT FILL
+# [100000 each]: step caps; DATA [data/kjv]; PYTHON [python3].
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -33,7 +36,9 @@ if [[ "${1:-}" == --unpack ]]; then
     [[ -f "$src/config.json" ]] || { echo "gpu_train: no config.json in $src" >&2; exit 2; }
     mkdir -p "$dst"
     cp "$src/config.json" "$src/tokenizer.json" "$dst/"
-    [[ ! -f "$src/labels.json" ]] || cp "$src/labels.json" "$dst/"
+    for f in labels.json generation_config.json; do
+        [[ ! -f "$src/$f" ]] || cp "$src/$f" "$dst/"
+    done
     cat "$src"/model.safetensors.part-* >"$dst/model.safetensors"
     [[ ! -f "$src/train.tar.gz" ]] || tar -xzf "$src/train.tar.gz" -C "$dst"
     echo "unpacked $src to $dst ($(du -h "$dst/model.safetensors" | cut -f1) of weights)"
@@ -49,6 +54,11 @@ export PYTHONUNBUFFERED=1 DEVICE=${DEVICE:-cuda} CONFIG=${CONFIG:-yan-tiny} BS=$
 export DATA=${DATA:-data/kjv} EVAL=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export S1=${S1:-100000} S2=${S2:-100000} FT=${FT:-100000} FILL=${FILL:-100000}
 MINUTES=${MINUTES:-7}
+RECIPE=${RECIPE:-train_default}
+case $RECIPE in
+    train_default | train_ar) ;;
+    *) echo "gpu_train: RECIPE must be train_default or train_ar, got '$RECIPE'" >&2; exit 2 ;;
+esac
 read -r p1 p2 p3 p4 <<<"${SPLIT:-20 30 20 30}"
 share() { awk -v m="$MINUTES" -v p="$1" 'BEGIN { printf "%.2f", m * p / 100 }'; }
 S1_MIN=$(share "$p1") S2_MIN=$(share "$p2") FT_MIN=$(share "$p3") FILL_MIN=$(share "$p4")
@@ -66,21 +76,23 @@ yan() { "$PY" -m yan_serve.cli "$@"; }
 export -f yan
 export PY
 
-echo "gpu_train: $CONFIG, batch $BS, $MINUTES min ($S1_MIN/$S2_MIN/$FT_MIN/$FILL_MIN) on" \
+echo "gpu_train: $RECIPE, $CONFIG, batch $BS, $MINUTES min ($S1_MIN/$S2_MIN/$FT_MIN/$FILL_MIN) on" \
     "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || echo "$DEVICE")"
 status=0
-OUT="$WORK/run" PUBLISH="$WORK/ckpt" bash scripts/train_default.sh >"$WORK/train.out" 2>&1 || status=$?
+OUT="$WORK/run" PUBLISH="$WORK/ckpt" bash "scripts/$RECIPE.sh" >"$WORK/train.out" 2>&1 || status=$?
 tail -n 20 "$WORK/train.out"
 
 if [[ -f "$WORK/ckpt/model.safetensors" ]]; then
     cp "$WORK/ckpt/config.json" "$WORK/ckpt/tokenizer.json" "$RESULTS/"
-    [[ ! -f "$WORK/ckpt/labels.json" ]] || cp "$WORK/ckpt/labels.json" "$RESULTS/"
+    for f in labels.json generation_config.json; do
+        [[ ! -f "$WORK/ckpt/$f" ]] || cp "$WORK/ckpt/$f" "$RESULTS/"
+    done
     split -b 15m "$WORK/ckpt/model.safetensors" "$RESULTS/model.safetensors.part-"
 fi
 (
     cd "$WORK"
     logs=(train.out)
-    for stage in stage1 stage2 finetune fill; do
+    for stage in stage1 stage2 finetune fill pretrain; do
         for f in training_log.jsonl trainer_state.json; do
             [[ ! -f "run/$stage/$f" ]] || { mkdir -p "logs/$stage" && cp "run/$stage/$f" "logs/$stage/"; }
         done

@@ -16,9 +16,10 @@ OUT="${OUT:-runs/ar-tiny-${CORPUS:-kjv}}"
 TOKENIZER="${TOKENIZER:-weights/yan-tiny-kjv}"
 source scripts/train_common.sh
 
-yan train ar --tokenizer "$TOKENIZER" --config ar-tiny --out "$OUT/pretrain" \
-    --steps $((S1 + S2)) --lr 1e-3 --warmup 100 --tasks infill,infill-fim "${common[@]}"
-yan train ar --init "$OUT/pretrain" --out "$OUT/finetune" --steps $((FT + FILL)) --lr 3e-4 \
-    --warmup 50 --tasks infill,infill-fim,complete,qa,classify "${common[@]}"
-evaluate
-publish config.json generation_config.json model.safetensors tokenizer.json labels.json eval.json
+capped "$(minutes "${S1_MIN:-}" "${S2_MIN:-}")" yan train ar --tokenizer "$TOKENIZER" \
+    --config ar-tiny --out "$OUT/pretrain" --steps $((S1 + S2)) --lr 1e-3 --warmup 100 \
+    --tasks infill,infill-fim "${common[@]}"
+capped "$(minutes "${FT_MIN:-}" "${FILL_MIN:-}")" yan train ar --init "$OUT/pretrain" \
+    --out "$OUT/finetune" --steps $((FT + FILL)) --lr 3e-4 --warmup 50 \
+    --tasks infill,infill-fim,complete,qa,classify "${common[@]}"
+finish

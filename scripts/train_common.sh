@@ -30,6 +30,32 @@ evaluate() {
         ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --json "$OUT/eval.json"
 }
 
+# capped MINUTES CMD...: CMD with `--max-minutes MINUTES` when MINUTES is set (<STAGE>_MIN)
+capped() {
+    local minutes=$1
+    shift
+    if [[ -n "$minutes" ]]; then "$@" --max-minutes "$minutes"; else "$@"; fi
+}
+
+# minutes A B: the sum of two optional stage caps (empty when neither is set)
+minutes() {
+    [[ -z "${1:-}${2:-}" ]] || awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { print a + b }'
+}
+
+# finish [EVAL FLAG...]: with PUBLISH set, export the final stage there (weights in bf16: half
+# the bytes, loaded as fp32) and evaluate those weights, else the final stage itself; EVAL=0
+# skips the evaluation.
+finish() {
+    if [[ -n "${PUBLISH:-}" ]]; then
+        yan export "$OUT/$FINAL" "$PUBLISH" --dtype bfloat16
+        EVAL_CKPT="$PUBLISH"
+    fi
+    if [[ "${EVAL:-1}" == 1 ]]; then
+        evaluate "$@"
+        publish eval.json
+    fi
+}
+
 # publish FILE...: with PUBLISH set, copy these files there: eval.json from $OUT, the others from
 # the final checkpoint.
 publish() {

@@ -19,13 +19,6 @@ CONFIG="${CONFIG:-yan-tiny}"  # or yan-mamba-tiny: same data and budget
 OUT="${OUT:-runs/$CONFIG-${CORPUS:-kjv}}"
 source scripts/train_common.sh
 
-# capped MINUTES CMD...: CMD with `--max-minutes MINUTES` when MINUTES is set (<STAGE>_MIN)
-capped() {
-    local minutes=$1
-    shift
-    if [[ -n "$minutes" ]]; then "$@" --max-minutes "$minutes"; else "$@"; fi
-}
-
 capped "${S1_MIN:-}" yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" \
     --lr 1e-3 --warmup 100 "${common[@]}"
 capped "${S2_MIN:-}" yan train stage2 --init "$OUT/stage1" --out "$OUT/stage2" --steps "$S2" \
@@ -40,12 +33,4 @@ if ((FILL > 0)); then
         --infill-masks per_position "${unfreeze[@]}" "${common[@]}"
     FINAL=fill
 fi
-if [[ -n "${PUBLISH:-}" ]]; then
-    # shipped weights are stored in bf16 (half the bytes; they load as fp32): evaluate those
-    yan export "$OUT/$FINAL" "$PUBLISH" --dtype bfloat16
-    EVAL_CKPT="$PUBLISH"
-fi
-if [[ "${EVAL:-1}" == 1 ]]; then
-    evaluate --steps 1,2,3,4,6
-    publish eval.json
-fi
+finish --steps 1,2,3,4,6

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from yan_serve.weights import from_pretrained
 
@@ -22,10 +23,16 @@ def test_script_parses_and_refuses_a_missing_corpus(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path), "DATA": str(tmp_path / "none")}
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "yan data kjv" in r.stderr
+    r = subprocess.run(["bash", str(SCRIPT)], env={**env, "RECIPE": "train_gpt5"},
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "RECIPE must be" in r.stderr
 
 
 @pytest.mark.slow
-def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", ["train_default", "train_ar"])
+def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
+    tmp_path: Path, recipe: str
+) -> None:
     if shutil.which("bible") is None:
         if os.environ.get("CI"):
             pytest.fail("CI must install bible-kjv (apt-get) for the recipe test")
@@ -33,6 +40,7 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(tmp_path: Path
     data = tmp_path / "kjv"
     subprocess.run(["yan", "data", "kjv", "--out", str(data)], check=True, capture_output=True)
     env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA": str(data), "DEVICE": "cpu",
+           "RECIPE": recipe,
            "MINUTES": "5", "S1": "2", "S2": "2", "FT": "2", "FILL": "2", "BS": "4",
            "OMP_NUM_THREADS": "2"}  # fmt: skip
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
@@ -45,6 +53,14 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(tmp_path: Path
     ckpt = tmp_path / "ckpt"
     subprocess.run(["bash", str(SCRIPT), "--unpack", str(tmp_path / "out/gpu-train"), str(ckpt)],
                    check=True)  # fmt: skip
+    assert (ckpt / "train.out").exists()
+    if recipe == "train_ar":
+        from yan_serve.ar.model import load_ar
+
+        assert next(load_ar(ckpt).parameters()).dtype == torch.float32
+        assert (ckpt / "generation_config.json").exists()
+        assert (ckpt / "logs/finetune/trainer_state.json").exists()
+        return
     model = from_pretrained(ckpt)
     assert model.config.infill_masks == "per_position"  # the fill stage ran last
-    assert (ckpt / "logs/fill/trainer_state.json").exists() and (ckpt / "train.out").exists()
+    assert (ckpt / "logs/fill/trainer_state.json").exists()
