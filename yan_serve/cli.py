@@ -131,9 +131,8 @@ def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
         if not args.init:
             raise ValueError(f"{args.stage} needs --init (the previous stage's checkpoint)")
         model, tok = _load_checkpoint(args.init)
-    if args.infill_masks:
+    if args.infill_masks:  # one of INFILL_MASKS (argparse choices)
         model.config.infill_masks = args.infill_masks
-        model.config.validate()
     spec = StageConfig(
         args.stage, Stage1Weights(mmd=args.mmd_weight, scale=args.scale_weight),
         Stage2Weights(fm=args.fm_weight, ce=args.ce_weight), freeze_autoencoder=not args.unfreeze,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from yan_serve.config import INFILL_MASKS
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
-from yan_serve.tasks.serving import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE
+from yan_serve.tasks.serving import ANSWER_HEADER, CLS_SOURCE, QA_TEMPLATE, mask_runs
 from yan_serve.tokenizer import YANTokenizer
 
 TASKS = ("infill", "complete", "qa", "classify")
@@ -96,12 +96,6 @@ def expand_masks(src: list[int], spans: list[int], mask_id: int) -> list[int]:
         else:
             out.append(tok)
     return out
-
-
-def mask_runs(src: list[int], mask_id: int) -> list[int]:
-    """A per-position infill source -> the collapsed one: each run of <mask> becomes one (spans
-    never touch: `mask_spans` merges adjacent masked tokens into one run)."""
-    return [t for i, t in enumerate(src) if t != mask_id or i == 0 or src[i - 1] != mask_id]
 
 
 def split_last_word(text: str) -> tuple[str, str] | None:

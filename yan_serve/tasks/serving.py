@@ -89,12 +89,8 @@ def plan_infill(
         last = m.end()
     pieces.append(tok.encode(text[last:]) if text[last:] else [])
     plan = infill_plan_from_pieces(pieces, budgets, tok.special.mask, tok.special.eos, infill_masks)
-    what = (
-        "the infill text"
-        if infill_masks == "collapsed"
-        else "the infill text with its span budgets"
-    )
-    _check(tok, plan.src, plan.tgt_len, max_length, what)
+    budgets_in_source = " with its span budgets" if infill_masks == "per_position" else ""
+    _check(tok, plan.src, plan.tgt_len, max_length, "the infill text" + budgets_in_source)
     return plan
 
 
@@ -122,6 +118,12 @@ def infill_plan_from_pieces(
     return Plan("infill", [*src, eos], pos + 1, pieces=pieces, fill_slots=slots)
 
 
+def mask_runs(src: list[int], mask_id: int) -> list[int]:
+    """A per-position infill source -> the collapsed one: each run of <mask> becomes one (spans
+    never touch: training's span masking merges adjacent masked tokens into one run)."""
+    return [t for i, t in enumerate(src) if t != mask_id or i == 0 or src[i - 1] != mask_id]
+
+
 def infill_plan_from_source(
     src: list[int], budget: int, mask: int, eos: int, infill_masks: str = "collapsed"
 ) -> Plan:
@@ -130,11 +132,11 @@ def infill_plan_from_source(
     `[MASK]` placeholders."""
     body = src[:-1] if src and src[-1] == eos else list(src)
     pieces: list[list[int]] = [[]]
-    for i, t in enumerate(body):
-        if t != mask:
-            pieces[-1].append(t)
-        elif i == 0 or body[i - 1] != mask:
+    for t in mask_runs(body, mask):
+        if t == mask:
             pieces.append([])
+        else:
+            pieces[-1].append(t)
     return infill_plan_from_pieces(pieces, [budget] * (len(pieces) - 1), mask, eos, infill_masks)
 
 
