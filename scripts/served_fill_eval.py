@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             chunk = plans[a : a + args.batch_size]
             reqs = [EngineRequest(pl.src, pl.tgt_len, args.seed, worker.default_steps, plan=pl,
                                   options=opts) for pl in chunk]  # fmt: skip
-            for (_, gold), pl, g in zip(items[a:], chunk, worker.run(reqs), strict=False):
+            golds = [gold for _, gold in items[a : a + args.batch_size]]
+            for gold, pl, g in zip(golds, chunk, worker.run(reqs), strict=True):
                 fill = T.finish_infill(tok, pl, g.full)[1][0].strip()
                 empty += fill == ""
                 scores.append(scorer.score(gold, fill)["rougeL"].fmeasure)

@@ -3,9 +3,9 @@
 # yan-tiny), the same tokenizer, KJV corpus, task formats, batch size and step counts as
 # scripts/train_default.sh (scripts/train_common.sh holds them): S1 + S2 steps of infill
 # pre-training (paper format + fill-in-the-middle), then FT + FILL steps on the task mixture
-# (+ infill-fim): as many fine-tuning steps as YAN's two fine-tunes. Then `yan eval` on the same test splits. On 2 CPU cores one step takes ~1 s
-# (GPT-2 decodes the target after the source, so each sequence is about twice as long as YAN's
-# target): run it on a GPU.
+# (+ infill-fim): as many fine-tuning steps as YAN's two fine-tunes. Then `yan eval` on the same
+# test splits. On 2 CPU cores one step takes ~1 s (GPT-2 decodes the target after the source,
+# so each sequence is about twice as long as YAN's target): run it on a GPU.
 #
 #   DEVICE=cuda PUBLISH=weights/ar-tiny-kjv bash scripts/train_ar.sh
 #   S1=10 S2=10 FT=10 FILL=0 EVAL_LIMIT=8 bash scripts/train_ar.sh        # smoke run
