@@ -13,8 +13,9 @@
 # repository goes on PYTHONPATH and `yan` runs as `python3 -m yan_serve.cli`. It has no `bible`
 # program either, so the corpus is carried in (`yan data kjv --out data/kjv` here first; 6 MB).
 # Every stage runs until its step count or its share of MINUTES, whichever comes first (a
-# constant learning rate after warm-up, so a stage may end at any step); the trainer logs say
-# how many steps each made. Nothing is evaluated there.
+# constant learning rate after warm-up, so a stage may end at any step; the anneal stage decays
+# its learning rate over the second half of whichever of its steps and minutes runs out first);
+# the trainer logs say how many steps each made. Nothing is evaluated there.
 #
 # What comes back, in $OUT/gpu-train/ (8 files at most, 16 MiB each): config.json,
 # tokenizer.json, labels.json (AR: also generation_config.json), the bf16 weights cut into 15 MiB
@@ -24,9 +25,10 @@
 # carry back): to continue, start a stage from the returned weights with --init.
 #
 # Knobs (defaults in brackets): RECIPE [train_default] or train_ar; CONFIG [yan-tiny] (YAN); BS [64];
-# MINUTES [7]; SPLIT ["20 30 20 30"]: the percent of MINUTES for stage 1, stage 2, fine-tune and
-# fill (the AR recipe: pre-training = the first two, fine-tuning = the last two); S1 S2 FT FILL
-# [100000 each]: step caps; DATA [data/kjv]; PYTHON [python3].
+# MINUTES [7]; SPLIT ["20 30 20 15 15"]: the percent of MINUTES for stage 1, stage 2, fine-tune,
+# fill and anneal (the AR recipe: pre-training = the first two, fine-tuning = the last three);
+# S1 S2 FT FILL ANNEAL [100000 each]: step caps; FOCUS_WEIGHT [1]; DATA [data/kjv];
+# PYTHON [python3].
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -53,16 +55,18 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 DEVICE=${DEVICE:-cuda} CONFIG=${CONFIG:-yan-tiny} BS=${BS:-64}
 export DATA=${DATA:-data/kjv} EVAL=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export S1=${S1:-100000} S2=${S2:-100000} FT=${FT:-100000} FILL=${FILL:-100000}
+export ANNEAL=${ANNEAL:-100000}
 MINUTES=${MINUTES:-7}
 RECIPE=${RECIPE:-train_default}
 case $RECIPE in
     train_default | train_ar) ;;
     *) echo "gpu_train: RECIPE must be train_default or train_ar, got '$RECIPE'" >&2; exit 2 ;;
 esac
-read -r p1 p2 p3 p4 <<<"${SPLIT:-20 30 20 30}"
-share() { awk -v m="$MINUTES" -v p="$1" 'BEGIN { printf "%.2f", m * p / 100 }'; }
+read -r p1 p2 p3 p4 p5 <<<"${SPLIT:-20 30 20 15 15}"
+share() { awk -v m="$MINUTES" -v p="${1:-0}" 'BEGIN { printf "%.2f", m * p / 100 }'; }
 S1_MIN=$(share "$p1") S2_MIN=$(share "$p2") FT_MIN=$(share "$p3") FILL_MIN=$(share "$p4")
-export S1_MIN S2_MIN FT_MIN FILL_MIN
+ANNEAL_MIN=$(share "$p5")
+export S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN
 
 [[ -f "$DATA/train.jsonl" ]] || {
     echo "gpu_train: no $DATA/train.jsonl: build it here (yan data kjv --out $DATA) and carry it" >&2
@@ -76,7 +80,8 @@ yan() { "$PY" -m yan_serve.cli "$@"; }
 export -f yan
 export PY
 
-echo "gpu_train: $RECIPE, $CONFIG, batch $BS, $MINUTES min ($S1_MIN/$S2_MIN/$FT_MIN/$FILL_MIN) on" \
+echo "gpu_train: $RECIPE, $CONFIG, batch $BS, $MINUTES min" \
+    "($S1_MIN/$S2_MIN/$FT_MIN/$FILL_MIN/$ANNEAL_MIN) on" \
     "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || echo "$DEVICE")"
 status=0
 OUT="$WORK/run" PUBLISH="$WORK/ckpt" bash "scripts/$RECIPE.sh" >"$WORK/train.out" 2>&1 || status=$?
@@ -92,7 +97,7 @@ fi
 (
     cd "$WORK"
     logs=(train.out)
-    for stage in stage1 stage2 finetune fill pretrain; do
+    for stage in stage1 stage2 finetune fill anneal pretrain; do
         for f in training_log.jsonl trainer_state.json; do
             [[ ! -f "run/$stage/$f" ]] || { mkdir -p "logs/$stage" && cp "run/$stage/$f" "logs/$stage/"; }
         done

@@ -2,13 +2,14 @@
 # The AR baseline beside the YAN default: GPT-2 "ar-tiny" (4.34M parameters, within 1% of
 # yan-tiny), the same tokenizer, KJV corpus, task formats, batch size and step counts as
 # scripts/train_default.sh (scripts/train_common.sh holds them): S1 + S2 steps of infill
-# pre-training (paper format + fill-in-the-middle), then FT + FILL steps on the task mixture
-# (+ infill-fim): as many fine-tuning steps as YAN's two fine-tunes. Then `yan eval` on the same
-# test splits. On 2 CPU cores one step takes ~1 s (GPT-2 decodes the target after the source,
-# so each sequence is about twice as long as YAN's target): run it on a GPU.
+# pre-training (paper format + fill-in-the-middle), then FT + FILL + ANNEAL steps on the task
+# mixture (+ infill-fim): as many fine-tuning steps as YAN's three fine-tunes, the learning rate
+# decaying to zero over the last ANNEAL / 2 as YAN's does. Then `yan eval` on the same test
+# splits. On 2 CPU cores one step takes ~1 s (GPT-2 decodes the target after the source, so each
+# sequence is about twice as long as YAN's target): run it on a GPU.
 #
 #   DEVICE=cuda PUBLISH=weights/ar-tiny-kjv bash scripts/train_ar.sh
-#   S1=10 S2=10 FT=10 FILL=0 EVAL_LIMIT=8 bash scripts/train_ar.sh        # smoke run
+#   S1=10 S2=10 FT=10 FILL=0 ANNEAL=0 EVAL_LIMIT=8 bash scripts/train_ar.sh  # smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +20,8 @@ source scripts/train_common.sh
 capped "$(minutes "${S1_MIN:-}" "${S2_MIN:-}")" yan train ar --tokenizer "$TOKENIZER" \
     --config ar-tiny --out "$OUT/pretrain" --steps $((S1 + S2)) --lr 1e-3 --warmup 100 \
     --tasks infill,infill-fim "${common[@]}"
-capped "$(minutes "${FT_MIN:-}" "${FILL_MIN:-}")" yan train ar --init "$OUT/pretrain" \
-    --out "$OUT/finetune" --steps $((FT + FILL)) --lr 3e-4 --warmup 50 \
-    --tasks infill,infill-fim,complete,qa,classify "${common[@]}"
+capped "$(minutes "${FT_MIN:-}" "${FILL_MIN:-}" "${ANNEAL_MIN:-}")" yan train ar \
+    --init "$OUT/pretrain" --out "$OUT/finetune" --steps $((FT + FILL + ANNEAL)) --lr 3e-4 \
+    --warmup 50 --decay $((ANNEAL / 2)) --tasks infill,infill-fim,complete,qa,classify \
+    "${common[@]}"
 finish

@@ -6,6 +6,8 @@ CORPUS="${CORPUS:-kjv}"  # what `yan data` builds into DATA when it is missing: 
 DATA="${DATA:-data/$CORPUS}"
 S1="${S1:-3000}"; S2="${S2:-2500}"; FT="${FT:-4200}"
 FILL="${FILL:-6000}"  # fine-tune steps after FT: YAN's per-position infill layout; AR: more FT
+ANNEAL="${ANNEAL:-4000}"  # then steps with the LR decaying to 0 over their second half
+FOCUS_WEIGHT="${FOCUS_WEIGHT:-1}"  # YAN's anneal: CE weight of infill spans and QA answers
 FINAL=finetune  # the stage that is evaluated and published (train_default.sh: fill when FILL > 0)
 BS="${BS:-16}"
 EVAL_LIMIT="${EVAL_LIMIT:-}"
@@ -37,9 +39,10 @@ capped() {
     if [[ -n "$minutes" ]]; then "$@" --max-minutes "$minutes"; else "$@"; fi
 }
 
-# minutes A B: the sum of two optional stage caps (empty when neither is set)
+# minutes A B [C]: the sum of optional stage caps (empty when none is set)
 minutes() {
-    [[ -z "${1:-}${2:-}" ]] || awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { print a + b }'
+    [[ -z "${1:-}${2:-}${3:-}" ]] ||
+        awk -v a="${1:-0}" -v b="${2:-0}" -v c="${3:-0}" 'BEGIN { print a + b + c }'
 }
 
 # finish [EVAL FLAG...]: with PUBLISH set, export the final stage there (weights in bf16: half

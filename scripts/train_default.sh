@@ -3,15 +3,19 @@
 # KJV corpus -> stage 1 (denoising autoencoder) -> stage 2 (MoE-FM NLL + CE) -> multi-task
 # fine-tune (infill, last-word completion, bAbI-style QA, KJV section classification) in the
 # paper's infill layout (one <mask> per span) -> FILL more fine-tuning steps in the serving
-# layout (one <mask> per target position of a span: `--infill-masks per_position`) -> eval.
+# layout (one <mask> per target position of a span: `--infill-masks per_position`) -> ANNEAL
+# steps more, the learning rate taken linearly to zero over their second half (FOCUS_WEIGHT > 1
+# weights the CE of the positions a task asks for, infill spans and QA answers, that many times
+# the copied ones) -> eval.
 #
 #   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~2 h)
-#   S1=20 S2=20 FT=20 FILL=20 EVAL_LIMIT=16 bash scripts/train_default.sh   # smoke run (CI test)
+#   S1=20 S2=20 FT=20 FILL=20 ANNEAL=20 EVAL_LIMIT=16 bash scripts/train_default.sh # smoke run
 #
 # Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA, S1, S2,
-# FT, FILL, BS, EVAL_LIMIT, DEVICE, PUBLISH); S1_MIN S2_MIN FT_MIN FILL_MIN cap a stage's wall
-# time (minutes); EVAL=0 skips the test-split evaluation. FILL=0 stops after the paper-layout
-# fine-tune; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill stage.
+# FT, FILL, ANNEAL, FOCUS_WEIGHT, BS, EVAL_LIMIT, DEVICE, PUBLISH); S1_MIN S2_MIN FT_MIN FILL_MIN
+# ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0 skips the test-split evaluation. FILL=0
+# stops after the paper-layout fine-tune, ANNEAL=0 after the fill stage; FILL_UNFREEZE=1 also
+# trains the encoder, decoder and embeddings in the fill stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,5 +36,13 @@ if ((FILL > 0)); then
         --steps "$FILL" --lr 3e-4 --warmup 50 --fm-weight 0.1 --ce-weight 1 \
         --infill-masks per_position "${unfreeze[@]}" "${common[@]}"
     FINAL=fill
+fi
+if ((FILL > 0 && ANNEAL > 0)); then
+    # a fresh data order (--seed 1): the earlier stages all drew seed 0's
+    capped "${ANNEAL_MIN:-}" yan train finetune --init "$OUT/fill" --out "$OUT/anneal" \
+        --steps "$ANNEAL" --lr 3e-4 --warmup 50 --decay $((ANNEAL / 2)) --fm-weight 0.1 \
+        --ce-weight 1 --focus-weight "$FOCUS_WEIGHT" --infill-masks per_position --seed 1 \
+        "${common[@]}"
+    FINAL=anneal
 fi
 finish --steps 1,2,3,4,6

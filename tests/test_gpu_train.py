@@ -4,6 +4,7 @@ each) and unpacks into a checkpoint that loads."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -41,7 +42,7 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
     subprocess.run(["yan", "data", "kjv", "--out", str(data)], check=True, capture_output=True)
     env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA": str(data), "DEVICE": "cpu",
            "RECIPE": recipe,
-           "MINUTES": "5", "S1": "2", "S2": "2", "FT": "2", "FILL": "2", "BS": "4",
+           "MINUTES": "5", "S1": "2", "S2": "2", "FT": "2", "FILL": "2", "ANNEAL": "2", "BS": "4",
            "OMP_NUM_THREADS": "2"}  # fmt: skip
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
                        timeout=900)  # fmt: skip
@@ -59,8 +60,11 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
 
         assert next(load_ar(ckpt).parameters()).dtype == torch.float32
         assert (ckpt / "generation_config.json").exists()
-        assert (ckpt / "logs/finetune/trainer_state.json").exists()
+        state = json.loads((ckpt / "logs/finetune/trainer_state.json").read_text())
+        assert state["step"] == 6  # FT + FILL + ANNEAL fine-tuning steps
         return
     model = from_pretrained(ckpt)
-    assert model.config.infill_masks == "per_position"  # the fill stage ran last
+    assert model.config.infill_masks == "per_position"
     assert (ckpt / "logs/fill/trainer_state.json").exists()
+    state = json.loads((ckpt / "logs/anneal/trainer_state.json").read_text())  # the last stage
+    assert state["step"] == 2 and state["train_config"]["decay"] == 1

@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     objective = make(args, corpus, tuple(args.tasks.split(",")))
     cfg = TrainConfig(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        warmup=args.warmup, grad_clip=args.grad_clip, log_every=args.log_every,
+        warmup=args.warmup, decay=args.decay, grad_clip=args.grad_clip, log_every=args.log_every,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
         max_minutes=args.max_minutes,
         seed=args.seed, device=args.device,
@@ -135,7 +135,8 @@ def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
         model.config.infill_masks = args.infill_masks
     spec = StageConfig(
         args.stage, Stage1Weights(mmd=args.mmd_weight, scale=args.scale_weight),
-        Stage2Weights(fm=args.fm_weight, ce=args.ce_weight), freeze_autoencoder=not args.unfreeze,
+        Stage2Weights(fm=args.fm_weight, ce=args.ce_weight, focus=args.focus_weight),
+        freeze_autoencoder=not args.unfreeze,
         tasks=tasks, slack=args.slack,
     )  # fmt: skip
     return YANObjective(model, tok, spec, corpus)
@@ -381,11 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--batch-size", type=int, default=run.batch_size)
     tp.add_argument("--lr", type=float, help="default: the stage's (1e-4; finetune 1e-5; ar 1e-3)")
     tp.add_argument("--warmup", type=int, default=run.warmup)
+    tp.add_argument("--decay", type=int, default=run.decay,
+                    help="take the learning rate linearly to zero over the last DECAY steps, or "
+                    "the same share of --max-minutes if time runs out first (default 0: constant "
+                    "after warm-up, as in the paper)")  # fmt: skip
     tp.add_argument("--grad-clip", type=float, default=run.grad_clip)
     tp.add_argument("--mmd-weight", type=float, default=yan.stage1.mmd)
     tp.add_argument("--scale-weight", type=float, default=yan.stage1.scale)
     tp.add_argument("--fm-weight", type=float, default=yan.stage2.fm)
     tp.add_argument("--ce-weight", type=float, default=yan.stage2.ce)
+    tp.add_argument("--focus-weight", type=float, default=yan.stage2.focus,
+                    help="stage 2 / finetune: CE weight of the positions a task asks for (infill "
+                    "spans, a QA answer) relative to those copied from the source (default 1: "
+                    "the paper's uniform CE)")  # fmt: skip
     tp.add_argument(
         "--tasks",
         default=",".join(yan.tasks),

@@ -134,6 +134,24 @@ def test_token_ce_masks_and_matches_torch() -> None:
     torch.testing.assert_close(token_ce(logits, tgt, mask), ref)
 
 
+def test_token_ce_weighted_mean() -> None:
+    """A per-position weight gives sum(w * ce) / sum(w) over the masked tokens; uniform weights
+    give the plain mean, and padded positions stay out whatever their weight."""
+    torch.manual_seed(8)
+    logits, tgt = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    mask = _mask(2, 5, [5, 3])
+    w = torch.rand(2, 5) + 0.5
+    per = F.cross_entropy(logits[mask], tgt[mask], reduction="none")
+    ref = (per * w[mask]).sum() / w[mask].sum()
+    torch.testing.assert_close(token_ce(logits, tgt, mask, w), ref)
+    torch.testing.assert_close(
+        token_ce(logits, tgt, mask, torch.full((2, 5), 3.0)), token_ce(logits, tgt, mask)
+    )
+    w2 = w.clone()
+    w2[1, 3:] = 1e6  # beyond sequence 1's length
+    torch.testing.assert_close(token_ce(logits, tgt, mask, w2), ref)
+
+
 def test_scale_entropy_balance_distill() -> None:
     mask = _mask(2, 3, [3, 1])
     z = torch.full((2, 3, 4), 2.0)

@@ -86,6 +86,11 @@ def test_formats_end_with_eos_and_hold_the_answer(fmt: TaskFormatter) -> None:
     assert qa.src[-1] == sp.mask
     full = fmt.tok.decode(qa.tgt)
     assert full.endswith(ANSWER_HEADER + "kitchen") and parse_answer(full) == "kitchen"
+    # the QA focus is the answer and its EOS; everything before it is the prompt, copied
+    assert qa.focus == list(range(qa.focus[0], len(qa.tgt)))
+    assert fmt.tok.decode([qa.tgt[i] for i in qa.focus]).strip() == "kitchen"
+    assert qa.tgt[: qa.focus[0]] == qa.src[: qa.focus[0]]
+    assert comp.focus == [] and fmt.classify(ClassRecord("x", 1, "law")).focus == []
     cls = fmt.classify(ClassRecord("In the beginning", 1, "law"))
     assert fmt.tok.decode(cls.tgt) == ANSWER_HEADER + "1 law" and cls.reference == "1"
 
@@ -115,6 +120,7 @@ def test_length_slack_pads_with_eos_where_the_server_leaves_room(
         assert 0 <= extra <= SLACK[ex.task]
         assert s.tgt[: len(ex.tgt)] == ex.tgt and s.tgt[len(ex.tgt) :] == [eos] * extra
         assert s.src == ex.src
+        assert s.focus == (ex.focus and [*ex.focus, *range(len(ex.tgt), len(s.tgt))])
     inf = fmt.infill(text, rng)
     s = fmt.add_slack(inf, rng, max_len=200)
     # dropping the <pad> filler inside spans gives back the clean target; no EOS before the end
@@ -144,6 +150,27 @@ def test_per_position_layout_aligns_source_and_target(fmt: TaskFormatter, seed: 
     slack = pp.add_slack(b, random.Random(seed + 1), max_len=200)
     same = fmt.add_slack(a, random.Random(seed + 1), max_len=200)
     assert slack.tgt == same.tgt and mask_runs(slack.src, sp.mask) == same.src
+
+
+@pytest.mark.parametrize("layout", ["collapsed", "per_position"])
+@pytest.mark.parametrize("seed", range(10))
+def test_infill_focus_marks_the_span_positions(fmt: TaskFormatter, layout: str, seed: int) -> None:
+    """`Example.focus` holds exactly the target positions of the spans, slack included, in both
+    layouts: the target there is each fill followed by <pad> slack, and elsewhere a copy of the
+    unmasked source."""
+    f = TaskFormatter(fmt.tok, layout)
+    sp = fmt.sp
+    text = TextRecord(" ".join(CORPUS[:4]), id="g")
+    ex = f.infill(text, random.Random(seed))
+    for e in (ex, f.add_slack(ex, random.Random(seed + 1), max_len=200)):
+        assert e.focus == sorted(set(e.focus)) and e.focus and e.focus[-1] < len(e.tgt) - 1
+        at = [e.tgt[i] for i in e.focus]
+        assert [t for t in at if t != sp.pad] == [t for fl in e.fills for t in fl]
+        rest = [t for i, t in enumerate(e.tgt) if i not in set(e.focus)]
+        assert rest == [t for t in e.src if t != sp.mask]
+        assert sp.pad not in rest
+        if layout == "per_position":
+            assert e.focus == [i for i, t in enumerate(e.src) if t == sp.mask]
 
 
 def test_unknown_infill_layout_is_refused(fmt: TaskFormatter) -> None:

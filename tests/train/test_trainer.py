@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,9 +17,17 @@ import torch
 
 from tests.conftest import micro_config
 from yan_serve.model import YAN
+from yan_serve.tasks.formats import TaskFormatter
+from yan_serve.tasks.records import TextRecord
 from yan_serve.tokenizer import train_bpe
-from yan_serve.train.data import Batch, collate_stage1, stage1_maker
-from yan_serve.train.objectives import StageConfig, YANObjective, trainable_parameters
+from yan_serve.train.data import Batch, collate, collate_stage1, stage1_maker
+from yan_serve.train.objectives import (
+    Stage2Weights,
+    StageConfig,
+    YANObjective,
+    stage2_loss,
+    trainable_parameters,
+)
 from yan_serve.train.trainer import TrainConfig, Trainer, lr_at
 from yan_serve.weights import from_pretrained
 
@@ -32,6 +41,63 @@ def test_lr_warmup_then_constant() -> None:
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(4, cfg) == pytest.approx(5e-4)
     assert lr_at(9, cfg) == lr_at(500, cfg) == pytest.approx(1e-3)
+
+
+def test_lr_decays_linearly_over_the_last_steps() -> None:
+    cfg = TrainConfig(out="x", steps=100, lr=1e-3, warmup=10, decay=40)
+    assert lr_at(9, cfg) == lr_at(60, cfg) == pytest.approx(1e-3)  # held until 40 steps remain
+    assert lr_at(80, cfg) == pytest.approx(0.5e-3)
+    assert lr_at(99, cfg) == pytest.approx(1e-3 / 40)  # the last update still moves
+    assert [lr_at(s, cfg) for s in range(60, 100)] == sorted(
+        [lr_at(s, cfg) for s in range(60, 100)], reverse=True
+    )
+    # a time budget that runs out first: the decay covers the same share (40%) of the time
+    assert lr_at(20, cfg, time_done=0.5) == pytest.approx(1e-3)
+    assert lr_at(20, cfg, time_done=0.8) == pytest.approx(0.5e-3)
+    assert lr_at(90, cfg, time_done=0.8) == pytest.approx(0.25e-3)  # steps further along
+    assert lr_at(20, cfg, time_done=1.2) == pytest.approx(1e-3 / 40)
+    with pytest.raises(ValueError, match="decay"):
+        TrainConfig(out="x", steps=10, decay=11)
+
+
+def test_focus_weight_reweights_the_span_ce() -> None:
+    """Stage 2 / fine-tuning CE with `focus` = w weights the focus positions w times: from the
+    uniform CE (w = 1) and the focus-only CE (w huge) the w = 5 value follows exactly; w = 1 or no
+    focus is the uniform CE, and a non-positive weight is refused."""
+    torch.manual_seed(0)
+    model = YAN(micro_config())
+    B, L = 3, 9
+    tgt = torch.randint(4, 60, (B, L))
+    mask = torch.arange(L)[None] < torch.tensor([9, 7, 5])[:, None]
+    focus = torch.zeros(B, L, dtype=torch.bool)
+    focus[0, 2:4] = focus[1, 5] = focus[2, 1] = True
+    src, src_mask = tgt.masked_fill(focus, 3), mask
+
+    def ce(w: float, f: torch.Tensor | None = focus) -> float:
+        g = torch.Generator().manual_seed(1)
+        out = stage2_loss(model, src, src_mask, tgt, mask, Stage2Weights(focus=w),
+                          generator=g, focus=f)  # fmt: skip
+        return out["ce"].item()
+
+    uniform, only = ce(1.0), ce(1e9)
+    assert ce(5.0, None) == uniform and ce(1.0, torch.ones_like(focus)) == uniform
+    nf, n = int(focus.sum()), int(mask.sum())
+    rest = uniform * n - only * nf
+    assert ce(5.0) == pytest.approx((rest + 5 * only * nf) / (n - nf + 5 * nf), rel=1e-4)
+    assert only != pytest.approx(uniform, rel=1e-3)  # the spans are not already the average
+    with pytest.raises(ValueError, match="focus"):
+        Stage2Weights(focus=0.0)
+
+
+def test_infill_batches_carry_their_span_positions() -> None:
+    tok = train_bpe(TEXTS, vocab_size=300)
+    fmt = TaskFormatter(tok, "per_position")
+    rng = random.Random(0)
+    exs = [fmt.infill(TextRecord(t), rng) for t in TEXTS[:4]]
+    b = collate(exs, tok.special.pad)
+    assert b.focus is not None and torch.equal(b.focus, b.src == tok.special.mask)
+    assert torch.equal(b.to("cpu").focus, b.focus)
+    assert collate([fmt.complete(TextRecord(TEXTS[0]))], tok.special.pad).focus is None
 
 
 def test_each_stage_trains_its_own_parts() -> None:

@@ -26,13 +26,18 @@ def _masked_token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
     return (per_token * m).sum() / m.sum().clamp_min(1.0)
 
 
-def token_ce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """Cross-entropy of logits [B, L, V] against targets [B, L], masked mean over tokens."""
+def token_ce(logits: Tensor, targets: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy of logits [B, L, V] against targets [B, L], masked mean over tokens; with a
+    per-position `weight` [B, L], the weighted mean sum(w * ce) / sum(w) over the masked tokens."""
     sel = mask.reshape(-1)
     flat = logits.reshape(-1, logits.shape[-1])[sel]
     if flat.shape[0] == 0:
         return logits.sum() * 0.0
-    return F.cross_entropy(_acc(flat), targets.reshape(-1)[sel])
+    if weight is None:
+        return F.cross_entropy(_acc(flat), targets.reshape(-1)[sel])
+    ce = F.cross_entropy(_acc(flat), targets.reshape(-1)[sel], reduction="none")
+    w = weight.reshape(-1)[sel].to(ce.dtype)
+    return (ce * w).sum() / w.sum().clamp_min(torch.finfo(ce.dtype).tiny)
 
 
 def rbf_kernel_sum(a: Tensor, b: Tensor, bandwidths: Sequence[float] = MMD_BANDWIDTHS) -> Tensor:

@@ -11,7 +11,9 @@
 per target position of the span instead (`expand_masks`), so source and target align.
 
 Every target ends with EOS; the sampler cuts there. `Example.reference` is the string the metric
-compares against (clean text, last word, answer, label id).
+compares against (clean text, last word, answer, label id). Infill and QA examples also record
+the target positions the task asks for (`Example.focus`: the spans with their length slack, the
+answer), which training may weight above the copied rest.
 """
 
 from __future__ import annotations
@@ -44,6 +46,24 @@ class Example:
     reference: str
     id: str = ""
     fills: list[list[int]] = field(default_factory=list)  # infill: the masked token runs
+    # target positions the task asks for (infill: the spans, slack included; qa: the answer and
+    # its EOS); the rest of such a target copies the source. Empty: every position is asked for.
+    focus: list[int] = field(default_factory=list)
+
+
+def span_positions(src: list[int], spans: list[int], mask_id: int) -> list[int]:
+    """Target positions covered by the spans of a collapsed infill source whose i-th <mask>
+    stands for `spans[i]` target positions (every other source token is one target position)."""
+    out: list[int] = []
+    pos = i = 0
+    for tok in src:
+        if tok == mask_id and i < len(spans):
+            out += range(pos, pos + spans[i])
+            pos += spans[i]
+            i += 1
+        else:
+            pos += 1
+    return out
 
 
 def mask_spans(
@@ -128,9 +148,11 @@ class TaskFormatter:
         src, fills = mask_spans(
             clean, rng, rng.uniform(*rate), max_span, self.sp.mask, frozenset({self.sp.eos})
         )
+        spans = [len(f) for f in fills]
+        focus = span_positions(src, spans, self.sp.mask)
         if self.per_position:
-            src = expand_masks(src, [len(f) for f in fills], self.sp.mask)
-        return Example("infill", src, clean, rec.text, rec.id, fills)
+            src = expand_masks(src, spans, self.sp.mask)
+        return Example("infill", src, clean, rec.text, rec.id, fills, focus)
 
     def complete(self, rec: TextRecord) -> Example | None:
         parts = split_last_word(rec.text)
@@ -142,9 +164,12 @@ class TaskFormatter:
 
     def qa(self, rec: QARecord) -> Example:
         src_text = QA_TEMPLATE.format(ctx=rec.context, q=rec.question)
-        src = [*self.tok.encode(src_text), self.sp.mask]
+        prompt = self.tok.encode(src_text)
         tgt = self._eos(self.tok.encode(src_text + rec.answers[0]))
-        return Example("qa", src, tgt, rec.answers[0], rec.id)
+        pairs = zip(prompt, tgt[: len(prompt)], strict=True)
+        k = next((i for i, (a, b) in enumerate(pairs) if a != b), len(prompt))  # answer starts
+        return Example("qa", [*prompt, self.sp.mask], tgt, rec.answers[0], rec.id,
+                       focus=list(range(k, len(tgt))))  # fmt: skip
 
     def make(self, task: str, rec, rng: random.Random) -> Example | None:
         """The example of `task` for a record (None if the record has no such example)."""
@@ -167,7 +192,9 @@ class TaskFormatter:
             return ex
         if ex.task != "infill":
             k = min(rng.randint(0, SLACK[ex.task]), room)
-            return Example(ex.task, ex.src, ex.tgt + [eos] * k, ex.reference, ex.id, ex.fills)
+            focus = ex.focus and [*ex.focus, *range(len(ex.tgt), len(ex.tgt) + k)]
+            return Example(ex.task, ex.src, ex.tgt + [eos] * k, ex.reference, ex.id, ex.fills,
+                           focus)  # fmt: skip
         mask = self.sp.mask
         src = mask_runs(ex.src, mask) if self.per_position else ex.src
         tgt: list[int] = []
@@ -182,9 +209,10 @@ class TaskFormatter:
                 fill += 1
             else:
                 tgt.append(tok)
+        focus = span_positions(src, spans, mask)
         if self.per_position:
             src = expand_masks(src, spans, mask)
-        return Example(ex.task, src, tgt, ex.reference, ex.id, ex.fills)
+        return Example(ex.task, src, tgt, ex.reference, ex.id, ex.fills, focus)
 
     def classify(self, rec: ClassRecord) -> Example:
         src = self.tok.encode(CLS_SOURCE.format(doc=rec.text))

@@ -26,10 +26,12 @@ class Batch:
     tgt: Tensor  # [B, Ly] long
     tgt_mask: Tensor  # [B, Ly] bool
     task: str = ""
+    focus: Tensor | None = None  # [B, Ly] bool: the positions the task asks for (`Example.focus`)
 
     def to(self, device: torch.device | str) -> Batch:
+        focus = None if self.focus is None else self.focus.to(device)
         return Batch(*(t.to(device) for t in (self.src, self.src_mask, self.tgt, self.tgt_mask)),
-                     task=self.task)  # fmt: skip
+                     task=self.task, focus=focus)  # fmt: skip
 
 
 def pad_stack(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
@@ -46,7 +48,12 @@ def pad_stack(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = N
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     src, src_mask = pad_stack([e.src for e in examples], pad_id)
     tgt, tgt_mask = pad_stack([e.tgt for e in examples], pad_id)
-    return Batch(src, src_mask, tgt, tgt_mask, task=examples[0].task)
+    focus = None
+    if any(e.focus for e in examples):
+        focus = torch.zeros_like(tgt_mask)
+        for i, e in enumerate(examples):
+            focus[i, e.focus] = True
+    return Batch(src, src_mask, tgt, tgt_mask, task=examples[0].task, focus=focus)
 
 
 def collate_stage1(examples: Sequence[Example], pad_id: int) -> Batch:

@@ -55,6 +55,11 @@ class Stage2Weights:
     entropy: float = 0.0  # gate entropy bonus (subtracted)
     balance: float = 0.0  # KL(mean gate || uniform)
     distill: float = 0.0  # ||z1_hat - z1||^2
+    focus: float = 1.0  # CE weight of a task's focus positions against the others (1: uniform)
+
+    def __post_init__(self) -> None:
+        if not self.focus > 0:
+            raise ValueError(f"the focus CE weight must be positive, got {self.focus}")
 
 
 def stage1_loss(
@@ -97,6 +102,7 @@ def stage2_loss(
     routing: Routing = "sample",
     freeze_autoencoder: bool = True,
     generator: torch.Generator | None = None,
+    focus: Tensor | None = None,  # [B, Ly] bool: the positions the task asks for
 ) -> dict[str, Tensor]:
     """MoE-FM NLL at a random time on the linear path + CE through the unrolled Euler solve.
 
@@ -104,6 +110,10 @@ def stage2_loss(
     solve from the same z_0 uses `steps` time points (default `train_ode_steps`) with experts
     drawn once from pi(z_0, 0); gradients flow through every Euler step into the trunk, the
     experts and (through the NLL) the gate.
+
+    `weights.focus` != 1 reweights the CE at the `focus` positions (`Example.focus`: an infill
+    batch's spans, a QA batch's answers): they are a few percent of such a target, the rest is a
+    copy of the source, so under the uniform CE the copy dominates what the flow is taught.
     """
     cfg = model.config
     w = weights or Stage2Weights()
@@ -129,7 +139,10 @@ def stage2_loss(
 
     uniforms = torch.rand(tgt.shape, generator=generator, device=gdev).to(dev)
     z1_hat = FrozenRoutingEuler().solve(model.flow, z0, cond, steps, routing, uniforms).z
-    ce = token_ce(model.decode_logits(z1_hat), tgt, tgt_mask)
+    ce_weight = None
+    if focus is not None and w.focus != 1.0:
+        ce_weight = 1.0 + (w.focus - 1.0) * focus.to(torch.float32)
+    ce = token_ce(model.decode_logits(z1_hat), tgt, tgt_mask, ce_weight)
 
     terms = {"nll": nll, "ce": ce}
     loss = w.fm * nll + w.ce * ce
@@ -211,7 +224,7 @@ class YANObjective(Objective):
             return stage1_loss(self.model, b.src, b.tgt, b.tgt_mask, s.stage1, generator)
         return stage2_loss(
             self.model, b.src, b.src_mask, b.tgt, b.tgt_mask, s.stage2,
-            freeze_autoencoder=s.freeze_autoencoder, generator=generator,
+            freeze_autoencoder=s.freeze_autoencoder, generator=generator, focus=b.focus,
         )  # fmt: skip
 
     def target_tokens(self, batch: Batch) -> int:

@@ -34,16 +34,20 @@ from yan_serve.device import resolve_device
 @dataclass
 class Schedule:
     """How long and how hard a model is optimized: `steps` updates of `batch_size` examples, the
-    learning rate reached after `warmup` steps."""
+    learning rate reached after `warmup` steps and held, then taken linearly to zero over the last
+    `decay` steps (0: held to the end, the paper's schedule); see `lr_at`."""
 
     steps: int = 1000
     batch_size: int = 32
     lr: float | None = None  # None: the objective's `default_lr`
     warmup: int = 1000
+    decay: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if not 0 <= self.decay <= self.steps:
+            raise ValueError(f"decay must be between 0 and steps ({self.steps}), got {self.decay}")
 
 
 @dataclass(kw_only=True)
@@ -111,10 +115,19 @@ class Objective(nn.Module):
         return {}
 
 
-def lr_at(step: int, cfg: Schedule) -> float:
-    """Linear warm-up over `warmup` steps, then constant."""
+def lr_at(step: int, cfg: Schedule, time_done: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, constant, then linear decay to zero over the last
+    `decay` steps (step counts from 0; the last step gets lr / decay).
+
+    A run with a time budget may end before its step count: `time_done` is the share of that
+    budget spent, and the decay follows whichever of steps and time is further along, over the
+    same share (`decay / steps`) of it."""
     assert cfg.lr is not None, "the trainer sets the objective's default_lr"
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.decay:
+        left = min(cfg.steps - step, (1.0 - time_done) * cfg.steps)  # in steps
+        lr *= min(1.0, max(left, 1.0) / cfg.decay)
+    return lr
 
 
 class Trainer:
@@ -267,8 +280,10 @@ class Trainer:
                 break
             batch = next(self.train_batches).to(self.device)
             tokens += self.objective.target_tokens(batch)
+            spent = 0.0 if cfg.max_minutes is None else (time.time() - t0) / (60 * cfg.max_minutes)
+            lr = lr_at(self.step, cfg, spent)
             for group in self.opt.param_groups:
-                group["lr"] = lr_at(self.step, cfg)
+                group["lr"] = lr
             with self._autocast():
                 terms = self.loss_fn(batch, g)
             self.opt.zero_grad(set_to_none=True)
@@ -286,7 +301,7 @@ class Trainer:
                 rate = (self.step - start) / max(time.time() - t0, 1e-9)
                 eta = (cfg.steps - self.step) / max(rate, 1e-9)
                 avg = {k: v / n_window for k, v in window.items()}
-                rec = {"step": self.step, "lr": lr_at(self.step - 1, cfg), **avg}
+                rec = {"step": self.step, "lr": lr, **avg}
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     rec.update(self.validate())
                     best_val = min(best_val, rec.get("val_loss", math.inf))
