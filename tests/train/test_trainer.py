@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -204,6 +205,25 @@ def test_a_time_limit_stops_saves_and_resume_finishes_the_run(tmp_path) -> None:
     a = from_pretrained(tmp_path / "straight").state_dict()
     b = from_pretrained(tmp_path / "cut").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run diverged"
+
+
+def test_a_time_limited_run_decays_with_its_clock(tmp_path, monkeypatch) -> None:
+    """With max_minutes set, the decay follows whichever of steps and time is further along: on a
+    clock that runs 6 s per step against a 1-minute budget, a 100-step run with 50 decay steps
+    decays from step 5 and stops at step 10."""
+    import yan_serve.train.trainer as trainer_mod
+
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    cfg = TrainConfig(out=str(tmp_path / "run"), batch_size=4, warmup=1, lr=1e-3, log_every=1,
+                      eval_every=100, save_every=100, steps=100, decay=50,
+                      max_minutes=1.0)  # fmt: skip
+    tr = Trainer(_objective(tok), cfg, _stream(tok), [], log=lambda *a: None)
+    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(time=lambda: 6.0 * tr.step))
+    summary = tr.train()
+    assert summary["steps"] == 10 and "time limit" in summary["stopped"]
+    lrs = [rec["lr"] for rec in tr.history]
+    assert lrs == pytest.approx([lr_at(s, cfg, s / 10) for s in range(10)])
+    assert lrs[:6] == pytest.approx([1e-3] * 6) and lrs[9] == pytest.approx(1e-3 * 10 / 50)
 
 
 @pytest.mark.slow
