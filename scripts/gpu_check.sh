@@ -29,6 +29,8 @@
 #   TEST_PATHS ["tests/kernels tests/engine tests/ar"]: what the tests stage collects, in order
 #   TEST_MARK [gpu]: the tests stage's -m expression (one word: word splitting applies)
 #   TEST_TIMEOUT_EACH [90]: seconds per test when pytest-timeout is installed
+#   TEST_WORKERS [auto]: pytest-xdist processes for the tests stage (auto: 4 when xdist is
+#   installed, as on the GPU image, else 1 = no xdist)
 #   PYTEST_MAXFAIL [3]: failures (import errors included) before pytest stops; 1 acts as -x
 #   INSTALL [auto]: 1 always install .whl/, 0 never, auto when fastapi/uvicorn/pydantic are
 #   missing; SITE [/tmp/yan-site]: where the wheels go; COMMIT: shown when git is unavailable
@@ -233,9 +235,20 @@ for stage in $STAGES; do
             # (pytest-timeout, on the GPU image) turns a stuck test into a failure with a trace.
             per_test=()
             "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT_EACH:-90}")
+            # Most of a GPU test's time is Triton compiling on the CPU: with pytest-xdist (on the
+            # GPU image) TEST_WORKERS processes share the 16 cores and Triton's on-disk cache. One
+            # test file stays in one worker (--dist loadfile), so a file's big-memory shapes
+            # never run side by side.
+            workers=()
+            tw=${TEST_WORKERS:-auto}
+            if [ "$tw" = auto ]; then
+                tw=1
+                "$PY" -c "import xdist" 2>/dev/null && tw=4
+            fi
+            [ "$tw" -gt 1 ] && workers=(-n "$tw" --dist loadfile)
             run_stage tests "$TESTS_TIMEOUT" "$PY" -m pytest -q -m "${TEST_MARK:-gpu}" \
                 -p no:cacheprovider --maxfail="${PYTEST_MAXFAIL:-3}" \
-                --continue-on-collection-errors -rfE "${per_test[@]}" \
+                --continue-on-collection-errors -rfE "${per_test[@]}" "${workers[@]}" \
                 ${TEST_PATHS:-tests/kernels tests/engine tests/ar} ${PYTEST_ARGS:-}
             ;;
         kernels)

@@ -24,7 +24,14 @@
 # trainer_state.json, and the run's output). The optimizer state stays behind (too large to
 # carry back): to continue, start a stage from the returned weights with --init.
 #
-# Knobs (defaults in brackets): RECIPE [train_default] or train_ar; CONFIG [yan-tiny] (YAN); BS [64];
+# RECIPE=both trains the YAN default and the AR baseline at once, as two processes on the one GPU
+# (at these sizes each step is launch-bound, so the second run fills the first one's gaps), each
+# with the whole of MINUTES: one call gives both sides of the quality comparison. What comes
+# back then is each run's folder above packed as yan.tar / ar.tar and cut into 15 MiB parts
+# (yan.tar.part-aa, ...), plus both.out (the two runs' output); unpack with
+#       bash scripts/gpu_train.sh --unpack FILES_AT/gpu-train weights/YAN_NAME weights/AR_NAME
+#
+# Knobs (defaults in brackets): RECIPE [train_default], train_ar or both; CONFIG [yan-tiny] (YAN); BS [64];
 # MINUTES [7]; SPLIT ["20 30 20 15 15"]: the percent of MINUTES for stage 1, stage 2, fine-tune,
 # fill and anneal (the AR recipe: pre-training = the first two, fine-tuning = the last three);
 # S1 S2 FT FILL ANNEAL [100000 each]: step caps; FOCUS_WEIGHT [1]; DATA [data/kjv];
@@ -33,8 +40,22 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 if [[ "${1:-}" == --unpack ]]; then
-    src=${2:?usage: gpu_train.sh --unpack FOLDER CHECKPOINT_DIR}
-    dst=${3:?usage: gpu_train.sh --unpack FOLDER CHECKPOINT_DIR}
+    src=${2:?usage: gpu_train.sh --unpack FOLDER CHECKPOINT_DIR [AR_CHECKPOINT_DIR]}
+    dst=${3:?usage: gpu_train.sh --unpack FOLDER CHECKPOINT_DIR [AR_CHECKPOINT_DIR]}
+    if [[ -f "$src/yan.tar.part-aa" ]]; then  # RECIPE=both: two packed runs
+        ar_dst=${4:?gpu_train: $src holds two runs (RECIPE=both): name a second, AR, checkpoint dir}
+        [[ -f "$src/ar.tar.part-aa" ]] || { echo "gpu_train: no ar.tar.part-aa in $src" >&2; exit 2; }
+        tmp=$(mktemp -d "${TMPDIR:-/tmp}/yan-gpu-unpack.XXXXXX")
+        trap 'rm -rf "$tmp"' EXIT
+        for run in yan ar; do
+            mkdir -p "$tmp/$run"
+            cat "$src/$run".tar.part-* | tar -x -C "$tmp/$run"
+        done
+        bash "${BASH_SOURCE[0]}" --unpack "$tmp/yan" "$dst"
+        bash "${BASH_SOURCE[0]}" --unpack "$tmp/ar" "$ar_dst"
+        [[ ! -f "$src/both.out" ]] || cp "$src/both.out" "$dst/"
+        exit 0
+    fi
     [[ -f "$src/config.json" ]] || { echo "gpu_train: no config.json in $src" >&2; exit 2; }
     mkdir -p "$dst"
     cp "$src/config.json" "$src/tokenizer.json" "$dst/"
@@ -59,8 +80,8 @@ export ANNEAL=${ANNEAL:-100000}
 MINUTES=${MINUTES:-7}
 RECIPE=${RECIPE:-train_default}
 case $RECIPE in
-    train_default | train_ar) ;;
-    *) echo "gpu_train: RECIPE must be train_default or train_ar, got '$RECIPE'" >&2; exit 2 ;;
+    train_default | train_ar | both) ;;
+    *) echo "gpu_train: RECIPE must be train_default, train_ar or both, got '$RECIPE'" >&2; exit 2 ;;
 esac
 read -r p1 p2 p3 p4 p5 <<<"${SPLIT:-20 30 20 15 15}"
 share() { awk -v m="$MINUTES" -v p="${1:-0}" 'BEGIN { printf "%.2f", m * p / 100 }'; }
@@ -73,6 +94,30 @@ export S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN
     exit 2
 }
 mkdir -p "$WORK/pp" "$RESULTS"
+
+if [[ $RECIPE == both ]]; then
+    # Each run is this script with its own OUT; both start together and share the GPU.
+    pids=()
+    for run in yan ar; do
+        recipe=train_default
+        [[ $run == yan ]] || recipe=train_ar
+        mkdir -p "$WORK/$run"
+        OUT="$WORK/$run" RECIPE=$recipe bash "${BASH_SOURCE[0]}" >"$WORK/$run.out" 2>&1 &
+        pids+=($!)
+    done
+    status=0
+    for i in 0 1; do wait "${pids[$i]}" || status=$?; done
+    for run in yan ar; do
+        echo "=== $run ===" >>"$RESULTS/both.out"
+        cat "$WORK/$run.out" >>"$RESULTS/both.out"
+        tail -n 25 "$WORK/$run.out" | sed "s/^/[$run] /"
+        if [[ -f "$WORK/$run/gpu-train/config.json" ]]; then
+            tar -C "$WORK/$run/gpu-train" -cf - . | split -b 15m - "$RESULTS/$run.tar.part-"
+        fi
+    done
+    ls -la "$RESULTS"
+    exit "$status"
+fi
 ln -sfn "$REPO/kernels" "$WORK/pp/yan_kernels"
 export PYTHONPATH="$WORK/pp:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 # shellcheck disable=SC2317  # called by train_default.sh, which inherits the exported function

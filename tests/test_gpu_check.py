@@ -46,6 +46,7 @@ def test_check_script_parses_and_wires_every_stage() -> None:
     assert "${TEST_PATHS:-tests/kernels tests/engine tests/ar}" in text
     assert "scripts/gpu_smoke.py" in text and "SMOKE_ARGS" in text
     assert "PYTEST_ARGS" in text
+    assert 'workers=(-n "$tw" --dist loadfile)' in text and "TEST_WORKERS" in text
 
 
 def test_check_script_refuses_an_unknown_stage(tmp_path: Path) -> None:
