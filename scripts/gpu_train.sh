@@ -35,7 +35,8 @@
 # MINUTES [7]; SPLIT ["20 30 20 15 15"]: the percent of MINUTES for stage 1, stage 2, fine-tune,
 # fill and anneal (the AR recipe: pre-training = the first two, fine-tuning = the last three);
 # S1 S2 FT FILL ANNEAL [100000 each]: step caps; FOCUS_WEIGHT [1]; DATA [data/kjv];
-# PYTHON [python3].
+# PYTHON [python3]; INIT (RECIPE=both: and AR_INIT) [unset]: continue a trained checkpoint, e.g.
+# the shipped weights/yan-tiny-kjv (and weights/ar-tiny-kjv), instead of training from scratch.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -51,8 +52,8 @@ if [[ "${1:-}" == --unpack ]]; then
             mkdir -p "$tmp/$run"
             cat "$src/$run".tar.part-* | tar -x -C "$tmp/$run"
         done
-        bash "${BASH_SOURCE[0]}" --unpack "$tmp/yan" "$dst"
-        bash "${BASH_SOURCE[0]}" --unpack "$tmp/ar" "$ar_dst"
+        bash "$REPO/scripts/gpu_train.sh" --unpack "$tmp/yan" "$dst"
+        bash "$REPO/scripts/gpu_train.sh" --unpack "$tmp/ar" "$ar_dst"
         [[ ! -f "$src/both.out" ]] || cp "$src/both.out" "$dst/"
         exit 0
     fi
@@ -83,7 +84,18 @@ case $RECIPE in
     train_default | train_ar | both) ;;
     *) echo "gpu_train: RECIPE must be train_default, train_ar or both, got '$RECIPE'" >&2; exit 2 ;;
 esac
-read -r p1 p2 p3 p4 p5 <<<"${SPLIT:-20 30 20 15 15}"
+# INIT / AR_INIT: continue these checkpoints (the recipes' INIT: only the fine-tuning stages run,
+# so MINUTES goes to them: SPLIT defaults to "0 0 0 50 50"). RECIPE=both takes both or neither.
+INIT=${INIT:-} AR_INIT=${AR_INIT:-}
+if [[ $RECIPE == both && -n "$INIT$AR_INIT" && (-z "$INIT" || -z "$AR_INIT") ]]; then
+    echo "gpu_train: RECIPE=both continues both models or neither: set INIT and AR_INIT" >&2
+    exit 2
+fi
+[[ $RECIPE != train_ar || -n "$INIT" ]] || INIT=$AR_INIT  # alone, the AR takes either name
+export INIT
+split="20 30 20 15 15"
+[[ -z "$INIT$AR_INIT" ]] || split="0 0 0 50 50"
+read -r p1 p2 p3 p4 p5 <<<"${SPLIT:-$split}"
 share() { awk -v m="$MINUTES" -v p="${1:-0}" 'BEGIN { printf "%.2f", m * p / 100 }'; }
 S1_MIN=$(share "$p1") S2_MIN=$(share "$p2") FT_MIN=$(share "$p3") FILL_MIN=$(share "$p4")
 ANNEAL_MIN=$(share "$p5")
@@ -102,7 +114,10 @@ if [[ $RECIPE == both ]]; then
         recipe=train_default
         [[ $run == yan ]] || recipe=train_ar
         mkdir -p "$WORK/$run"
-        OUT="$WORK/$run" RECIPE=$recipe bash "${BASH_SOURCE[0]}" >"$WORK/$run.out" 2>&1 &
+        init=$INIT
+        [[ $run == yan ]] || init=$AR_INIT
+        OUT="$WORK/$run" RECIPE=$recipe INIT=$init AR_INIT='' SPLIT="$p1 $p2 $p3 $p4 $p5" \
+            bash "$REPO/scripts/gpu_train.sh" >"$WORK/$run.out" 2>&1 &
         pids+=($!)
     done
     status=0

@@ -8,6 +8,9 @@
 # splits. On 2 CPU cores one step takes ~1 s (GPT-2 decodes the target after the source, so each
 # sequence is about twice as long as YAN's target): run it on a GPU.
 #
+# INIT=CHECKPOINT continues a trained AR baseline (FT + FILL + ANNEAL fine-tuning steps, no
+# pre-training), as train_default.sh's INIT continues YAN.
+#
 #   DEVICE=cuda PUBLISH=weights/ar-tiny-kjv bash scripts/train_ar.sh
 #   S1=10 S2=10 FT=10 FILL=0 ANNEAL=0 EVAL_LIMIT=8 bash scripts/train_ar.sh  # smoke run
 set -euo pipefail
@@ -17,11 +20,16 @@ OUT="${OUT:-runs/ar-tiny-${CORPUS:-kjv}}"
 TOKENIZER="${TOKENIZER:-weights/yan-tiny-kjv}"
 source scripts/train_common.sh
 
-capped "$(minutes "${S1_MIN:-}" "${S2_MIN:-}")" yan train ar --tokenizer "$TOKENIZER" \
-    --config ar-tiny --out "$OUT/pretrain" --steps $((S1 + S2)) --lr 1e-3 --warmup 100 \
-    --tasks infill,infill-fim "${common[@]}"
+INIT="${INIT:-}"  # continue this AR checkpoint: no pre-training, a data order not yet drawn
+prev=$INIT seed=2
+if [[ -z "$INIT" ]]; then
+    capped "$(minutes "${S1_MIN:-}" "${S2_MIN:-}")" yan train ar --tokenizer "$TOKENIZER" \
+        --config ar-tiny --out "$OUT/pretrain" --steps $((S1 + S2)) --lr 1e-3 --warmup 100 \
+        --tasks infill,infill-fim "${common[@]}"
+    prev=$OUT/pretrain seed=0
+fi
 capped "$(minutes "${FT_MIN:-}" "${FILL_MIN:-}" "${ANNEAL_MIN:-}")" yan train ar \
-    --init "$OUT/pretrain" --out "$OUT/finetune" --steps $((FT + FILL + ANNEAL)) --lr 3e-4 \
+    --init "$prev" --out "$OUT/finetune" --steps $((FT + FILL + ANNEAL)) --lr 3e-4 \
     --warmup 50 --decay $((ANNEAL / 2)) --tasks infill,infill-fim,complete,qa,classify \
-    "${common[@]}"
+    --seed "$seed" "${common[@]}"
 finish

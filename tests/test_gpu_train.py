@@ -27,15 +27,25 @@ def test_script_parses_and_refuses_a_missing_corpus(tmp_path: Path) -> None:
     r = subprocess.run(["bash", str(SCRIPT)], env={**env, "RECIPE": "train_gpt5"},
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "RECIPE must be" in r.stderr
+    # continuing a checkpoint with no stage to run is refused before anything trains
+    (tmp_path / "kjv").mkdir()
+    (tmp_path / "kjv/train.jsonl").touch()
+    env = {**os.environ, "INIT": "weights/yan-tiny-kjv", "FILL": "0", "ANNEAL": "0",
+           "DATA": str(tmp_path / "kjv"), "OUT": str(tmp_path / "run")}  # fmt: skip
+    r = subprocess.run(["bash", str(ROOT / "scripts/train_default.sh")], env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "set FILL or ANNEAL" in r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["train_default", "both"])
+@pytest.mark.parametrize("recipe", ["train_default", "train_ar", "both"])
 def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
     tmp_path: Path, recipe: str
 ) -> None:
-    """train_default: the YAN recipe alone. both: the YAN and AR recipes at once, each packed
-    into its own archive parts, unpacked into two checkpoints with one tokenizer."""
+    """train_default / train_ar: one recipe from scratch. both: the YAN and AR recipes at once,
+    continuing the shipped checkpoints (INIT, AR_INIT), each packed into its own archive parts
+    and unpacked into its own checkpoint."""
     if shutil.which("bible") is None:
         if os.environ.get("CI"):
             pytest.fail("CI must install bible-kjv (apt-get) for the recipe test")
@@ -46,33 +56,49 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
            "RECIPE": recipe,
            "MINUTES": "5", "S1": "2", "S2": "2", "FT": "2", "FILL": "2", "ANNEAL": "2", "BS": "4",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
+    if recipe == "both":
+        env["INIT"] = str(ROOT / "weights/yan-tiny-kjv")
+        r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+        assert r.returncode == 2 and "set INIT and AR_INIT" in r.stderr  # one side only
+        env["AR_INIT"] = str(ROOT / "weights/ar-tiny-kjv")
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
                        timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     back = list((tmp_path / "out/gpu-train").iterdir())
     assert len(back) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in back)
-    yan, ar = tmp_path / "yan", tmp_path / "ar"
-    unpack = ["bash", str(SCRIPT), "--unpack", str(tmp_path / "out/gpu-train"), str(yan)]
+    ckpt, ar = tmp_path / "ckpt", tmp_path / "ar"
+    unpack = ["bash", str(SCRIPT), "--unpack", str(tmp_path / "out/gpu-train"), str(ckpt)]
     if recipe == "both":
         assert {f.name for f in back} == {"both.out", "yan.tar.part-aa", "ar.tar.part-aa"}
         r = subprocess.run(unpack, capture_output=True, text=True)  # the AR folder is missing
         assert r.returncode != 0 and "AR" in r.stderr
         subprocess.run([*unpack, str(ar)], check=True)
+        assert "=== yan ===" in (ckpt / "both.out").read_text()
+        assert (ar / "tokenizer.json").read_text() == (ckpt / "tokenizer.json").read_text()
+    else:
+        assert {"config.json", "tokenizer.json", "labels.json", "train.tar.gz",
+                "model.safetensors.part-aa"} <= {f.name for f in back}  # fmt: skip
+        subprocess.run(unpack, check=True)
+        if recipe == "train_ar":
+            ckpt, ar = None, ckpt
+    if ar is not None and ar.exists():
         from yan_serve.ar.model import load_ar
 
         assert next(load_ar(ar).parameters()).dtype == torch.float32
         assert (ar / "generation_config.json").exists() and (ar / "train.out").exists()
         state = json.loads((ar / "logs/finetune/trainer_state.json").read_text())
         assert state["step"] == 6  # FT + FILL + ANNEAL fine-tuning steps
-        assert (ar / "tokenizer.json").read_text() == (yan / "tokenizer.json").read_text()
-        assert "=== yan ===" in (yan / "both.out").read_text()
-    else:
-        assert {"config.json", "tokenizer.json", "labels.json", "train.tar.gz",
-                "model.safetensors.part-aa"} <= {f.name for f in back}  # fmt: skip
-        subprocess.run(unpack, check=True)
-    assert (yan / "train.out").exists()
-    model = from_pretrained(yan)
+        # continuing: no pre-training, and a data order the shipped run never drew
+        assert (ar / "logs/pretrain").exists() == (recipe != "both")
+        assert state["train_config"]["seed"] == (2 if recipe == "both" else 0)
+    if ckpt is None:
+        return
+    assert (ckpt / "train.out").exists()
+    model = from_pretrained(ckpt)
     assert model.config.infill_masks == "per_position"
-    assert (yan / "logs/fill/trainer_state.json").exists()
-    state = json.loads((yan / "logs/anneal/trainer_state.json").read_text())  # the last stage
+    assert (ckpt / "logs/stage1").exists() == (recipe != "both")
+    fill = json.loads((ckpt / "logs/fill/trainer_state.json").read_text())
+    state = json.loads((ckpt / "logs/anneal/trainer_state.json").read_text())  # the last stage
     assert state["step"] == 2 and state["train_config"]["decay"] == 1
+    seeds = (fill["train_config"]["seed"], state["train_config"]["seed"])
+    assert seeds == ((2, 3) if recipe == "both" else (0, 1))
