@@ -182,6 +182,32 @@ def test_an_interrupted_run_resumes_into_the_same_weights(tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run diverged"
 
 
+def test_prefetching_batches_in_a_worker_changes_nothing(tmp_path) -> None:
+    """Batches built ahead in a forked worker (`TrainConfig.prefetch`, on by default on CUDA)
+    are the same stream: the same weights after a run, and after a resumed one, as building them
+    in the loop."""
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    cfg = dict(batch_size=4, warmup=2, lr=1e-3, log_every=2, eval_every=2, save_every=100)
+    val: list[Batch] = [next(_stream(tok, 9))]
+
+    def run(out: str, steps: int, depth: int, resume: bool = False) -> dict:
+        torch.manual_seed(0)
+        t = Trainer(_objective(tok), TrainConfig(**cfg, out=str(tmp_path / out), steps=steps,
+                    prefetch=depth), _stream(tok), val, log=lambda *a: None)  # fmt: skip
+        assert t.resume() == resume
+        summary = t.train()
+        assert summary["steps"] == steps and summary["target_tokens"] > 0
+        return from_pretrained(tmp_path / out).state_dict()
+
+    inline = run("inline", 6, 0)
+    ahead = run("ahead", 6, 3)
+    assert all(torch.equal(inline[k], ahead[k]) for k in inline)
+    run("split", 3, 3)
+    resumed = run("split", 6, 3, resume=True)  # the worker skips what the first part consumed
+    assert all(torch.equal(inline[k], resumed[k]) for k in inline)
+    assert TrainConfig(out="x").prefetch is None  # auto: 4 on CUDA, 0 elsewhere
+
+
 def test_a_time_limit_stops_saves_and_resume_finishes_the_run(tmp_path) -> None:
     """max_minutes ends the run early with everything saved; --resume completes the same run
     (the weights of an unlimited run of as many steps)."""
