@@ -26,7 +26,8 @@
 #   VERSUS [240] LOADTEST [300]
 #   PYTEST_ARGS KERNELS_ARGS SAMPLER_ARGS SCAN_ARGS SMOKE_ARGS VERSUS_ARGS LOADTEST_ARGS: appended
 #   to each command (loadtest: defaults --users 1,4,16,64 --duration 5, every endpoint)
-#   TEST_PATHS ["tests/kernels tests/engine tests/ar"]: what the tests stage collects, in order
+#   TEST_PATHS ["tests/kernels tests/engine tests/ar tests/test_gpu_train.py"]: what the tests
+#   stage collects, in order (the last: the training call of a lease, a few steps on CUDA)
 #   TEST_MARK [gpu]: the tests stage's -m expression (one word: word splitting applies)
 #   TEST_TIMEOUT_EACH [90]: seconds per test when pytest-timeout is installed
 #   TEST_WORKERS [auto]: pytest-xdist processes for the tests stage (auto: 4 when xdist is
@@ -249,7 +250,7 @@ for stage in $STAGES; do
             run_stage tests "$TESTS_TIMEOUT" "$PY" -m pytest -q -m "${TEST_MARK:-gpu}" \
                 -p no:cacheprovider --maxfail="${PYTEST_MAXFAIL:-3}" \
                 --continue-on-collection-errors -rfE "${per_test[@]}" "${workers[@]}" \
-                ${TEST_PATHS:-tests/kernels tests/engine tests/ar} ${PYTEST_ARGS:-}
+                ${TEST_PATHS:-tests/kernels tests/engine tests/ar tests/test_gpu_train.py} ${PYTEST_ARGS:-}
             ;;
         kernels)
             run_stage kernels "$KERNELS_TIMEOUT" "$PY" -m yan_serve.bench kernels \

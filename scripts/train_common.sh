@@ -22,6 +22,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # shellcheck disable=SC2034  # used by the scripts that source this one
 common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --save-every 500
         --resume)
+# PREFETCH: batches built ahead in a worker process (`yan train --prefetch`; unset: its default,
+# 4 on CUDA, 0 on the CPU)
+[[ -z "${PREFETCH:-}" ]] || common+=(--prefetch "$PREFETCH")
 
 [[ -f "$DATA/train.jsonl" ]] || yan data "$CORPUS" --out "$DATA"
 

@@ -43,7 +43,7 @@ def test_check_script_parses_and_wires_every_stage() -> None:
         assert f"-m yan_serve.bench {bench}" in text
         assert f"{bench.upper()}_ARGS" in text
     assert '-m pytest -q -m "${TEST_MARK:-gpu}"' in text
-    assert "${TEST_PATHS:-tests/kernels tests/engine tests/ar}" in text
+    assert "${TEST_PATHS:-tests/kernels tests/engine tests/ar tests/test_gpu_train.py}" in text
     assert "scripts/gpu_smoke.py" in text and "SMOKE_ARGS" in text
     assert "PYTEST_ARGS" in text
     assert 'workers=(-n "$tw" --dist loadfile)' in text and "TEST_WORKERS" in text

@@ -102,3 +102,44 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
     assert state["step"] == 2 and state["train_config"]["decay"] == 1
     seeds = (fill["train_config"]["seed"], state["train_config"]["seed"])
     assert seeds == ((2, 3) if recipe == "both" else (0, 1))
+
+
+VERSES = [
+    ("law", "In the beginning God created the heaven and the earth."),
+    ("law", "And God said, Let there be light: and there was light."),
+    ("history", "And it came to pass after these things, that the king sent unto the city."),
+    ("wisdom", "The LORD is my shepherd; I shall not want."),
+    ("prophets", "Comfort ye, comfort ye my people, saith your God."),
+    ("gospels", "Blessed are the meek: for they shall inherit the earth."),
+    ("epistles", "Charity suffereth long, and is kind; charity envieth not."),
+    ("revelation", "And I saw a new heaven and a new earth."),
+]
+
+
+@pytest.mark.gpu
+def test_the_lease_training_call_runs_on_cuda(tmp_path: Path) -> None:
+    """What a GPU lease's training call runs (docs/gpu_session.md: RECIPE=both continuing the
+    shipped pair), a few steps of each stage on CUDA with a small stand-in corpus: bf16
+    autocast, the forked batch worker after CUDA is up, both processes on one GPU, the
+    packing. The GPU check runs this before the lease spends minutes on the real call."""
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for split in ("train", "val"):
+        rows = [{"id": f"{split} {i}", "book": "Genesis", "section": sec, "split": split,
+                 "text": f"{text} {VERSES[(i + 1) % len(VERSES)][1]}"}
+                for i, (sec, text) in enumerate(VERSES * 4)]  # fmt: skip
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA": str(data), "DEVICE": "cuda",
+           "RECIPE": "both", "INIT": str(ROOT / "weights/yan-tiny-kjv"),
+           "AR_INIT": str(ROOT / "weights/ar-tiny-kjv"), "MINUTES": "3", "FT": "3", "FILL": "3",
+           "ANNEAL": "3", "BS": "16"}  # fmt: skip
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
+    log = (tmp_path / "out/gpu-train/both.out").read_text()
+    assert log.count("on cuda") >= 3, log[-3000:]  # YAN fill + anneal, AR fine-tune
+    subprocess.run(["bash", str(SCRIPT), "--unpack", str(tmp_path / "out/gpu-train"),
+                    str(tmp_path / "yan"), str(tmp_path / "ar")], check=True)  # fmt: skip
+    assert from_pretrained(tmp_path / "yan").config.infill_masks == "per_position"
+    state = json.loads((tmp_path / "ar/logs/finetune/trainer_state.json").read_text())
+    assert state["step"] == 9 and state["train_config"]["device"] == "cuda"
