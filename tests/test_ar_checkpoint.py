@@ -25,12 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "weights" / "ar-tiny-kjv"
 YAN = ROOT / "weights" / "yan-tiny-kjv"
 
-# Held-out test books (Ruth, Ecclesiastes).
+# Held-out test books (Ruth, Ecclesiastes, Jonah, James).
 PASSAGES = [
     "And Ruth said, Intreat me not to leave thee, or to return from following after thee: "
     "for whither thou goest, I will go; and where thou lodgest, I will lodge:",
     "Vanity of vanities, saith the Preacher, vanity of vanities; all is vanity.",
     "To every thing there is a season, and a time to every purpose under the heaven:",
+    "One generation passeth away, and another generation cometh: but the earth abideth for ever.",
+    "Cast thy bread upon the waters: for thou shalt find it after many days.",
+    "Now the word of the LORD came unto Jonah the son of Amittai, saying,",
+    "Then Jonah prayed unto the LORD his God out of the fish's belly,",
+    "But be ye doers of the word, and not hearers only, deceiving your own selves.",
+    "Draw nigh to God, and he will draw nigh to you.",
+    "My brethren, count it all joy when ye fall into divers temptations;",
 ]
 
 
@@ -59,8 +66,10 @@ def test_files_size_tokenizer_and_card(loaded) -> None:
 
 
 def test_fill_in_the_middle_recovers_held_out_passages(loaded) -> None:
-    """The known text is kept and spans are generated in the trained `fill <mask> ... <eos>`
-    format (the fills themselves are mostly wrong, as the card says)."""
+    """The known text is kept and most answers are in the trained `fill <mask> ... <eos>` format
+    (the fills themselves are mostly wrong, as the card says). Not all: the prompt does not say
+    which infill target is wanted, and the model sometimes regenerates the passage instead (the
+    card measures how often)."""
     model, tok = loaded
     fmt = TaskFormatter(tok)
     sp = tok.special
@@ -70,4 +79,5 @@ def test_fill_in_the_middle_recovers_held_out_passages(loaded) -> None:
     filled = [fim_text(tok, e, o.tokens) for e, o in zip(exs, outs, strict=True)]
     assert metrics.rouge(filled, PASSAGES)["rouge1"] > 80
     assert all(o.tokens for o in outs)
-    assert sum(o.tokens.count(sp.mask) for o in outs) >= 2  # spans closed by <mask>, as trained
+    closed = sum(sp.mask in o.tokens for o in outs)  # spans closed by <mask>, as trained
+    assert closed > len(outs) / 2, f"{closed} of {len(outs)} answers in the FIM format"
