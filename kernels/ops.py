@@ -164,6 +164,12 @@ def routed_expert_euler(
     `tiles` (from `expert_tiles`) lets a solve group its tokens by expert once."""
     from . import routed_expert as m  # the submodule, imported on first use
 
+    if torch.compiler.is_compiling() or (h.is_cuda and _records_grad([h, w1, b1, w2, b2])):
+        # training on a GPU: the grouped reference syncs with the host once per expert
+        # (`nonzero`), which stalls a launch-bound training step; every expert at every token,
+        # then the routed one, is the same function and gradient with no sync (and, under
+        # torch.compile, no data-dependent shape)
+        return m.routed_expert_euler_dense(h, expert, w1, b1, w2, b2, z, dt)
     if _take_triton(h, w1, b1, w2, b2, z) and expert.device == h.device:
         return m.routed_expert_euler(h, expert, w1, b1, w2, b2, z, dt, tiles=tiles)
     return m.routed_expert_euler_ref(h, expert, w1, b1, w2, b2, z, dt)

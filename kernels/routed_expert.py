@@ -455,6 +455,28 @@ def _consts(cfg: Blocks, dtype: torch.dtype) -> dict:
                 DOT_PRECISION=_precision(dtype), TMA=cfg.tma)  # fmt: skip
 
 
+def routed_expert_euler_dense(
+    h: Tensor,
+    expert: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    z: Tensor | None = None,
+    dt: float = 1.0,
+) -> Tensor:
+    """`routed_expert_euler_ref` without data-dependent shapes (differentiable, no host sync):
+    every expert's FFN at every token, then each token's routed output. K times the FLOPs of
+    the grouped form, in a fixed number of launches; the gradient reaches an expert only from
+    the tokens routed to it, as in the reference."""
+    a = F.gelu(torch.einsum("nd,kdf->nkf", h, w1) + b1)
+    every = torch.einsum("nkf,kfd->nkd", a, w2) + b2  # [N, K, d]
+    out = every.gather(1, expert[:, None, None].expand(-1, 1, every.shape[-1])).squeeze(1)
+    if z is None:
+        return out
+    return z + dt * out
+
+
 def routed_expert_euler_ref(
     h: Tensor,
     expert: Tensor,

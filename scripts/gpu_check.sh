@@ -15,19 +15,22 @@
 # Only 8 files come back from $OUT, so the folder holds exactly: summary.txt, one log per stage
 # (tests, kernels, sampler, scan, smoke by default), results.json (bench JSON + smoke rows and
 # load-test rows merged) and extras.tar.gz (each bench's own JSON, the smoke JSON lines, the
-# load test's folder, the server logs, the setup log). The extra stages `versus` (bench versus)
-# and `loadtest` (loadtests/run.py with its built-in client: no Locust) are not in the default
-# list: five stages at most keep the folder within 8 files.
+# load test's folder, the server logs, the setup log). The extra stages `versus` (bench versus),
+# `loadtest` (loadtests/run.py with its built-in client: no Locust) and `train` (bench train:
+# training steps per second, YAN vs the AR) are not in the default list: five stages at most
+# keep the folder within 8 files.
 #
 # Environment knobs (defaults in brackets):
 #   STAGES ["tests kernels sampler scan smoke"]  DEVICE [cuda]  BUDGET_S [450]: the whole run
-#   (stages: tests kernels sampler scan smoke versus loadtest)
+#   (stages: tests kernels sampler scan smoke versus loadtest train)
 #   <STAGE>_TIMEOUT seconds: TESTS [200] KERNELS [90] SAMPLER [150] SCAN [45] SMOKE [150]
-#   VERSUS [240] LOADTEST [300]
-#   PYTEST_ARGS KERNELS_ARGS SAMPLER_ARGS SCAN_ARGS SMOKE_ARGS VERSUS_ARGS LOADTEST_ARGS: appended
-#   to each command (loadtest: defaults --users 1,4,16,64 --duration 5, every endpoint)
-#   TEST_PATHS ["tests/kernels tests/engine tests/ar tests/test_gpu_train.py"]: what the tests
-#   stage collects, in order (the last: the training call of a lease, a few steps on CUDA)
+#   VERSUS [240] LOADTEST [300] TRAIN [150]
+#   PYTEST_ARGS KERNELS_ARGS SAMPLER_ARGS SCAN_ARGS SMOKE_ARGS VERSUS_ARGS LOADTEST_ARGS
+#   TRAIN_ARGS: appended to each command (loadtest: defaults --users 1,4,16,64 --duration 5,
+#   every endpoint)
+#   TEST_PATHS ["tests/kernels tests/engine tests/ar tests/train tests/test_gpu_train.py"]: what
+#   the tests stage collects, in order (the last: the training call of a lease, a few steps on
+#   CUDA)
 #   TEST_MARK [gpu]: the tests stage's -m expression (one word: word splitting applies)
 #   TEST_TIMEOUT_EACH [90]: seconds per test when pytest-timeout is installed
 #   TEST_WORKERS [auto]: pytest-xdist processes for the tests stage (auto: 4 when xdist is
@@ -51,6 +54,7 @@ SCAN_TIMEOUT=${SCAN_TIMEOUT:-45}
 SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-150}
 VERSUS_TIMEOUT=${VERSUS_TIMEOUT:-240}
 LOADTEST_TIMEOUT=${LOADTEST_TIMEOUT:-300}
+TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-150}
 INSTALL=${INSTALL:-auto}
 SITE=${SITE:-/tmp/yan-site}
 export PYTHONUNBUFFERED=1
@@ -58,8 +62,8 @@ PY=${PYTHON:-python3}
 
 for s in $STAGES; do
     case $s in
-        tests | kernels | sampler | scan | smoke | versus | loadtest) ;;
-        *) echo "gpu_check: unknown stage '$s' (tests kernels sampler scan smoke versus loadtest)" >&2; exit 2 ;;
+        tests | kernels | sampler | scan | smoke | versus | loadtest | train) ;;
+        *) echo "gpu_check: unknown stage '$s' (tests kernels sampler scan smoke versus loadtest train)" >&2; exit 2 ;;
     esac
 done
 
@@ -250,7 +254,7 @@ for stage in $STAGES; do
             run_stage tests "$TESTS_TIMEOUT" "$PY" -m pytest -q -m "${TEST_MARK:-gpu}" \
                 -p no:cacheprovider --maxfail="${PYTEST_MAXFAIL:-3}" \
                 --continue-on-collection-errors -rfE "${per_test[@]}" "${workers[@]}" \
-                ${TEST_PATHS:-tests/kernels tests/engine tests/ar tests/test_gpu_train.py} ${PYTEST_ARGS:-}
+                ${TEST_PATHS:-tests/kernels tests/engine tests/ar tests/train tests/test_gpu_train.py} ${PYTEST_ARGS:-}
             ;;
         kernels)
             run_stage kernels "$KERNELS_TIMEOUT" "$PY" -m yan_serve.bench kernels \
@@ -273,6 +277,10 @@ for stage in $STAGES; do
             run_stage smoke "$smoke_limit" "$PY" scripts/gpu_smoke.py --device "$DEVICE" \
                 --out "$WORK/smoke.jsonl" --log-dir "$WORK" --budget $((smoke_limit - 12)) \
                 ${SMOKE_ARGS:-}
+            ;;
+        train)
+            run_stage train "$TRAIN_TIMEOUT" "$PY" -m yan_serve.bench train \
+                --device "$DEVICE" --json "$WORK/train.json" ${TRAIN_ARGS:-}
             ;;
         versus)
             run_stage versus "$VERSUS_TIMEOUT" "$PY" -m yan_serve.bench versus \
@@ -298,7 +306,7 @@ from pathlib import Path
 
 work, out, commit, gpu = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 merged = {"commit": commit, "gpu": gpu}
-for name in ("kernels", "sampler", "scan", "versus"):
+for name in ("kernels", "sampler", "scan", "versus", "train"):
     p = work / f"{name}.json"
     try:
         merged[name] = json.loads(p.read_text()) if p.exists() else None

@@ -25,18 +25,24 @@
 # carry back): to continue, start a stage from the returned weights with --init.
 #
 # RECIPE=both trains the YAN default and the AR baseline at once, as two processes on the one GPU
-# (at these sizes each step is launch-bound, so the second run fills the first one's gaps), each
-# with the whole of MINUTES: one call gives both sides of the quality comparison. What comes
+# (at these sizes each step is launch-bound), each with the whole of MINUTES: one call gives both
+# sides of the quality comparison. On an H200 (2026-11-27, batch 64, yan-tiny) YAN made ~6 steps/s
+# and the AR ~25 sharing the GPU. YAN's step dispatches ~1,900 kernel-launching operators to the
+# AR's ~350 and then also waited for the host ~15 times a step (counted on the CPU; those waits
+# are gone since). `python -m yan_serve.bench train` measures both steps alone. What comes
 # back then is each run's folder above packed as yan.tar / ar.tar and cut into 15 MiB parts
 # (yan.tar.part-aa, ...), plus both.out (the two runs' output); unpack with
 #       bash scripts/gpu_train.sh --unpack FILES_AT/gpu-train weights/YAN_NAME weights/AR_NAME
 #
-# Knobs (defaults in brackets): RECIPE [train_default], train_ar or both; CONFIG [yan-tiny] (YAN); BS [64];
+# Knobs (defaults in brackets): RECIPE [train_default], train_ar or both; CONFIG [yan-tiny]
+# (YAN); BS [64];
 # MINUTES [7]; SPLIT ["20 30 20 15 15"]: the percent of MINUTES for stage 1, stage 2, fine-tune,
 # fill and anneal (the AR recipe: pre-training = the first two, fine-tuning = the last three);
 # S1 S2 FT FILL ANNEAL [100000 each]: step caps; FOCUS_WEIGHT [1]; DATA [data/kjv];
 # PYTHON [python3]; INIT (RECIPE=both: and AR_INIT) [unset]: continue a trained checkpoint, e.g.
-# the shipped weights/yan-tiny-kjv (and weights/ar-tiny-kjv), instead of training from scratch.
+# the shipped weights/yan-tiny-kjv (and weights/ar-tiny-kjv), instead of training from scratch;
+# COMPILE [0]: 1 puts YAN's stage-2 and fine-tuning losses under torch.compile; PREFETCH [4 on
+# CUDA]: batches built ahead in a worker process.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -145,6 +151,7 @@ echo "gpu_train: $RECIPE, $CONFIG, batch $BS, $MINUTES min" \
     "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || echo "$DEVICE")"
 status=0
 OUT="$WORK/run" PUBLISH="$WORK/ckpt" bash "scripts/$RECIPE.sh" >"$WORK/train.out" 2>&1 || status=$?
+grep -E '^(done|[a-z0-9]+: time limit)' "$WORK/train.out"  # every stage's summary line
 tail -n 20 "$WORK/train.out"
 
 if [[ -f "$WORK/ckpt/model.safetensors" ]]; then

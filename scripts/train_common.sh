@@ -25,6 +25,8 @@ common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --
 # PREFETCH: batches built ahead in a worker process (`yan train --prefetch`; unset: its default,
 # 4 on CUDA, 0 on the CPU)
 [[ -z "${PREFETCH:-}" ]] || common+=(--prefetch "$PREFETCH")
+# COMPILE=1: YAN's stage 2 and fine-tuning losses under torch.compile (`yan train --compile`)
+[[ "${COMPILE:-0}" == 0 ]] || common+=(--compile)
 
 [[ -f "$DATA/train.jsonl" ]] || yan data "$CORPUS" --out "$DATA"
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "scripts" / "gpu_check.sh"
 SMOKE = ROOT / "scripts" / "gpu_smoke.py"
 STAGES = ("tests", "kernels", "sampler", "scan", "smoke")  # the default run
-EXTRA_STAGES = ("versus", "loadtest")  # on request: STAGES="versus loadtest"
+EXTRA_STAGES = ("versus", "loadtest", "train")  # on request: STAGES="versus train"
 
 
 def load_smoke():
@@ -39,11 +39,12 @@ def test_check_script_parses_and_wires_every_stage() -> None:
         assert f"{stage.upper()}_TIMEOUT" in text
         assert f"{stage.upper()}_ARGS" in text or stage == "tests"
     assert f"tests | {' | '.join((*STAGES, *EXTRA_STAGES)[1:])}) ;;" in text
-    for bench in ("kernels", "sampler", "scan", "versus"):
+    for bench in ("kernels", "sampler", "scan", "versus", "train"):
         assert f"-m yan_serve.bench {bench}" in text
         assert f"{bench.upper()}_ARGS" in text
     assert '-m pytest -q -m "${TEST_MARK:-gpu}"' in text
-    assert "${TEST_PATHS:-tests/kernels tests/engine tests/ar tests/test_gpu_train.py}" in text
+    paths = "tests/kernels tests/engine tests/ar tests/train tests/test_gpu_train.py"
+    assert "${TEST_PATHS:-" + paths + "}" in text
     assert "scripts/gpu_smoke.py" in text and "SMOKE_ARGS" in text
     assert "PYTEST_ARGS" in text
     assert 'workers=(-n "$tw" --dist loadfile)' in text and "TEST_WORKERS" in text

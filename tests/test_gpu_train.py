@@ -39,6 +39,19 @@ def test_script_parses_and_refuses_a_missing_corpus(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def stage_summaries(both_out: str) -> dict[str, set[str]]:
+    """Each run's distinct `done: ...` lines (one per training stage) in a RECIPE=both log."""
+    runs: dict[str, set[str]] = {}
+    run = None
+    for line in both_out.splitlines():
+        if line.startswith("=== ") and line.endswith(" ==="):
+            run = line[4:-4]
+            runs[run] = set()
+        elif run is not None and line.startswith("done: "):
+            runs[run].add(line)
+    return runs
+
+
 @pytest.mark.parametrize("recipe", ["train_default", "train_ar", "both"])
 def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
     tmp_path: Path, recipe: str
@@ -73,7 +86,9 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
         r = subprocess.run(unpack, capture_output=True, text=True)  # the AR folder is missing
         assert r.returncode != 0 and "AR" in r.stderr
         subprocess.run([*unpack, str(ar)], check=True)
-        assert "=== yan ===" in (ckpt / "both.out").read_text()
+        done = stage_summaries((ckpt / "both.out").read_text())
+        assert [len(done["yan"]), len(done["ar"])] == [2, 1], done  # fill + anneal; fine-tune
+        assert all(line.endswith(("/fill", "/anneal")) for line in done["yan"])
         assert (ar / "tokenizer.json").read_text() == (ckpt / "tokenizer.json").read_text()
     else:
         assert {"config.json", "tokenizer.json", "labels.json", "train.tar.gz",
@@ -137,7 +152,9 @@ def test_the_lease_training_call_runs_on_cuda(tmp_path: Path) -> None:
                        timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     log = (tmp_path / "out/gpu-train/both.out").read_text()
-    assert log.count("on cuda") >= 3, log[-3000:]  # YAN fill + anneal, AR fine-tune
+    done = stage_summaries(log)  # YAN fill + anneal, the AR's fine-tune, each on the GPU
+    assert [len(done["yan"]), len(done["ar"])] == [2, 1], log[-3000:]
+    assert all(" on cuda; " in line for lines in done.values() for line in lines), done
     subprocess.run(["bash", str(SCRIPT), "--unpack", str(tmp_path / "out/gpu-train"),
                     str(tmp_path / "yan"), str(tmp_path / "ar")], check=True)  # fmt: skip
     assert from_pretrained(tmp_path / "yan").config.infill_masks == "per_position"

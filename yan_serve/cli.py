@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup=args.warmup, decay=args.decay, grad_clip=args.grad_clip, log_every=args.log_every,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-        max_minutes=args.max_minutes, prefetch=args.prefetch,
+        max_minutes=args.max_minutes, prefetch=args.prefetch, compile=args.compile,
         seed=args.seed, device=args.device,
     )  # fmt: skip
     trainer = Trainer(objective, cfg, log=eprint)
@@ -427,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefetch",
         type=int,
         help="build this many batches ahead in a worker process (default: 4 on CUDA, else 0)",
+    )
+    tp.add_argument(
+        "--compile",
+        action="store_true",
+        help="YAN stage 2 and fine-tuning: the loss under torch.compile (fused kernels, a compile"
+        " of a minute or more first); the AR baseline and stage 1 run eagerly",
     )
     tp.add_argument("--seed", type=int, default=run.seed)
     tp.add_argument("--device", default=run.device)

@@ -344,6 +344,8 @@ def cuda_graphs() -> tuple[GraphSampler, GraphSampler]:
     graphs = GraphSampler(Sampler(model))
     report = graphs.capture(_GPU_LADDER)
     assert graphs.cuda_graphs and report.graphs == 3 * 9 * 2 and report.skipped == 0
+    # the graphs' pool is what they hold: positive, and within what the device lost
+    assert 0 < report.pool_bytes <= report.device_bytes, report
     padded = GraphSampler(Sampler(model), capturer=EagerReplay)
     padded.capture(_GPU_LADDER)
     return graphs, padded

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from yan_kernels.routed_expert import (
     Blocks,
     routed_expert_euler,
+    routed_expert_euler_dense,
     routed_expert_euler_ref,
     tile_map,
     tile_map_fused,
@@ -136,6 +137,59 @@ def test_reference_is_the_models_routed_field() -> None:
         want = ex.routed(h, e).reshape(-1, 16)
         got = routed_expert_euler_ref(h.reshape(-1, 16), e.reshape(-1), ex.w1, ex.b1, ex.w2, ex.b2)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("N", "d", "K", "empty"), CASES)
+@pytest.mark.parametrize("with_z", [True, False])
+def test_dense_training_form_equals_the_reference_with_gradients(N, d, K, empty, with_z) -> None:
+    """The sync-free form a GPU training step takes (every expert, then the routed one) gives
+    the reference's outputs and the same gradients for h, z and every weight: an expert that
+    routes no token gets none."""
+    h, e, z = _inputs(N, d, K, "cpu", empty)
+    h, z = h.double(), z.double()
+    leaves = [t.double().requires_grad_() for t in (h, z, *_weights(K, d, "cpu"))]
+    got_out = routed_expert_euler_dense(leaves[0], e, *leaves[2:], leaves[1] if with_z else None,
+                                        0.37)  # fmt: skip
+    grads_out = torch.randn(got_out.shape, generator=torch.Generator().manual_seed(5),
+                            dtype=got_out.dtype)  # fmt: skip
+    got = torch.autograd.grad(got_out, leaves, grads_out, allow_unused=True)
+    want_out = routed_expert_euler_ref(leaves[0], e, *leaves[2:], leaves[1] if with_z else None,
+                                       0.37)  # fmt: skip
+    want = torch.autograd.grad(want_out, leaves, grads_out, allow_unused=True)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got, want, strict=True):
+        if w is None:  # z unused
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    for k in empty:  # experts with no token: zero gradient, as the reference's none
+        assert not got[2][k].any() and not got[5][k].any()
+
+
+@pytest.mark.gpu
+def test_gpu_training_takes_the_dense_form_without_a_host_sync(monkeypatch) -> None:
+    """With gradients on CUDA the facade takes the dense form (no `nonzero`): a training step
+    never waits for the host there; its values and gradients are the reference's."""
+    from yan_kernels import ops
+
+    torch.manual_seed(0)
+    ex = Experts(6, 64, 256).cuda()
+    h = torch.randn(3, 50, 64, device="cuda", requires_grad=True)
+    e = torch.randint(0, 6, (3, 50), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = ex.routed(h, e)
+        g_got = torch.autograd.grad(got.square().sum(), [h, ex.w1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with ops.force("ref"):
+        h2 = h.detach().requires_grad_()
+        flat = routed_expert_euler_ref(h2.reshape(-1, 64), e.reshape(-1), ex.w1, ex.b1, ex.w2,
+                                       ex.b2)  # fmt: skip
+        g_want = torch.autograd.grad(flat.square().sum(), [h2, ex.w1])
+    torch.testing.assert_close(got.reshape(-1, 64), flat, **TOL[torch.float32])
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("mutant", ["no_gelu", "tanh_gelu", "no_b1", "no_b2", "wrong_expert"])

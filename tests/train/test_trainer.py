@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -206,6 +207,87 @@ def test_prefetching_batches_in_a_worker_changes_nothing(tmp_path) -> None:
     resumed = run("split", 6, 3, resume=True)  # the worker skips what the first part consumed
     assert all(torch.equal(inline[k], resumed[k]) for k in inline)
     assert TrainConfig(out="x").prefetch is None  # auto: 4 on CUDA, 0 elsewhere
+
+
+class _NaNAt(YANObjective):
+    """The stage-1 objective, with a NaN loss at the 0-based training calls in `bad`."""
+
+    def __init__(self, *args, bad: set[int]) -> None:
+        super().__init__(*args)
+        self.bad, self.calls = bad, 0
+
+    def forward(self, batch, generator=None):
+        terms = super().forward(batch, generator)
+        if self.training:  # validation runs in eval mode and does not count
+            if self.calls in self.bad:
+                terms["loss"] = terms["loss"] * float("nan")
+            self.calls += 1
+        return terms
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_non_finite_gradient_skips_its_update_on_the_device(tmp_path, device) -> None:
+    """A step whose gradient norm is not finite leaves the weights and the optimizer's state as
+    they were (the fused AdamW's `found_inf`, no host sync per step), and the log line of its
+    window says so; the other steps train as usual."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    cfg = dict(batch_size=4, warmup=2, lr=1e-3, log_every=2, eval_every=100, save_every=100,
+               device=device)  # fmt: skip
+    logs: list[str] = []
+
+    def trainer(out: str, steps: int, bad: set[int]) -> Trainer:
+        torch.manual_seed(0)
+        obj = _NaNAt(YAN(micro_config(vocab_size=tok.vocab_size)), tok, StageConfig("stage1"),
+                     bad=bad)  # fmt: skip
+        return Trainer(obj, TrainConfig(**cfg, out=str(tmp_path / out), steps=steps), _stream(tok),
+                       [next(_stream(tok, 9))], log=logs.append)  # fmt: skip
+
+    t = trainer("poisoned", 2, {2})
+    t.train()
+    a = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.cfg = replace(t.cfg, steps=3)  # one more step, on the poisoned batch
+    t.train()
+    b = t.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert all(torch.isfinite(v).all() for v in b.values() if v.is_floating_point())
+    steps = [int(st["step"]) for st in t.opt.state.values()]
+    assert steps and set(steps) == {2}, steps  # the skipped step is not counted either
+    assert any("steps 3-3: 1 with a non-finite gradient norm" in line for line in logs), logs
+
+
+def test_a_run_saved_by_the_foreach_optimizer_resumes_fused(tmp_path) -> None:
+    """Runs saved before the trainer used the fused AdamW (their optimizer state says
+    foreach) continue with the fused one, moments and step counts kept."""
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    cfg = dict(out=str(tmp_path / "run"), batch_size=4, warmup=2, lr=1e-3, log_every=2,
+               eval_every=100, save_every=100)  # fmt: skip
+    val = [next(_stream(tok, 9))]
+    torch.manual_seed(0)
+    first = Trainer(_objective(tok), TrainConfig(**cfg, steps=2), _stream(tok), val,
+                    log=lambda *a: None)  # fmt: skip
+    first.opt = torch.optim.AdamW(first.params, lr=1e-3, foreach=True)  # what older runs used
+    _foreach_steps(first, 2)
+    first.step = 2
+    first.save()
+    second = Trainer(_objective(tok), TrainConfig(**cfg, steps=4), _stream(tok, 1), val,
+                     log=lambda *a: None)  # fmt: skip
+    assert second.resume()
+    assert all(g["fused"] and not g["foreach"] for g in second.opt.param_groups)
+    assert {int(st["step"]) for st in second.opt.state.values()} == {2}
+    assert second.train()["steps"] == 4
+    assert {int(st["step"]) for st in second.opt.state.values()} == {4}
+
+
+def _foreach_steps(t: Trainer, n: int) -> None:
+    """`n` plain steps of `t.opt` on `t`'s batches."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        loss = t.loss_fn(next(t.train_batches), g)["loss"]
+        t.opt.zero_grad()
+        loss.backward()
+        t.opt.step()
 
 
 def test_a_time_limit_stops_saves_and_resume_finishes_the_run(tmp_path) -> None:

@@ -1,8 +1,8 @@
 """Benchmarks, apart from the tests: `python -m yan_serve.bench <command> [--device DEVICE]`.
 
-One module per command (kernels, sampler, scan, versus), each registering its parser through an
-`add_<name>(subparsers)` function listed in `COMMANDS`; `yan_serve.bench.common` holds the
-timers, the run header, the device and flag handling and the test models they share.
+One module per command (kernels, sampler, scan, versus, train), each registering its parser
+through an `add_<name>(subparsers)` function listed in `COMMANDS`; `yan_serve.bench.common` holds
+the timers, the run header, the device and flag handling and the test models they share.
 
 `--device auto` (the default) takes CUDA when present, else the CPU; `--device cuda` without
 CUDA (or without triton) prints one line and exits with status 2. CPU timings are wall-clock
@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import argparse
 
-from yan_serve.bench import kernels, sampler, scan, versus
+from yan_serve.bench import kernels, sampler, scan, train, versus
 
-SUITES = (kernels, sampler, scan, versus)
-COMMANDS = [kernels.add_kernels, sampler.add_sampler, scan.add_scan, versus.add_versus]
+SUITES = (kernels, sampler, scan, versus, train)
+COMMANDS = [
+    kernels.add_kernels,
+    sampler.add_sampler,
+    scan.add_scan,
+    versus.add_versus,
+    train.add_train,
+]
 
 
 def main(argv: list[str] | None = None) -> int:

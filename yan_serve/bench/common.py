@@ -71,10 +71,18 @@ def _wall_once(fn: Callable[[], object], sync: bool = False) -> Callable[[], flo
     return once
 
 
-def time_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
-    """Median time of `fn` on the current CUDA stream (CUDA events), in milliseconds."""
+def time_ms(
+    fn: Callable[[], object], iters: int, warmup: int = 3, budget_s: float = math.inf
+) -> float:
+    """Median time of `fn` on the current CUDA stream (CUDA events), in milliseconds. With
+    `budget_s`, a slow `fn` gets fewer warm-up and timed calls (at least one of each) once they
+    add up to that many seconds each."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 > budget_s:
+            break
     torch.cuda.synchronize()
 
     def once() -> float:
@@ -85,7 +93,7 @@ def time_ms(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
         torch.cuda.synchronize()
         return start.elapsed_time(end)
 
-    return _median_ms(once, iters)
+    return _median_ms(once, iters, budget_s)
 
 
 def wall_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:

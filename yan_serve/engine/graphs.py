@@ -347,7 +347,10 @@ class GraphSampler:
         ]
         cuda = self.device.type == "cuda"
         if cuda:
+            # measure from an empty cache and back to one: blocks cached before the capture,
+            # or by its eager warm-up runs, would otherwise count (or, released, read negative)
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
             reserved0 = torch.cuda.memory_reserved(self.device)
             free0 = torch.cuda.mem_get_info(self.device)[0]
         t0 = time.perf_counter()
@@ -373,6 +376,7 @@ class GraphSampler:
         report = CaptureReport(done, skipped, 0.0, buffers.nbytes() if buffers else 0, 0, 0)
         if cuda:
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # the graphs' pools stay: they hold what the graphs use
             report.pool_bytes = torch.cuda.memory_reserved(self.device) - reserved0
             report.device_bytes = free0 - torch.cuda.mem_get_info(self.device)[0]
         report.seconds = time.perf_counter() - t0

@@ -29,14 +29,13 @@ def _masked_token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
 def token_ce(logits: Tensor, targets: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
     """Cross-entropy of logits [B, L, V] against targets [B, L], masked mean over tokens; with a
     per-position `weight` [B, L], the weighted mean sum(w * ce) / sum(w) over the masked tokens."""
-    sel = mask.reshape(-1)
-    flat = logits.reshape(-1, logits.shape[-1])[sel]
-    if flat.shape[0] == 0:
-        return logits.sum() * 0.0
-    if weight is None:
-        return F.cross_entropy(_acc(flat), targets.reshape(-1)[sel])
-    ce = F.cross_entropy(_acc(flat), targets.reshape(-1)[sel], reduction="none")
-    w = weight.reshape(-1)[sel].to(ce.dtype)
+    # Every position's CE, weighted by the mask: no boolean indexing, whose data-dependent
+    # shape would make a GPU training step wait for the host.
+    ce = F.cross_entropy(_acc(logits).flatten(0, -2), targets.reshape(-1), reduction="none")
+    w = mask.reshape(-1).to(ce.dtype)
+    if weight is not None:
+        w = w * weight.reshape(-1).to(ce.dtype)
+    # no token: 0 (with the graph kept); else the (weighted) mean over the masked tokens
     return (ce * w).sum() / w.sum().clamp_min(torch.finfo(ce.dtype).tiny)
 
 
@@ -121,11 +120,12 @@ def gate_entropy(gate_logits: Tensor, mask: Tensor) -> Tensor:
 
 def load_balance_kl(gate_logits: Tensor, mask: Tensor) -> Tensor:
     """KL(mean gate over valid tokens || uniform): 0 when experts are used equally."""
-    p = torch.softmax(_acc(gate_logits), dim=-1)[mask]  # [N, K]
-    if p.shape[0] == 0:
-        return gate_logits.sum() * 0.0
-    mean = p.mean(0)
+    p = torch.softmax(_acc(gate_logits), dim=-1)  # [..., K]
+    m = mask[..., None].to(p.dtype)
+    n = m.sum()
+    mean = (p * m).flatten(0, -2).sum(0) / n.clamp_min(1.0)
     k = mean.shape[0]
+    mean = torch.where(n > 0, mean, torch.full_like(mean, 1.0 / k))  # no token: KL 0
     return (mean * (mean.clamp_min(1e-12).log() + math.log(k))).sum()
 
 

@@ -91,6 +91,29 @@ def stage1_loss(
     return terms
 
 
+@dataclass
+class Stage2Draws:
+    """The random draws of one stage-2 step, all on the batch's device: latent noise
+    N(0, I) [B, Ly, d] (before `init_noise` and the target mask), one time per sequence t [B],
+    routing uniforms [B, Ly]."""
+
+    noise: Tensor
+    t: Tensor
+    uniforms: Tensor
+
+
+def stage2_draws(model: YAN, tgt: Tensor, generator: torch.Generator | None = None) -> Stage2Draws:
+    """`stage2_loss`'s draws from `generator`, in the order it takes them itself."""
+    cfg = model.config
+    dev = tgt.device
+    gdev = generator.device if generator is not None else dev
+    B, Ly = tgt.shape
+    noise = torch.randn((B, Ly, cfg.d_model), generator=generator, device=gdev).to(dev)
+    t = LinearPath(cfg.beta_a, cfg.beta_b).sample_t(B, dev, generator)
+    uniforms = torch.rand(tgt.shape, generator=generator, device=gdev).to(dev)
+    return Stage2Draws(noise, t, uniforms)
+
+
 def stage2_loss(
     model: YAN,
     src: Tensor,  # [B, Lx]
@@ -103,6 +126,7 @@ def stage2_loss(
     freeze_autoencoder: bool = True,
     generator: torch.Generator | None = None,
     focus: Tensor | None = None,  # [B, Ly] bool: the positions the task asks for
+    draws: Stage2Draws | None = None,  # given: `generator` is not used
 ) -> dict[str, Tensor]:
     """MoE-FM NLL at a random time on the linear path + CE through the unrolled Euler solve.
 
@@ -118,8 +142,8 @@ def stage2_loss(
     cfg = model.config
     w = weights or Stage2Weights()
     steps = cfg.train_ode_steps if steps is None else steps
-    dev = src.device
-    gdev = generator.device if generator is not None else dev
+    if draws is None:
+        draws = stage2_draws(model, tgt, generator)
     frozen = torch.no_grad() if freeze_autoencoder else contextlib.nullcontext()
     with frozen:
         src_h = model.encode(src, src_mask)
@@ -127,18 +151,14 @@ def stage2_loss(
     cond = model.condition(src_h, src_mask, tgt_mask)
     m = tgt_mask[..., None].to(z1.dtype)
 
-    z0 = torch.randn(z1.shape, generator=generator, device=gdev).to(dev, z1.dtype)
-    z0 = z0 * cfg.init_noise * m
-    path = LinearPath(cfg.beta_a, cfg.beta_b)
-    t = path.sample_t(z1.shape[0], dev, generator)
-    ps = path.sample(z0, z1, t)
+    z0 = draws.noise.to(z1.dtype) * cfg.init_noise * m
+    ps = LinearPath(cfg.beta_a, cfg.beta_b).sample(z0, z1, draws.t)
 
-    state = model.flow.trunk(ps.x_t, t, cond)
+    state = model.flow.trunk(ps.x_t, draws.t, cond)
     logits = model.flow.gate_logits(state)
     nll = moe_fm_nll(model.flow.expert_fields(state), logits, ps.dx_t, tgt_mask, cfg.moe_sigma)
 
-    uniforms = torch.rand(tgt.shape, generator=generator, device=gdev).to(dev)
-    z1_hat = FrozenRoutingEuler().solve(model.flow, z0, cond, steps, routing, uniforms).z
+    z1_hat = FrozenRoutingEuler().solve(model.flow, z0, cond, steps, routing, draws.uniforms).z
     ce_weight = None
     if focus is not None and w.focus != 1.0:
         ce_weight = 1.0 + (w.focus - 1.0) * focus.to(torch.float32)
@@ -207,6 +227,7 @@ class YANObjective(Objective):
         self.name = spec.stage
         self.default_lr = 1e-5 if spec.stage == "finetune" else 1e-4
         self.tasks = {"stage1": (), "stage2": ("infill",)}.get(spec.stage, spec.tasks)
+        self._compiled: Any = None  # stage2_loss under torch.compile (`compile`)
 
     def trainable(self) -> list[nn.Parameter]:
         return trainable_parameters(self.model, self.spec)
@@ -222,10 +243,22 @@ class YANObjective(Objective):
         s, b = self.spec, batch
         if s.stage == "stage1":
             return stage1_loss(self.model, b.src, b.tgt, b.tgt_mask, s.stage1, generator)
-        return stage2_loss(
+        # the draws stay eager (they take the trainer's generator); the rest may be compiled
+        draws = stage2_draws(self.model, b.tgt, generator)
+        return (self._compiled or stage2_loss)(
             self.model, b.src, b.src_mask, b.tgt, b.tgt_mask, s.stage2,
-            freeze_autoencoder=s.freeze_autoencoder, generator=generator, focus=b.focus,
+            freeze_autoencoder=s.freeze_autoencoder, focus=b.focus, draws=draws,
         )  # fmt: skip
+
+    def compile_loss(self) -> bool:
+        """Run stage 2's loss (stage 2 and fine-tuning) under `torch.compile` with dynamic
+        shapes (batches differ in length): the step's ~2,000 small operators become a few
+        fused kernels, which is what a launch-bound GPU step needs. The routed experts take
+        their dense form there (no data-dependent shapes). Stage 1 stays eager (False)."""
+        if self.spec.stage == "stage1":
+            return False
+        self._compiled = torch.compile(stage2_loss, dynamic=True)
+        return True
 
     def target_tokens(self, batch: Batch) -> int:
         return int(batch.tgt_mask.sum())

@@ -1,7 +1,9 @@
 """The one training loop: YAN's stages and the AR baseline are objectives it optimizes.
 
-AdamW (0.9, 0.999), linear warm-up then constant LR, gradient clipping (a non-finite norm skips
-the update), bf16 autocast on CUDA, validation loss on fixed batches, resumable checkpoints.
+AdamW (0.9, 0.999; the fused kernel), linear warm-up then constant LR, gradient clipping (a
+non-finite norm skips the update, decided on the device), bf16 autocast on CUDA, validation loss
+on fixed batches, resumable checkpoints. A training step never waits for the device: the loss
+terms are summed there and read once per log line.
 Multi-GPU and multi-node through torchrun: the objective is an nn.Module wrapped in
 DistributedDataParallel, each rank draws its own seeded batch stream, rank 0 logs and saves.
 
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from yan_serve.device import resolve_device
 
@@ -67,6 +69,9 @@ class TrainConfig(Schedule):
     # stop (and save) once this much wall time has passed, whatever `steps` says: a run given a
     # fixed window (a lent GPU) ends on time and a later `--resume` continues it
     max_minutes: float | None = None
+    # the objective's loss under torch.compile (`Objective.compile_loss`): fewer, fused kernels
+    # per step, after a compile of a minute or more on the first batches
+    compile: bool = False
     # build this many training batches ahead in a worker process (`prefetch`); None: 4 on
     # CUDA, where building a batch in Python would otherwise leave the GPU idle, else 0
     prefetch: int | None = None
@@ -142,6 +147,11 @@ class Objective(nn.Module):
         """The objective's own settings, recorded in trainer_state.json."""
         return {}
 
+    def compile_loss(self) -> bool:
+        """Put the loss under `torch.compile` where the objective has such a path; False where
+        it runs eager."""
+        return False
+
 
 def lr_at(step: int, cfg: Schedule, time_done: float = 0.0) -> float:
     """Linear warm-up over `warmup` steps, constant, then linear decay to zero over the last
@@ -189,11 +199,16 @@ class Trainer:
         self.model = objective.model
         self.params = objective.trainable()
         self.loss_fn: nn.Module = objective
+        if cfg.compile and not objective.compile_loss():
+            log(f"{objective.name}: no compiled loss for this objective; it runs eagerly")
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.loss_fn = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+        # The fused AdamW (CUDA and CPU): one kernel for the whole update, and it takes
+        # `found_inf`, so a step with a non-finite gradient is skipped on the device: a GPU
+        # step never waits for the host to look at the gradient norm
         self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, foreach=True
+            self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=True
         )
         if train_batches is None:
             train_batches = objective.batches("train", cfg.batch_size, cfg.seed + 7919 * self.rank)
@@ -250,6 +265,12 @@ class Trainer:
         opt_state = torch.load(self.out / "optimizer.pt", map_location=self.device,
                                weights_only=True)  # fmt: skip
         self.opt.load_state_dict(opt_state)
+        for group in self.opt.param_groups:  # a run saved by the foreach AdamW continues fused
+            group.update(fused=True, foreach=None)
+            for p in group["params"]:
+                st = self.opt.state.get(p, {})
+                if "step" in st:
+                    st["step"] = st["step"].to(p.device, torch.float32)
         self.step = int(state["step"])
         rng_file = self.out / "rng_state.pt"
         if rng_file.exists():  # the noise and routing draws continue where they stopped
@@ -287,6 +308,23 @@ class Trainer:
         self.objective.train()
         return {f"val_{k}": v / len(self.val_batches) for k, v in sums.items()}
 
+    def train_step(
+        self, batch: Any, generator: torch.Generator
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """One update on `batch` (on the device) at the optimizer's current learning rate:
+        (the loss terms, 1.0 where the update was skipped for a non-finite gradient norm else
+        0.0), all device tensors: nothing here waits for the device."""
+        with self._autocast():
+            terms = self.loss_fn(batch, generator)
+        self.opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        # the protocol GradScaler uses with fused optimizers: found_inf, a float32 scalar
+        bad = (~torch.isfinite(gnorm)).float()
+        self.opt.found_inf = bad  # type: ignore[attr-defined]
+        self.opt.step()
+        return terms, bad
+
     def train(self) -> dict:
         cfg, name = self.cfg, self.objective.name
         self.objective.train()
@@ -295,6 +333,7 @@ class Trainer:
         start = self.step
         window: dict[str, float] = {}
         n_window = 0
+        skipped: torch.Tensor | None = None  # steps skipped since the last log, on the device
         tokens = 0
         best_val = math.inf
         g = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919 * self.rank)
@@ -315,15 +354,8 @@ class Trainer:
             lr = lr_at(self.step, cfg, spent)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            with self._autocast():
-                terms = self.loss_fn(batch, g)
-            self.opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-            if not torch.isfinite(gnorm):
-                self.log(f"step {self.step}: non-finite gradient norm, update skipped")
-            else:
-                self.opt.step()
+            terms, bad = self.train_step(batch, g)
+            skipped = bad if skipped is None else skipped + bad
             self.step += 1
             for k, v in terms.items():  # summed on the device, read once per log line
                 window[k] = window.get(k, 0.0) + v.detach().float()
@@ -332,6 +364,10 @@ class Trainer:
                 rate = (self.step - start) / max(time.time() - t0, 1e-9)
                 eta = (cfg.steps - self.step) / max(rate, 1e-9)
                 avg = {k: float(v) / n_window for k, v in window.items()}
+                if skipped is not None and (n := int(skipped.item())):
+                    self.log(f"steps {self.step - n_window + 1}-{self.step}: {n} with a"
+                             " non-finite gradient norm, their updates skipped")  # fmt: skip
+                skipped = None
                 rec = {"step": self.step, "lr": lr, **avg}
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     rec.update(self.validate())
