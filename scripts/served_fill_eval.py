@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--span-tokens", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=0,
+                   help="YAN: Euler time points T (0: the server's default)")  # fmt: skip
     args = p.parse_args(argv)
     path = Path(args.data) / f"{args.split}.jsonl"
     if not path.is_file():
@@ -61,14 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     plans = [T.plan_infill(tok, text, worker.max_length, args.span_tokens,
                            infill_masks=worker.infill_masks) for text, _ in items]  # fmt: skip
     scorer = rouge_scorer.RougeScorer(["rougeL"])
+    steps = args.steps or worker.default_steps
+    at = f", T = {steps}" if worker.kind == "yan" else ""
     print(f"{args.model} ({worker.kind}) on {len(items)} {args.split} passages of {args.data}, "
-          f"bare [MASK] ({args.span_tokens} positions), greedy")  # fmt: skip
+          f"bare [MASK] ({args.span_tokens} positions), greedy{at}")  # fmt: skip
     for allow_empty in (True, False):
         opts = TaskOptions(allow_empty=allow_empty)
         scores, empty = [], 0
         for a in range(0, len(items), args.batch_size):
             chunk = plans[a : a + args.batch_size]
-            reqs = [EngineRequest(pl.src, pl.tgt_len, args.seed, worker.default_steps, plan=pl,
+            reqs = [EngineRequest(pl.src, pl.tgt_len, args.seed, steps, plan=pl,
                                   options=opts) for pl in chunk]  # fmt: skip
             golds = [gold for _, gold in items[a : a + args.batch_size]]
             for gold, pl, g in zip(golds, chunk, worker.run(reqs), strict=True):

@@ -81,6 +81,9 @@ class SamplerRow:
     capture_s: float | None  # warm-up + capture of that one graph
     graph_mib: float | None  # the capture's graph pool: growth of reserved device memory
     same_tokens: float | None  # fraction of tokens where graph == fused
+    # --gelu-compare: the graph ms with the GELU epilogue the other way, in the same run
+    other_gelu_ms: float | None = None
+    compared: bool = False  # whether the row has that column
 
     def line(self) -> str:
         g = self.graph_ms
@@ -92,6 +95,7 @@ class SamplerRow:
             f"{fmt(self.fused_ms, '10.2f')}{fmt(g, '10.2f')}{self.floor_ms:10.3f}"
             f"{fmt(pct, '8.1f')}%{fmt(self.launches, '10d')}{fmt(vs_e, '11.2f')}x"
             f"{fmt(self.capture_s, '11.2f')}{fmt(self.graph_mib, '11.0f')}{fmt(same, '9.2f')}%"
+            + (f"{fmt(self.other_gelu_ms, '15.2f')}" if self.compared else "")
         )
 
 
@@ -173,6 +177,9 @@ class _GpuTable:
         self.model, self.steps, self.iters = model, steps, iters
         self.attention, self.profile = args.attention, args.profile
         self.gelu_epilogue = args.gelu_epilogue
+        self.gelu_compare = args.gelu_compare
+        if self.gelu_compare:
+            self.columns = GPU_SAMPLER_COLUMNS + f"{'other GELU ms':>15}"
         dtype = next(model.parameters()).dtype
         self.bw = copy_bandwidth(10)
         self.rate = matmul_rate(dtype, 10)
@@ -228,6 +235,14 @@ class _GpuTable:
                 graph = wall_ms(lambda: graphs.generate(reqs, steps, "argmax"), iters)
                 if fused_out is not None:
                     same = _same_tokens(graphs.generate(reqs, steps, "argmax"), fused_out)
+            other = None
+            if self.gelu_compare and graph is not None:
+                del graphs  # its pool, before the second capture
+                torch.cuda.empty_cache()
+                fused.engine.gelu_epilogue = not self.gelu_epilogue
+                flipped = GraphSampler(fused)
+                if (r2 := or_oom(lambda: flipped.capture(ladder))) is not None and r2.graphs == 1:
+                    other = wall_ms(lambda: flipped.generate(reqs, steps, "argmax"), iters)
         flops, params = sample_cost(model.config, batch, length, steps)
         elt = next(model.parameters()).element_size()
         floor = max(flops / self.rate, params * elt / self.bw) * 1e3  # FLOP/s, bytes/s
@@ -237,7 +252,7 @@ class _GpuTable:
             # the pool, not free-memory deltas: those also count what the caching allocator
             # released meanwhile (they read negative)
             None if rep is None else rep.pool_bytes / 2**20,
-            same,
+            same, other, self.gelu_compare,
         )  # fmt: skip
 
     def notes(self) -> None:
@@ -249,6 +264,12 @@ class _GpuTable:
             " measured here.\nlaunches: GPU kernels per sample of the fused engine"
             " (torch.profiler). graph MiB: the\ncapture's memory pool (growth of reserved device"
             " memory)."
+            + (
+                "\nother GELU ms: graph ms with the GELU epilogue the other way"
+                f" ({'off' if self.gelu_epilogue else 'on'}), same run."
+                if self.gelu_compare
+                else ""
+            )
         )
 
 
@@ -373,6 +394,7 @@ def _sampler_table(name: str, args: argparse.Namespace, device: str) -> dict:
         "decode": "greedy",
         "attention": args.attention,
         "gelu_epilogue": args.gelu_epilogue,
+        "gelu_compare": args.gelu_compare,
         **table.header,
     }
     print_header(header)
@@ -430,6 +452,12 @@ def add_sampler(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="CUDA: the fused engine's FFN up-projections with bias and exact GELU in one Triton"
         " GEMM (ops.linear_gelu) instead of cuBLAS + a GELU pass",
+    )
+    p.add_argument(
+        "--gelu-compare",
+        action="store_true",
+        help="CUDA: also time each graph with the GELU epilogue the other way (column"
+        " `other GELU ms`): whether the epilogue pays, from one run",
     )
     p.add_argument(
         "--profile",

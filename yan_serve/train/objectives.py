@@ -227,7 +227,7 @@ class YANObjective(Objective):
         self.name = spec.stage
         self.default_lr = 1e-5 if spec.stage == "finetune" else 1e-4
         self.tasks = {"stage1": (), "stage2": ("infill",)}.get(spec.stage, spec.tasks)
-        self._compiled: Any = None  # stage2_loss under torch.compile (`compile`)
+        self._compiled: Any = None  # stage2_loss under torch.compile (`compile_loss`)
 
     def trainable(self) -> list[nn.Parameter]:
         return trainable_parameters(self.model, self.spec)
