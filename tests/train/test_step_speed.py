@@ -155,3 +155,40 @@ def test_yan_train_compile_flag_reaches_the_trainer(monkeypatch, tmp_path) -> No
             "--tasks", "infill"]  # fmt: skip
     assert cli.main(argv) == 0
     assert seen == {"compile": True} and asked == ["finetune"]
+
+
+@pytest.mark.gpu
+def test_prefetched_batches_are_pinned_and_copied_without_waiting() -> None:
+    """On CUDA the prefetch worker's batches arrive in page-locked memory (YAN's dataclass
+    through its `pin_memory`, the AR's named tuple field by field), so the trainer's
+    `.to(device, non_blocking=True)` neither waits for the queued work nor changes a value."""
+    from yan_serve.ar.train import ARBatch
+    from yan_serve.train.trainer import prefetch
+
+    yan = [_batch(3, 5, 7, seed) for seed in range(3)]
+    ids = torch.arange(12).view(3, 4)
+    ar = [ARBatch(ids + i, torch.ones_like(ids), ids - i) for i in range(3)]
+    for batches in (yan, ar):
+        got = list(prefetch(iter(batches), 2, pin=True))
+        assert len(got) == 3
+        for want, b in zip(batches, got, strict=True):
+            fields = (b.src, b.src_mask, b.tgt, b.tgt_mask, b.focus) if isinstance(b, Batch) else b
+            assert all(t.is_pinned() for t in fields)
+            on = b.to("cuda", non_blocking=True)
+            torch.cuda.synchronize()
+            back = on.to("cpu")
+            pairs = zip(
+                (back.src, back.tgt, back.focus) if isinstance(b, Batch) else back,
+                (want.src, want.tgt, want.focus) if isinstance(b, Batch) else want,
+                strict=True,
+            )
+            assert all(torch.equal(x, y) for x, y in pairs)
+
+
+def test_batches_move_with_non_blocking_on_the_cpu() -> None:
+    """`Batch.to(..., non_blocking=...)`, the call the trainer makes, keeps every field."""
+    b = _batch(3, 5, 7, 0)
+    moved = b.to("cpu", non_blocking=True)
+    assert moved.task == b.task
+    for f in ("src", "src_mask", "tgt", "tgt_mask", "focus"):
+        assert torch.equal(getattr(moved, f), getattr(b, f))

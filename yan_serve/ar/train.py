@@ -35,8 +35,12 @@ class ARBatch(NamedTuple):
     att: Tensor
     labels: Tensor
 
-    def to(self, device: torch.device | str) -> ARBatch:
-        return ARBatch(*(t.to(device) for t in self))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ARBatch:
+        return ARBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def pin_memory(self) -> ARBatch:
+        """The batch in page-locked host memory (the DataLoader's `pin_memory` calls this)."""
+        return ARBatch(*(t.pin_memory() for t in self))
 
 
 def collate_ar(seqs: Sequence[tuple[list[int], int]], pad: int) -> ARBatch:

@@ -28,9 +28,16 @@ class Batch:
     task: str = ""
     focus: Tensor | None = None  # [B, Ly] bool: the positions the task asks for (`Example.focus`)
 
-    def to(self, device: torch.device | str) -> Batch:
-        focus = None if self.focus is None else self.focus.to(device)
-        return Batch(*(t.to(device) for t in (self.src, self.src_mask, self.tgt, self.tgt_mask)),
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (the DataLoader's `pin_memory` calls this)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> Batch:
+        focus = None if self.focus is None else fn(self.focus)
+        return Batch(*(fn(t) for t in (self.src, self.src_mask, self.tgt, self.tgt_mask)),
                      task=self.task, focus=focus)  # fmt: skip
 
 

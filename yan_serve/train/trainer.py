@@ -87,17 +87,20 @@ class _Stream(torch.utils.data.IterableDataset):
         return self.it
 
 
-def prefetch(stream: Iterator, depth: int) -> Iterator:
+def prefetch(stream: Iterator, depth: int, pin: bool = False) -> Iterator:
     """`stream`'s items, built `depth` ahead in one forked worker process (a `DataLoader` over the
     iterator, items passed through unbatched), so that building batches in Python overlaps the
     training step instead of leaving the accelerator idle. The worker draws the items in the
     same order from the same seeded state, so the stream is exactly the one it wraps. The worker
-    only builds batches on the CPU; it stops when the returned iterator is dropped."""
+    only builds batches on the CPU; it stops when the returned iterator is dropped. With `pin`
+    (CUDA) the loader's thread copies each item into page-locked memory (its `pin_memory()`),
+    from which `.to(device, non_blocking=True)` does not wait for the device: a copy from
+    pageable memory first waits for all the work queued before it."""
     if depth <= 0:
         return stream
     loader = torch.utils.data.DataLoader(
         _Stream(stream), batch_size=None, num_workers=1, prefetch_factor=depth,
-        multiprocessing_context="fork",
+        multiprocessing_context="fork", pin_memory=pin,
     )  # fmt: skip
     return iter(loader)
 
@@ -213,7 +216,7 @@ class Trainer:
         if train_batches is None:
             train_batches = objective.batches("train", cfg.batch_size, cfg.seed + 7919 * self.rank)
         depth = cfg.prefetch if cfg.prefetch is not None else 4 * (self.device.type == "cuda")
-        train_batches = prefetch(train_batches, depth)
+        train_batches = prefetch(train_batches, depth, pin=self.device.type == "cuda")
         if val_batches is None:
             val_stream = objective.batches("val", cfg.batch_size, cfg.seed + 1)
             val_batches = [next(val_stream) for _ in range(cfg.eval_batches)]
@@ -349,7 +352,7 @@ class Trainer:
                 break
             batch = next(self.train_batches)
             tokens += self.objective.target_tokens(batch)  # on the host: no device sync
-            batch = batch.to(self.device)
+            batch = batch.to(self.device, non_blocking=True)  # pinned when prefetched on CUDA
             spent = 0.0 if cfg.max_minutes is None else (time.time() - t0) / (60 * cfg.max_minutes)
             lr = lr_at(self.step, cfg, spent)
             for group in self.opt.param_groups:
