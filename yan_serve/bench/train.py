@@ -23,7 +23,8 @@ import argparse
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -73,9 +74,22 @@ class TrainRow:
         )
 
 
-def yan_setup(preset: str, batch: int, length: int, device: str):
-    """(objective, batch) for YAN's fine-tuning step on random tokens: every position a target,
-    a tenth of them the task's focus (an infill batch's spans)."""
+@dataclass
+class _Case:
+    """One row's model and data: the objective, its batch on the device, the batch's size and
+    length, and how many target tokens it holds."""
+
+    name: str
+    objective: Any
+    batch: Any
+    batch_size: int
+    length: int
+    tokens: int
+
+
+def yan_setup(preset: str, batch: int, length: int, device: str) -> _Case:
+    """YAN's fine-tuning step on random tokens: every position a target, a tenth of them the
+    task's focus (an infill batch's spans)."""
     from yan_serve.config import YANConfig
     from yan_serve.model import YAN
     from yan_serve.train.data import Batch
@@ -91,11 +105,12 @@ def yan_setup(preset: str, batch: int, length: int, device: str):
     ones = torch.ones(batch, length, dtype=torch.bool)
     focus = torch.rand(batch, length, generator=g) < 0.1
     b = Batch(ids[0], ones, ids[1], ones.clone(), task="infill", focus=focus).to(device)
-    return YANObjective(model, None, StageConfig("finetune")), b, int(ones.sum())  # type: ignore[arg-type]
+    objective = YANObjective(model, None, StageConfig("finetune"))  # type: ignore[arg-type]
+    return _Case(preset, objective, b, batch, length, batch * length)
 
 
-def ar_setup(preset: str, vocab: int, batch: int, length: int, device: str):
-    """(objective, batch) for the AR step: source + BOS + target, loss on the target."""
+def ar_setup(preset: str, vocab: int, batch: int, length: int, device: str) -> _Case:
+    """The AR step: source + BOS + target, loss on the target."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from yan_serve.ar.model import AR_PRESETS
@@ -111,7 +126,8 @@ def ar_setup(preset: str, vocab: int, batch: int, length: int, device: str):
     labels = ids.clone()
     labels[:, : length + 1] = -100
     b = ARBatch(ids, torch.ones_like(ids), labels).to(device)
-    return ARObjective(model, None, length), b, batch * length  # type: ignore[arg-type]
+    objective = ARObjective(model, None, length)  # type: ignore[arg-type]
+    return _Case(preset, objective, b, batch, length, batch * length)
 
 
 def _trainer(objective, device: str, batch: int, out: str):
@@ -126,22 +142,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(objective, batch, tokens: int, name: str, device: str, steps: int, warmup: int,
-            out: str) -> TrainRow:  # fmt: skip
+def measure(case: _Case, device: str, steps: int, warmup: int, out: str) -> TrainRow:
     """One row: `warmup` steps, then `steps` timed back to back; one more step profiled for
     launches, one under the sync checker (CUDA)."""
     from yan_serve.engine.launches import count_dispatched, kernel_counts, kernel_times
 
-    t = _trainer(objective, device, batch.tgt.shape[0] if hasattr(batch, "tgt") else
-                 batch.ids.shape[0], out)  # fmt: skip
+    t = _trainer(case.objective, device, case.batch_size, out)
     params = sum(p.numel() for p in t.model.parameters())
-    length = batch.tgt.shape[1] if hasattr(batch, "tgt") else (batch.ids.shape[1] - 1) // 2
     g = torch.Generator(device=t.device).manual_seed(0)
 
     def step() -> None:
-        t.train_step(batch, g)
+        t.train_step(case.batch, g)
 
-    row = TrainRow(name, params, t.cfg.batch_size, length, None, tokens, None, None, None)
+    row = TrainRow(case.name, params, case.batch_size, case.length, None, case.tokens, None, None,
+                   None)  # fmt: skip
     try:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -164,7 +178,7 @@ def measure(objective, batch, tokens: int, name: str, device: str, steps: int, w
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             row.syncs = sum("synchronizing" in str(w.message) for w in caught)
-        elif not name.endswith("+c"):  # compiled CPU code dispatches no operators to count
+        elif not case.name.endswith("+c"):  # compiled CPU code dispatches no operators
             row.launches = sum(count_dispatched(step).values())
     except torch.OutOfMemoryError:
         row.ms = None
@@ -192,18 +206,18 @@ def run_train(args: argparse.Namespace) -> int:
         for name in pairs:
             compiled = None  # one compiled objective per preset: dynamic shapes, one compile
             for b in batches:
-                objective, batch, tokens = yan_setup(name, b, length, device)
-                vocab = objective.model.config.vocab_size
-                todo = [(name, objective, batch, tokens)]
+                yan = yan_setup(name, b, length, device)
+                todo = [yan]
                 if args.compile:
                     if compiled is None:
-                        compiled = yan_setup(name, b, length, device)[0]
+                        compiled = yan_setup(name, b, length, device).objective
                         compiled.compile_loss()
-                    todo.append((f"{name}+c", compiled, batch, tokens))
+                    todo.append(replace(yan, name=f"{name}+c", objective=compiled))
                 if not args.no_ar:
-                    todo.append((PAIRS[name], *ar_setup(PAIRS[name], vocab, b, length, device)))
-                for model_name, obj, bt, tok in todo:
-                    row = measure(obj, bt, tok, model_name, device, steps, warmup, out)
+                    vocab = yan.objective.model.config.vocab_size
+                    todo.append(ar_setup(PAIRS[name], vocab, b, length, device))
+                for case in todo:
+                    row = measure(case, device, steps, warmup, out)
                     rows.append(row)
                     print(row.line(), flush=True)
     where = (
