@@ -34,7 +34,8 @@ KERNEL_MODULES = (
     "yan_kernels.selective_scan",
     "yan_kernels.noise",
     "yan_kernels.layer_norm",
-    "yan_kernels.linear_gelu",
+    "yan_kernels.fused_linear",
+    "yan_kernels.decode_attention",
 )
 TARGETS = (90, 80)
 

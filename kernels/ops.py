@@ -212,11 +212,44 @@ def decoder_argmax(
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """gelu(x @ weight.T + bias) with the exact (erf) GELU in the GEMM's epilogue: x [..., K],
-    weight [N, K], bias [N] or None -> [..., N] (see `yan_kernels.linear_gelu`)."""
-    from . import linear_gelu as m
+    weight [N, K], bias [N] or None -> [..., N] (see `yan_kernels.fused_linear`)."""
+    return fused_linear(x, weight, bias, gelu=True)
 
-    fn = m.linear_gelu if _take_triton(x, weight, bias) else m.linear_gelu_ref
-    return fn(x, weight, bias)
+
+def fused_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    norm: tuple[Tensor, Tensor, float] | None = None,
+    gelu: bool = False,
+    approximate: str = "none",
+    residual: Tensor | None = None,
+    transposed: bool = False,
+) -> Tensor:
+    """[residual +] [gelu](LayerNorm?(x) @ weight.T + bias) in one GEMM: x [..., K], weight
+    [N, K] ([K, N] when `transposed`), bias [N] or None, `norm` (scale [K], shift [K], eps) or
+    None, `approximate` as F.gelu's, residual [..., N] or None -> [..., N] (see
+    `yan_kernels.fused_linear`)."""
+    from . import fused_linear as m
+
+    ts = (x, weight, bias, residual, *(norm[:2] if norm else ()))
+    fn = m.fused_linear if _take_triton(*ts) else m.fused_linear_ref
+    return fn(x, weight, bias, norm=norm, gelu=gelu, approximate=approximate, residual=residual,
+              transposed=transposed)  # fmt: skip
+
+
+def decode_attention(
+    qkv: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, slot: Tensor, n_head: int
+) -> Tensor:
+    """One decode step's attention: writes the step's key and value (from the QKV row `qkv`
+    [B, 3d]) into the caches [B, H, >= L, hd] at `slot` [1], then attends each row's query over
+    its `valid` [B, L] slots -> [B, d] (see `yan_kernels.decode_attention`)."""
+    from . import decode_attention as m
+
+    run = _take_triton(qkv, k_cache, v_cache) and valid.device == qkv.device == slot.device
+    fn = m.decode_attention if run else m.decode_attention_ref
+    return fn(qkv, k_cache, v_cache, valid, slot, n_head)
 
 
 def add_layer_norm(

@@ -118,3 +118,22 @@ def test_loadtest_stage_needs_no_locust_and_no_corpus() -> None:
     payloads = json.loads((ROOT / "loadtests" / "payloads-kjv-test.json").read_text())
     assert set(payloads) == {"infill", "infill-full", "complete", "qa", "classify"}
     assert 'work / "loadtest" / "results.json"' in text and '"versus"' in text
+
+
+def test_the_lease_plan_flags_parse() -> None:
+    """Every bench's flags in the next lease's plan (docs/gpu_session.md) are ones the bench
+    takes: a renamed flag would otherwise cost a stage of a 15-minute lease."""
+    import re
+    import shlex
+
+    from yan_serve.bench import build_parser
+
+    plan = (ROOT / "docs" / "gpu_session.md").read_text()
+    found = re.findall(r'\b(KERNELS|SAMPLER|SCAN|VERSUS|TRAIN)_ARGS="([^"]*)"', plan)
+    assert {name for name, _ in found} >= {"KERNELS", "SAMPLER", "VERSUS", "TRAIN"}
+    parser = build_parser()
+    for name, flags in found:
+        try:
+            parser.parse_args([name.lower(), "--device", "cuda", *shlex.split(flags)])
+        except SystemExit as exc:
+            raise AssertionError(f"{name}_ARGS={flags!r} does not parse") from exc

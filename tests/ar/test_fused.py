@@ -201,10 +201,37 @@ def test_versus_shapes_and_floor() -> None:
     assert 0 < one < two < 2 * one  # the weights are read once per token whatever the batch
 
 
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("trim,check_every", [(True, 1), (False, 4)])
+def test_fused_linear_step_equals_reference(model, backend: str, trim: bool,
+                                            check_every: int) -> None:  # fmt: skip
+    """`step="triton"`: every linear layer through `ops.fused_linear` (norm prologue, tanh GELU
+    and residual epilogues, Conv1D weights read transposed; the Triton interpreter on a CPU),
+    greedy and sampled rows, EOS mid-batch, padding rows: the reference's tokens."""
+    from yan_kernels import ops
+
+    reqs = [ARRequest(p, 5 + 2 * i, seed=i, temperature=0.8 if i % 2 else 0.0, top_k=5 * (i % 3))
+            for i, p in enumerate(_prompts(5, seed=4))]  # fmt: skip
+    eos = _mid_row_eos(model, [ARRequest(r.prompt, r.max_new) for r in reqs])
+    runner = FusedRunner(model, batch_sizes=(8,), lengths=(40,), step="triton",
+                         check_every=check_every)  # fmt: skip
+    runner.fused.trim = trim
+    with ops.force(backend):
+        runner.capture()
+        got = ar_generate(model, reqs, eos, PAD, static=runner)
+    assert runner.current is not None and runner.current.batch == 8
+    _same(got, ar_generate(model, reqs, eos, PAD))
+
+
+def test_unknown_step_is_refused(model) -> None:
+    with pytest.raises(ValueError, match="step must be one of torch, compile, triton"):
+        FusedRunner(model, batch_sizes=(1,), lengths=(8,), step="cutlass")
+
+
 @pytest.mark.slow
 def test_compiled_step_equals_eager(model) -> None:
     reqs = [ARRequest(p, 6, seed=i) for i, p in enumerate(_prompts(3, seed=3))]
-    runner = FusedRunner(model, batch_sizes=(4,), lengths=(24,), compile=True)
+    runner = FusedRunner(model, batch_sizes=(4,), lengths=(24,), step="compile")
     runner.fused.trim = False  # one fixed shape: one compilation
     runner.capture()
     got = ar_generate(model, reqs, 2, PAD, static=runner)
@@ -213,10 +240,10 @@ def test_compiled_step_equals_eager(model) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_fused_decoding_equals_reference(compile: bool) -> None:
+@pytest.mark.parametrize("step", ["torch", "compile", "triton"])
+def test_cuda_graph_fused_decoding_equals_reference(step: str) -> None:
     model = _model(device="cuda")
-    runner = FusedRunner(model, batch_sizes=(1, 8, 16), lengths=(32, 96), compile=compile)
+    runner = FusedRunner(model, batch_sizes=(1, 8, 16), lengths=(32, 96), step=step)
     graphs, _ = runner.capture(sample=True)
     assert graphs == 12
     assert isinstance(runner.windows[(8, 96)].graphs[False], torch.cuda.CUDAGraph)

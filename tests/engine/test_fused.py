@@ -39,11 +39,11 @@ def _model(**overrides) -> YAN:
     return YAN(micro_config(**overrides)).eval()
 
 
-def _compare(model: YAN, steps: int, routing: str, reqs=None, gelu_epilogue=False) -> None:
+def _compare(model: YAN, steps: int, routing: str, reqs=None, linears="cublas") -> None:
     reqs = reqs or _requests(model.config.vocab_size)
     ref = Sampler(model, fused=False)
     fast = Sampler(model, fused=True)
-    fast.engine.gelu_epilogue = gelu_epilogue
+    fast.engine.linears = linears
     batch = ref.prepare(reqs)
     noise = ref.draw(batch)
     want = ref.solve(batch, steps, routing, noise=noise)
@@ -75,7 +75,56 @@ def test_gelu_epilogue_equals_the_modules(backend: str) -> None:
     in its epilogue, in the interpreter off CUDA): the same sample as the modules."""
     pytest.importorskip("triton")
     with ops.force(backend):
-        _compare(_model(decoder_n_resi_blocks=2), 3, "argmax", gelu_epilogue=True)
+        _compare(_model(decoder_n_resi_blocks=2), 3, "argmax", linears="gelu")
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("routing", ["argmax", "sample"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(decoder_n_resi_blocks=2),
+        dict(cross_att_idx=(0, 1, 2), qkv_bias=True, encoder_n_trf_blocks=1),
+        dict(cross_att_idx=(), decoder_n_resi_blocks=0),
+    ],
+)
+def test_fused_linears_equal_the_modules(backend: str, routing: str, overrides: dict) -> None:
+    """`linears="fused"`: every norm in the prologue of the GEMM after it, every residual in
+    the epilogue of the GEMM before it (`ops.fused_linear`, the interpreter off CUDA), over
+    biased and unbiased QKV, with and without cross-attention and decoder blocks: the same
+    latents, experts and tokens as the modules."""
+    pytest.importorskip("triton")
+    with ops.force(backend):
+        _compare(_model(**overrides), 3, routing, linears="fused")
+
+
+def test_fused_linears_run_mamba_mixers_as_modules() -> None:
+    model = _model(encoder_use_mamba=True, flow_use_mamba=True, mamba_d_state=4)
+    with ops.force("ref"):
+        _compare(model, 3, "argmax", linears="fused")
+
+
+def test_fused_linears_launch_fewer_kernels() -> None:
+    """Per sample, on the CPU proxy: each block's norms leave their own launch for the GEMM
+    after them and each residual add its own for the GEMM before it."""
+    model = _model(decoder_n_resi_blocks=2)
+    reqs = _requests(model.config.vocab_size)
+    counts = {}
+    for linears in ("cublas", "gelu", "fused"):
+        fast = Sampler(model, fused=True)
+        fast.engine.linears = linears
+        with ops.force("ref"):
+            ran = count_dispatched(lambda s=fast: s.generate(reqs, 3, "argmax"))
+        counts[linears] = sum(ran.values())
+    cfg = model.config
+    E, n, C, m = (cfg.encoder_n_trf_blocks, cfg.n_trf_blocks, len(cfg.cross_att_idx),
+                  cfg.decoder_n_resi_blocks)  # fmt: skip
+    # "gelu" against "cublas": one GELU pass per FFN (the trunk's FFNs run in T - 1 = 2 passes)
+    assert counts["cublas"] - counts["gelu"] == E + 2 * n + m, counts
+    # "fused" against "gelu": 2 norms per encoder block; per trunk pass 2 per block and 1 per
+    # cross-attention (the first norm and the final norm are one launch each either way); the
+    # decoder's m blocks: m norms and the last block's separate residual add
+    assert counts["gelu"] - counts["fused"] == 2 * E + 2 * (2 * n + C) + m + 1, counts
 
 
 @pytest.mark.parametrize(
@@ -195,15 +244,13 @@ def _solve_both(a: Sampler, b: Sampler, reqs: list[GenerationRequest]):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gelu_epilogue", [False, True])
+@pytest.mark.parametrize("linears", ["cublas", "gelu", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_engine_equals_the_modules_at_paper_shapes_on_gpu(
-    dtype: torch.dtype, gelu_epilogue: bool
-) -> None:
+def test_engine_equals_the_modules_at_paper_shapes_on_gpu(dtype: torch.dtype, linears: str) -> None:
     model = _paper_model(dtype)
     reqs = _paper_requests(0, [(300, 257), (17, 512), (512, 1)])
     ref, fast = Sampler(model, fused=False), Sampler(model, fused=True)
-    fast.engine.gelu_epilogue = gelu_epilogue
+    fast.engine.linears = linears
     batch, want, got = _solve_both(ref, fast, reqs)
     real = batch.tgt_mask
     err = (got.z[real].float() - want.z[real].float()).norm() / want.z[real].float().norm()

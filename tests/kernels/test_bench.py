@@ -85,6 +85,8 @@ def test_cpu_kernels_table(capsys: pytest.CaptureFixture[str], tmp_path) -> None
         ("decoder_argmax", "N=8 d=32 V=1000"),
         ("decoder_argmax+sample", "N=8 d=32 V=1000"),
         ("linear_gelu", "N=5 d=32 F=128"),
+        ("norm_linear", "N=5 d=32 F=96"),
+        ("linear_residual", "N=5 d=32 F=128"),
     ]
     for m in rows:
         assert float(m["eager"]) > 0
@@ -107,13 +109,14 @@ def test_cpu_kernels_report_a_failed_compile(monkeypatch, capsys) -> None:
     assert main([*TINY_KERNELS, "--routed-n", "8"]) == 0
     out = capsys.readouterr().out
     _, rows = _table(out, KERNEL_ROW)
-    assert len(rows) == 5
+    assert len(rows) == 7
     for m in rows:
         assert float(m["eager"]) > 0
         assert m["rest"].split() == ["failed", "-", "-"]
     reason = "compile failed: RuntimeError: no C compiler found"
     notes = [ln for ln in out.splitlines() if reason in ln]
-    ops = "routed_expert_euler, decoder_argmax, decoder_argmax+sample, linear_gelu"
+    ops = ("routed_expert_euler, decoder_argmax, decoder_argmax+sample, linear_gelu,"
+           " norm_linear, linear_residual")  # fmt: skip
     assert notes == [f"{ops}: {reason}"]
     assert "second line" not in out
 
@@ -177,6 +180,32 @@ def test_cpu_sampler_one_table_per_preset(capsys, tmp_path) -> None:
     assert all(r["eager_ms"] > 0 and r["compiled_ms"] is None for run in runs for r in run["rows"])
 
 
+def test_cpu_sampler_counts_the_chosen_linears(capsys) -> None:
+    """`--linears fused` moves the norms and residual adds into the GEMMs: the launch proxy of
+    the fused engine drops, the modules' does not."""
+    ops = {}
+    for mode in ("cublas", "fused"):
+        argv = ["sampler", "--device", "cpu", "--batches", "1", "--lengths", "8", "--iters", "1",
+                "--no-compile", "--linears", mode]  # fmt: skip
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        headers, (m,) = _table(out, SAMPLER_ROW)
+        assert headers[0]["linears"] == mode and f"(linears: {mode})" in out
+        ops[mode] = int(m["ops_m"]), int(m["ops_f"])
+    assert ops["fused"][0] == ops["cublas"][0]
+    assert ops["fused"][1] < ops["cublas"][1]
+
+
+def test_gpu_sampler_row_prints_a_column_per_compared_mode() -> None:
+    row = sampler.SamplerRow(1, 128, 30.0, 12.0, 1.5, 0.08, 237, 0.5, 40.0, 1.0,
+                             {"gelu": 1.25, "fused": None})  # fmt: skip
+    cols = sampler.GPU_SAMPLER_COLUMNS + sampler._compare_columns(["gelu", "fused"])
+    assert cols.endswith("   gelu ms  fused ms")
+    line = row.line()
+    assert len(line) == len(cols)
+    assert line.split()[-2:] == ["1.25", "oom"]  # no graph in that mode: out of memory
+
+
 @pytest.mark.slow
 def test_cpu_compiled_paths(capsys) -> None:
     """The torch.compile columns themselves: timings, first-call time and token agreement; the
@@ -186,7 +215,8 @@ def test_cpu_compiled_paths(capsys) -> None:
     out = capsys.readouterr().out
     _, rows = _table(out, KERNEL_ROW)
     ops = [m["op"] for m in rows]
-    assert ops == ["routed_expert_euler", "decoder_argmax", "decoder_argmax+sample", "linear_gelu"]
+    assert ops == ["routed_expert_euler", "decoder_argmax", "decoder_argmax+sample", "linear_gelu",
+                   "norm_linear", "linear_residual"]  # fmt: skip
     assert rows[0]["rest"].split() == ["failed", "-", "-"]
     assert "routed_expert_euler: compile failed: routed_expert.py:" in out
     for m in rows[1:]:
@@ -246,6 +276,8 @@ def test_list_flags_parse() -> None:
     [
         (["sampler", "--batches", "0"], "expected positive integers, got '0'"),
         (["sampler", "--preset", "nope"], "unknown preset 'nope'"),
+        (["sampler", "--compare", "gelu,cutlass"], "unknown mode(s) cutlass"),
+        (["sampler", "--linears", "cutlass"], "invalid choice: 'cutlass'"),
         (["kernels", "--routed-n", "x"], "expected comma-separated integers, got 'x'"),
         (["kernels", "--device", "tpu"], "invalid choice: 'tpu'"),
         (["scan", "--shapes", "16x128x256"], "expected comma-separated BtxLxDixN shapes"),

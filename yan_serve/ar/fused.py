@@ -12,9 +12,15 @@ with `decode_logp`, a plain function over the model's own parameters (shared, no
   LayerNorm, `addmm` + tanh-GELU, `addmm` + residual; then the final LayerNorm, the tied output
   projection (on the CPU through a [d, V] copy of the table, `FusedGPT2.head_t`) and
   log-softmax; the attention mask is made additive once per step, not once per layer;
-- `torch.compile` can take the whole function (`compile=True`; no graph breaks: it only reads its
-  tensor arguments and writes the cache in place), so on a GPU inductor fuses the bias, GELU,
-  residual and LayerNorm epilogues and the captured graph holds a few dozen kernels per token.
+- `torch.compile` can take the whole function (`step="compile"`; no graph breaks: it only reads
+  its tensor arguments and writes the cache in place), so on a GPU inductor fuses the bias, GELU,
+  residual and LayerNorm epilogues and the captured graph holds a few dozen kernels per token;
+- or the same step with every linear layer one Triton GEMM that carries the LayerNorm before it
+  in its prologue and the tanh GELU or the residual add after it in its epilogue
+  (`step="triton"`, `decode_logp_fused_linear`, `ops.fused_linear` on the Conv1D weights as
+  they are) and the cache writes inside the attention kernel (`ops.decode_attention`): 5
+  launches per layer (QKV, attention, projection, MLP in, MLP out) and one for the final norm
+  with the output projection.
 
 Token choice runs on the device too (`choose`): greedy argmax, or the same inverse-CDF sampling
 as `yan_serve.engine.sampler.sample_tokens` (top-k restricted or over the whole vocabulary, per
@@ -43,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import GPT2LMHeadModel
+from yan_kernels import ops
 
 from yan_serve.ar.generate import AROutput, ARRequest, collect_outputs, left_pad
 from yan_serve.ar.static import DEFAULT_BATCH_SIZES, StaticGPT2, WindowedRunner
@@ -100,6 +107,42 @@ def decode_logp(
     return torch.log_softmax(logits.float(), -1)
 
 
+def decode_logp_fused_linear(
+    tok: Tensor,
+    pos: Tensor,
+    slot: Tensor,
+    valid: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    wte: Tensor,
+    wpe: Tensor,
+    layers: list[Layer],
+    ln_f: tuple[Tensor, Tensor],
+    n_head: int,
+    eps: float,
+    head_t: Tensor | None = None,
+) -> Tensor:
+    """`decode_logp` with each linear layer one `ops.fused_linear` call (the Triton GEMM where
+    the kernels run, its reference elsewhere): the norms in the prologues, the tanh GELU and
+    the residual adds in the epilogues, the final norm with the output projection; and the
+    cache writes with the attention in one `ops.decode_attention` call per layer, which reads
+    `valid` itself (no mask is built). `head_t` is not used (the output projection reads the
+    tied table in place)."""
+    x = wte[tok] + wpe[pos]
+    for i, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wout, bout) in enumerate(layers):
+        qkv = ops.fused_linear(x, wqkv, bqkv, norm=(w1, b1, eps), transposed=True)
+        o = ops.decode_attention(qkv, kc[i], vc[i], valid, slot, n_head)
+        x = ops.fused_linear(o, wo, bo, residual=x, transposed=True)
+        m = ops.fused_linear(x, wfc, bfc, norm=(w2, b2, eps), gelu=True, approximate="tanh",
+                             transposed=True)  # fmt: skip
+        x = ops.fused_linear(m, wout, bout, residual=x, transposed=True)
+    logits = ops.fused_linear(x, wte, None, norm=(ln_f[0], ln_f[1], eps))
+    return torch.log_softmax(logits.float(), -1)
+
+
+STEPS = {"torch": decode_logp, "compile": decode_logp, "triton": decode_logp_fused_linear}
+
+
 def choose(
     logp: Tensor, uniform: Tensor, temperature: Tensor, top_k: Tensor, sample: bool
 ) -> tuple[Tensor, Tensor]:
@@ -130,8 +173,10 @@ class FusedGPT2(StaticGPT2):
     (see the module docstring)."""
 
     def __init__(
-        self, model: GPT2LMHeadModel, max_batch: int, max_len: int, compile: bool = False
+        self, model: GPT2LMHeadModel, max_batch: int, max_len: int, step: str = "torch"
     ) -> None:
+        if step not in STEPS:
+            raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
         super().__init__(model, max_batch, max_len)
         tr = model.transformer
         self.eps = float(model.config.layer_norm_epsilon)
@@ -157,8 +202,10 @@ class FusedGPT2(StaticGPT2):
         self.eos = torch.zeros(1, dtype=torch.long, device=dev)
         self.trim = False  # set by the runner when steps replay eagerly (no CUDA graphs)
         self.host_slot = 0  # the host's copy of `slot`, for `trim`
-        self.body = torch.compile(decode_logp, fullgraph=True, dynamic=False) if compile \
-            else decode_logp  # fmt: skip
+        self.step = step
+        self.body = STEPS[step]
+        if step == "compile":
+            self.body = torch.compile(decode_logp, fullgraph=True, dynamic=False)
         self._head_t: Tensor | None = None
         self._head_version = -1
 
@@ -226,7 +273,8 @@ class FusedRunner(WindowedRunner):
     """Generation through captured windows of one `FusedGPT2`: `fits` says whether a batch can,
     `generate(requests, eos, pad)` returns `ar_generate`'s outputs. `check_every` steps run
     between two reads of the `done` flags (default 8 on CUDA, 1 elsewhere: a CPU pays for the
-    steps, not the read)."""
+    steps, not the read). `step`: the decode step's body, "torch" (eager ops), "compile" (the
+    same under torch.compile) or "triton" (`decode_logp_fused_linear`)."""
 
     def __init__(
         self,
@@ -234,11 +282,11 @@ class FusedRunner(WindowedRunner):
         batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
         lengths: tuple[int, ...] | None = None,
         capturer: Capturer | None = None,
-        compile: bool = False,
+        step: str = "torch",
         check_every: int | None = None,
     ) -> None:
         super().__init__(model, batch_sizes, lengths)
-        self.fused = FusedGPT2(model, self.batch_sizes[-1], self.lengths[-1], compile=compile)
+        self.fused = FusedGPT2(model, self.batch_sizes[-1], self.lengths[-1], step=step)
         dev = self.fused.device
         self.capturer = capturer if capturer is not None else self.default_capturer(dev)
         self.fused.trim = self.capturer is EagerReplay

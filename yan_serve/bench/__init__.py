@@ -26,7 +26,8 @@ COMMANDS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command's parser (`main` parses with it; tests check flags against it)."""
     parser = argparse.ArgumentParser(
         prog="python -m yan_serve.bench",
         description="\n\n".join(
@@ -37,5 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)

@@ -1,7 +1,9 @@
 """`python -m yan_serve.bench kernels`: each fused op at the paper's shapes.
 
-The ops are the routed expert's Euler step, the decoder's argmax and the FFN up-projection with
-its exact GELU (`linear_gelu`, d -> 4d) at d = 512, K = 6 experts, V = 128258. On CUDA: the
+The ops are the routed expert's Euler step, the decoder's argmax, the FFN up-projection with
+its exact GELU (`linear_gelu`, d -> 4d), the QKV projection with the LayerNorm before it in its
+prologue (`norm_linear`, d -> 3d) and the FFN down-projection with the residual add in its
+epilogue (`linear_residual`, 4d -> d), at d = 512, K = 6 experts, V = 128258. On CUDA: the
 Triton kernel (yan_kernels) against its torch eager reference (`*_ref`), and per shape eager and
 Triton time, the Triton kernel's achieved GB/s and TFLOP/s, and its roofline floor, i.e. the
 larger of (minimal bytes / measured copy bandwidth) and (flops / measured dense matmul rate). On
@@ -61,7 +63,8 @@ DEFAULTS = {
     "cpu": ("fp32", 3, ([256, 1024, 4096], [256, 1024]), ([64, 256], [64])),
 }  # fmt: skip
 EAGER_BUDGET_S = 2.0  # CUDA: seconds of warm-up, and of timed calls, per eager reference row
-# linear_gelu rows per device, as (all shapes, --quick): a 1 x 128 sample's tokens up to 64 x 1024
+# rows of the linear ops (linear_gelu, norm_linear, linear_residual) per device, as (all shapes,
+# --quick): a 1 x 128 sample's tokens up to 64 x 1024
 GELU_ROWS = {"cuda": ([128, 1024, 8192, 65536], [128, 1024]), "cpu": ([256, 1024], [256])}
 # The launch configurations `--sweep` times, as (block_m, block_n | block_v, block_k, warps,
 # stages, tma). (128, 128, 64, 4, 3, True) runs two programs per SM: one's epilogue under the
@@ -226,6 +229,62 @@ def _linear_gelu_cases(dtype: torch.dtype, device: str, ns: list[int], d: int = 
         yield _Case("linear_gelu", f"N={n} d={d} F={F}", (x, w, b), nbytes, 2 * n * d * F)
 
 
+_LN_EPS = 1e-5
+
+
+def norm_linear(x, w, b, scale, shift):
+    """The Triton kernel: LayerNorm(x) * scale + shift, then x @ w.T + b, one launch."""
+    from yan_kernels.fused_linear import fused_linear
+
+    return fused_linear(x, w, b, norm=(scale, shift, _LN_EPS))
+
+
+def norm_linear_ref(x, w, b, scale, shift):
+    from yan_kernels.fused_linear import fused_linear_ref
+
+    return fused_linear_ref(x, w, b, norm=(scale, shift, _LN_EPS))
+
+
+def linear_residual(x, w, b, res):
+    """The Triton kernel: res + x @ w.T + b, one launch."""
+    from yan_kernels.fused_linear import fused_linear
+
+    return fused_linear(x, w, b, residual=res)
+
+
+def linear_residual_ref(x, w, b, res):
+    from yan_kernels.fused_linear import fused_linear_ref
+
+    return fused_linear_ref(x, w, b, residual=res)
+
+
+def _norm_linear_cases(dtype: torch.dtype, device: str, ns: list[int], d: int = 512):
+    """The QKV projection after its norm: W [3d, d], at `ns` token rows."""
+    elt = torch.finfo(dtype).bits // 8
+    w = torch.randn(3 * d, d, device=device, dtype=dtype) / d**0.5
+    b = torch.randn(3 * d, device=device, dtype=dtype) * 0.1
+    scale = torch.rand(d, device=device, dtype=dtype) + 0.5
+    shift = torch.randn(d, device=device, dtype=dtype) * 0.1
+    for n in ns:
+        x = torch.randn(n, d, device=device, dtype=dtype)
+        nbytes = elt * (n * d + 3 * d * d + 5 * d + 3 * n * d)
+        yield _Case("norm_linear", f"N={n} d={d} F={3 * d}", (x, w, b, scale, shift), nbytes,
+                    2 * n * d * 3 * d)  # fmt: skip
+
+
+def _linear_residual_cases(dtype: torch.dtype, device: str, ns: list[int], d: int = 512):
+    """The FFN's second layer into the residual stream, res + x @ W.T + b with W [d, 4d]."""
+    F = 4 * d
+    elt = torch.finfo(dtype).bits // 8
+    w = torch.randn(d, F, device=device, dtype=dtype) / F**0.5
+    b = torch.randn(d, device=device, dtype=dtype) * 0.1
+    for n in ns:
+        x = torch.randn(n, F, device=device, dtype=dtype)
+        res = torch.randn(n, d, device=device, dtype=dtype)
+        nbytes = elt * (n * F + F * d + d + 2 * n * d)
+        yield _Case("linear_residual", f"N={n} d={d} F={F}", (x, w, b, res), nbytes, 2 * n * d * F)
+
+
 def _gpu_rows(
     cases: Iterator[_Case], ref: Callable, kernel: Callable, iters: int, bw: float, rate: float
 ) -> Iterator[Row]:
@@ -278,7 +337,7 @@ def _sweep(
     """Launch configurations of both kernels at the large shapes, graph-timed: the data the
     GPU defaults in the kernel files are chosen from."""
     from yan_kernels import decoder_argmax as dm
-    from yan_kernels import linear_gelu as lg
+    from yan_kernels import fused_linear as lg
     from yan_kernels import routed_expert as rm
 
     out = []
@@ -377,7 +436,7 @@ def run_kernels(args: argparse.Namespace) -> int:
     if (device := bench_device(args, "kernels")) is None:
         return 2
     from yan_kernels.decoder_argmax import decoder_argmax, decoder_argmax_ref
-    from yan_kernels.linear_gelu import linear_gelu, linear_gelu_ref
+    from yan_kernels.fused_linear import linear_gelu, linear_gelu_ref
     from yan_kernels.routed_expert import routed_expert_euler, routed_expert_euler_ref
 
     cuda = device == "cuda"
@@ -398,14 +457,17 @@ def run_kernels(args: argparse.Namespace) -> int:
     sample_ns = args.sample_n or ([n for n in decoder_ns if n <= 1024] if cuda
                                   else [min(decoder_ns)])  # fmt: skip
     d, K, V = args.d_model, args.experts, args.vocab
+    linear_ns = args.gelu_n or GELU_ROWS[device][args.quick]
     print(GPU_KERNEL_COLUMNS if cuda else CPU_KERNEL_COLUMNS)
     plans = [
         (_routed_cases(dtype, device, routed_ns, d, K), routed_expert_euler_ref,
          routed_expert_euler),
         (_decoder_cases(dtype, device, decoder_ns, sample_ns, d, V), decoder_argmax_ref,
          decoder_argmax),
-        (_linear_gelu_cases(dtype, device, args.gelu_n or GELU_ROWS[device][args.quick], d),
-         linear_gelu_ref, linear_gelu),
+        (_linear_gelu_cases(dtype, device, linear_ns, d), linear_gelu_ref, linear_gelu),
+        (_norm_linear_cases(dtype, device, linear_ns, d), norm_linear_ref, norm_linear),
+        (_linear_residual_cases(dtype, device, linear_ns, d), linear_residual_ref,
+         linear_residual),
     ]  # fmt: skip
     rows: list = []
     for cases, ref, kernel in plans:
@@ -451,7 +513,11 @@ def add_kernels(sub: argparse._SubParsersAction) -> None:
             "--sample-n",
             "decoder rows with sampling (CUDA: the --decoder-n up to 1024; CPU: the smallest)",
         ),
-        ("--gelu-n", "linear_gelu rows (CUDA 128,1024,8192,65536; CPU 256,1024)"),
+        (
+            "--gelu-n",
+            "rows of linear_gelu, norm_linear and linear_residual (CUDA 128,1024,8192,65536;"
+            " CPU 256,1024)",
+        ),
     ):
         p.add_argument(flag, type=int_list, help=what)
     p.add_argument("--no-compile", action="store_true", help="CPU: skip the torch.compile path")

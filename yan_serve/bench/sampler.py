@@ -15,7 +15,7 @@ import argparse
 import copy
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +45,7 @@ from yan_serve.bench.common import (
     wall_ms,
     write_json,
 )
+from yan_serve.engine.fused import LINEAR_MODES
 
 if TYPE_CHECKING:
     from yan_serve.config import YANConfig
@@ -69,6 +70,14 @@ CPU_SAMPLER_COLUMNS = (
 )
 
 
+def _compare_width(mode: str) -> int:
+    return max(10, len(mode) + 5)
+
+
+def _compare_columns(modes: list[str]) -> str:
+    return "".join(f"{m + ' ms':>{_compare_width(m)}}" for m in modes)
+
+
 @dataclass
 class SamplerRow:
     batch: int
@@ -81,9 +90,8 @@ class SamplerRow:
     capture_s: float | None  # warm-up + capture of that one graph
     graph_mib: float | None  # the capture's graph pool: growth of reserved device memory
     same_tokens: float | None  # fraction of tokens where graph == fused
-    # --gelu-compare: the graph ms with the GELU epilogue the other way, in the same run
-    other_gelu_ms: float | None = None
-    compared: bool = False  # whether the row has that column
+    # --compare: the graph ms with the engine's linear layers in each other mode, same run
+    compare_ms: dict[str, float | None] = field(default_factory=dict)
 
     def line(self) -> str:
         g = self.graph_ms
@@ -95,7 +103,7 @@ class SamplerRow:
             f"{fmt(self.fused_ms, '10.2f')}{fmt(g, '10.2f')}{self.floor_ms:10.3f}"
             f"{fmt(pct, '8.1f')}%{fmt(self.launches, '10d')}{fmt(vs_e, '11.2f')}x"
             f"{fmt(self.capture_s, '11.2f')}{fmt(self.graph_mib, '11.0f')}{fmt(same, '9.2f')}%"
-            + (f"{fmt(self.other_gelu_ms, '15.2f')}" if self.compared else "")
+            + "".join(f"{fmt(ms, '.2f'):>{_compare_width(m)}}" for m, ms in self.compare_ms.items())
         )
 
 
@@ -176,10 +184,9 @@ class _GpuTable:
     def __init__(self, model: YAN, steps: int, iters: int, args: argparse.Namespace) -> None:
         self.model, self.steps, self.iters = model, steps, iters
         self.attention, self.profile = args.attention, args.profile
-        self.gelu_epilogue = args.gelu_epilogue
-        self.gelu_compare = args.gelu_compare
-        if self.gelu_compare:
-            self.columns = GPU_SAMPLER_COLUMNS + f"{'other GELU ms':>15}"
+        self.linears = args.linears
+        self.compare = [m for m in args.compare if m != args.linears]
+        self.columns = GPU_SAMPLER_COLUMNS + _compare_columns(self.compare)
         dtype = next(model.parameters()).dtype
         self.bw = copy_bandwidth(10)
         self.rate = matmul_rate(dtype, 10)
@@ -211,7 +218,7 @@ class _GpuTable:
         modules = Sampler(model, fused=False)
         fused = Sampler(model, fused=True)
         fused.engine.attention = self.attention
-        fused.engine.gelu_epilogue = self.gelu_epilogue
+        fused.engine.linears = self.linears
         graphs = GraphSampler(fused)
 
         with ops.force("ref"):
@@ -235,14 +242,15 @@ class _GpuTable:
                 graph = wall_ms(lambda: graphs.generate(reqs, steps, "argmax"), iters)
                 if fused_out is not None:
                     same = _same_tokens(graphs.generate(reqs, steps, "argmax"), fused_out)
-            other = None
-            if self.gelu_compare and graph is not None:
-                del graphs  # its pool, before the second capture
+            compare: dict[str, float | None] = {}
+            for mode in self.compare:
+                del graphs  # the last graph's pool, before the next capture
                 torch.cuda.empty_cache()
-                fused.engine.gelu_epilogue = not self.gelu_epilogue
-                flipped = GraphSampler(fused)
-                if (r2 := or_oom(lambda: flipped.capture(ladder))) is not None and r2.graphs == 1:
-                    other = wall_ms(lambda: flipped.generate(reqs, steps, "argmax"), iters)
+                fused.engine.linears = mode
+                graphs = g = GraphSampler(fused)
+                compare[mode] = None
+                if (r2 := or_oom(lambda g=g: g.capture(ladder))) is not None and r2.graphs == 1:
+                    compare[mode] = wall_ms(lambda g=g: g.generate(reqs, steps, "argmax"), iters)
         flops, params = sample_cost(model.config, batch, length, steps)
         elt = next(model.parameters()).element_size()
         floor = max(flops / self.rate, params * elt / self.bw) * 1e3  # FLOP/s, bytes/s
@@ -252,7 +260,7 @@ class _GpuTable:
             # the pool, not free-memory deltas: those also count what the caching allocator
             # released meanwhile (they read negative)
             None if rep is None else rep.pool_bytes / 2**20,
-            same, other, self.gelu_compare,
+            same, compare,
         )  # fmt: skip
 
     def notes(self) -> None:
@@ -264,10 +272,10 @@ class _GpuTable:
             " measured here.\nlaunches: GPU kernels per sample of the fused engine"
             " (torch.profiler). graph MiB: the\ncapture's memory pool (growth of reserved device"
             " memory)."
+            + f"\nlinears: {self.linears} (FusedEngine's `linears`)."
             + (
-                "\nother GELU ms: graph ms with the GELU epilogue the other way"
-                f" ({'off' if self.gelu_epilogue else 'on'}), same run."
-                if self.gelu_compare
+                "\n<mode> ms: graph ms with the engine's linear layers in that mode, same run."
+                if self.compare
                 else ""
             )
         )
@@ -290,8 +298,11 @@ def _compiled_copy(model: YAN) -> YAN:
     return twin
 
 
-def _dispatch_counts(model: YAN, reqs: list[GenerationRequest], steps: int) -> tuple[int, int]:
-    """Launch proxy per sample: (the modules, the fused engine), reference ops on the CPU."""
+def _dispatch_counts(
+    model: YAN, reqs: list[GenerationRequest], steps: int, linears: str
+) -> tuple[int, int]:
+    """Launch proxy per sample: (the modules, the fused engine with its linear layers in mode
+    `linears`), reference ops on the CPU."""
     from yan_kernels import ops
 
     from yan_serve.engine.launches import count_dispatched
@@ -301,6 +312,8 @@ def _dispatch_counts(model: YAN, reqs: list[GenerationRequest], steps: int) -> t
     with ops.force("ref"):
         for fused in (False, True):
             s = Sampler(model, fused=fused)
+            if fused:
+                s.engine.linears = linears
             s.generate(reqs[:1], steps, "argmax")  # the engine's constants are built once
             out.append(
                 sum(count_dispatched(lambda s=s: s.generate(reqs, steps, "argmax")).values())
@@ -317,6 +330,7 @@ class _CpuTable:
     def __init__(self, model: YAN, steps: int, iters: int, args: argparse.Namespace) -> None:
         self.model, self.steps, self.iters = model, steps, iters
         self.header: dict = {}  # nothing measured beyond the run header
+        self.linears = args.linears
         self.twin: YAN | None = None
         self.failure: str | None = NO_COMPILE if args.no_compile else None
         if not args.no_compile:
@@ -356,7 +370,14 @@ class _CpuTable:
                     self.failure = status  # one failure is enough: later shapes report it
         assert status is not None
         return CpuSamplerRow(
-            batch, length, eager, ms, first, status, same, *_dispatch_counts(model, reqs, steps)
+            batch,
+            length,
+            eager,
+            ms,
+            first,
+            status,
+            same,
+            *_dispatch_counts(model, reqs, steps, self.linears),
         )
 
     def notes(self) -> None:
@@ -370,7 +391,8 @@ class _CpuTable:
             " on a CPU only in\nits interpreter, and CUDA graphs need CUDA. Medians of up to"
             f" {self.iters} calls (fewer past {CPU_BUDGET_S} s).\nops mod / ops fused: operators"
             " per sample that would launch a GPU kernel (the CPU proxy\nfor launches), the"
-            " modules vs the fused engine, whose fused calls count as their Triton launches."
+            " modules vs the fused engine, whose fused calls count as their Triton launches\n"
+            f"(linears: {self.linears})."
         )
 
 
@@ -393,8 +415,8 @@ def _sampler_table(name: str, args: argparse.Namespace, device: str) -> dict:
         "routing": "argmax",
         "decode": "greedy",
         "attention": args.attention,
-        "gelu_epilogue": args.gelu_epilogue,
-        "gelu_compare": args.gelu_compare,
+        "linears": args.linears,
+        "compare": ",".join(args.compare),
         **table.header,
     }
     print_header(header)
@@ -420,6 +442,16 @@ def run_sampler(args: argparse.Namespace) -> int:
         runs.append(_sampler_table(name, args, device))
     write_json(args.json, runs)
     return 0
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in LINEAR_MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(LINEAR_MODES)}"
+        )
+    return list(dict.fromkeys(modes))
 
 
 def add_sampler(sub: argparse._SubParsersAction) -> None:
@@ -448,16 +480,20 @@ def add_sampler(sub: argparse._SubParsersAction) -> None:
         " attention on an H100; see FusedEngine)",
     )
     p.add_argument(
-        "--gelu-epilogue",
-        action="store_true",
-        help="CUDA: the fused engine's FFN up-projections with bias and exact GELU in one Triton"
-        " GEMM (ops.linear_gelu) instead of cuBLAS + a GELU pass",
+        "--linears",
+        choices=LINEAR_MODES,
+        default="cublas",
+        help="the fused engine's linear layers: cuBLAS (default); `gelu`: the FFN up-projection"
+        " with its exact GELU in one Triton GEMM; `fused`: every norm, GELU and residual in the"
+        " Triton GEMM beside it (see FusedEngine)",
     )
     p.add_argument(
-        "--gelu-compare",
-        action="store_true",
-        help="CUDA: also time each graph with the GELU epilogue the other way (column"
-        " `other GELU ms`): whether the epilogue pays, from one run",
+        "--compare",
+        type=_modes,
+        default=[],
+        metavar="MODES",
+        help="CUDA: also time each graph with the linear layers in these modes, comma-separated"
+        " (a column `<mode> ms` each, from the same run), e.g. gelu,fused",
     )
     p.add_argument(
         "--profile",

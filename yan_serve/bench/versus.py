@@ -13,8 +13,11 @@ ar-tiny; the AR model takes the YAN preset's vocabulary. Protocols, each at ever
 
 AR rows decode every token of their budget (`ignore_eos`: a fixed amount of work). Columns:
 YAN ms (CPU: `Sampler.generate` with the reference ops; CUDA: the fused engine replayed from a
-CUDA graph), AR ms (the fused AR decoder, `FusedRunner`), AR ref ms (the AR path before it:
-Hugging Face's runner on a CPU, the static-cache CUDA-graph runner on CUDA) and its speed-up,
+CUDA graph), AR ms (the fused AR decoder, `FusedRunner`, with its decode step's body as
+`--ar-steps` names it: eager torch ops, the same under torch.compile, or Triton GEMMs carrying
+the norms, GELU and residual adds; a pair's rows say `+compile` / `+triton`), AR ref ms (the
+AR path before it: Hugging Face's runner on a CPU, the static-cache CUDA-graph runner on CUDA)
+and its speed-up,
 AR floor ms (bytes over measured copy bandwidth: the weights once per decoded token, the prompt's
 keys/values written once and every step's cache read; no arithmetic, no launches), YAN/AR and
 YAN/AR-floor (below 1: YAN is faster), and "same tok", the share of AR rows where the fused
@@ -171,16 +174,18 @@ def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torc
     n_yan = sum(p.numel() for p in yan.parameters())
     n_ar = sum(p.numel() for p in ar.parameters())
     slots = sorted({protocol_shape(p)[1] + protocol_shape(p)[2] for p in protocols})
-    fused = FusedRunner(ar, batch_sizes=tuple(batches), lengths=tuple(slots),
-                        compile=args.compile)  # fmt: skip
-    graphs, secs = fused.capture()
+    runners = {}
+    for step in args.ar_steps:
+        runners[step] = FusedRunner(ar, batch_sizes=tuple(batches), lengths=tuple(slots),
+                                    step=step)  # fmt: skip
+        graphs, secs = runners[step].capture()
+        print(f"pair: {yan_label}, {n_yan / 1e6:.1f}M parameters, T = {steps} vs {ar_name} "
+              f"(vocabulary {yan.config.vocab_size}), {n_ar / 1e6:.1f}M parameters; fused AR "
+              f"({step} step) windows: {graphs} captured in {secs:.1f} s", flush=True)  # fmt: skip
     ref = None
     if device == "cuda" and not args.no_ref:
         ref = StaticRunner(ar, batch_sizes=tuple(batches), lengths=tuple(slots))
         ref.capture()
-    print(f"pair: {yan_label}, {n_yan / 1e6:.1f}M parameters, T = {steps} vs {ar_name} "
-          f"(vocabulary {yan.config.vocab_size}), {n_ar / 1e6:.1f}M parameters; fused AR "
-          f"windows: {graphs} captured in {secs:.1f} s", flush=True)  # fmt: skip
     header.setdefault("pairs", []).append(
         {"yan": yan_label, "yan_params": n_yan, "ar": ar_name, "ar_params": n_ar, "steps": steps}
     )
@@ -188,7 +193,6 @@ def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torc
     for protocol in protocols:
         length, prompt, new = protocol_shape(protocol)
         for batch in batches:
-            t0 = time.perf_counter()
             reqs = _ar_requests(yan.config.vocab_size, batch, prompt, new)
             yan_ms = _yan_timer(yan, device, batch, length, steps, iters)
             out: dict[str, list] = {}
@@ -196,16 +200,22 @@ def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torc
             def run(key: str, static, out=out, reqs=reqs) -> None:
                 out[key] = ar_generate(ar, reqs, EOS, PAD, static=static)
 
-            ar_ms = timer(lambda: run("fused", fused), iters)
-            ref_ms = same = None
+            ref_ms = None
             if not args.no_ref:
                 ref_ms = timer(lambda: run("ref", ref), iters)
-                pairs = zip(out["fused"], out["ref"], strict=True)
-                same = sum(a.tokens == b.tokens for a, b in pairs) / batch
-            r = VersusRow(f"{yan_name}/{ar_name}", protocol, batch, yan_ms, ar_ms, ref_ms,
-                          ar_floor_ms(ar, batch, prompt, new, bw), prompt, new, same)  # fmt: skip
-            rows.append(r)
-            print(_line(r) + f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
+            for step, fused in runners.items():
+                t0 = time.perf_counter()
+                ar_ms = timer(lambda fused=fused: run("fused", fused), iters)
+                same = None
+                if ref_ms is not None:
+                    pairs = zip(out["fused"], out["ref"], strict=True)
+                    same = sum(a.tokens == b.tokens for a, b in pairs) / batch
+                label = f"{yan_name}/{ar_name}" + ("" if step == "torch" else f"+{step}")
+                floor = ar_floor_ms(ar, batch, prompt, new, bw)
+                r = VersusRow(label, protocol, batch, yan_ms, ar_ms, ref_ms, floor, prompt, new,
+                              same)  # fmt: skip
+                rows.append(r)
+                print(_line(r) + f"   {step} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return rows
 
 
@@ -231,7 +241,7 @@ def run_versus(args: argparse.Namespace) -> int:
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     bw = copy_bandwidth(10 if device == "cuda" else 5, device)
     header = {**run_header(device), "dtype": dtype_name, "copy_GBps": round(bw / 1e9, 1),
-              "ar_compile": args.compile}  # fmt: skip
+              "ar_steps": ",".join(args.ar_steps)}  # fmt: skip
     print_header(header)
     rows: list[VersusRow] = []
     for i, name in enumerate(args.pairs or (["yan-paper"] if device == "cuda" else ["yan-tiny"])):
@@ -257,6 +267,12 @@ def _pair_list(text: str) -> list[str]:
     return choice_list(text, list(PAIRS), "YAN preset")
 
 
+def _step_list(text: str) -> list[str]:
+    from yan_serve.ar.fused import STEPS
+
+    return choice_list(text, list(STEPS), "AR step")
+
+
 def _protocol_list(text: str) -> list[str]:
     return choice_list(text, PROTOCOLS, "protocol")
 
@@ -269,5 +285,8 @@ def add_versus(sub: argparse._SubParsersAction) -> None:
                         "yan-tiny on CPU; also yan-small)")  # fmt: skip
     p.add_argument("--protocols", type=_protocol_list, help="default complete,infill,fim")
     p.add_argument("--batches", type=int_list, help="default 1,8,64 (CPU: 1,8)")
-    p.add_argument("--compile", action="store_true", help="the fused AR step under torch.compile")
+    p.add_argument("--ar-steps", type=_step_list, default=["torch"],
+                   help="the fused AR decode step's body, one row set each: torch (default),"
+                        " compile (torch.compile), triton (fused-linear Triton GEMMs);"
+                        " e.g. torch,compile,triton")  # fmt: skip
     p.add_argument("--no-ref", action="store_true", help="skip the AR reference path")

@@ -13,6 +13,9 @@ rearranged for inference, where at batch 1 the cost is the number of kernel laun
   one [n_cross * 2d, d] projection, once per sample rather than once per trunk pass.
 - Fused residuals. Each `x = x + sublayer(...)` and the LayerNorm after it are one kernel
   (`yan_kernels.layer_norm.add_layer_norm`); attention masks are built once per sample.
+  With `linears="fused"` they go further: each LayerNorm runs in the prologue of the GEMM that
+  reads it, and each residual add (with its bias) in the epilogue of the GEMM that feeds it
+  (`ops.fused_linear`), so a sub-layer is two launches plus its attention.
 - Frozen routing. Tokens are grouped by expert once (`ops.expert_tiles`) and every Euler step
   runs the routed-expert kernel with the Euler update in its epilogue.
 - The decoder's lm_head runs fused with the argmax (`ops.decoder_argmax`).
@@ -98,6 +101,7 @@ class KeyPadding:
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "cudnn")
+LINEAR_MODES = ("cublas", "gelu", "fused")
 
 
 def flash_varlen_available() -> bool:
@@ -116,18 +120,29 @@ class FusedEngine:
     yan-paper, bf16), SDPA, which picks cuDNN's fused attention there, was as fast as flash or
     faster at 1 x 512, 1 x 1024 and 64 x 512 and within 1% at 64 x 1024.
 
-    `gelu_epilogue`: every FFN's up-projection, bias and exact GELU in one Triton GEMM
-    (`ops.linear_gelu`) instead of cuBLAS + a GELU pass: one launch fewer per FFN, and no
-    second pass over the [tokens, 4d] activation. Off by default until a GPU measurement
-    (`bench sampler --gelu-epilogue`) shows it faster than cuBLAS + GELU."""
+    `linears`, how the Transformer blocks' linear layers run:
+    - "cublas": cuBLAS GEMMs (bias in their epilogue), a separate exact-GELU pass, and each
+      residual add fused with the LayerNorm after it (`ops.add_layer_norm`);
+    - "gelu": as "cublas", but every FFN's up-projection, bias and exact GELU in one Triton GEMM
+      (`ops.linear_gelu`): one launch fewer per FFN, no second pass over the [tokens, 4d]
+      activation;
+    - "fused": every linear layer of the encoder, the trunk and the decoder's residual blocks
+      in one Triton GEMM with the LayerNorm before it in its prologue and the GELU or the
+      residual add after it in its epilogue (`ops.fused_linear`): a Transformer block with
+      cross-attention is 8 launches instead of 11 ("gelu") or 12 ("cublas"). The norms are
+      recomputed by every column tile, which is free at batch 1 and not at 64 x 1024 tokens.
+    The default stays "cublas" until a GPU measurement (`bench sampler --compare`) says which
+    pays at which size."""
 
-    def __init__(self, model: YAN, attention: str = "auto", gelu_epilogue: bool = False) -> None:
+    def __init__(self, model: YAN, attention: str = "auto", linears: str = "cublas") -> None:
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
+        if linears not in LINEAR_MODES:
+            raise ValueError(f"linears must be one of {LINEAR_MODES}, got {linears!r}")
         self.model = model
         self.cfg = model.config
         self.attention = attention
-        self.gelu_epilogue = gelu_epilogue
+        self.linears = linears
         self._attn: dict[int, _Attn] = {}  # id(MultiHeadAttention) -> pack
         self._cross_kv_w: Tensor | None = None
         self._cross_kv_b: Tensor | None = None
@@ -313,16 +328,53 @@ class FusedEngine:
 
     def _ffn(self, ff, h: Tensor, with_bias: bool = False) -> Tensor:
         """FeedForward without its output bias (the fused residual adds it), unless asked.
-        The up-projection's bias is in its GEMM. With `gelu_epilogue` the exact GELU is in that
+        The up-projection's bias is in its GEMM. With `linears="gelu"` the exact GELU is in that
         GEMM's epilogue too (`ops.linear_gelu`, one launch); otherwise it is a separate pass
         after cuBLAS (cuBLASLt's own GELU epilogue is the tanh form, which moved the bf16
         latents measurably off the modules' erf form, so it is not used)."""
         up, down = ff.layers[0], ff.layers[2]
-        if self.gelu_epilogue:
+        if self.linears == "gelu":
             a = ops.linear_gelu(h, up.weight, up.bias)
         else:
             a = F.gelu(F.linear(h, up.weight, up.bias))
         return F.linear(a, down.weight, down.bias if with_bias else None)
+
+    # -------------------------------------------------- linears="fused": the residual stream
+    def _fused_mix(self, blk, x: Tensor, norm: tuple, mask: Tensor, pad: KeyPadding,
+                   L: int) -> Tensor:  # fmt: skip
+        """x + mixer(norm(x)): x [B * L, d] -> the stream after the block's sequence mixer."""
+        att = blk.self_att
+        d = x.shape[-1]
+        B = x.shape[0] // L
+        if not isinstance(att, MultiHeadAttention):  # a Mamba mixer runs as the module
+            _, h = ops.add_layer_norm(x, None, norm[0], norm[1], eps=norm[2])
+            return x + att(h.view(B, L, d), mask).reshape(B * L, d)
+        pack = self._attn[id(att)]
+        H = pack.heads
+        qkv = ops.fused_linear(x, pack.w_qkv, pack.b_qkv, norm=norm).view(B * L, 3, H, d // H)
+        o = self._attend(qkv[:, 0], qkv[:, 1], qkv[:, 2], pad, pad)
+        return ops.fused_linear(o, att.out_proj.weight, att.out_proj.bias, residual=x)
+
+    def _fused_cross(self, ca, x: Tensor, norm: tuple, kv: tuple[Tensor, Tensor],
+                     qpad: KeyPadding, kpad: KeyPadding) -> Tensor:  # fmt: skip
+        """x + cross_attention(norm(x), source): x [B * Lq, d] -> the stream after it."""
+        d = x.shape[-1]
+        H = self.cfg.attention_heads
+        q = ops.fused_linear(x, ca.W_q.weight, ca.W_q.bias, norm=norm).view(-1, H, d // H)
+        a = self._attend(q, kv[0], kv[1], qpad, kpad)
+        return ops.fused_linear(a, ca.out_proj.weight, ca.out_proj.bias, residual=x)
+
+    @staticmethod
+    def _fused_ffn(ff, x: Tensor, norm: tuple) -> Tensor:
+        """x + FFN(norm(x)): two launches."""
+        up, down = ff.layers[0], ff.layers[2]
+        a = ops.fused_linear(x, up.weight, up.bias, norm=norm, gelu=True)
+        return ops.fused_linear(a, down.weight, down.bias, residual=x)
+
+    @staticmethod
+    def _norm(ln) -> tuple[Tensor, Tensor, float]:
+        """A LayerNorm module's (scale, shift, eps), as `ops.fused_linear` takes them."""
+        return ln.scale, ln.shift, ln.eps
 
     # ----------------------------------------------------------------------------- encoder
     @torch.no_grad()
@@ -338,6 +390,13 @@ class FusedEngine:
         x = F.embedding(src, m.tok_emb.weight) + m.positions(Lx)  # [B, Lx, d]
         x = x.reshape(B * Lx, d)
         blocks = m.encoder.trf_blocks
+        if self.linears == "fused":
+            for blk in blocks:
+                x = self._fused_mix(blk, x, self._norm(blk.norm_self_att), src_mask, pad, Lx)
+                x = self._fused_ffn(blk.ff, x, self._norm(blk.norm_ff))
+            fin = m.encoder.final_norm
+            _, h = ops.add_layer_norm(x, None, fin.scale, fin.shift, eps=fin.eps)
+            return h.view(B, Lx, d) * src_mask[..., None].to(h.dtype), pad
         n0 = blocks[0].norm_self_att
         x, h = ops.add_layer_norm(x, None, n0.scale, n0.shift, eps=n0.eps)
         for j, blk in enumerate(blocks):
@@ -378,6 +437,17 @@ class FusedEngine:
         H = self.cfg.attention_heads
         x = (z + self.model.positions(L)).reshape(B * L, d)
         blocks = flow.trf_blocks
+        if self.linears == "fused":
+            ci = 0
+            for blk, mj in zip(blocks, mods, strict=True):
+                x = self._fused_mix(blk, x, (mj[0], mj[1], LN_EPS), tgt_mask, tgt_pad, L)
+                if blk.has_cross:
+                    x = self._fused_cross(blk.cross_att, x, (mj[4], mj[5], LN_EPS),
+                                          cross_kv[ci], tgt_pad, src_pad)  # fmt: skip
+                    ci += 1
+                x = self._fused_ffn(blk.ff, x, (mj[2], mj[3], LN_EPS))
+            fin = flow.final_norm
+            return ops.add_layer_norm(x, None, fin.scale, fin.shift, eps=fin.eps)[1]
         x, h = ops.add_layer_norm(x, None, mods[0][0], mods[0][1], eps=LN_EPS)
         ci = 0
         for j, blk in enumerate(blocks):
@@ -464,6 +534,10 @@ class FusedEngine:
         x = z.reshape(-1, d)
         blocks = dec.resi_blocks
         if not blocks:
+            return x
+        if self.linears == "fused":
+            for blk in blocks:
+                x = self._fused_ffn(blk.ff, x, self._norm(blk.norm))
             return x
         x, h = ops.add_layer_norm(x, None, blocks[0].norm.scale, blocks[0].norm.shift,
                                   eps=blocks[0].norm.eps)  # fmt: skip

@@ -36,6 +36,8 @@ FUSED_LAUNCHES = {
     "routed_expert_euler": 2,  # up-projection + GELU, down-projection + Euler
     "decoder_argmax": 2,  # vocabulary splits, fold
     "add_layer_norm": 1,
+    "fused_linear": 1,  # also `linear_gelu`, which calls it
+    "decode_attention": 1,
     "request_noise": 1,
     "selective_scan": 1,
 }
