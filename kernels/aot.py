@@ -36,6 +36,7 @@ KERNEL_MODULES = (
     "yan_kernels.layer_norm",
     "yan_kernels.fused_linear",
     "yan_kernels.decode_attention",
+    "yan_kernels.greedy_select",
 )
 TARGETS = (90, 80)
 

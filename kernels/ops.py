@@ -252,6 +252,28 @@ def decode_attention(
     return fn(qkv, k_cache, v_cache, valid, slot, n_head)
 
 
+def greedy_select(
+    logits: Tensor,
+    out_tok: Tensor,
+    out_p: Tensor,
+    slot: Tensor,
+    done: Tensor,
+    left: Tensor,
+    stop_eos: Tensor,
+    eos: Tensor,
+    tok: Tensor,
+    pos: Tensor,
+) -> None:
+    """A greedy decode step's end, in place: each row's argmax token of `logits` [B, V] and its
+    probability recorded at column slot + 1, its stopping state updated, its token and position
+    advanced (see `yan_kernels.greedy_select`)."""
+    from . import greedy_select as m
+
+    ts = (logits, out_tok, out_p, slot, done, left, stop_eos, eos, tok, pos)
+    run = _take_triton(logits) and len({t.device for t in ts}) == 1
+    (m.greedy_select if run else m.greedy_select_ref)(*ts)
+
+
 def add_layer_norm(
     x: Tensor,
     y: Tensor | None,

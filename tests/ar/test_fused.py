@@ -203,15 +203,20 @@ def test_versus_shapes_and_floor() -> None:
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 @pytest.mark.parametrize("trim,check_every", [(True, 1), (False, 4)])
-def test_fused_linear_step_equals_reference(model, backend: str, trim: bool,
-                                            check_every: int) -> None:  # fmt: skip
+@pytest.mark.parametrize("sampled", [False, True])
+def test_fused_linear_step_equals_reference(model, backend: str, trim: bool, check_every: int,
+                                            sampled: bool) -> None:  # fmt: skip
     """`step="triton"`: every linear layer through `ops.fused_linear` (norm prologue, tanh GELU
-    and residual epilogues, Conv1D weights read transposed; the Triton interpreter on a CPU),
-    greedy and sampled rows, EOS mid-batch, padding rows: the reference's tokens."""
+    and residual epilogues, Conv1D weights read transposed), the attention with its cache
+    writes through `ops.decode_attention`, and a greedy window's end through
+    `ops.greedy_select` (the Triton interpreter on a CPU): greedy rows alone, or with sampled
+    rows (the sampling window), EOS mid-batch, a row ignoring EOS, padding rows: the
+    reference's tokens."""
     from yan_kernels import ops
 
-    reqs = [ARRequest(p, 5 + 2 * i, seed=i, temperature=0.8 if i % 2 else 0.0, top_k=5 * (i % 3))
-            for i, p in enumerate(_prompts(5, seed=4))]  # fmt: skip
+    reqs = [ARRequest(p, 5 + 2 * i, seed=i, temperature=0.8 if sampled and i % 2 else 0.0,
+                      top_k=5 * (i % 3)) for i, p in enumerate(_prompts(5, seed=4))]  # fmt: skip
+    reqs[2].ignore_eos = True
     eos = _mid_row_eos(model, [ARRequest(r.prompt, r.max_new) for r in reqs])
     runner = FusedRunner(model, batch_sizes=(8,), lengths=(40,), step="triton",
                          check_every=check_every)  # fmt: skip

@@ -20,7 +20,9 @@ with `decode_logp`, a plain function over the model's own parameters (shared, no
   (`step="triton"`, `decode_logp_fused_linear`, `ops.fused_linear` on the Conv1D weights as
   they are) and the cache writes inside the attention kernel (`ops.decode_attention`): 5
   launches per layer (QKV, attention, projection, MLP in, MLP out) and one for the final norm
-  with the output projection.
+  with the output projection; greedy windows then end in one `ops.greedy_select` launch
+  (argmax, its probability, the token recorded, the stopping state and position updated)
+  instead of a dozen small operators.
 
 Token choice runs on the device too (`choose`): greedy argmax, or the same inverse-CDF sampling
 as `yan_serve.engine.sampler.sample_tokens` (top-k restricted or over the whole vocabulary, per
@@ -121,13 +123,15 @@ def decode_logp_fused_linear(
     n_head: int,
     eps: float,
     head_t: Tensor | None = None,
+    raw: bool = False,
 ) -> Tensor:
     """`decode_logp` with each linear layer one `ops.fused_linear` call (the Triton GEMM where
     the kernels run, its reference elsewhere): the norms in the prologues, the tanh GELU and
     the residual adds in the epilogues, the final norm with the output projection; and the
     cache writes with the attention in one `ops.decode_attention` call per layer, which reads
     `valid` itself (no mask is built). `head_t` is not used (the output projection reads the
-    tied table in place)."""
+    tied table in place). `raw`: return the logits [B, V] in the weights' dtype instead (for
+    `ops.greedy_select`, which normalizes them itself)."""
     x = wte[tok] + wpe[pos]
     for i, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wout, bout) in enumerate(layers):
         qkv = ops.fused_linear(x, wqkv, bqkv, norm=(w1, b1, eps), transposed=True)
@@ -137,7 +141,7 @@ def decode_logp_fused_linear(
                              transposed=True)  # fmt: skip
         x = ops.fused_linear(m, wout, bout, residual=x, transposed=True)
     logits = ops.fused_linear(x, wte, None, norm=(ln_f[0], ln_f[1], eps))
-    return torch.log_softmax(logits.float(), -1)
+    return logits if raw else torch.log_softmax(logits.float(), -1)
 
 
 STEPS = {"torch": decode_logp, "compile": decode_logp, "triton": decode_logp_fused_linear}
@@ -245,17 +249,24 @@ class FusedGPT2(StaticGPT2):
         valid = self.valid[:batch, :length]
         tok, pos = self.tok[:batch], self.pos[:batch]
         tr = self.model.transformer
+        # the Triton step's greedy windows end in one kernel (choice, probability, stopping)
+        one_kernel_end = self.step == "triton" and not sample
+        state = (self.out_tok[:batch], self.out_p[:batch], self.slot, self.done[:batch],
+                 self.left[:batch], self.stop_eos[:batch], self.eos, tok, pos)  # fmt: skip
 
         def run() -> None:
             valid.index_fill_(1, self.slot, True)
             # trimmed: attend over the slots written so far (a shape that changes every step,
             # so only without graphs); else the whole window, the padding slots masked
             n = self.host_slot + 1 if self.trim else length
-            logp = self.body(tok, pos, self.slot, valid[:, :n], kw[..., :n, :], vw[..., :n, :],
-                             tr.wte.weight, tr.wpe.weight, self.layers, self.ln_f, self.n_head,
-                             self.eps, self.head_t())  # fmt: skip
-            self.select(logp, batch, self.slot + 1, sample)
-            pos.add_(1)
+            args = (tok, pos, self.slot, valid[:, :n], kw[..., :n, :], vw[..., :n, :],
+                    tr.wte.weight, tr.wpe.weight, self.layers, self.ln_f, self.n_head, self.eps,
+                    self.head_t())  # fmt: skip
+            if one_kernel_end:
+                ops.greedy_select(self.body(*args, raw=True), *state)
+            else:
+                self.select(self.body(*args), batch, self.slot + 1, sample)
+                pos.add_(1)
             self.slot.add_(1)
             self.host_slot += 1
 

@@ -38,6 +38,7 @@ FUSED_LAUNCHES = {
     "add_layer_norm": 1,
     "fused_linear": 1,  # also `linear_gelu`, which calls it
     "decode_attention": 1,
+    "greedy_select": 1,
     "request_noise": 1,
     "selective_scan": 1,
 }
