@@ -23,11 +23,39 @@ def test_every_setting_has_a_flag() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--device", "tpu"], ["--max-queue", "0"], ["--log-level", "loud"]]
+    "argv",
+    [
+        ["--device", "tpu"],
+        ["--max-queue", "0"],
+        ["--log-level", "loud"],
+        ["--linears", "cutlass"],
+        ["--ar-step", "jit"],
+    ],
 )
 def test_bad_settings_raise_readable_errors(argv: list[str]) -> None:
     with pytest.raises(ValueError, match=argv[0].lstrip("-").split("-")[0]):
         parse_settings(argv)
+
+
+def test_kernel_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = parse_settings([])
+    assert (s.linears, s.ar_step) == ("cublas", "torch")
+    monkeypatch.setenv("YAN_SERVE_AR_STEP", "triton")
+    s = parse_settings(["--linears", "fused"])
+    assert (s.linears, s.ar_step) == ("fused", "triton")
+
+
+def test_kernel_choices_reach_the_workers() -> None:
+    """`--linears` reaches YAN's fused engine, `--ar-step` the AR worker's decode runner."""
+    from pathlib import Path
+
+    from yan_serve.server.loader import load_worker
+
+    yan = load_worker(default_model_dir(), "cpu", linears="fused", ar_step="triton")
+    assert yan.sampler.linears == "fused"
+    ar_dir = Path(default_model_dir()).parent / "ar-tiny-kjv"
+    ar = load_worker(ar_dir, "cpu", linears="fused", ar_step="triton")
+    assert ar.step == "triton"
 
 
 def test_bad_number_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,8 +32,9 @@ class ARWorker(CheckpointWorker):
     kind = "ar"
     default_steps = 1  # `steps` does not apply
 
-    def __init__(self, model_dir: str | Path, device: str = "auto") -> None:
+    def __init__(self, model_dir: str | Path, device: str = "auto", step: str = "torch") -> None:
         super().__init__(model_dir, device)
+        self.step = step  # the fused decode step's body (`FusedRunner`)
         self.model = load_ar(self.model_dir, self.device)
         self.tokenizer = YANTokenizer.load(self.model_dir)
         cfg = self.model.config
@@ -53,7 +54,8 @@ class ARWorker(CheckpointWorker):
             # static runner if its capture fails; eager decoding if both do
             for cls in (FusedRunner, StaticRunner):
                 try:
-                    runner = cls(self.model)
+                    runner = FusedRunner(self.model, step=self.step) if cls is FusedRunner \
+                        else cls(self.model)  # fmt: skip
                     graphs, secs = runner.capture()
                 except Exception:  # serve with the next path rather than not at all
                     log.exception("AR CUDA graph capture failed (%s)", cls.__name__)

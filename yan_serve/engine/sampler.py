@@ -104,14 +104,20 @@ class Sampler:
 
     `fused`: True runs the fused engine (`FusedEngine`), False the model's modules, None (the
     default) the engine where `fused_available` says so. The engine is never used while the
-    model is in training mode (it has no dropout)."""
+    model is in training mode (it has no dropout). `linears`: the engine's linear layers
+    (`FusedEngine`'s modes)."""
 
     def __init__(
-        self, model: YAN, solver: FrozenRoutingEuler | None = None, fused: bool | None = None
+        self,
+        model: YAN,
+        solver: FrozenRoutingEuler | None = None,
+        fused: bool | None = None,
+        linears: str = "cublas",
     ) -> None:
         self.model = model
         self.solver = solver or FrozenRoutingEuler()
         self.fused = fused
+        self.linears = linears
         self._engine: FusedEngine | None = None
 
     @property
@@ -127,7 +133,7 @@ class Sampler:
         if self._engine is None:
             from yan_serve.engine.fused import FusedEngine
 
-            self._engine = FusedEngine(self.model)
+            self._engine = FusedEngine(self.model, linears=self.linears)
         elif self._engine.stale():
             self._engine.refresh()
         return self._engine

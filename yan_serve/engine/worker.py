@@ -38,11 +38,13 @@ class YANWorker(CheckpointWorker):
 
     kind = "yan"
 
-    def __init__(self, model_dir: str | Path, device: str = "auto") -> None:
+    def __init__(
+        self, model_dir: str | Path, device: str = "auto", linears: str = "cublas"
+    ) -> None:
         super().__init__(model_dir, device)
         self.model = from_pretrained(self.model_dir, device=self.device)
         self.tokenizer = load_tokenizer(self.model_dir, self.model.config)
-        self.sampler = Sampler(self.model)
+        self.sampler = Sampler(self.model, linears=linears)
         self.graphs = None  # CUDA: the graph-captured sampler for plain generate requests
         if self.device.type == "cuda":
             # Weights stay fp32 on CUDA: a batch is padded to a captured shape chosen by its

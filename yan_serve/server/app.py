@@ -40,7 +40,7 @@ def create_app(
     answers at once and /ready says when the model is usable."""
     from yan_serve.server.loader import load_worker
 
-    factory = worker_factory or (lambda s: load_worker(s.model, s.device))
+    factory = worker_factory or (lambda s: load_worker(s.model, s.device, s.linears, s.ar_step))
     state = State(settings, Metrics())
 
     @asynccontextmanager

@@ -40,13 +40,16 @@ def check_checkpoint(model_dir: str | Path, device: str = "auto") -> None:
     load_labels(d)
 
 
-def load_worker(model_dir: str | Path, device: str = "auto") -> Worker:
-    """The worker for a checkpoint directory: AR (GPT-2 config) or YAN. Each backend's module
-    is imported only when its checkpoint is served."""
+def load_worker(
+    model_dir: str | Path, device: str = "auto", linears: str = "cublas", ar_step: str = "torch"
+) -> Worker:
+    """The worker for a checkpoint directory: AR (GPT-2 config, decoding with `ar_step`) or YAN
+    (its fused engine's linear layers in mode `linears`). Each backend's module is imported
+    only when its checkpoint is served."""
     if is_ar_checkpoint(model_dir):
         from yan_serve.ar.worker import ARWorker
 
-        return ARWorker(model_dir, device)
+        return ARWorker(model_dir, device, ar_step)
     from yan_serve.engine.worker import YANWorker
 
-    return YANWorker(model_dir, device)
+    return YANWorker(model_dir, device, linears)

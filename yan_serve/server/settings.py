@@ -35,6 +35,8 @@ class Settings:
     max_steps: int = 16
     default_steps: int = 0  # Euler time points T; 0: the checkpoint's ode_steps
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    linears: str = "cublas"  # YAN's fused engine: how its linear layers run (CUDA)
+    ar_step: str = "torch"  # the AR baseline's decode step body (CUDA)
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -52,6 +54,14 @@ class Settings:
         for name in ("threads", "default_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0 (0: the default)")
+        from yan_serve.ar.fused import STEPS
+        from yan_serve.engine.fused import LINEAR_MODES
+
+        if self.linears not in LINEAR_MODES:
+            problems.append(f"--linears must be one of {', '.join(LINEAR_MODES)}, got "
+                            f"{self.linears!r}")  # fmt: skip
+        if self.ar_step not in STEPS:
+            problems.append(f"--ar-step must be one of {', '.join(STEPS)}, got {self.ar_step!r}")
         if self.default_steps > self.max_steps:
             problems.append(
                 f"--default-steps {self.default_steps} is above --max-steps {self.max_steps}"
@@ -87,6 +97,12 @@ HELP = {
     "default_steps": "Euler time points T on [0, 1] when a request gives none; T - 1 Euler steps"
     " are taken (0: the checkpoint's)",
     "threads": "torch intra-op threads on CPU (0: torch's default)",
+    "linears": "YAN on CUDA: the fused engine's linear layers: cublas (cuBLAS GEMMs, fused"
+    " residual + norm), gelu (the FFN's GELU in a Triton GEMM) or fused (every norm, GELU and"
+    " residual in the Triton GEMM beside it)",
+    "ar_step": "an AR checkpoint on CUDA: the decode step captured in CUDA graphs: torch (eager"
+    " ops), compile (torch.compile) or triton (fused-linear GEMMs, one-kernel attention and"
+    " greedy end)",
 }
 
 
