@@ -288,3 +288,14 @@ def test_attention_backend_is_checked() -> None:
     with pytest.raises(ValueError, match="needs CUDA, 16-bit weights"):
         eng.uses_flash(next(model.parameters()))  # a CPU float32 model
     assert not FusedEngine(model).uses_flash(next(model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_key_bias_is_zero_at_real_keys_and_minus_inf_elsewhere(dtype: torch.dtype) -> None:
+    """A prefix mask's additive form; a row with no real key attends everywhere (all zeros),
+    as `key_padding_mask` does, rather than to nothing (NaN)."""
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    bias = FusedEngine.key_bias(mask, dtype)
+    assert bias.shape == (3, 1, 1, 4) and bias.dtype == dtype
+    inf = float("-inf")
+    assert bias.flatten(1).tolist() == [[0, 0, inf, inf], [0, 0, 0, 0], [0, 0, 0, 0]]

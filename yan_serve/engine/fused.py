@@ -250,11 +250,11 @@ class FusedEngine:
     # ------------------------------------------------------------------------------ pieces
     @staticmethod
     def key_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
-        """[B, L] bool -> [B, 1, 1, L] additive SDPA mask (0 / -inf); a row without a real key
-        attends everywhere, as `key_padding_mask` does."""
-        keep = mask | ~mask.any(dim=-1, keepdim=True)
-        zero = torch.zeros((), dtype=dtype, device=mask.device)
-        return torch.where(keep, zero, float("-inf")).to(dtype)[:, None, None, :]
+        """[B, L] bool prefix mask -> [B, 1, 1, L] additive SDPA mask (0 / -inf); a row without
+        a real key (its first position is not real) attends everywhere, as `key_padding_mask`
+        does. log(1) = 0 and log(0) = -inf: four small launches, not seven."""
+        keep = mask | ~mask[:, :1]
+        return keep.to(dtype).log_()[:, None, None, :]
 
     def uses_flash(self, x: Tensor) -> bool:
         """Whether attention on activations like `x` runs FlashAttention: only when asked
