@@ -416,14 +416,18 @@ def test_cuda_graphs_bf16_model() -> None:
 
 
 @pytest.mark.gpu
-def test_worker_captures_at_warmup_and_serves_generate_from_graphs() -> None:
+@pytest.mark.parametrize("linears", ["cublas", "fused"])
+def test_worker_captures_at_warmup_and_serves_generate_from_graphs(linears: str) -> None:
+    """The served path (fp32 weights on CUDA), with the default linear layers and with every
+    norm and residual in the Triton GEMMs (`--linears fused`): graphs equal the eager sampler."""
     from pathlib import Path
 
     from yan_serve.engine.requests import EngineRequest
     from yan_serve.engine.worker import YANWorker
 
     ckpt = Path(__file__).resolve().parents[2] / "weights" / "yan-tiny-kjv"
-    w = YANWorker(ckpt, "cuda")
+    w = YANWorker(ckpt, "cuda", linears=linears)
+    assert w.sampler.engine is not None and w.sampler.engine.linears == linears
     assert w.graphs is not None and w.graphs.captures == 0
     w.warmup(w.default_steps)
     assert w.graphs is not None, "capture failed: the worker fell back to eager (see the log)"
