@@ -162,14 +162,19 @@ class Config(NamedTuple):
 
 # GPU tiles by row count, not yet tuned on a GPU (`bench kernels --sweep gelu` compares them
 # with cuBLAS + GELU): few rows want narrow tiles, so that a 128-token batch still spreads over
-# the SMs (a 32 x 64 tile gives a [128, 512] output 32 programs); many rows want the large tile
-# that feeds the tensor cores.
+# the SMs (a 32 x 64 tile gives a [128, 512] output 32 programs); up to 16 rows (an AR decode
+# step) the GEMM is a weight-streaming GEMV, and 32-column tiles give GPT-2's 3072 -> 768
+# projection 24 programs instead of 12; many rows want the large tile that feeds the tensor
+# cores.
+GPU_GEMV = Config(16, 32, 128, 1, 4, 3)
 GPU_TINY = Config(32, 64, 64, 8, 4, 4)
 GPU_SMALL = Config(64, 64, 64, 8, 4, 4)
 GPU_LARGE = Config(128, 128, 64, 8, 8, 3)
+GPU_GEMV_M = 16
 GPU_TINY_M = 256
 GPU_LARGE_M = 2048
 SWEEP = (
+    GPU_GEMV,
     GPU_TINY,
     GPU_SMALL,
     Config(64, 128, 64, 8, 4, 4),
@@ -183,6 +188,8 @@ INTERPRETER = Config(32, 64, 64, 4, 4, 1)  # few, large tiles: each tile op is o
 def default_config(device: torch.device, m: int) -> Config:
     """The launch configuration for `m` rows on `device`."""
     if device.type == "cuda":
+        if m <= GPU_GEMV_M:
+            return GPU_GEMV
         if m <= GPU_TINY_M:
             return GPU_TINY
         return GPU_LARGE if m >= GPU_LARGE_M else GPU_SMALL
@@ -318,12 +325,12 @@ def aot_specs() -> list:
     """Every configuration the launcher can choose on a GPU and every flag combination the
     engines use, in bf16 and fp32 (fp16: the GELU-only form); the sweep's other tiles with the
     GELU-only flags in bf16; the transposed (GPT-2) layout at the decode step's rows (at most
-    256: the small tile) (see `yan_kernels.aot`). A unit weight stride is a constexpr 1, as
+    256: the two small tiles) (see `yan_kernels.aot`). A unit weight stride is a constexpr 1, as
     Triton specializes it at run time."""
     from .aot import TORCH_TO_TRITON, AotSpec
 
     specs = []
-    chosen = (GPU_TINY, GPU_SMALL, GPU_LARGE)
+    chosen = (GPU_GEMV, GPU_TINY, GPU_SMALL, GPU_LARGE)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = "*" + TORCH_TO_TRITON[str(dtype).removeprefix("torch.")]
         base = {a: t for a in ("x_ptr", "w_ptr", "b_ptr", "nw_ptr", "ns_ptr", "r_ptr", "out_ptr")}
@@ -338,7 +345,7 @@ def aot_specs() -> list:
             plans.append((cfg, FLAGS if cfg in chosen and dtype != torch.float16 else FLAGS[:1],
                           False))  # fmt: skip
         if dtype != torch.float16:
-            plans.append((GPU_TINY, dict.fromkeys(FLAGS_T), True))
+            plans += [(cfg, dict.fromkeys(FLAGS_T), True) for cfg in (GPU_GEMV, GPU_TINY)]
         for cfg, flags, transposed in plans:
             unit, strided = ("stride_wn", "stride_wk") if transposed else ("stride_wk", "stride_wn")
             sig = {**base, strided: "i32"}

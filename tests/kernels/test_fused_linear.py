@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from yan_kernels import ops
 from yan_kernels.fused_linear import (
+    GPU_GEMV,
     GPU_LARGE,
     GPU_SMALL,
     GPU_TINY,
@@ -84,7 +85,7 @@ def test_leading_dims_strides_and_empty_inputs(device) -> None:
     torch.testing.assert_close(no_k, F.gelu(b).expand(14, 40), **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("cfg", [GPU_SMALL, SWEEP[2], Config(16, 32, 16, 2, 4, 1)])
+@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_SMALL, SWEEP[3], Config(16, 32, 16, 2, 4, 1)])
 def test_every_tile_configuration_gives_the_same_result(device, cfg) -> None:
     """The GPU tiles and the grouped tile order (a group larger than the row tiles, and one
     smaller) are the same function: run in the interpreter they match the oracle too."""
@@ -93,11 +94,24 @@ def test_every_tile_configuration_gives_the_same_result(device, cfg) -> None:
                                **TOL[torch.float32])  # fmt: skip
 
 
+@pytest.mark.parametrize("cfg", [GPU_GEMV, GPU_TINY, GPU_SMALL])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_chosen_tiles_with_norm_and_residual(device, cfg, transposed) -> None:
+    """The tiles the launcher picks by row count, with the prologue and the epilogue, in both
+    weight layouts: K = 130 spans two of GPU_GEMV's 128-wide K tiles and three 64-wide ones."""
+    x, w, b, nrm, res = _chain(19, 130, 70, device, torch.float32, seed=5)
+    wt = w.t().contiguous() if transposed else w
+    got = fused_linear(x, wt, b, norm=nrm, gelu=True, residual=res, transposed=transposed,
+                       config=cfg)  # fmt: skip
+    torch.testing.assert_close(got, _chain_oracle(x, w, b, nrm, True, res), **TOL[torch.float32])
+
+
 def test_default_config_by_rows() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_config(cuda, 1) == GPU_GEMV and default_config(cuda, 16) == GPU_GEMV
     assert default_config(cuda, 128) == GPU_TINY and default_config(cuda, 1024) == GPU_SMALL
     assert default_config(cuda, 65536) == GPU_LARGE
-    assert default_config(cpu, 10**6) not in (GPU_TINY, GPU_SMALL, GPU_LARGE)  # the interpreter's
+    assert default_config(cpu, 10**6) not in (GPU_GEMV, GPU_TINY, GPU_SMALL, GPU_LARGE)
 
 
 def test_facade_runs_the_kernel_where_triton_is_selected(device) -> None:
