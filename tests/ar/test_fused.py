@@ -262,3 +262,18 @@ def test_cuda_graph_fused_decoding_equals_reference(step: str) -> None:
     assert runner.current is not None and runner.current.batch == 16
     assert [g.tokens for g in got] == [r.tokens for r in ref]
     assert [g.hit_eos for g in got] == [r.hit_eos for r in ref]
+
+
+def test_versus_times_each_ar_step(capsys) -> None:
+    """`bench versus --ar-steps`: one row per step body, labelled, the YAN time shared."""
+    from yan_serve.bench import main
+
+    argv = ["versus", "--device", "cpu", "--batches", "1", "--protocols", "complete",
+            "--iters", "1", "--no-ref", "--ar-steps", "torch,triton"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ar_steps=torch,triton" in out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("yan-tiny/ar-tiny")]
+    assert [r[0] for r in rows] == ["yan-tiny/ar-tiny", "yan-tiny/ar-tiny+triton"]
+    assert rows[0][3] == rows[1][3]  # the YAN ms, measured once per row
+    assert all(float(r[5]) > 0 for r in rows)  # AR ms
