@@ -37,6 +37,7 @@ KERNEL_MODULES = (
     "yan_kernels.fused_linear",
     "yan_kernels.decode_attention",
     "yan_kernels.greedy_select",
+    "yan_kernels.length_masks",
 )
 TARGETS = (90, 80)
 

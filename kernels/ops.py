@@ -274,6 +274,19 @@ def greedy_select(
     (m.greedy_select if run else m.greedy_select_ref)(*ts)
 
 
+def length_masks(
+    src_len: Tensor, tgt_len: Tensor, Lx: int, Ly: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A padded batch's prefix masks [B, Lx] / [B, Ly] bool and additive key biases (0 / -inf,
+    all 0 for a row without a real key) in `dtype`, from its lengths [B] (see
+    `yan_kernels.length_masks`)."""
+    from . import length_masks as m
+
+    probe = torch.empty(0, dtype=dtype, device=src_len.device)
+    run = _take_triton(probe) and tgt_len.device == src_len.device
+    return (m.length_masks if run else m.length_masks_ref)(src_len, tgt_len, Lx, Ly, dtype)
+
+
 def add_layer_norm(
     x: Tensor,
     y: Tensor | None,

@@ -171,6 +171,27 @@ def test_padded_path_gives_the_eager_samplers_tokens(
     _assert_same_tokens(out, Sampler(micro_model).generate(reqs, steps=3, routing=routing))
 
 
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("linears", ["cublas", "fused"])
+def test_padded_path_through_the_fused_engine(micro_model: YAN, backend: str, linears: str) -> None:
+    """The graph body as a GPU runs it: the fused engine, fed the masks and key biases that
+    `ops.length_masks` builds from the packed lengths (the kernel in the interpreter with
+    `triton`), on padded batches: the eager sampler's tokens."""
+    pytest.importorskip("triton")
+    from yan_kernels import ops
+
+    with ops.force(backend):
+        gs = GraphSampler(Sampler(micro_model, fused=True, linears=linears))
+        gs.capture(Ladder(batch_sizes=(4,), tgt_lengths=(32,), src_lengths=(32,), max_tokens=None,
+                          steps=3, routings=("argmax",)))  # fmt: skip
+        for seed in (40, 41):
+            reqs = _requests(3, seed=seed, max_src=30, max_tgt=30)
+            out = gs.generate(reqs, 3, "argmax")
+            eager = Sampler(micro_model, fused=True, linears=linears).generate(reqs, 3, "argmax")
+            _assert_same_tokens(out, eager)
+        assert gs.stats["graph"] == 2
+
+
 def test_a_batch_that_fills_its_shape_is_bitwise_eager(
     graphs: GraphSampler, micro_model: YAN
 ) -> None:

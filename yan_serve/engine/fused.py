@@ -276,11 +276,14 @@ class FusedEngine:
             )
         return True
 
-    def key_padding(self, mask: Tensor, dtype: torch.dtype, flash: bool) -> KeyPadding:
-        """[B, L] bool prefix mask -> `KeyPadding` (the flash fields only when `flash`)."""
+    def key_padding(
+        self, mask: Tensor, dtype: torch.dtype, flash: bool, bias: Tensor | None = None
+    ) -> KeyPadding:
+        """[B, L] bool prefix mask -> `KeyPadding` (the flash fields only when `flash`; `bias`
+        [B, L], the additive form when the caller has it already)."""
         B, L = mask.shape
         if not flash:
-            return KeyPadding(mask, dtype)
+            return KeyPadding(mask, dtype, _bias=None if bias is None else bias[:, None, None, :])
         starts = torch.arange(0, (B + 1) * L, L, device=mask.device, dtype=torch.int32)
         used = mask.sum(-1, dtype=torch.int32)
         used = torch.where(used > 0, used, L).to(torch.int32)
@@ -378,15 +381,17 @@ class FusedEngine:
 
     # ----------------------------------------------------------------------------- encoder
     @torch.no_grad()
-    def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, KeyPadding]:
-        """src [B, Lx] long, src_mask [B, Lx] (a prefix mask) -> (latents [B, Lx, d] zero at
-        padding, the source's key padding for attending to them, with the flash fields when
-        attention runs FlashAttention)."""
+    def encode(
+        self, src: Tensor, src_mask: Tensor, src_bias: Tensor | None = None
+    ) -> tuple[Tensor, KeyPadding]:
+        """src [B, Lx] long, src_mask [B, Lx] (a prefix mask; `src_bias` its additive form, if
+        the caller has it) -> (latents [B, Lx, d] zero at padding, the source's key padding
+        for attending to them, with the flash fields when attention runs FlashAttention)."""
         m = self.model
         B, Lx = src.shape
         d = self.cfg.d_model
         w = m.tok_emb.weight
-        pad = self.key_padding(src_mask, w.dtype, self.uses_flash(w))
+        pad = self.key_padding(src_mask, w.dtype, self.uses_flash(w), src_bias)
         x = F.embedding(src, m.tok_emb.weight) + m.positions(Lx)  # [B, Lx, d]
         x = x.reshape(B * Lx, d)
         blocks = m.encoder.trf_blocks
@@ -495,17 +500,21 @@ class FusedEngine:
         steps: int,
         routing: Routing = "sample",
         step_hook: Callable[[int, Tensor], None] | None = None,
+        src_bias: Tensor | None = None,
+        tgt_bias: Tensor | None = None,
     ) -> SolveResult:
         """Encode and integrate: the same contract as `Sampler.solve` on the modules (z at
-        t = 1, the frozen experts, the gate probabilities). `step_hook(i, z)` sees each state."""
+        t = 1, the frozen experts, the gate probabilities). `step_hook(i, z)` sees each state.
+        `src_bias` / `tgt_bias` [B, L]: the masks' additive forms, when the caller built them
+        (`ops.length_masks`), instead of deriving them here."""
         if steps < 1:
             raise ValueError(f"steps counts time points and must be >= 1, got {steps}")
         flow = self.model.flow
         B, L, d = z0.shape
         tables = self.tables(steps)
-        src_h, src_pad = self.encode(src, src_mask)
+        src_h, src_pad = self.encode(src, src_mask, src_bias)
         src_pooled = masked_mean(src_h, src_mask)
-        tgt_pad = self.key_padding(tgt_mask, z0.dtype, src_pad.flash)
+        tgt_pad = self.key_padding(tgt_mask, z0.dtype, src_pad.flash, tgt_bias)
         cross_kv = self._cross_kv(src_h)
         h = self._trunk(z0, tables.mods[0], tgt_mask, tgt_pad, cross_kv, src_pad)
         probs = self._gate_probs(h, src_pooled, tables, B)

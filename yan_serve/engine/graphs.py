@@ -51,7 +51,6 @@ from yan_serve.engine.sampler import (
     PreparedBatch,
     Sampler,
     assemble,
-    length_mask,
 )
 from yan_serve.flow.solver import Routing
 
@@ -167,15 +166,25 @@ def pack_inputs(
     return out[: packed_size(shape)]
 
 
-def unpack_inputs(packed: Tensor, shape: GraphShape) -> PreparedBatch:
-    """The device side of `pack_inputs` (graph-capturable): packed int64 -> a greedy batch."""
+def unpack_inputs(
+    packed: Tensor,
+    shape: GraphShape,
+    dtype: torch.dtype = torch.float32,
+    idle: tuple[Tensor, Tensor] | None = None,
+) -> PreparedBatch:
+    """The device side of `pack_inputs` (graph-capturable): packed int64 -> a greedy batch, its
+    masks and their additive key biases (in `dtype`, the model's) from the lengths in one
+    launch (`ops.length_masks`). `idle`: zero temperature [>= B] and top-k [>= B] buffers
+    made beforehand (a greedy batch reads neither), else made here."""
     B, Lx, Ly = shape.batch, shape.src_len, shape.tgt_len
     src = packed[: B * Lx].view(B, Lx)
     src_len, tgt_len, seed = packed[B * Lx :].view(3, B)
-    zeros = torch.zeros(B, device=packed.device)
-    return PreparedBatch(
-        src, length_mask(src_len, Lx), length_mask(tgt_len, Ly), seed, zeros, zeros.long()
-    )
+    src_mask, tgt_mask, src_bias, tgt_bias = ops.length_masks(src_len, tgt_len, Lx, Ly, dtype)
+    if idle is None:
+        zeros = torch.zeros(B, device=packed.device)
+        idle = (zeros, zeros.long())
+    return PreparedBatch(src, src_mask, tgt_mask, seed, idle[0][:B], idle[1][:B], src_bias,
+                         tgt_bias, tgt_len)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- replays
@@ -241,6 +250,7 @@ class _StaticIO:
     host_out: Tensor  # the same on the host
     z: Tensor  # [B, Ly, d] the latent at t = 1 (decoded outside for sampled rows)
     token_uniforms: Tensor  # [B, Ly] fp32
+    idle: tuple[Tensor, Tensor]  # zero temperature and top-k, [>= B]
 
 
 class _Buffers:
@@ -258,6 +268,9 @@ class _Buffers:
         self.host_out = torch.empty(3 * tgt, dtype=torch.float32, pin_memory=pin)
         self.z = torch.empty(tgt * d, dtype=dtype, device=device)
         self.token_uniforms = torch.empty(tgt, dtype=torch.float32, device=device)
+        rows = max(s.batch for s in shapes)  # a greedy batch's temperature and top-k: zeros
+        self.idle = (torch.zeros(rows, device=device), torch.zeros(rows, dtype=torch.long,
+                                                                   device=device))  # fmt: skip
 
     def nbytes(self) -> int:
         """Bytes of the device-side buffers (the host staging copies not counted)."""
@@ -270,7 +283,7 @@ class _Buffers:
         return _StaticIO(
             self.packed[:n], self.stage, self.out[: 3 * B * Ly].view(3, B, Ly),
             self.host_out[: 3 * B * Ly].view(3, B, Ly), self.z[: B * Ly * d].view(B, Ly, d),
-            self.token_uniforms[: B * Ly].view(B, Ly),
+            self.token_uniforms[: B * Ly].view(B, Ly), self.idle,
         )  # fmt: skip
 
 
@@ -394,7 +407,7 @@ class GraphSampler:
 
         @torch.no_grad()
         def run() -> None:
-            batch = unpack_inputs(io.packed, shape)
+            batch = unpack_inputs(io.packed, shape, self.dtype, io.idle)
             noise = self.sampler.draw(batch)
             res = self.sampler.solve(batch, steps, routing, noise=noise)
             tok, prob = self.sampler.greedy(res.z)

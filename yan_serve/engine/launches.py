@@ -39,6 +39,7 @@ FUSED_LAUNCHES = {
     "fused_linear": 1,  # also `linear_gelu`, which calls it
     "decode_attention": 1,
     "greedy_select": 1,
+    "length_masks": 1,
     "request_noise": 1,
     "selective_scan": 1,
 }

@@ -64,6 +64,12 @@ class PreparedBatch:
     seed: Tensor  # [B] int64, each request's own
     temperature: Tensor  # [B]
     top_k: Tensor  # [B] long
+    # where the batch was built from lengths on the device (a captured graph's input): the
+    # additive key biases (0 / -inf) [B, Lx] / [B, Ly] in the model's dtype, and the target
+    # lengths [B] long, so the solve need not derive them from the masks
+    src_bias: Tensor | None = None
+    tgt_bias: Tensor | None = None
+    tgt_len: Tensor | None = None
 
 
 @dataclass
@@ -189,10 +195,10 @@ class Sampler:
         """Every request's draws, generated on the batch's device from its seed."""
         cfg = self.model.config
         dtype = next(self.model.parameters()).dtype
+        length = batch.tgt_len if batch.tgt_len is not None else batch.tgt_mask.sum(1)
         z0, u, u_tok = ops.request_noise(
-            batch.seed, batch.tgt_mask.sum(1), batch.tgt_mask.shape[1], cfg.d_model,
-            cfg.init_noise, dtype,
-        )  # fmt: skip
+            batch.seed, length, batch.tgt_mask.shape[1], cfg.d_model, cfg.init_noise, dtype
+        )
         return Noise(z0, u, u_tok)
 
     @torch.no_grad()
@@ -214,7 +220,7 @@ class Sampler:
         if engine is not None:
             return engine.solve(
                 batch.src, batch.src_mask, batch.tgt_mask, noise.z0, noise.uniforms, steps,
-                routing, step_hook,
+                routing, step_hook, src_bias=batch.src_bias, tgt_bias=batch.tgt_bias,
             )  # fmt: skip
         m = self.model
         cond = m.condition(m.encode(batch.src, batch.src_mask), batch.src_mask, batch.tgt_mask)
