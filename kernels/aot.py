@@ -38,6 +38,7 @@ KERNEL_MODULES = (
     "yan_kernels.decode_attention",
     "yan_kernels.greedy_select",
     "yan_kernels.length_masks",
+    "yan_kernels.gate_route",
 )
 TARGETS = (90, 80)
 

@@ -274,6 +274,26 @@ def greedy_select(
     (m.greedy_select if run else m.greedy_select_ref)(*ts)
 
 
+def gate_route(
+    h: Tensor,
+    row: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    temperature: float,
+    routing: str,
+    uniforms: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The MoE gate and routing: h [B, L, D], row [B, G], w1 [G, D], w2 [K, G], b2 [K] ->
+    (probs [B, L, K] fp32, expert [B, L] long) by "argmax" or "sample" (with `uniforms` [B, L])
+    (see `yan_kernels.gate_route`)."""
+    from . import gate_route as m
+
+    ok = _take_triton(h, row, w1, w2, b2) and (uniforms is None or uniforms.device == h.device)
+    fn = m.gate_route if ok else m.gate_route_ref
+    return fn(h, row, w1, w2, b2, temperature, routing, uniforms)
+
+
 def length_masks(
     src_len: Tensor, tgt_len: Tensor, Lx: int, Ly: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

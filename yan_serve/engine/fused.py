@@ -16,8 +16,9 @@ rearranged for inference, where at batch 1 the cost is the number of kernel laun
   With `linears="fused"` they go further: each LayerNorm runs in the prologue of the GEMM that
   reads it, and each residual add (with its bias) in the epilogue of the GEMM that feeds it
   (`ops.fused_linear`), so a sub-layer is two launches plus its attention.
-- Frozen routing. Tokens are grouped by expert once (`ops.expert_tiles`) and every Euler step
-  runs the routed-expert kernel with the Euler update in its epilogue.
+- Frozen routing. The gate and the routing choice are one kernel (`ops.gate_route`); tokens
+  are grouped by expert once (`ops.expert_tiles`) and every Euler step runs the routed-expert
+  kernel with the Euler update in its epilogue.
 - The decoder's lm_head runs fused with the argmax (`ops.decoder_argmax`).
 - Attention is SDPA with the additive key mask (on an H100 with torch 2.11 it dispatches to
   cuDNN's fused attention); FlashAttention's variable-length kernel (padded keys skipped, Q/K/V
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from yan_kernels import ops
 
-from yan_serve.flow.solver import Routing, SolveResult, select_experts, time_grid
+from yan_serve.flow.solver import Routing, SolveResult, time_grid
 from yan_serve.model.layers import LN_EPS, MultiHeadAttention, masked_mean
 from yan_serve.model.yan import YAN
 
@@ -479,15 +480,26 @@ class FusedEngine:
             _, h = ops.add_layer_norm(x, None, fin.scale, fin.shift, eps=fin.eps)
         return h
 
-    def _gate_probs(self, h: Tensor, src_pooled: Tensor, tables: _StepTables, B: int) -> Tensor:
-        """pi(z_0, 0): h [B * L, d] -> [B, L, K] fp32 (padding is not masked: unused there)."""
+    def _route(
+        self,
+        h: Tensor,
+        src_pooled: Tensor,
+        tables: _StepTables,
+        B: int,
+        routing: Routing,
+        uniforms: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """pi(z_0, 0) and the frozen choice: h [B * L, d] -> (gate probabilities [B, L, K]
+        fp32, experts [B, L] long) (padding is not masked: unused there). The gate's hidden
+        layer splits into a per-token GEMM and a per-row term (the pooled source and the time
+        embedding, one small GEMM); the token part, the GELU, the output layer, the softmax
+        and the choice are one launch (`ops.gate_route`)."""
         flow = self.model.flow
         d = self.cfg.d_model
         g0, g2 = flow.gate[0], flow.gate[2]
         row = torch.addmm(tables.gate_t, src_pooled, g0.weight[:, d : 2 * d].t())  # [B, gd]
-        hid = F.linear(h, g0.weight[:, :d]).view(B, -1, row.shape[-1]) + row[:, None]
-        logits = F.linear(F.gelu(hid), g2.weight, g2.bias) / flow.gate_temperature
-        return torch.softmax(logits, dim=-1, dtype=torch.float32)  # the upcast in the same kernel
+        return ops.gate_route(h.view(B, -1, d), row, g0.weight[:, :d], g2.weight, g2.bias,
+                              flow.gate_temperature, routing, uniforms)  # fmt: skip
 
     @torch.no_grad()
     def solve(
@@ -517,8 +529,7 @@ class FusedEngine:
         tgt_pad = self.key_padding(tgt_mask, z0.dtype, src_pad.flash, tgt_bias)
         cross_kv = self._cross_kv(src_h)
         h = self._trunk(z0, tables.mods[0], tgt_mask, tgt_pad, cross_kv, src_pad)
-        probs = self._gate_probs(h, src_pooled, tables, B)
-        expert = select_experts(probs, routing, uniforms)  # [B, L]
+        probs, expert = self._route(h, src_pooled, tables, B, routing, uniforms)
         flat_e = expert.reshape(-1)
         ex = flow.experts
         tiles = ops.expert_tiles(flat_e, ex.n_experts, h)

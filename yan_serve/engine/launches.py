@@ -40,6 +40,7 @@ FUSED_LAUNCHES = {
     "decode_attention": 1,
     "greedy_select": 1,
     "length_masks": 1,
+    "gate_route": 1,
     "request_noise": 1,
     "selective_scan": 1,
 }
