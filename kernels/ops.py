@@ -2,7 +2,9 @@
 
 The choice is made once per process: Triton when a CUDA device is present and `triton` imports,
 else the reference. `YAN_KERNELS=ref|triton` in the environment overrides it, and `force()` (a
-context manager) or `set_backend()` override both, for tests and benchmarks.
+context manager) or `set_backend()` override both, for tests and benchmarks. Where Triton is
+chosen, `YAN_KERNELS_OFF=gate_route,length_masks` (names from `KERNEL_OPS`) sends just those
+ops to their references: a kernel that misbehaves on some GPU is set aside, not the rest.
 
 A facade runs the Triton kernel only where it can run: on CUDA tensors, or on CPU tensors under
 the Triton interpreter (`TRITON_INTERPRET=1`, which must be set before `triton` is first
@@ -123,11 +125,33 @@ def force(backend: str, op: Op | None = None) -> Iterator[None]:
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _take_triton(*tensors: Tensor | None) -> bool:
-    """Triton selected, and the kernel can run here: one device it can reach, one dtype it
-    supports (mixed dtypes, e.g. fp32 weights under autocast, go to the reference), no grad."""
+# The facades whose kernels `YAN_KERNELS_OFF` can switch off one by one.
+KERNEL_OPS = (
+    "routed_expert_euler", "decoder_argmax", "fused_linear", "decode_attention", "greedy_select",
+    "gate_route", "length_masks", "add_layer_norm", "request_noise",
+)  # fmt: skip
+
+
+def kernels_off() -> frozenset[str]:
+    """The ops `YAN_KERNELS_OFF` (comma-separated names of `KERNEL_OPS`) sends to their
+    references while the rest run Triton: a kernel that misbehaves on some GPU can be set
+    aside without giving up the others. Read at every call (a dictionary lookup)."""
+    names = frozenset(
+        n.strip() for n in os.environ.get("YAN_KERNELS_OFF", "").split(",") if n.strip()
+    )
+    unknown = names - set(KERNEL_OPS)
+    if unknown:
+        raise ValueError(f"YAN_KERNELS_OFF names unknown op(s) {', '.join(sorted(unknown))}; "
+                         f"choose from {', '.join(KERNEL_OPS)}")  # fmt: skip
+    return names
+
+
+def _take_triton(*tensors: Tensor | None, op: str) -> bool:
+    """Triton selected and not switched off for `op` (`kernels_off`), and the kernel can run
+    here: one device it can reach, one dtype it supports (mixed dtypes, e.g. fp32 weights under
+    autocast, go to the reference), no grad."""
     ts = [t for t in tensors if t is not None]
-    if not use_triton():
+    if not use_triton() or op in kernels_off():
         return False
     if (
         len({t.dtype for t in ts if t.is_floating_point()}) != 1
@@ -170,7 +194,7 @@ def routed_expert_euler(
         # then the routed one, is the same function and gradient with no sync (and, under
         # torch.compile, no data-dependent shape)
         return m.routed_expert_euler_dense(h, expert, w1, b1, w2, b2, z, dt)
-    if _take_triton(h, w1, b1, w2, b2, z) and expert.device == h.device:
+    if _take_triton(h, w1, b1, w2, b2, z, op="routed_expert_euler") and expert.device == h.device:
         return m.routed_expert_euler(h, expert, w1, b1, w2, b2, z, dt, tiles=tiles)
     return m.routed_expert_euler_ref(h, expert, w1, b1, w2, b2, z, dt)
 
@@ -181,7 +205,7 @@ def expert_tiles(expert: Tensor, n_experts: int, like: Tensor) -> TileMap | None
     `nonzero` itself)."""
     from . import routed_expert as m
 
-    if not (_take_triton(like) and expert.device == like.device):
+    if not (_take_triton(like, op="routed_expert_euler") and expert.device == like.device):
         return None
     blocks = m.default_blocks(like.device, expert.shape[0])
     return m.build_tile_map(expert, n_experts, blocks.block_m)
@@ -206,7 +230,11 @@ def decoder_argmax(
     weight [V, d], bias [V] -> DecodeResult (see `yan_kernels.decoder_argmax`)."""
     from . import decoder_argmax as m
 
-    fn = m.decoder_argmax if _take_triton(x, weight, bias) else m.decoder_argmax_ref
+    fn = (
+        m.decoder_argmax
+        if _take_triton(x, weight, bias, op="decoder_argmax")
+        else m.decoder_argmax_ref
+    )
     return fn(x, weight, bias, temperature, seed, labels)
 
 
@@ -234,7 +262,7 @@ def fused_linear(
     from . import fused_linear as m
 
     ts = (x, weight, bias, residual, *(norm[:2] if norm else ()))
-    fn = m.fused_linear if _take_triton(*ts) else m.fused_linear_ref
+    fn = m.fused_linear if _take_triton(*ts, op="fused_linear") else m.fused_linear_ref
     return fn(x, weight, bias, norm=norm, gelu=gelu, approximate=approximate, residual=residual,
               transposed=transposed)  # fmt: skip
 
@@ -247,7 +275,9 @@ def decode_attention(
     its `valid` [B, L] slots -> [B, d] (see `yan_kernels.decode_attention`)."""
     from . import decode_attention as m
 
-    run = _take_triton(qkv, k_cache, v_cache) and valid.device == qkv.device == slot.device
+    run = _take_triton(qkv, k_cache, v_cache, op="decode_attention") and (
+        valid.device == qkv.device == slot.device
+    )
     fn = m.decode_attention if run else m.decode_attention_ref
     return fn(qkv, k_cache, v_cache, valid, slot, n_head)
 
@@ -270,7 +300,7 @@ def greedy_select(
     from . import greedy_select as m
 
     ts = (logits, out_tok, out_p, slot, done, left, stop_eos, eos, tok, pos)
-    run = _take_triton(logits) and len({t.device for t in ts}) == 1
+    run = _take_triton(logits, op="greedy_select") and len({t.device for t in ts}) == 1
     (m.greedy_select if run else m.greedy_select_ref)(*ts)
 
 
@@ -289,7 +319,9 @@ def gate_route(
     (see `yan_kernels.gate_route`)."""
     from . import gate_route as m
 
-    ok = _take_triton(h, row, w1, w2, b2) and (uniforms is None or uniforms.device == h.device)
+    ok = _take_triton(h, row, w1, w2, b2, op="gate_route") and (
+        uniforms is None or uniforms.device == h.device
+    )
     fn = m.gate_route if ok else m.gate_route_ref
     return fn(h, row, w1, w2, b2, temperature, routing, uniforms)
 
@@ -303,7 +335,7 @@ def length_masks(
     from . import length_masks as m
 
     probe = torch.empty(0, dtype=dtype, device=src_len.device)
-    run = _take_triton(probe) and tgt_len.device == src_len.device
+    run = _take_triton(probe, op="length_masks") and tgt_len.device == src_len.device
     return (m.length_masks if run else m.length_masks_ref)(src_len, tgt_len, Lx, Ly, dtype)
 
 
@@ -320,7 +352,7 @@ def add_layer_norm(
     from . import layer_norm as m
 
     ts = (x, y, weight, shift, bias)
-    fn = m.add_layer_norm if _take_triton(*ts) else m.add_layer_norm_ref
+    fn = m.add_layer_norm if _take_triton(*ts, op="add_layer_norm") else m.add_layer_norm_ref
     return fn(x, y, weight, shift, bias, eps)
 
 
@@ -332,7 +364,8 @@ def request_noise(
     token uniforms [B, L] (fp32), zero past each length (see `yan_kernels.noise`)."""
     from . import noise as m
 
-    run_kernel = use_triton() and _triton_runs_on([seed, length])
+    run_kernel = use_triton() and "request_noise" not in kernels_off()
+    run_kernel = run_kernel and _triton_runs_on([seed, length])
     fn = m.request_noise if run_kernel else m.request_noise_ref
     return fn(seed, length, L, d, init_noise, dtype)
 

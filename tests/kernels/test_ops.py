@@ -111,6 +111,30 @@ def test_autograd_and_mixed_dtypes_fall_back_to_the_reference(device, monkeypatc
     assert not kernel_calls
 
 
+def test_kernels_off_sets_single_ops_aside(device, monkeypatch) -> None:
+    """`YAN_KERNELS_OFF` sends the named ops to their references, the others still run Triton;
+    a name that is not an op is an error, not a silent no-op; every facade is switchable."""
+    from yan_kernels import decoder_argmax as dec
+    from yan_kernels import routed_expert as rex
+
+    routed_kernel = _spy(monkeypatch, rex, "routed_expert_euler")
+    routed_ref = _spy(monkeypatch, rex, "routed_expert_euler_ref")
+    dec_kernel = _spy(monkeypatch, dec, "decoder_argmax")
+    monkeypatch.setenv("YAN_KERNELS_OFF", " routed_expert_euler, gate_route")
+    assert ops.kernels_off() == {"routed_expert_euler", "gate_route"}
+    x, w, b = torch.randn(4, 16), torch.randn(30, 16), torch.randn(30)
+    with ops.force("triton"):
+        ops.routed_expert(*_routed_args(device))
+        assert ops.expert_tiles(torch.zeros(3, dtype=torch.long), 2, x[:3]) is None
+        ops.decoder_argmax(x.to(device), w.to(device), b.to(device))
+    assert (len(routed_kernel), len(routed_ref), len(dec_kernel)) == (0, 1, 1)
+    monkeypatch.setenv("YAN_KERNELS_OFF", "gate_rout")
+    with pytest.raises(ValueError, match=r"unknown op.*gate_rout"):
+        ops.kernels_off()
+    facades = {n for n in ops.KERNEL_OPS if callable(getattr(ops, n, None))}
+    assert facades == set(ops.KERNEL_OPS)
+
+
 def test_one_switch_for_every_op() -> None:
     """`force(backend, op=None)` drives the kernels; `op="selective_scan"` the scan's own
     setting; each restores only its own."""
