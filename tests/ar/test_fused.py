@@ -277,3 +277,8 @@ def test_versus_times_each_ar_step(capsys) -> None:
     assert [r[0] for r in rows] == ["yan-tiny/ar-tiny", "yan-tiny/ar-tiny+triton"]
     assert rows[0][3] == rows[1][3]  # the YAN ms, measured once per row
     assert all(float(r[5]) > 0 for r in rows)  # AR ms
+    launches = {}
+    for ln in out.splitlines():
+        if ln.startswith("AR ") and "launches per token" in ln:
+            launches[ln.split()[1]] = int(ln.split()[3])
+    assert launches.keys() == {"torch", "triton"} and launches["triton"] < launches["torch"]

@@ -32,7 +32,7 @@ KERNEL_ROW = re.compile(
 )
 SAMPLER_ROW = re.compile(
     r"^\s*(?P<batch>\d+)\s+(?P<length>\d+)\s+(?P<eager>\d+\.\d\d)\s+(?P<rest>.+?)"
-    r"\s+n/a \(interpreter\)\s+n/a on CPU\s+(?P<ops_m>\d+)\s+(?P<ops_f>\d+)$"
+    r"\s+n/a \(interpreter\)\s+n/a on CPU\s+(?P<ops_m>\d+)\s+(?P<ops_f>\d+)\s+(?P<ops_g>\d+)$"
 )
 
 
@@ -175,6 +175,7 @@ def test_cpu_sampler_one_table_per_preset(capsys, tmp_path) -> None:
         assert float(m["eager"]) > 0
         assert m["rest"].split() == ["skipped", "-", "-", "-"]
         assert 0 < int(m["ops_f"]) < int(m["ops_m"])  # the fused engine's launch proxy is lower
+        assert 0 < int(m["ops_g"]) < int(m["ops_f"])  # no host-side preparation in a graph
     runs = json.loads(out_json.read_text())
     assert [r["header"]["model"].split()[0] for r in runs] == ["yan-tiny", "yan-mamba-tiny"]
     assert all(r["eager_ms"] > 0 and r["compiled_ms"] is None for run in runs for r in run["rows"])
@@ -191,9 +192,9 @@ def test_cpu_sampler_counts_the_chosen_linears(capsys) -> None:
         out = capsys.readouterr().out
         headers, (m,) = _table(out, SAMPLER_ROW)
         assert headers[0]["linears"] == mode and f"(linears: {mode})" in out
-        ops[mode] = int(m["ops_m"]), int(m["ops_f"])
+        ops[mode] = int(m["ops_m"]), int(m["ops_f"]), int(m["ops_g"])
     assert ops["fused"][0] == ops["cublas"][0]
-    assert ops["fused"][1] < ops["cublas"][1]
+    assert ops["fused"][1] < ops["cublas"][1] and ops["fused"][2] < ops["cublas"][2]
 
 
 def test_gpu_sampler_row_prints_a_column_per_compared_mode() -> None:

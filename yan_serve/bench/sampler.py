@@ -67,6 +67,7 @@ GPU_SAMPLER_COLUMNS = (
 CPU_SAMPLER_COLUMNS = (
     f"{'batch':>6}{'length':>8}{'eager ms':>10}{'compiled ms':>13}{'speedup':>9}"
     f"{'1st call s':>12}{'same tok':>10}{'fused':>19}{'graph':>12}{'ops mod':>9}{'ops fused':>10}"
+    f"{'ops graph':>10}"
 )
 
 
@@ -118,6 +119,7 @@ class CpuSamplerRow:
     same_tokens: float | None  # fraction of tokens where compiled == eager
     ops_modules: int = 0  # kernel-launching ops per sample, the modules (the launch proxy)
     ops_fused: int = 0  # the same for the fused engine (each fused kernel counted as on a GPU)
+    ops_graph: int = 0  # the same for the captured function a CUDA graph would replay
 
     def line(self) -> str:
         cells = compiled_cells(
@@ -127,7 +129,7 @@ class CpuSamplerRow:
         return (
             f"{self.batch:>6}{self.length:>8}{self.eager_ms:10.2f}{cells}"
             f"{same:>10}{TRITON_ON_CPU:>19}{GRAPH_ON_CPU:>12}{self.ops_modules:9d}"
-            f"{self.ops_fused:10d}"
+            f"{self.ops_fused:10d}{self.ops_graph:10d}"
         )
 
 
@@ -300,25 +302,32 @@ def _compiled_copy(model: YAN) -> YAN:
 
 def _dispatch_counts(
     model: YAN, reqs: list[GenerationRequest], steps: int, linears: str
-) -> tuple[int, int]:
-    """Launch proxy per sample: (the modules, the fused engine with its linear layers in mode
-    `linears`), reference ops on the CPU."""
+) -> tuple[int, int, int]:
+    """Launch proxy per sample: (the modules' `generate`, the fused engine's with its linear
+    layers in mode `linears`, and the function a CUDA graph of this batch's shape captures:
+    what a GPU replays), reference ops on the CPU."""
     from yan_kernels import ops
 
+    from yan_serve.engine.graphs import EagerReplay, GraphSampler, Ladder
     from yan_serve.engine.launches import count_dispatched
     from yan_serve.engine.sampler import Sampler
 
     out = []
     with ops.force("ref"):
         for fused in (False, True):
-            s = Sampler(model, fused=fused)
-            if fused:
-                s.engine.linears = linears
+            s = Sampler(model, fused=fused, linears=linears)
             s.generate(reqs[:1], steps, "argmax")  # the engine's constants are built once
             out.append(
                 sum(count_dispatched(lambda s=s: s.generate(reqs, steps, "argmax")).values())
             )
-    return out[0], out[1]
+        graphs = GraphSampler(Sampler(model, fused=True, linears=linears), capturer=EagerReplay)
+        L = max(r.tgt_len for r in reqs)
+        Lx = max(len(r.src) for r in reqs)
+        graphs.capture(Ladder(batch_sizes=(len(reqs),), tgt_lengths=(L,), src_lengths=(Lx,),
+                              max_tokens=None, steps=steps, routings=("argmax",)))  # fmt: skip
+        (entry,) = graphs._entries[(steps, "argmax")]
+        out.append(sum(count_dispatched(entry.graph.replay).values()))
+    return out[0], out[1], out[2]
 
 
 class _CpuTable:
@@ -392,7 +401,8 @@ class _CpuTable:
             f" {self.iters} calls (fewer past {CPU_BUDGET_S} s).\nops mod / ops fused: operators"
             " per sample that would launch a GPU kernel (the CPU proxy\nfor launches), the"
             " modules vs the fused engine, whose fused calls count as their Triton launches\n"
-            f"(linears: {self.linears})."
+            f"(linears: {self.linears}); ops graph: the same for the function a CUDA graph of the"
+            " shape\ncaptures (what a GPU replays: no host-side preparation)."
         )
 
 

@@ -156,6 +156,24 @@ def _yan_timer(model, device: str, batch: int, length: int, steps: int, iters: i
         return timer(lambda: sampler.generate(reqs, steps, "argmax"), iters)
 
 
+def ar_step_launches(model, step: str, length: int) -> int:
+    """Kernel-launching operators of one greedy batch-1 decode step with body `step`, counted on
+    the CPU with the reference ops (`count_dispatched`: each fused op as its Triton launches):
+    the launch proxy of what a GPU graph replays per token."""
+    from yan_kernels import ops
+
+    from yan_serve.ar.fused import FusedGPT2
+    from yan_serve.engine.launches import count_dispatched
+
+    f = FusedGPT2(model, 1, length, step="torch" if step == "compile" else step)
+    f.trim = False
+    f.valid[:1, 0] = True
+    run = f.fused_step_fn(1, length, False)
+    with ops.force("ref"), torch.no_grad():
+        run()  # the first call builds what later calls reuse
+        return sum(count_dispatched(run).values())
+
+
 def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torch.dtype,
                bw: float, header: dict) -> list[VersusRow]:  # fmt: skip
     from yan_serve.ar.fused import FusedRunner
@@ -182,6 +200,9 @@ def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torc
         print(f"pair: {yan_label}, {n_yan / 1e6:.1f}M parameters, T = {steps} vs {ar_name} "
               f"(vocabulary {yan.config.vocab_size}), {n_ar / 1e6:.1f}M parameters; fused AR "
               f"({step} step) windows: {graphs} captured in {secs:.1f} s", flush=True)  # fmt: skip
+        if device == "cpu" and step != "compile":  # inductor's kernels are not aten operators
+            n = ar_step_launches(ar, step, slots[0])
+            print(f"AR {step} step: {n} kernel launches per token at batch 1 (CPU proxy)")
     ref = None
     if device == "cuda" and not args.no_ref:
         ref = StaticRunner(ar, batch_sizes=tuple(batches), lengths=tuple(slots))
