@@ -264,3 +264,22 @@ def test_content_positions_never_decode_a_special_token(micro_model: YAN) -> Non
     logp[list(special)] = float("-inf")
     assert out[0].full[0] == int(logp.argmax())
     assert math.isclose(out[0].full_confidence[0], float(logp.max().exp()), rel_tol=1e-4)
+
+
+def test_assemble_cuts_each_row_at_its_first_eos_within_its_length() -> None:
+    """EOS first, EOS mid-row, EOS only past the row's length (not a cut), no EOS; each row
+    keeps exactly its `tgt_len` positions in `full`, and the previews too."""
+    from yan_serve.engine.sampler import assemble
+
+    eos = 2
+    tokens = torch.tensor([[2, 5, 6, 7], [5, 2, 2, 7], [5, 6, 2, 7], [5, 6, 7, 8]])
+    conf = torch.arange(16, dtype=torch.float32).view(4, 4) / 16
+    expert = torch.tensor([[0, 1, 2, 0]] * 4)
+    reqs = [GenerationRequest([5], n, seed=i) for i, n in enumerate((4, 3, 2, 4))]
+    out = assemble(reqs, tokens, conf, expert, eos, previews=[tokens + 10])
+    assert [g.tokens for g in out] == [[], [5], [5, 6], [5, 6, 7, 8]]
+    assert [g.finish_reason for g in out] == ["eos", "eos", "length", "length"]
+    assert [g.full for g in out] == [[2, 5, 6, 7], [5, 2, 2], [5, 6], [5, 6, 7, 8]]
+    assert out[1].confidence == [0.25] and out[1].full_confidence == [0.25, 0.3125, 0.375]
+    assert out[2].expert == [0, 1] and out[2].previews == [[15, 16]]
+    assert all(isinstance(t, int) for g in out for t in g.full)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 from yan_kernels import ops
@@ -386,16 +387,6 @@ def length_mask(length: Tensor, L: int) -> Tensor:
     return torch.arange(L, device=length.device)[None] < length[:, None]
 
 
-def host_rows(t: Tensor) -> list:
-    """A tensor's rows as Python lists, converted once for the whole tensor (not per row)
-    and through numpy where numpy has the dtype: at 64 x 1024 int64 that is ~0.65 ms against
-    ~1.1 ms for `Tensor.tolist` (the same values)."""
-    t = t.detach().cpu()
-    if t.dtype in (torch.float32, torch.float64, torch.int64, torch.int32, torch.bool):
-        return t.numpy().tolist()
-    return t.tolist()
-
-
 def assemble(
     requests: Sequence[GenerationRequest],
     tokens: Tensor,  # [B, L] long, L >= every tgt_len
@@ -404,30 +395,43 @@ def assemble(
     eos: int,
     previews: list[Tensor] | None = None,  # T x [B, L]
 ) -> list[Generation]:
-    """Per-request `Generation`s from decoded rows, cut at the first EOS."""
-    out = []
+    """Per-request `Generation`s from decoded rows, cut at the first EOS. The cut is found for
+    every row at once (numpy), and each row converts only its own `tgt_len` positions to Python
+    lists, once each (a padded [64, 1024] batch: ~1 ms of host time less than converting whole
+    tensors and then slicing the lists)."""
     n = len(requests)
-    tok_rows, conf_rows, exp_rows = (host_rows(t[:n]) for t in (tokens, conf, expert))
-    prev_rows = [host_rows(p[:n]) for p in previews] if previews else None
-    for i, r in enumerate(requests):
-        toks = tok_rows[i][: r.tgt_len]
-        probs = conf_rows[i][: r.tgt_len]
-        try:
-            cut = toks.index(eos)
-        except ValueError:
-            cut = len(toks)
+    tok_np, conf_np, exp_np = (_host_array(t[:n]) for t in (tokens, conf, expert))
+    lengths = np.array([r.tgt_len for r in requests], dtype=np.int64)
+    cols = np.arange(tok_np.shape[1])
+    is_eos = (tok_np == eos) & (cols[None, :] < lengths[:, None])
+    cuts = np.where(is_eos.any(1), is_eos.argmax(1), lengths).tolist()
+    prev_np = [_host_array(p[:n]) for p in previews] if previews else None
+    out = []
+    for i, (r, cut) in enumerate(zip(requests, cuts, strict=True)):
+        L = r.tgt_len
+        toks = tok_np[i, :L].tolist()
+        probs = conf_np[i, :L].tolist()
         out.append(
             Generation(
                 tokens=toks[:cut],
-                finish_reason="eos" if cut < len(toks) else "length",
+                finish_reason="eos" if cut < L else "length",
                 confidence=probs[:cut],
-                expert=exp_rows[i][: r.tgt_len],
-                previews=[p[i][: r.tgt_len] for p in prev_rows] if prev_rows else None,
+                expert=exp_np[i, :L].tolist(),
+                previews=[p[i, :L].tolist() for p in prev_np] if prev_np else None,
                 full=toks,
                 full_confidence=probs,
             )
         )
     return out
+
+
+def _host_array(t: Tensor):
+    """A tensor on the host as a numpy array (torch's own conversion for dtypes numpy lacks,
+    e.g. bfloat16, through float32)."""
+    t = t.detach().cpu()
+    if t.dtype in (torch.float32, torch.float64, torch.int64, torch.int32, torch.bool):
+        return t.numpy()
+    return t.float().numpy() if t.is_floating_point() else t.long().numpy()
 
 
 def sample_tokens(logits: Tensor, temperature: float, top_k: int, uniforms: Tensor) -> Tensor:
