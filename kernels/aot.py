@@ -39,6 +39,7 @@ KERNEL_MODULES = (
     "yan_kernels.greedy_select",
     "yan_kernels.length_masks",
     "yan_kernels.gate_route",
+    "yan_kernels.attention",
 )
 TARGETS = (90, 80)
 

@@ -128,7 +128,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The facades whose kernels `YAN_KERNELS_OFF` can switch off one by one.
 KERNEL_OPS = (
     "routed_expert_euler", "decoder_argmax", "fused_linear", "decode_attention", "greedy_select",
-    "gate_route", "length_masks", "add_layer_norm", "request_noise",
+    "gate_route", "length_masks", "add_layer_norm", "request_noise", "attention",
 )  # fmt: skip
 
 
@@ -302,6 +302,16 @@ def greedy_select(
     ts = (logits, out_tok, out_p, slot, done, left, stop_eos, eos, tok, pos)
     run = _take_triton(logits, op="greedy_select") and len({t.device for t in ts}) == 1
     (m.greedy_select if run else m.greedy_select_ref)(*ts)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, klen: Tensor, Lq: int, Lk: int) -> Tensor:
+    """Bidirectional attention of key-padded rows: q [B * Lq, H, hd], k / v [B * Lk, H, hd]
+    views, klen [B] int32 real keys per row (0: all) -> [B * Lq, H * hd] (see
+    `yan_kernels.attention`)."""
+    from . import attention as m
+
+    ok = _take_triton(q, k, v, op="attention") and klen.device == q.device
+    return (m.attention if ok else m.attention_ref)(q, k, v, klen, Lq, Lk)
 
 
 def gate_route(

@@ -39,11 +39,13 @@ def _model(**overrides) -> YAN:
     return YAN(micro_config(**overrides)).eval()
 
 
-def _compare(model: YAN, steps: int, routing: str, reqs=None, linears="cublas") -> None:
+def _compare(model: YAN, steps: int, routing: str, reqs=None, linears="cublas",
+             attention="auto") -> None:  # fmt: skip
     reqs = reqs or _requests(model.config.vocab_size)
     ref = Sampler(model, fused=False)
     fast = Sampler(model, fused=True)
     fast.engine.linears = linears
+    fast.engine.attention = attention
     batch = ref.prepare(reqs)
     noise = ref.draw(batch)
     want = ref.solve(batch, steps, routing, noise=noise)
@@ -96,6 +98,18 @@ def test_fused_linears_equal_the_modules(backend: str, routing: str, overrides: 
     pytest.importorskip("triton")
     with ops.force(backend):
         _compare(_model(**overrides), 3, routing, linears="fused")
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("linears", ["cublas", "fused"])
+def test_triton_attention_equals_the_modules(backend: str, linears: str) -> None:
+    """`attention="triton"` (`ops.attention`: key lengths instead of a mask, the keys split
+    over programs; the interpreter off CUDA) in self- and cross-attention, on a batch of very
+    different source and target lengths: the modules' latents, experts and tokens."""
+    pytest.importorskip("triton")
+    with ops.force(backend):
+        _compare(_model(cross_att_idx=(0, 1, 2)), 3, "argmax", linears=linears,
+                 attention="triton")  # fmt: skip
 
 
 def test_fused_linears_run_mamba_mixers_as_modules() -> None:
@@ -263,16 +277,18 @@ def test_engine_equals_the_modules_at_paper_shapes_on_gpu(dtype: torch.dtype, li
 
 
 @pytest.mark.gpu
-def test_flash_attention_equals_sdpa_at_paper_shapes_on_gpu() -> None:
+@pytest.mark.parametrize("backend", ["flash", "triton"])
+def test_other_attention_equals_sdpa_at_paper_shapes_on_gpu(backend: str) -> None:
     """FlashAttention's variable-length kernel (padded keys skipped, Q/K/V read from the packed
-    projections) against SDPA with the additive mask, on a padded batch: same latents at real
-    positions up to bf16 rounding, the same experts."""
+    projections), and our split-key kernel (key lengths, no mask), against SDPA with the
+    additive mask, on a padded batch: same latents at real positions up to bf16 rounding, the
+    same experts."""
 
     model = _paper_model(torch.bfloat16)
     reqs = _paper_requests(1, [(300, 257), (17, 512), (512, 1), (1, 64)])
     sdpa, flash = Sampler(model, fused=True), Sampler(model, fused=True)
-    sdpa.engine.attention, flash.engine.attention = "sdpa", "flash"
-    assert flash.engine.uses_flash(next(model.parameters()))
+    sdpa.engine.attention, flash.engine.attention = "sdpa", backend
+    assert flash.engine.uses_flash(next(model.parameters())) == (backend == "flash")
     batch, want, got = _solve_both(sdpa, flash, reqs)
     real = batch.tgt_mask
     err = (got.z[real].float() - want.z[real].float()).norm() / want.z[real].float().norm()

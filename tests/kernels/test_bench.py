@@ -197,6 +197,12 @@ def test_cpu_sampler_counts_the_chosen_linears(capsys) -> None:
     assert ops["fused"][1] < ops["cublas"][1] and ops["fused"][2] < ops["cublas"][2]
 
 
+def test_compare_modes_name_linears_and_attention() -> None:
+    assert sampler._modes("gelu, fused/triton,gelu") == ["gelu", "fused/triton"]
+    assert sampler.split_mode("fused/triton", "auto") == ("fused", "triton")
+    assert sampler.split_mode("gelu", "sdpa") == ("gelu", "sdpa")
+
+
 def test_gpu_sampler_row_prints_a_column_per_compared_mode() -> None:
     row = sampler.SamplerRow(1, 128, 30.0, 12.0, 1.5, 0.08, 237, 0.5, 40.0, 1.0,
                              {"gelu": 1.25, "fused": None})  # fmt: skip
@@ -278,6 +284,7 @@ def test_list_flags_parse() -> None:
         (["sampler", "--batches", "0"], "expected positive integers, got '0'"),
         (["sampler", "--preset", "nope"], "unknown preset 'nope'"),
         (["sampler", "--compare", "gelu,cutlass"], "unknown mode(s) cutlass"),
+        (["sampler", "--compare", "fused/xformers"], "unknown mode(s) fused/xformers"),
         (["sampler", "--linears", "cutlass"], "invalid choice: 'cutlass'"),
         (["kernels", "--routed-n", "x"], "expected comma-separated integers, got 'x'"),
         (["kernels", "--device", "tpu"], "invalid choice: 'tpu'"),

@@ -45,7 +45,7 @@ from yan_serve.bench.common import (
     wall_ms,
     write_json,
 )
-from yan_serve.engine.fused import LINEAR_MODES
+from yan_serve.engine.fused import ATTENTION_BACKENDS, LINEAR_MODES
 
 if TYPE_CHECKING:
     from yan_serve.config import YANConfig
@@ -187,7 +187,8 @@ class _GpuTable:
         self.model, self.steps, self.iters = model, steps, iters
         self.attention, self.profile = args.attention, args.profile
         self.linears = args.linears
-        self.compare = [m for m in args.compare if m != args.linears]
+        self.compare = [m for m in args.compare if split_mode(m, args.attention) !=
+                        (args.linears, args.attention)]  # fmt: skip
         self.columns = GPU_SAMPLER_COLUMNS + _compare_columns(self.compare)
         dtype = next(model.parameters()).dtype
         self.bw = copy_bandwidth(10)
@@ -248,7 +249,7 @@ class _GpuTable:
             for mode in self.compare:
                 del graphs  # the last graph's pool, before the next capture
                 torch.cuda.empty_cache()
-                fused.engine.linears = mode
+                fused.engine.linears, fused.engine.attention = split_mode(mode, self.attention)
                 graphs = g = GraphSampler(fused)
                 compare[mode] = None
                 if (r2 := or_oom(lambda g=g: g.capture(ladder))) is not None and r2.graphs == 1:
@@ -276,7 +277,8 @@ class _GpuTable:
             " memory)."
             + f"\nlinears: {self.linears} (FusedEngine's `linears`)."
             + (
-                "\n<mode> ms: graph ms with the engine's linear layers in that mode, same run."
+                "\n<mode> ms: graph ms with the engine's linear layers in that mode (and the"
+                " attention after\na slash), same run."
                 if self.compare
                 else ""
             )
@@ -454,12 +456,24 @@ def run_sampler(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_mode(mode: str, attention: str) -> tuple[str, str]:
+    """A `--compare` mode, `LINEARS` or `LINEARS/ATTENTION` -> (linears, attention), the
+    attention defaulting to the run's."""
+    linears, _, attn = mode.partition("/")
+    return linears, attn or attention
+
+
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in LINEAR_MODES]
+    bad = [
+        m for m in modes
+        if split_mode(m, "auto")[0] not in LINEAR_MODES
+        or split_mode(m, "auto")[1] not in ATTENTION_BACKENDS
+    ]  # fmt: skip
     if bad:
         raise argparse.ArgumentTypeError(
-            f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(LINEAR_MODES)}"
+            f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(LINEAR_MODES)}, each"
+            f" optionally /{'|'.join(ATTENTION_BACKENDS)}"
         )
     return list(dict.fromkeys(modes))
 
@@ -484,7 +498,7 @@ def add_sampler(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-compile", action="store_true", help="CPU: skip the torch.compile path")
     p.add_argument(
         "--attention",
-        choices=("auto", "sdpa", "flash", "cudnn"),
+        choices=ATTENTION_BACKENDS,
         default="auto",
         help="CUDA: the fused engine's attention (default auto: SDPA, which picks cuDNN"
         " attention on an H100; see FusedEngine)",
@@ -503,7 +517,8 @@ def add_sampler(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="MODES",
         help="CUDA: also time each graph with the linear layers in these modes, comma-separated"
-        " (a column `<mode> ms` each, from the same run), e.g. gelu,fused",
+        " (a column `<mode> ms` each, from the same run), each optionally with another"
+        " attention after a slash, e.g. gelu,fused,fused/triton",
     )
     p.add_argument(
         "--profile",

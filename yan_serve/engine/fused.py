@@ -86,6 +86,7 @@ class KeyPadding:
     starts: Tensor | None = None
     used: Tensor | None = None
     _bias: Tensor | None = None
+    lengths: Tensor | None = None  # [B] int32 real keys per row, for attention="triton"
 
     @property
     def length(self) -> int:
@@ -101,7 +102,7 @@ class KeyPadding:
         return self._bias
 
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "cudnn")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "cudnn", "triton")
 LINEAR_MODES = ("cublas", "gelu", "fused")
 
 
@@ -117,9 +118,12 @@ class FusedEngine:
     additive key-padding mask (the reference; the only path off CUDA); "flash" through
     FlashAttention's variable-length kernel, which skips padded keys instead of masking them
     and reads Q, K and V straight out of the packed projections (no transposes); "cudnn" SDPA
-    restricted to cuDNN's fused attention; "auto" is SDPA: measured on an H100 (torch 2.11,
-    yan-paper, bf16), SDPA, which picks cuDNN's fused attention there, was as fast as flash or
-    faster at 1 x 512, 1 x 1024 and 64 x 512 and within 1% at 64 x 1024.
+    restricted to cuDNN's fused attention; "triton" our kernel (`ops.attention`), which also
+    splits the keys over more programs when a small batch leaves SMs idle (flash-decoding
+    style), reading Q, K and V in place and the key lengths instead of a mask; "auto" is SDPA:
+    measured on an H100 (torch 2.11, yan-paper, bf16), SDPA, which picks cuDNN's fused
+    attention there, was as fast as flash or faster at 1 x 512, 1 x 1024 and 64 x 512 and
+    within 1% at 64 x 1024 ("triton" is not yet measured).
 
     `linears`, how the Transformer blocks' linear layers run:
     - "cublas": cuBLAS GEMMs (bias in their epilogue), a separate exact-GELU pass, and each
@@ -283,6 +287,8 @@ class FusedEngine:
         """[B, L] bool prefix mask -> `KeyPadding` (the flash fields only when `flash`; `bias`
         [B, L], the additive form when the caller has it already)."""
         B, L = mask.shape
+        if self.attention == "triton":  # the kernel reads each row's count of real keys
+            return KeyPadding(mask, dtype, lengths=mask.sum(-1, dtype=torch.int32))
         if not flash:
             return KeyPadding(mask, dtype, _bias=None if bias is None else bias[:, None, None, :])
         starts = torch.arange(0, (B + 1) * L, L, device=mask.device, dtype=torch.int32)
@@ -298,6 +304,8 @@ class FusedEngine:
         H, hd = q.shape[1], q.shape[2]
         Lq, Lk = qpad.length, kpad.length
         B = q.shape[0] // Lq
+        if kpad.lengths is not None:
+            return ops.attention(q, k, v, kpad.lengths, Lq, Lk)
         if kpad.flash:  # the paddings carry flash fields exactly when flash was chosen
             out = torch.ops.aten._flash_attention_forward(
                 q, k, v, qpad.starts, kpad.starts, Lq, Lk, 0.0, False, False, seqused_k=kpad.used

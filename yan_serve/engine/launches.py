@@ -41,6 +41,7 @@ FUSED_LAUNCHES = {
     "greedy_select": 1,
     "length_masks": 1,
     "gate_route": 1,
+    "attention": 1,  # 2 when a small batch splits the keys (the merge); counted unsplit
     "request_noise": 1,
     "selective_scan": 1,
 }
