@@ -27,6 +27,25 @@ import triton.language as tl
 from torch import Tensor
 
 
+@triton.jit
+def _query_tile(Lq, H: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr):  # fmt: skip
+    """This program's batch row, head, query rows and head dims (with their bounds masks), from
+    grid axes 0 (query block) and 1 (batch row x head)."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    return bh, bh // H, bh % H, rows, rows < Lq, dims, dims < HD
+
+
+@triton.jit
+def _store_out(o_ptr, out, stride_ot, b, h, rows, row_ok, dims, d_ok, Lq, HD: tl.constexpr):
+    """Rows of one head's output into [B * Lq, H * HD], in the output's dtype."""
+    tok = (b * Lq + rows).to(tl.int64)
+    tl.store(o_ptr + tok[:, None] * stride_ot + h * HD + dims[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["Lq", "Lk", "chunk"])
 def _attention_kernel(
     q_ptr,  # [B * Lq, H, HD] (row, head strides; unit inner)
@@ -56,15 +75,8 @@ def _attention_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh, b, h, rows, row_ok, dims, d_ok = _query_tile(Lq, H, HD, BLOCK_M, BLOCK_D)
     s = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Lq
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < HD
     n_real = tl.load(klen_ptr + b)
     n_real = tl.where(n_real > 0, n_real, Lk)
     q_tok = (b * Lq + rows).to(tl.int64)
@@ -93,9 +105,7 @@ def _attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     if SPLIT == 1:
-        out = acc / l_i[:, None]
-        tl.store(o_ptr + q_tok[:, None] * stride_ot + h * HD + dims[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+        _store_out(o_ptr, acc / l_i[:, None], stride_ot, b, h, rows, row_ok, dims, d_ok, Lq, HD)
     else:
         part = ((s * (tl.num_programs(1)) + bh).to(tl.int64) * Lq + rows).to(tl.int64)
         tl.store(po_ptr + part[:, None] * HD + dims[None, :], acc,
@@ -119,14 +129,7 @@ def _attention_merge_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < Lq
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < HD
+    bh, b, h, rows, row_ok, dims, d_ok = _query_tile(Lq, H, HD, BLOCK_M, BLOCK_D)
     m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     for s in range(SPLIT):
         part = (s * BH + bh).to(tl.int64) * Lq + rows
@@ -140,9 +143,7 @@ def _attention_merge_kernel(
         acc += w[:, None] * tl.load(po_ptr + part[:, None] * HD + dims[None, :],
                                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
     out = acc / tl.where(row_ok, total, 1.0)[:, None]  # rows past Lq: no 0 / 0
-    q_tok = (b * Lq + rows).to(tl.int64)
-    tl.store(o_ptr + q_tok[:, None] * stride_ot + h * HD + dims[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    _store_out(o_ptr, out, stride_ot, b, h, rows, row_ok, dims, d_ok, Lq, HD)
 
 
 BLOCK_M, BLOCK_N = 64, 64
@@ -210,12 +211,11 @@ def attention_ref(
     q: Tensor, k: Tensor, v: Tensor, klen: Tensor, Lq: int, Lk: int, split: int | None = None
 ) -> Tensor:
     """Pure-torch reference with the launcher's signature: SDPA with the additive key mask."""
+    from .length_masks import prefix_mask_and_bias
+
     H, hd = q.shape[1], q.shape[2]
     B = q.shape[0] // Lq
-    real = klen.long().masked_fill(klen <= 0, Lk)
-    keep = torch.arange(Lk, device=q.device)[None] < real[:, None]
-    zero = torch.zeros((), dtype=q.dtype, device=q.device)
-    bias = torch.where(keep, zero, float("-inf")).to(q.dtype)[:, None, None, :]
+    bias = prefix_mask_and_bias(klen, Lk, q.dtype)[1][:, None, None, :]
     qt, kt, vt = (t.reshape(B, -1, H, hd).transpose(1, 2) for t in (q, k, v))
     o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias)
     return o.transpose(1, 2).reshape(B * Lq, H * hd)

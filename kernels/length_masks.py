@@ -74,18 +74,22 @@ def length_masks(
     return src_mask, tgt_mask, src_bias, tgt_bias
 
 
+def prefix_mask_and_bias(n: Tensor, L: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Pure torch: lengths [B] -> (prefix mask [B, L] bool, additive key bias [B, L] in `dtype`:
+    0 at real keys, -inf at padding, all 0 for a row without a real key)."""
+    mask = torch.arange(L, device=n.device)[None] < n[:, None]
+    keep = mask | (n <= 0)[:, None]
+    zero = torch.zeros((), dtype=dtype, device=n.device)
+    return mask, torch.where(keep, zero, float("-inf")).to(dtype)
+
+
 def length_masks_ref(
     src_len: Tensor, tgt_len: Tensor, Lx: int, Ly: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pure-torch reference with the launcher's signature."""
-    out = []
-    for n, L in ((src_len, Lx), (tgt_len, Ly)):
-        out.append(torch.arange(L, device=n.device)[None] < n[:, None])
-    for n, mask in zip((src_len, tgt_len), out[:2], strict=True):
-        keep = mask | (n <= 0)[:, None]
-        zero = torch.zeros((), dtype=dtype, device=n.device)
-        out.append(torch.where(keep, zero, float("-inf")).to(dtype))
-    return out[0], out[1], out[2], out[3]
+    src_mask, src_bias = prefix_mask_and_bias(src_len, Lx, dtype)
+    tgt_mask, tgt_bias = prefix_mask_and_bias(tgt_len, Ly, dtype)
+    return src_mask, tgt_mask, src_bias, tgt_bias
 
 
 def aot_specs() -> list:

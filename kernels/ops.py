@@ -146,21 +146,24 @@ def kernels_off() -> frozenset[str]:
     return names
 
 
+def _kernel_runs(op: str, ts: list[Tensor]) -> bool:
+    """Triton selected and not switched off for `op` (`kernels_off`), and every tensor where the
+    kernel can reach it (the facades whose inputs are integers; the rest use `_take_triton`)."""
+    return use_triton() and op not in kernels_off() and _triton_runs_on(ts)
+
+
 def _take_triton(*tensors: Tensor | None, op: str) -> bool:
-    """Triton selected and not switched off for `op` (`kernels_off`), and the kernel can run
-    here: one device it can reach, one dtype it supports (mixed dtypes, e.g. fp32 weights under
-    autocast, go to the reference), no grad."""
+    """`_kernel_runs`, and the floating inputs in one dtype the kernels support (mixed dtypes,
+    e.g. fp32 weights under autocast, go to the reference), none recording autograd."""
     ts = [t for t in tensors if t is not None]
-    if not use_triton() or op in kernels_off():
+    if not _kernel_runs(op, ts):
         return False
     if (
         len({t.dtype for t in ts if t.is_floating_point()}) != 1
         or ts[0].dtype not in _KERNEL_DTYPES
     ):
         return False
-    if _records_grad(ts):
-        return False  # no backward in the kernels: let autograd see the reference
-    return _triton_runs_on(ts)
+    return not _records_grad(ts)  # no backward in the kernels: let autograd see the reference
 
 
 def _records_grad(ts: list[Tensor]) -> bool:
@@ -344,8 +347,7 @@ def length_masks(
     `yan_kernels.length_masks`)."""
     from . import length_masks as m
 
-    probe = torch.empty(0, dtype=dtype, device=src_len.device)
-    run = _take_triton(probe, op="length_masks") and tgt_len.device == src_len.device
+    run = dtype in _KERNEL_DTYPES and _kernel_runs("length_masks", [src_len, tgt_len])
     return (m.length_masks if run else m.length_masks_ref)(src_len, tgt_len, Lx, Ly, dtype)
 
 
@@ -374,9 +376,7 @@ def request_noise(
     token uniforms [B, L] (fp32), zero past each length (see `yan_kernels.noise`)."""
     from . import noise as m
 
-    run_kernel = use_triton() and "request_noise" not in kernels_off()
-    run_kernel = run_kernel and _triton_runs_on([seed, length])
-    fn = m.request_noise if run_kernel else m.request_noise_ref
+    fn = m.request_noise if _kernel_runs("request_noise", [seed, length]) else m.request_noise_ref
     return fn(seed, length, L, d, init_noise, dtype)
 
 

@@ -465,11 +465,9 @@ def split_mode(mode: str, attention: str) -> tuple[str, str]:
 
 def _modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [
-        m for m in modes
-        if split_mode(m, "auto")[0] not in LINEAR_MODES
-        or split_mode(m, "auto")[1] not in ATTENTION_BACKENDS
-    ]  # fmt: skip
+    pairs = {m: split_mode(m, "auto") for m in modes}
+    bad = [m for m, (lin, att) in pairs.items() if lin not in LINEAR_MODES
+           or att not in ATTENTION_BACKENDS]  # fmt: skip
     if bad:
         raise argparse.ArgumentTypeError(
             f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(LINEAR_MODES)}, each"
