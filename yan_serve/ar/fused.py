@@ -251,6 +251,8 @@ class FusedGPT2(StaticGPT2):
         tr = self.model.transformer
         # the Triton step's greedy windows end in one kernel (choice, probability, stopping)
         one_kernel_end = self.step == "triton" and not sample
+        # the Triton body reads the tied table in place: no transposed CPU copy for it
+        head_t = self.head_t if self.step != "triton" else lambda: None
         state = (self.out_tok[:batch], self.out_p[:batch], self.slot, self.done[:batch],
                  self.left[:batch], self.stop_eos[:batch], self.eos, tok, pos)  # fmt: skip
 
@@ -261,7 +263,7 @@ class FusedGPT2(StaticGPT2):
             n = self.host_slot + 1 if self.trim else length
             args = (tok, pos, self.slot, valid[:, :n], kw[..., :n, :], vw[..., :n, :],
                     tr.wte.weight, tr.wpe.weight, self.layers, self.ln_f, self.n_head, self.eps,
-                    self.head_t())  # fmt: skip
+                    head_t())  # fmt: skip
             if one_kernel_end:
                 ops.greedy_select(self.body(*args, raw=True), *state)
             else:

@@ -157,15 +157,16 @@ def _yan_timer(model, device: str, batch: int, length: int, steps: int, iters: i
 
 
 def ar_step_launches(model, step: str, length: int) -> int:
-    """Kernel-launching operators of one greedy batch-1 decode step with body `step`, counted on
-    the CPU with the reference ops (`count_dispatched`: each fused op as its Triton launches):
+    """Kernel-launching operators of one greedy batch-1 decode step with body `step` ("torch" or
+    "triton": inductor's kernels are not aten operators), counted on the CPU with the reference
+    ops (`count_dispatched`: each fused op as its Triton launches):
     the launch proxy of what a GPU graph replays per token."""
     from yan_kernels import ops
 
     from yan_serve.ar.fused import FusedGPT2
     from yan_serve.engine.launches import count_dispatched
 
-    f = FusedGPT2(model, 1, length, step="torch" if step == "compile" else step)
+    f = FusedGPT2(model, 1, length, step=step)
     f.trim = False
     f.valid[:1, 0] = True
     run = f.fused_step_fn(1, length, False)
