@@ -115,6 +115,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rate_range(text: str) -> tuple[float, float]:
+    """'LOW,HIGH' (or one number for both) -> a masked-share range for `--infill-rate`."""
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 0.0 < parts[0] <= parts[1] < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected LOW,HIGH with 0 < LOW <= HIGH < 1, got {text!r}"
+        )
+    return parts[0], parts[1]
+
+
 def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
     """stage1 builds a fresh model (and a tokenizer unless given); the later stages continue
     --init."""
@@ -137,7 +152,7 @@ def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
         args.stage, Stage1Weights(mmd=args.mmd_weight, scale=args.scale_weight),
         Stage2Weights(fm=args.fm_weight, ce=args.ce_weight, focus=args.focus_weight),
         freeze_autoencoder=not args.unfreeze,
-        tasks=tasks, slack=args.slack,
+        tasks=tasks, slack=args.slack, infill_rate=args.infill_rate,
     )  # fmt: skip
     return YANObjective(model, tok, spec, corpus)
 
@@ -173,7 +188,7 @@ def _ar_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
         model = GPT2LMHeadModel(ar_config(tok, max_len, preset))
     if tasks == TASKS:
         tasks = (*tasks, "infill-fim")
-    return ARObjective(model, tok, max_len, tasks, corpus)
+    return ARObjective(model, tok, max_len, tasks, corpus, args.infill_rate)
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -405,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=yan.slack,
         help="fine-tune: share of targets given serving length slack (EOS filler)",
+    )
+    tp.add_argument(
+        "--infill-rate",
+        type=_rate_range,
+        default=yan.infill_rate,
+        metavar="LOW,HIGH",
+        help="stage 2 / finetune / ar: the share of an infill passage's tokens to mask, drawn "
+        "per example from [LOW, HIGH] (default %(default)s, the paper's)",
     )
     tp.add_argument("--unfreeze", action="store_true", help="also train encoder/decoder (stage 2)")
     tp.add_argument(

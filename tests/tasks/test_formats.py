@@ -176,3 +176,25 @@ def test_infill_focus_marks_the_span_positions(fmt: TaskFormatter, layout: str, 
 def test_unknown_infill_layout_is_refused(fmt: TaskFormatter) -> None:
     with pytest.raises(ValueError, match="infill_masks"):
         TaskFormatter(fmt.tok, "sideways")
+
+
+@pytest.mark.parametrize("rate", [(0.05, 0.10), (0.3, 0.4)])
+def test_infill_rate_sets_the_masked_share(fmt: TaskFormatter, rate: tuple[float, float]) -> None:
+    """A formatter's `infill_rate` is the range each passage's masked share is drawn from (the
+    budget is rounded per passage, so the share is checked on the mean over many draws)."""
+    f = TaskFormatter(fmt.tok, "per_position", infill_rate=rate)
+    text = TextRecord(" ".join(CORPUS[:6]), id="r")
+    rng = random.Random(0)
+    shares = []
+    for _ in range(200):
+        ex = f.infill(text, rng)
+        shares.append(sum(len(fl) for fl in ex.fills) / (len(ex.tgt) - 1))  # EOS is never masked
+    mean = sum(shares) / len(shares)
+    assert rate[0] - 0.02 <= mean <= rate[1] + 0.02
+    assert min(shares) >= rate[0] - 0.03
+
+
+@pytest.mark.parametrize("rate", [(0.0, 0.1), (0.4, 0.2), (0.5, 1.0)])
+def test_a_bad_infill_rate_is_refused(fmt: TaskFormatter, rate: tuple[float, float]) -> None:
+    with pytest.raises(ValueError, match="infill_rate"):
+        TaskFormatter(fmt.tok, infill_rate=rate)

@@ -359,3 +359,46 @@ def test_torchrun_two_processes_train_and_save(tmp_path) -> None:
     assert r.stderr.count("[stage1] step 3/3") == 1  # only rank 0 logs
     assert from_pretrained(tmp_path / "out").config.vocab_size >= 300
     assert Path(tmp_path / "out/trainer_state.json").exists()
+
+
+def test_infill_rate_reaches_the_training_batches_of_both_models() -> None:
+    """`yan train --infill-rate LOW,HIGH` parses to the range that YAN's stage 2 / fine-tune
+    batches and the AR baseline's fill-in-the-middle batches mask at."""
+    from transformers import GPT2LMHeadModel
+
+    from yan_serve import cli
+    from yan_serve.ar.model import ar_config
+    from yan_serve.ar.train import ARObjective
+    from yan_serve.tasks.corpus import Corpus
+
+    base = ["train", "finetune", "--data", "d", "--out", "o"]
+    assert cli.build_parser().parse_args([*base, "--infill-rate", "0.3,0.4"]).infill_rate == (
+        0.3, 0.4)  # fmt: skip
+    assert cli.build_parser().parse_args(base).infill_rate == (0.05, 0.10)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*base, "--infill-rate", "0.4,0.3"])
+
+    long = [" ".join(TEXTS[i : i + 3]) for i in range(len(TEXTS) - 3)]
+    tok = train_bpe(long, vocab_size=300)
+    corpus = Corpus({"train": [TextRecord(t) for t in long]}, {}, {})
+
+    def yan_share(rate: tuple[float, float]) -> float:
+        spec = StageConfig("stage2", infill_rate=rate)
+        model = YAN(micro_config(vocab_size=tok.vocab_size, max_length=64))
+        obj = YANObjective(model, tok, spec, corpus)
+        it = obj.batches("train", 8, seed=0)
+        masked = total = 0
+        for _ in range(10):
+            b = next(it)
+            masked += int(b.focus.sum())
+            total += int(b.tgt_mask.sum()) - b.tgt.shape[0]  # EOS is never masked
+        return masked / total
+
+    def ar_targets(rate: tuple[float, float]) -> int:
+        model = GPT2LMHeadModel(ar_config(tok, 64, "ar-tiny"))
+        it = ARObjective(model, tok, 64, ("infill-fim",), corpus, rate).batches("train", 8, 0)
+        return sum(int((next(it).labels != -100).sum()) for _ in range(10))
+
+    assert 0.04 <= yan_share((0.05, 0.10)) <= 0.12
+    assert 0.28 <= yan_share((0.3, 0.4)) <= 0.42
+    assert ar_targets((0.3, 0.4)) > 2 * ar_targets((0.05, 0.10))

@@ -18,7 +18,7 @@ from transformers import GPT2LMHeadModel
 
 from yan_serve.ar.model import ar_sequence, fim_target, load_ar, save_ar
 from yan_serve.tasks.corpus import Corpus, label_table
-from yan_serve.tasks.formats import TASKS, Example, TaskFormatter
+from yan_serve.tasks.formats import INFILL_RATE, TASKS, Example, TaskFormatter
 from yan_serve.tokenizer import YANTokenizer
 from yan_serve.train.data import mixture
 from yan_serve.train.recipes import task_streams
@@ -82,6 +82,7 @@ class ARObjective(Objective):
         max_len: int,
         tasks: tuple[str, ...] = AR_TASKS,
         corpus: Corpus | None = None,
+        infill_rate: tuple[float, float] = INFILL_RATE,
     ) -> None:
         bad = [t for t in tasks if t not in AR_TASKS]
         if bad:
@@ -91,6 +92,7 @@ class ARObjective(Objective):
         self.max_len = max_len
         self.tasks = tuple(tasks)
         self.corpus = corpus
+        self.infill_rate = infill_rate
 
     def batches(self, split: str, batch_size: int, seed: int) -> Iterator[ARBatch]:
         """Endless batches over the task mixture; the `infill-fim` stream draws infill examples
@@ -99,8 +101,9 @@ class ARObjective(Objective):
             raise ValueError(f"ar: no corpus to draw {split} batches from")
         sp = self.tokenizer.special
         names = {t: "infill" if t == "infill-fim" else t for t in self.tasks}
-        streams = task_streams(self.corpus, TaskFormatter(self.tokenizer), split, names,
-                               batch_size, seed, self.max_len, seed_order=AR_TASKS)  # fmt: skip
+        fmt = TaskFormatter(self.tokenizer, infill_rate=self.infill_rate)
+        streams = task_streams(self.corpus, fmt, split, names, batch_size, seed, self.max_len,
+                               seed_order=AR_TASKS)  # fmt: skip
 
         def sequences(name: str, stream: Iterator[list[Example]]):
             for exs in stream:

@@ -37,6 +37,10 @@ TASKS = ("infill", "complete", "qa", "classify")
 # ROUGE-1 fell from 75 to 66). The server's defaults stay within these budgets.
 SLACK = {"infill": 3, "complete": 16, "qa": 8, "classify": 6}
 
+# The share of an infill passage's tokens that is masked, drawn per example from this range (the
+# paper's fine-tuning rate; training may ask for more with `infill_rate`).
+INFILL_RATE = (0.05, 0.10)
+
 
 @dataclass
 class Example:
@@ -132,9 +136,14 @@ def parse_answer(text: str) -> str:
 class TaskFormatter:
     """Builds examples of every task with one tokenizer."""
 
-    def __init__(self, tok: YANTokenizer, infill_masks: str = "collapsed") -> None:
+    def __init__(self, tok: YANTokenizer, infill_masks: str = "collapsed",
+                 infill_rate: tuple[float, float] = INFILL_RATE) -> None:  # fmt: skip
         if infill_masks not in INFILL_MASKS:
             raise ValueError(f"infill_masks must be one of {', '.join(INFILL_MASKS)}")
+        lo, hi = infill_rate
+        if not 0.0 < lo <= hi < 1.0:
+            raise ValueError(f"infill_rate must be 0 < low <= high < 1, got {lo}, {hi}")
+        self.infill_rate = (float(lo), float(hi))
         self.tok = tok
         self.sp = tok.special
         self.per_position = infill_masks == "per_position"
@@ -142,12 +151,12 @@ class TaskFormatter:
     def _eos(self, ids: list[int]) -> list[int]:
         return [*ids, self.sp.eos]
 
-    def infill(self, rec: TextRecord, rng: random.Random, rate: tuple[float, float] = (0.05, 0.10),
+    def infill(self, rec: TextRecord, rng: random.Random, rate: tuple[float, float] | None = None,
                max_span: int = 3) -> Example:  # fmt: skip
+        """`rate`: the range the masked share is drawn from (default: the formatter's)."""
         clean = self._eos(self.tok.encode(rec.text))
-        src, fills = mask_spans(
-            clean, rng, rng.uniform(*rate), max_span, self.sp.mask, frozenset({self.sp.eos})
-        )
+        share = rng.uniform(*(rate or self.infill_rate))
+        src, fills = mask_spans(clean, rng, share, max_span, self.sp.mask, frozenset({self.sp.eos}))
         spans = [len(f) for f in fills]
         focus = span_positions(src, spans, self.sp.mask)
         if self.per_position:

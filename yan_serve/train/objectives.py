@@ -30,7 +30,7 @@ from yan_serve.flow.path import LinearPath
 from yan_serve.flow.solver import FrozenRoutingEuler, Routing
 from yan_serve.model.yan import YAN
 from yan_serve.tasks.corpus import Corpus, label_table
-from yan_serve.tasks.formats import TASKS
+from yan_serve.tasks.formats import INFILL_RATE, TASKS
 from yan_serve.tokenizer import YANTokenizer
 from yan_serve.train.data import Batch
 from yan_serve.train.recipes import stage_batches
@@ -189,6 +189,7 @@ class StageConfig:
     freeze_autoencoder: bool = True  # stage 2 and fine-tuning train only the flow
     tasks: tuple[str, ...] = TASKS  # the fine-tuning mixture, one task per batch
     slack: float = 0.5  # fine-tuning: the share of targets given serving length slack
+    infill_rate: tuple[float, float] = INFILL_RATE  # stage 2 / fine-tuning: masked share range
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -237,7 +238,7 @@ class YANObjective(Objective):
             raise ValueError(f"{self.name}: no corpus to draw {split} batches from")
         s = self.spec
         return stage_batches(s.stage, self.corpus, self.tokenizer, self.model, split, batch_size,
-                             seed, s.tasks, s.slack)  # fmt: skip
+                             seed, s.tasks, s.slack, s.infill_rate)  # fmt: skip
 
     def forward(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         s, b = self.spec, batch

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from yan_serve.config import YANConfig
 from yan_serve.model import YAN
 from yan_serve.tasks.corpus import Corpus
-from yan_serve.tasks.formats import TASKS, Example, TaskFormatter
+from yan_serve.tasks.formats import INFILL_RATE, TASKS, Example, TaskFormatter
 from yan_serve.tokenizer import YANTokenizer, train_bpe
 from yan_serve.train.data import (
     Batch,
@@ -59,10 +59,12 @@ def stage_batches(
     seed: int,
     tasks: tuple[str, ...] = TASKS,
     slack: float = 0.0,
+    infill_rate: tuple[float, float] = INFILL_RATE,
 ) -> Iterator[Batch]:
     """Endless batches for a stage: stage1 = corrupted text, stage2 = infilling, finetune = the
-    task mixture (one task per batch; a `slack` share of targets get serving length slack)."""
-    fmt = TaskFormatter(tok, model.config.infill_masks)
+    task mixture (one task per batch; a `slack` share of targets get serving length slack;
+    infill passages masked at a share drawn from `infill_rate`)."""
+    fmt = TaskFormatter(tok, model.config.infill_masks, infill_rate)
     L = model.config.max_length
     pad = tok.special.pad
     if stage == "stage1":
