@@ -6,7 +6,6 @@ checkpoints (the same code path as on the GPU, with `--device cpu`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "scripts" / "gpu_check.sh"
@@ -23,11 +24,7 @@ EXTRA_STAGES = ("versus", "loadtest", "train")  # on request: STAGES="versus tra
 
 
 def load_smoke():
-    spec = importlib.util.spec_from_file_location("gpu_smoke", SMOKE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_smoke"] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("gpu_smoke")
 
 
 def test_check_script_parses_and_wires_every_stage() -> None:

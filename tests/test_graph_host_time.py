@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "graph_host_time.py"
+from tests.conftest import load_script
 
 
 def test_prints_each_piece_in_ms(capsys) -> None:
-    spec = importlib.util.spec_from_file_location("graph_host_time", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("graph_host_time")
     assert mod.main(["--batch", "3", "--length", "16", "--iters", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "batch 3 x 16, one thread, 2 calls: median and min ms"

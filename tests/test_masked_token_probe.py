@@ -4,11 +4,11 @@ probe with one readable line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
+from tests.conftest import load_script
 from yan_serve.tasks.corpus import load_corpus
 from yan_serve.tasks.evaluate import evaluate, task_examples
 from yan_serve.weights import from_pretrained, load_tokenizer
@@ -23,15 +23,6 @@ PASSAGES = [
 ]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "masked_token_probe", ROOT / "scripts/masked_token_probe.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _corpus(path: Path) -> Path:
     for split in ("train", "test"):
         rows = "".join(json.dumps({"text": t}) + "\n" for t in PASSAGES)
@@ -40,7 +31,7 @@ def _corpus(path: Path) -> Path:
 
 
 def test_the_model_row_is_eval_span_accuracy(tmp_path: Path, capsys) -> None:
-    mod = _load()
+    mod = load_script("masked_token_probe")
     data = _corpus(tmp_path)
     r = mod.probe(str(CKPT), str(data), "test", steps=2, limit=None, batch_size=3)
     model = from_pretrained(CKPT)
@@ -60,7 +51,7 @@ def test_the_model_row_is_eval_span_accuracy(tmp_path: Path, capsys) -> None:
 
 
 def test_it_refuses_a_missing_corpus_and_an_ar_checkpoint(tmp_path: Path, capsys) -> None:
-    mod = _load()
+    mod = load_script("masked_token_probe")
     assert mod.main(["--data", str(tmp_path / "missing")]) == 2
     assert "no " in capsys.readouterr().err
     ar = ["--model", str(ROOT / "weights" / "ar-tiny-kjv"), "--data", str(_corpus(tmp_path))]

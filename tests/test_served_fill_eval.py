@@ -3,27 +3,19 @@ fill when empty spans are not allowed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "served_fill_eval", ROOT / "scripts/served_fill_eval.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_masked_items_hide_one_to_three_words() -> None:
-    mod = _load()
+    mod = load_script("served_fill_eval")
     rows = [{"text": "one two three four five six seven eight nine ten"}] * 20
     for text, gold in mod.masked_items(rows, 20, seed=1):
         assert text.count("[MASK]") == 1 and 1 <= len(gold.split()) <= 3
@@ -33,7 +25,7 @@ def test_masked_items_hide_one_to_three_words() -> None:
 @pytest.mark.parametrize("model", ["yan-tiny-kjv", "ar-tiny-kjv"])
 def test_runs_and_reports_both_settings(tmp_path: Path, capsys, model: str) -> None:
     """Through the server's worker for either backend (the AR baseline fills by FIM)."""
-    mod = _load()
+    mod = load_script("served_fill_eval")
     passages = [
         "In the beginning God created the heaven and the earth.",
         "And God said, Let there be light: and there was light.",
