@@ -112,9 +112,20 @@ export S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN
     exit 2
 }
 mkdir -p "$WORK/pp" "$RESULTS"
+ln -sfn "$REPO/kernels" "$WORK/pp/yan_kernels"
+export PYTHONPATH="$WORK/pp:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck disable=SC2317  # called by train_default.sh, which inherits the exported function
+yan() { "$PY" -m yan_serve.cli "$@"; }
+export -f yan
+export PY
 
 if [[ $RECIPE == both ]]; then
-    # Each run is this script with its own OUT; both start together and share the GPU.
+    # Each run is this script with its own OUT; both start together and share the GPU. From
+    # scratch they share one tokenizer, built here first so that neither run races to build it.
+    export TOKENIZER=${TOKENIZER:-$WORK/tokenizer}
+    if [[ -z "$INIT" && ! -f "$TOKENIZER/tokenizer.json" ]]; then
+        yan data tokenizer --data "$DATA" --config "$CONFIG" --out "$TOKENIZER"
+    fi
     pids=()
     for run in yan ar; do
         recipe=train_default
@@ -139,12 +150,6 @@ if [[ $RECIPE == both ]]; then
     ls -la "$RESULTS"
     exit "$status"
 fi
-ln -sfn "$REPO/kernels" "$WORK/pp/yan_kernels"
-export PYTHONPATH="$WORK/pp:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-# shellcheck disable=SC2317  # called by train_default.sh, which inherits the exported function
-yan() { "$PY" -m yan_serve.cli "$@"; }
-export -f yan
-export PY
 
 echo "gpu_train: $RECIPE, $CONFIG, batch $BS, $MINUTES min" \
     "($S1_MIN/$S2_MIN/$FT_MIN/$FILL_MIN/$ANNEAL_MIN) on" \

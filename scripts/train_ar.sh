@@ -17,13 +17,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-runs/ar-tiny-${CORPUS:-kjv}}"
-TOKENIZER="${TOKENIZER:-weights/yan-tiny-kjv}"
-source scripts/train_common.sh
+source scripts/train_common.sh  # sets TOKENIZER: the one scripts/train_default.sh trains YAN on
 
 INIT="${INIT:-}"  # continue this AR checkpoint: no pre-training, a data order not yet drawn
 prev=$INIT seed=2
 if [[ -z "$INIT" ]]; then
-    capped "$(minutes "${S1_MIN:-}" "${S2_MIN:-}")" yan train ar --tokenizer "$TOKENIZER" \
+    capped "$(minutes "${S1_MIN:-}" "${S2_MIN:-}")" yan train ar --tokenizer "$(tokenizer)" \
         --config ar-tiny --out "$OUT/pretrain" --steps $((S1 + S2)) --lr 1e-3 --warmup 100 \
         --tasks infill,infill-fim "${common[@]}"
     prev=$OUT/pretrain seed=0

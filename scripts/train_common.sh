@@ -29,6 +29,18 @@ common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --
 [[ "${COMPILE:-0}" == 0 ]] || common+=(--compile)
 
 [[ -f "$DATA/train.jsonl" ]] || yan data "$CORPUS" --out "$DATA"
+# TOKENIZER: the BPE that a from-scratch YAN (stage 1) and AR baseline share, built once per
+# corpus and config (`yan data tokenizer`: the training passages and QA stories). The shipped
+# checkpoints' own tokenizer was trained on the KJV passages alone: TOKENIZER=weights/yan-tiny-kjv
+# rebuilds them as they were.
+TOKENIZER="${TOKENIZER:-$DATA/tokenizer-$(basename "${CONFIG:-yan-tiny}" .json)}"
+
+# tokenizer: prints TOKENIZER, building it first if it is missing (only runs from scratch ask)
+tokenizer() {
+    [[ -f "$TOKENIZER/tokenizer.json" ]] ||
+        yan data tokenizer --data "$DATA" --config "${CONFIG:-yan-tiny}" --out "$TOKENIZER" >&2
+    echo "$TOKENIZER"
+}
 
 # evaluate [FLAG...]: `yan eval` the final checkpoint (or EVAL_CKPT) on the test split into
 # $OUT/eval.json.

@@ -11,13 +11,14 @@
 #   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~3.5 h)
 #   S1=20 S2=20 FT=20 FILL=20 ANNEAL=20 EVAL_LIMIT=16 bash scripts/train_default.sh # smoke run
 #
-# Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA, S1, S2,
-# FT, FILL, ANNEAL, FOCUS_WEIGHT, BS, EVAL_LIMIT, DEVICE, PUBLISH); S1_MIN S2_MIN FT_MIN FILL_MIN
-# ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0 skips the test-split evaluation. FILL=0
-# stops after the paper-layout fine-tune, ANNEAL=0 after the fill stage; FILL_UNFREEZE=1 also
-# trains the encoder, decoder and embeddings in the fill stage. INIT=CHECKPOINT continues a
-# trained model instead (a lent GPU's few minutes on top of the shipped weights): only the fill
-# and anneal stages run, the first from INIT, each on a data order the full recipe never drew.
+# Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA,
+# TOKENIZER, S1, S2, FT, FILL, ANNEAL, FOCUS_WEIGHT, BS, EVAL_LIMIT, DEVICE, PUBLISH); S1_MIN
+# S2_MIN FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0 skips the
+# test-split evaluation. FILL=0 stops after the paper-layout fine-tune, ANNEAL=0 after the fill
+# stage; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill stage.
+# INIT=CHECKPOINT continues a trained model instead (a lent GPU's few minutes on top of the
+# shipped weights): only the fill and anneal stages run, the first from INIT, each on a data
+# order the full recipe never drew.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +30,7 @@ INIT="${INIT:-}"
 prev=$INIT seeds=(2 3)  # the fill and anneal stages' data orders when continuing INIT
 if [[ -z "$INIT" ]]; then
     capped "${S1_MIN:-}" yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" \
-        --lr 1e-3 --warmup 100 "${common[@]}"
+        --tokenizer "$(tokenizer)" --lr 1e-3 --warmup 100 "${common[@]}"
     capped "${S2_MIN:-}" yan train stage2 --init "$OUT/stage1" --out "$OUT/stage2" \
         --steps "$S2" --lr 1e-3 --warmup 100 --fm-weight 0.1 --ce-weight 1 "${common[@]}"
     capped "${FT_MIN:-}" yan train finetune --init "$OUT/stage2" --out "$OUT/finetune" \

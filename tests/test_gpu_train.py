@@ -105,6 +105,9 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
         assert state["step"] == 6  # FT + FILL + ANNEAL fine-tuning steps
         # continuing: no pre-training, and a data order the shipped run never drew
         assert (ar / "logs/pretrain").exists() == (recipe != "both")
+        if recipe == "train_ar":  # from scratch: the tokenizer a from-scratch YAN would share
+            shared = data / "tokenizer-yan-tiny/tokenizer.json"
+            assert (ar / "tokenizer.json").read_text() == shared.read_text()
         assert state["train_config"]["seed"] == (2 if recipe == "both" else 0)
     if ckpt is None:
         return

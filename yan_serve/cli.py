@@ -66,6 +66,17 @@ def cmd_data_kjv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from yan_serve.tasks.corpus import load_corpus
+    from yan_serve.train.recipes import tokenizer_for
+
+    vocab = args.vocab_size or _load_config(args.config).vocab_size
+    tok = tokenizer_for(load_corpus(args.data, splits=("train",)), None, vocab)
+    tok.save(args.out)
+    print(f"tokenizer ({tok.vocab_size:,} tokens) trained on {args.data} written to {args.out}")
+    return 0
+
+
 def cmd_data_english(args: argparse.Namespace) -> int:
     from yan_serve.tasks.english import MissingSource, build_english_corpus
 
@@ -366,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     ep_.add_argument("--max-words", type=int, default=40, help="words per passage at most")
     ep_.add_argument("--max-docs", type=int, help="keep each source's first N documents")
     ep_.set_defaults(func=cmd_data_english)
+    tkp = dsub.add_parser(
+        "tokenizer",
+        help="the byte-level BPE `yan train stage1` would train on a corpus, saved for sharing "
+        "(e.g. with the AR baseline: `yan train ar --tokenizer DIR`)",
+    )
+    tkp.add_argument("--data", required=True, help="corpus directory with train.jsonl")
+    tkp.add_argument("--out", required=True, help="directory to write tokenizer.json to")
+    tkp.add_argument("--config", default="yan-tiny", help="preset or config.json: its vocab size")
+    tkp.add_argument("--vocab-size", type=int, help="override the config's vocabulary size")
+    tkp.set_defaults(func=cmd_data_tokenizer)
     ip = dsub.add_parser("import", help="a paper dataset's local files -> corpus directory")
     ip.add_argument("name", help="narrativeqa, rocstories, simplestories, squad, babi, ag_news, "
                     "dbpedia, sst2, text, jsonl")  # fmt: skip

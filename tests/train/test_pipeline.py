@@ -43,6 +43,9 @@ def test_shortened_default_recipe(tmp_path) -> None:
             p.name for p in d.iterdir()
         }
     assert from_pretrained(tmp_path / "run/finetune").config.infill_masks == "collapsed"
+    # stage 1 trained on the corpus's shared tokenizer (built once: passages and QA stories)
+    shared = tmp_path / "kjv/tokenizer-yan-tiny/tokenizer.json"
+    assert shared.read_text() == (tmp_path / "run/stage1/tokenizer.json").read_text()
     model = from_pretrained(tmp_path / "run/anneal")  # the evaluated and published stage
     tok = load_tokenizer(tmp_path / "run/anneal", model.config)
     assert tok.special.mask == model.config.mask_token_id

@@ -60,3 +60,39 @@ def test_import_a_sst2_directory_and_cli(tmp_path) -> None:
     bad = subprocess.run([*cli, "nope", str(d), "--out", str(tmp_path / "o3")],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "unknown dataset" in bad.stderr
+
+
+def test_the_bpe_learns_the_qa_answers_it_must_write(tmp_path) -> None:
+    """`yan data tokenizer` (and stage 1 without --tokenizer) trains the BPE on the training
+    passages and the QA stories with their answers, so an answer word that the passages never
+    spell becomes fewer pieces than under a passages-only BPE."""
+    from yan_serve.tasks.serving import QA_TEMPLATE
+    from yan_serve.tokenizer import YANTokenizer, train_bpe
+    from yan_serve.train.recipes import tokenizer_texts
+
+    passages = [{"text": f"And the king said unto the prophet, go up number {i}."}
+                for i in range(60)]  # fmt: skip
+    story = "Mary went to the bathroom. John went to the garden {}."
+    stories = [{"context": story.format(i), "question": "Where is Mary?",
+                "answers": ["bathroom"]} for i in range(60)]  # fmt: skip
+    for s in ("train", "val"):
+        _write(tmp_path / f"{s}.jsonl", passages + stories)
+    corpus = load_corpus(tmp_path)
+    texts = list(tokenizer_texts(corpus))
+    assert texts[: len(passages)] == [p["text"] for p in passages]
+    assert texts[len(passages) :] == [
+        QA_TEMPLATE.format(ctx=s["context"], q=s["question"]) + "bathroom" for s in stories
+    ]
+    out = tmp_path / "tok"
+    r = subprocess.run([sys.executable, "-m", "yan_serve.cli", "data", "tokenizer", "--data",
+                        str(tmp_path), "--out", str(out), "--vocab-size", "320"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    shared = YANTokenizer.load(out)
+    passages_only = train_bpe([p["text"] for p in passages], vocab_size=320)
+    assert len(shared.encode("bathroom")) < len(passages_only.encode("bathroom"))
+    bad = subprocess.run([sys.executable, "-m", "yan_serve.cli", "data", "tokenizer", "--data",
+                          str(tmp_path / "missing"), "--out", str(out)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
+    assert "Traceback" not in bad.stderr
