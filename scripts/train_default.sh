@@ -8,7 +8,7 @@
 # weights the CE of the positions a task asks for, infill spans and QA answers, that many times
 # the copied ones) -> eval.
 #
-#   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~3.5 h)
+#   TOKENIZER=weights/yan-tiny-kjv PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh  # the shipped run (CPU, ~3.5 h)
 #   S1=20 S2=20 FT=20 FILL=20 ANNEAL=20 EVAL_LIMIT=16 bash scripts/train_default.sh # smoke run
 #
 # Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA,

@@ -31,7 +31,7 @@ from yan_serve.train.data import (
 def tokenizer_texts(corpus: Corpus) -> Iterator[str]:
     """What the BPE is trained on: the training split's text passages and its QA stories as the
     model reads and writes them (the QA template with the answer after it). Without the stories
-    a KJV-trained BPE cuts every bAbI answer into 2-4 pieces ("kit" "ch" "en"), which a model
+    a KJV-trained BPE cuts every bAbI answer into 2-4 pieces ("k" "it" "ch" "en"), which a model
     that writes all positions at once must then get right together; with them each answer is one
     token, and the KJV's own text takes 0.6% more tokens (measured on the KJV corpus)."""
     yield from (r.text for r in corpus.text["train"])
