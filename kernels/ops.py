@@ -152,11 +152,13 @@ def _kernel_runs(op: str, ts: list[Tensor]) -> bool:
     return use_triton() and op not in kernels_off() and _triton_runs_on(ts)
 
 
-def _take_triton(*tensors: Tensor | None, op: str) -> bool:
+def _take_triton(*tensors: Tensor | None, op: str, also: tuple[Tensor | None, ...] = ()) -> bool:
     """`_kernel_runs`, and the floating inputs in one dtype the kernels support (mixed dtypes,
-    e.g. fp32 weights under autocast, go to the reference), none recording autograd."""
+    e.g. fp32 weights under autocast, go to the reference), none recording autograd. `also`:
+    the kernel's other tensors (indices, state, fp32 side inputs), which need only be on the
+    same device."""
     ts = [t for t in tensors if t is not None]
-    if not _kernel_runs(op, ts):
+    if not _kernel_runs(op, [*ts, *(t for t in also if t is not None)]):
         return False
     if (
         len({t.dtype for t in ts if t.is_floating_point()}) != 1
@@ -171,8 +173,12 @@ def _records_grad(ts: list[Tensor]) -> bool:
 
 
 def _triton_runs_on(ts: list[Tensor]) -> bool:
-    """All on CUDA, or all on the CPU with the interpreter selected."""
-    return all(t.is_cuda for t in ts) or (interpreting() and not any(t.is_cuda for t in ts))
+    """All on one device the kernels reach: a CUDA device, or the CPU with the interpreter
+    selected."""
+    devices = {t.device for t in ts}
+    if len(devices) > 1:
+        return False
+    return all(d.type == "cuda" or (d.type == "cpu" and interpreting()) for d in devices)
 
 
 def routed_expert_euler(
@@ -197,7 +203,7 @@ def routed_expert_euler(
         # then the routed one, is the same function and gradient with no sync (and, under
         # torch.compile, no data-dependent shape)
         return m.routed_expert_euler_dense(h, expert, w1, b1, w2, b2, z, dt)
-    if _take_triton(h, w1, b1, w2, b2, z, op="routed_expert_euler") and expert.device == h.device:
+    if _take_triton(h, w1, b1, w2, b2, z, op="routed_expert_euler", also=(expert,)):
         return m.routed_expert_euler(h, expert, w1, b1, w2, b2, z, dt, tiles=tiles)
     return m.routed_expert_euler_ref(h, expert, w1, b1, w2, b2, z, dt)
 
@@ -208,7 +214,7 @@ def expert_tiles(expert: Tensor, n_experts: int, like: Tensor) -> TileMap | None
     `nonzero` itself)."""
     from . import routed_expert as m
 
-    if not (_take_triton(like, op="routed_expert_euler") and expert.device == like.device):
+    if not _take_triton(like, op="routed_expert_euler", also=(expert,)):
         return None
     blocks = m.default_blocks(like.device, expert.shape[0])
     return m.build_tile_map(expert, n_experts, blocks.block_m)
@@ -278,9 +284,7 @@ def decode_attention(
     its `valid` [B, L] slots -> [B, d] (see `yan_kernels.decode_attention`)."""
     from . import decode_attention as m
 
-    run = _take_triton(qkv, k_cache, v_cache, op="decode_attention") and (
-        valid.device == qkv.device == slot.device
-    )
+    run = _take_triton(qkv, k_cache, v_cache, op="decode_attention", also=(valid, slot))
     fn = m.decode_attention if run else m.decode_attention_ref
     return fn(qkv, k_cache, v_cache, valid, slot, n_head)
 
@@ -302,9 +306,9 @@ def greedy_select(
     advanced (see `yan_kernels.greedy_select`)."""
     from . import greedy_select as m
 
-    ts = (logits, out_tok, out_p, slot, done, left, stop_eos, eos, tok, pos)
-    run = _take_triton(logits, op="greedy_select") and len({t.device for t in ts}) == 1
-    (m.greedy_select if run else m.greedy_select_ref)(*ts)
+    state = (out_tok, out_p, slot, done, left, stop_eos, eos, tok, pos)
+    run = _take_triton(logits, op="greedy_select", also=state)
+    (m.greedy_select if run else m.greedy_select_ref)(logits, *state)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, klen: Tensor, Lq: int, Lk: int) -> Tensor:
@@ -313,7 +317,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, klen: Tensor, Lq: int, Lk: int) -
     `yan_kernels.attention`)."""
     from . import attention as m
 
-    ok = _take_triton(q, k, v, op="attention") and klen.device == q.device
+    ok = _take_triton(q, k, v, op="attention", also=(klen,))
     return (m.attention if ok else m.attention_ref)(q, k, v, klen, Lq, Lk)
 
 
@@ -332,9 +336,7 @@ def gate_route(
     (see `yan_kernels.gate_route`)."""
     from . import gate_route as m
 
-    ok = _take_triton(h, row, w1, w2, b2, op="gate_route") and (
-        uniforms is None or uniforms.device == h.device
-    )
+    ok = _take_triton(h, row, w1, w2, b2, op="gate_route", also=(uniforms,))
     fn = m.gate_route if ok else m.gate_route_ref
     return fn(h, row, w1, w2, b2, temperature, routing, uniforms)
 

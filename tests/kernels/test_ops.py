@@ -111,6 +111,31 @@ def test_autograd_and_mixed_dtypes_fall_back_to_the_reference(device, monkeypatc
     assert not kernel_calls
 
 
+def test_side_tensors_must_share_the_device_not_the_dtype(device, monkeypatch) -> None:
+    """A kernel's side tensors (indices, decoding state, fp32 uniforms beside bf16 activations)
+    keep it from running only when they sit on another device."""
+    from yan_kernels import greedy_select as gs
+
+    x = torch.randn(2, 8, device=device, dtype=torch.bfloat16)
+    fp32 = torch.rand(2, device=device)
+    elsewhere = torch.zeros(2, dtype=torch.long, device="meta")
+    with ops.force("triton"):
+        assert ops._take_triton(x, op="gate_route", also=(fp32, None))
+        assert not ops._take_triton(x, fp32, op="gate_route")  # mixed floating inputs
+        assert not ops._take_triton(x, op="gate_route", also=(elsewhere,))
+        kernel = _spy(monkeypatch, gs, "greedy_select")
+        ref = _spy(monkeypatch, gs, "greedy_select_ref")
+        B, V = 2, 11
+        state = dict(out_tok=torch.zeros(B, 4, dtype=torch.long), out_p=torch.zeros(B, 4),
+                     slot=torch.zeros(1, dtype=torch.long), done=torch.zeros(B, dtype=torch.bool),
+                     left=torch.full((B,), 3), stop_eos=torch.ones(B, dtype=torch.bool),
+                     eos=torch.tensor([2]), tok=torch.zeros(B, dtype=torch.long),
+                     pos=torch.zeros(B, dtype=torch.long))  # fmt: skip
+        logits = torch.randn(B, V, device=device)
+        ops.greedy_select(logits, **{k: v.to(device) for k, v in state.items()})
+        assert (len(kernel), len(ref)) == (1, 0)
+
+
 def test_kernels_off_sets_single_ops_aside(device, monkeypatch) -> None:
     """`YAN_KERNELS_OFF` sends the named ops to their references, the others still run Triton;
     a name that is not an op is an error, not a silent no-op; every facade is switchable."""
