@@ -14,6 +14,12 @@ interpreter `@triton.jit` yields interpreted functions that cannot be compiled.
 
     python -m yan_kernels.aot                   # everything, sm_90 and sm_80
     python -m yan_kernels.aot --targets 90 -k decoder
+
+The GPU machines this project is measured on run an older Triton (`GPU_IMAGE_TRITON`) than the
+CPU's, and a kernel must compile under both: `scripts/install.sh` (with test extras) installs
+that version into `.cache/triton-<version>`, and the compile guard runs this driver a second
+time, for sm_90, with that folder first on `PYTHONPATH` (the first line printed names the Triton
+that compiled).
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ KERNEL_MODULES = (
     "yan_kernels.attention",
 )
 TARGETS = (90, 80)
+# The Triton of the GPU image (H100/H200 machines: torch 2.11, CUDA 13). scripts/install.sh
+# installs it on its own into the checkout's `.cache/triton-<version>` (`pip install --target`,
+# no dependencies) so that the guard can compile with it beside the CPU's Triton.
+GPU_IMAGE_TRITON = "3.6.0"
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     targets = [int(t) for t in args.targets.split(",") if t]
     work = [(s, a) for s in specs for a in targets]
+    import triton
+
+    print(f"aot: triton {triton.__version__} ({os.path.dirname(triton.__file__)}),"
+          f" targets {', '.join(f'sm_{a}' for a in targets)}", flush=True)  # fmt: skip
     t0 = time.perf_counter()
     failures = 0
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:

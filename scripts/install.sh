@@ -42,4 +42,14 @@ if [[ -n "$EXTRAS" ]]; then
 else
     pip_install -e .  # pip rejects an empty extras list ".[]"
 fi
+# The compile guard also compiles every kernel with the GPU image's Triton (older than the CPU's):
+# that version alone, no dependencies, in a folder of its own that nothing imports by default.
+if [[ "$EXTRAS" == *dev* || "$EXTRAS" == *test* ]]; then
+    GPU_TRITON=$("$PY" -c "from yan_kernels.aot import GPU_IMAGE_TRITON; print(GPU_IMAGE_TRITON)")
+    if [[ ! -f ".cache/triton-$GPU_TRITON/triton/__init__.py" ]]; then
+        echo "installing triton==$GPU_TRITON into .cache/triton-$GPU_TRITON (the compile guard's GPU Triton)"
+        rm -rf ".cache/triton-$GPU_TRITON"
+        pip_install --no-deps --target ".cache/triton-$GPU_TRITON" "triton==$GPU_TRITON"
+    fi
+fi
 "$PY" -c "import torch, yan_serve; print(f'yan-serve {yan_serve.__version__} on torch {torch.__version__}')"

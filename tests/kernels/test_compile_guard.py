@@ -5,6 +5,8 @@ rejects, so `python -m yan_kernels.aot` compiles every kernel for sm_90 and sm_8
 launch configuration its launcher can choose (each kernel file's `aot_specs()`). These tests
 run that driver, check that the specs cover every kernel and name every argument, and show the
 guard failing on a known bug class (a non-constexpr module global read inside `@triton.jit`).
+The GPU machines run an older Triton than this one (`GPU_IMAGE_TRITON`); the guard compiles
+every kernel for sm_90 with that version too (`scripts/install.sh` puts it in `.cache/`).
 
 Every check runs in a subprocess without `TRITON_INTERPRET`, which the test session sets:
 under the interpreter `@triton.jit` yields interpreted functions that cannot be compiled.
@@ -25,10 +27,12 @@ import pytest
 
 pytest.importorskip("triton")
 
-from yan_kernels.aot import TARGETS
+from yan_kernels.aot import GPU_IMAGE_TRITON, TARGETS
 
 # The whole driver, with room for slow CI machines; it prints a line per compiled spec.
 FULL_COMPILE_TIMEOUT_S = 1800
+# The GPU image's Triton, installed apart by scripts/install.sh (pip --target, no dependencies).
+GPU_TRITON = Path(__file__).resolve().parents[2] / ".cache" / f"triton-{GPU_IMAGE_TRITON}"
 
 
 # The interpreter, and the switch that lets the compiler accept non-constexpr globals: a
@@ -120,9 +124,32 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path: Path) -> None:
     proc = _run(
         ["-m", "yan_kernels.aot", "--keep-going"], _env(tmp_path), timeout=FULL_COMPILE_TIMEOUT_S
     )
+    _compiled_all(proc)
+
+
+def _compiled_all(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, _output(proc)
     done = re.search(r"aot: (\d+) of (\d+) compiled, 0 failed", proc.stdout)
     assert done and done[1] == done[2] and int(done[1]) > 0, _output(proc)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90_with_the_gpu_images_triton(tmp_path: Path) -> None:
+    """The same specs for sm_90 under the Triton the H100/H200 image has: a kernel written
+    against this machine's newer Triton (an argument, a builtin, a layout rule it added) must
+    not reach the GPU to fail there. The driver's first line names the Triton it imported."""
+    if not (GPU_TRITON / "triton" / "__init__.py").is_file():
+        why = f"triton {GPU_IMAGE_TRITON} is not in {GPU_TRITON} (scripts/install.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    proc = _run(
+        ["-m", "yan_kernels.aot", "--keep-going", "--targets", "90"],
+        _env(tmp_path, pythonpath=GPU_TRITON),
+        timeout=FULL_COMPILE_TIMEOUT_S,
+    )
+    assert proc.stdout.startswith(f"aot: triton {GPU_IMAGE_TRITON} ({GPU_TRITON}"), _output(proc)
+    _compiled_all(proc)
 
 
 # A kernel that reads a module-level float `_C`, defined by `{definition}`: the interpreter
