@@ -74,6 +74,9 @@ class AotSpec:
     # and emits vectorized, pipelined loads; compiling with the same hints compiles the kernel
     # the GPU will actually run.
     aligned: tuple[str, ...] | None = None
+    # The targets this configuration exists for (None: all); e.g. programmatic dependent
+    # launch (a `PDL` constexpr True, launched with `launch_pdl`) only on sm_90 and newer.
+    archs: tuple[int, ...] | None = None
 
     def describe(self) -> str:
         flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
@@ -116,6 +119,14 @@ def jit_kernels(module: str) -> list[str]:
 
 def compile_spec(spec: AotSpec, arch: int) -> dict[str, object]:
     """Compile one spec for cuda:`arch`; returns resource figures (raises on failure)."""
+    k = compile_kernel(spec, arch)
+    if "cubin" not in k.asm or not k.asm["cubin"]:
+        raise RuntimeError(f"{spec.describe()}: no cubin produced for sm_{arch}")
+    return {"shared": int(k.metadata.shared)}
+
+
+def compile_kernel(spec: AotSpec, arch: int):
+    """Triton's compiled kernel for one spec on cuda:`arch` (its `asm` holds PTX and cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -126,14 +137,10 @@ def compile_spec(spec: AotSpec, arch: int) -> dict[str, object]:
         raise ValueError(f"{spec.describe()}: no type for argument(s) {missing}")
     sig = {a: ("constexpr" if a in spec.constexprs else spec.signature[a]) for a in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs=dict(spec.constexprs), attrs=_hints(spec, fn))
-    k = triton.compile(
-        src,
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-    )
-    if "cubin" not in k.asm or not k.asm["cubin"]:
-        raise RuntimeError(f"{spec.describe()}: no cubin produced for sm_{arch}")
-    return {"shared": int(k.metadata.shared)}
+    options: dict[str, object] = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.constexprs.get("PDL"):
+        options["launch_pdl"] = True  # as the launcher compiles it (`yan_kernels.pdl`)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _hints(spec: AotSpec, fn) -> dict:
@@ -187,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         return 0
     targets = [int(t) for t in args.targets.split(",") if t]
-    work = [(s, a) for s in specs for a in targets]
+    work = [(s, a) for s in specs for a in targets if s.archs is None or a in s.archs]
     import triton
 
     print(f"aot: triton {triton.__version__} ({os.path.dirname(triton.__file__)}),"

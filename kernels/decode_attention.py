@@ -25,6 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+from .gdc import grid_dependency
+
 
 @triton.jit(do_not_specialize=["L"])
 def _decode_attention_kernel(
@@ -49,7 +52,9 @@ def _decode_attention_kernel(
     HD: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
@@ -124,6 +129,7 @@ def decode_attention(
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), valid.stride(0), out.stride(0),
         H=n_head, HD=hd, BLOCK_L=BLOCK_L, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        **pdl.launch_options(qkv.device),
     )  # fmt: skip
     return out
 
@@ -148,7 +154,8 @@ def decode_attention_ref(
 
 def aot_specs() -> list:
     """The launcher's configurations (see `yan_kernels.aot`): bf16, fp16 and fp32, head sizes
-    64 (GPT-2) and 128 (BLOCK_D is the next power of two of the head size)."""
+    64 (GPT-2) and 128 (BLOCK_D is the next power of two of the head size); each without and
+    (for sm_90 only) with programmatic dependent launch."""
     from .aot import TORCH_TO_TRITON, AotSpec
 
     specs = []
@@ -160,9 +167,11 @@ def aot_specs() -> list:
                                        "stride_vb", "stride_vh", "stride_vl", "stride_mb",
                                        "stride_ob")})  # fmt: skip
         for hd, H in ((64, 12), (128, 8)):
-            specs.append(AotSpec(
-                "_decode_attention_kernel", sig,
-                dict(H=H, HD=hd, BLOCK_L=BLOCK_L, BLOCK_D=hd), _num_warps(hd), 1,
-                label=f"{t[1:]} heads={H} head size={hd}",
-            ))  # fmt: skip
+            for on in (False, True):
+                specs.append(AotSpec(
+                    "_decode_attention_kernel", sig,
+                    dict(H=H, HD=hd, BLOCK_L=BLOCK_L, BLOCK_D=hd, PDL=on), _num_warps(hd), 1,
+                    label=f"{t[1:]} heads={H} head size={hd}" + (" pdl" if on else ""),
+                    archs=pdl.ARCHS if on else None,
+                ))  # fmt: skip
     return specs

@@ -50,6 +50,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+from .gdc import grid_dependency
+
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 GELUS = {"none": 1, "tanh": 2}  # F.gelu's `approximate` -> the kernel's GELU constexpr
@@ -82,7 +85,9 @@ def _fused_linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -260,7 +265,7 @@ def fused_linear(
         HAS_BIAS=bias is not None, NORM=norm is not None, GELU=GELUS[approximate] if gelu else 0,
         RESIDUAL=residual is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_PRECISION=_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl.launch_options(x.device),
     )  # fmt: skip
     return out.view(*lead, N)
 
@@ -325,8 +330,9 @@ def aot_specs() -> list:
     """Every configuration the launcher can choose on a GPU and every flag combination the
     engines use, in bf16 and fp32 (fp16: the GELU-only form); the sweep's other tiles with the
     GELU-only flags in bf16; the transposed (GPT-2) layout at the decode step's rows (at most
-    256: the two small tiles) (see `yan_kernels.aot`). A unit weight stride is a constexpr 1, as
-    Triton specializes it at run time."""
+    256: the two small tiles); each without and (for sm_90 only) with programmatic dependent
+    launch (see `yan_kernels.aot`). A unit weight stride is a constexpr 1, as Triton
+    specializes it at run time."""
     from .aot import TORCH_TO_TRITON, AotSpec
 
     specs = []
@@ -354,10 +360,14 @@ def aot_specs() -> list:
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               GROUP_M=cfg.group_m, DOT_PRECISION=_precision(dtype))  # fmt: skip
                 consts[unit] = 1
-                specs.append(AotSpec(
-                    "_fused_linear_kernel", sig, consts, cfg.num_warps, cfg.num_stages,
-                    label=f"{t[1:]} bias={has_bias} norm={norm} gelu={gelu} "
-                          f"residual={residual} transposed={transposed} {cfg}",
-                    aligned=("stride_xm", strided, "stride_rm", "stride_om", "N", "K"),
-                ))  # fmt: skip
+                for on in (False, True):  # PDL: sm_90 only, as the launcher enables it
+                    specs.append(AotSpec(
+                        "_fused_linear_kernel", sig, {**consts, "PDL": on}, cfg.num_warps,
+                        cfg.num_stages,
+                        label=f"{t[1:]} bias={has_bias} norm={norm} gelu={gelu} "
+                              f"residual={residual} transposed={transposed} {cfg}"
+                              + (" pdl" if on else ""),
+                        aligned=("stride_xm", strided, "stride_rm", "stride_om", "N", "K"),
+                        archs=pdl.ARCHS if on else None,
+                    ))  # fmt: skip
     return specs

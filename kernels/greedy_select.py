@@ -24,6 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+from .gdc import grid_dependency
+
 
 @triton.jit(do_not_specialize=["V"])
 def _greedy_select_kernel(
@@ -42,7 +45,9 @@ def _greedy_select_kernel(
     stride_tb,
     stride_pb,
     BLOCK_V: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     b = tl.program_id(0).to(tl.int64)
     row = logits_ptr + b * stride_lb
     cols = tl.arange(0, BLOCK_V)
@@ -104,6 +109,7 @@ def greedy_select(
     _greedy_select_kernel[(B,)](
         logits, out_tok, out_p, slot, done, left, stop_eos, eos, tok, pos, V,
         logits.stride(0), out_tok.stride(0), out_p.stride(0), BLOCK_V=BLOCK_V, num_warps=8,
+        **pdl.launch_options(logits.device),
     )  # fmt: skip
 
 
@@ -135,7 +141,8 @@ def greedy_select_ref(
 
 
 def aot_specs() -> list:
-    """The launcher's one configuration per logits dtype (see `yan_kernels.aot`)."""
+    """The launcher's one configuration per logits dtype, without and (for sm_90 only) with
+    programmatic dependent launch (see `yan_kernels.aot`)."""
     from .aot import TORCH_TO_TRITON, AotSpec
 
     specs = []
@@ -145,6 +152,8 @@ def aot_specs() -> list:
                    done_ptr="*i1", left_ptr="*i64", stop_eos_ptr="*i1", eos_ptr="*i64",
                    tok_ptr="*i64", pos_ptr="*i64", V="i32", stride_lb="i32", stride_tb="i32",
                    stride_pb="i32")  # fmt: skip
-        specs.append(AotSpec("_greedy_select_kernel", sig, dict(BLOCK_V=BLOCK_V), 8, 1,
-                             label=f"{t[1:]} logits"))  # fmt: skip
+        for on in (False, True):  # PDL: sm_90 only, as the launcher enables it
+            specs.append(AotSpec("_greedy_select_kernel", sig, dict(BLOCK_V=BLOCK_V, PDL=on), 8,
+                                 1, label=f"{t[1:]} logits" + (" pdl" if on else ""),
+                                 archs=pdl.ARCHS if on else None))  # fmt: skip
     return specs

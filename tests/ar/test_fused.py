@@ -245,10 +245,14 @@ def test_compiled_step_equals_eager(model) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("step", ["torch", "compile", "triton"])
+@pytest.mark.parametrize("step", ["torch", "compile", "triton", "triton+pdl"])
 def test_cuda_graph_fused_decoding_equals_reference(step: str) -> None:
+    """Each step body in CUDA graphs; `triton+pdl`: its kernels chained by programmatic
+    dependent launch (sm_90 and newer; elsewhere the plain launches)."""
     model = _model(device="cuda")
-    runner = FusedRunner(model, batch_sizes=(1, 8, 16), lengths=(32, 96), step=step)
+    body, _, pdl = step.partition("+")
+    runner = FusedRunner(model, batch_sizes=(1, 8, 16), lengths=(32, 96), step=body,
+                         pdl=True if pdl else None)  # fmt: skip
     graphs, _ = runner.capture(sample=True)
     assert graphs == 12
     assert isinstance(runner.windows[(8, 96)].graphs[False], torch.cuda.CUDAGraph)
@@ -282,3 +286,14 @@ def test_versus_times_each_ar_step(capsys) -> None:
         if ln.startswith("AR ") and "launches per token" in ln:
             launches[ln.split()[1]] = int(ln.split()[3])
     assert launches.keys() == {"torch", "triton"} and launches["triton"] < launches["torch"]
+
+
+def test_versus_step_names_take_pdl_only_on_the_triton_step() -> None:
+    import argparse
+
+    from yan_serve.bench.versus import _step_list
+
+    assert _step_list("triton,triton+pdl") == ["triton", "triton+pdl"]
+    for bad in ("torch+pdl", "compile+pdl", "triton+"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _step_list(bad)

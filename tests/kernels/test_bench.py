@@ -201,6 +201,11 @@ def test_compare_modes_name_linears_and_attention() -> None:
     assert sampler._modes("gelu, fused/triton,gelu") == ["gelu", "fused/triton"]
     assert sampler.split_mode("fused/triton", "auto") == ("fused", "triton")
     assert sampler.split_mode("gelu", "sdpa") == ("gelu", "sdpa")
+    assert sampler._modes("fused+pdl,fused/triton+pdl") == ["fused+pdl", "fused/triton+pdl"]
+    assert sampler.split_mode("fused/triton+pdl", "auto") == ("fused", "triton")
+    assert sampler.split_mode("gelu+pdl", "sdpa") == ("gelu", "sdpa")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"\+pdl"):
+        sampler._modes("fused+pd")
 
 
 def test_gpu_sampler_row_prints_a_column_per_compared_mode() -> None:

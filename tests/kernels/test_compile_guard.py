@@ -152,6 +152,42 @@ def test_every_kernel_compiles_for_sm90_with_the_gpu_images_triton(tmp_path: Pat
     _compiled_all(proc)
 
 
+# For each kernel that takes the PDL flag: its first spec's PTX for sm_90 with the flag and
+# without it, as "<kernel> <wait> <trigger> <launch_pdl>" lines.
+_PDL_PTX = """
+from yan_kernels.aot import collect, compile_kernel
+seen = set()
+for s in collect():
+    if "PDL" not in s.constexprs or (s.kernel, s.constexprs["PDL"]) in seen:
+        continue
+    seen.add((s.kernel, s.constexprs["PDL"]))
+    k = compile_kernel(s, 90)
+    ptx = k.asm["ptx"]
+    print(s.kernel, s.constexprs["PDL"], "griddepcontrol.wait" in ptx,
+          "griddepcontrol.launch_dependents" in ptx, bool(k.metadata.launch_pdl))
+"""
+
+
+def test_pdl_flag_emits_the_grid_dependency_control(tmp_path: Path) -> None:
+    """The PDL variants are real: with the flag the sm_90 PTX waits on the previous grid and
+    triggers the next (and the kernel carries `launch_pdl`), without it neither instruction is
+    there; the specs cover the three kernels the AR decode step chains (`yan_kernels.pdl`), and
+    list PDL only for sm_90."""
+    proc = _run(["-c", _PDL_PTX], _env(tmp_path), timeout=600)
+    assert proc.returncode == 0, _output(proc)
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in proc.stdout.splitlines()}
+    kernels = {"_fused_linear_kernel", "_decode_attention_kernel", "_greedy_select_kernel"}
+    assert {k for k, _ in rows} == kernels, _output(proc)
+    for k in kernels:
+        assert rows[(k, "True")] == ["True", "True", "True"], _output(proc)
+        assert rows[(k, "False")] == ["False", "False", "False"], _output(proc)
+    proc = _run(["-c", "from yan_kernels.aot import collect\n"
+                 "print(sorted({s.archs for s in collect() if s.constexprs.get('PDL')}),"
+                 " sorted({s.archs for s in collect() if not s.constexprs.get('PDL')}, key=str))"],
+                _env(tmp_path), timeout=300)  # fmt: skip
+    assert proc.stdout.split() == ["[(90,)]", "[None]"], _output(proc)
+
+
 # A kernel that reads a module-level float `_C`, defined by `{definition}`: the interpreter
 # runs it whatever the definition, the compiler only when `_C` is a `tl.constexpr` object.
 _PROBE = """

@@ -42,6 +42,7 @@ exercise the buffers, slot arithmetic and stopping exactly as the GPU does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import GPT2LMHeadModel
-from yan_kernels import ops
+from yan_kernels import ops, pdl
 
 from yan_serve.ar.generate import AROutput, ARRequest, collect_outputs, left_pad
 from yan_serve.ar.static import DEFAULT_BATCH_SIZES, StaticGPT2, WindowedRunner
@@ -287,7 +288,9 @@ class FusedRunner(WindowedRunner):
     `generate(requests, eos, pad)` returns `ar_generate`'s outputs. `check_every` steps run
     between two reads of the `done` flags (default 8 on CUDA, 1 elsewhere: a CPU pays for the
     steps, not the read). `step`: the decode step's body, "torch" (eager ops), "compile" (the
-    same under torch.compile) or "triton" (`decode_logp_fused_linear`)."""
+    same under torch.compile) or "triton" (`decode_logp_fused_linear`). `pdl`: whether the
+    Triton kernels captured in its graphs use programmatic dependent launch
+    (`yan_kernels.pdl`; None: as `YAN_KERNELS_PDL` says; sm_90 and newer only)."""
 
     def __init__(
         self,
@@ -297,8 +300,10 @@ class FusedRunner(WindowedRunner):
         capturer: Capturer | None = None,
         step: str = "torch",
         check_every: int | None = None,
+        pdl: bool | None = None,
     ) -> None:
         super().__init__(model, batch_sizes, lengths)
+        self.pdl = pdl
         self.fused = FusedGPT2(model, self.batch_sizes[-1], self.lengths[-1], step=step)
         dev = self.fused.device
         self.capturer = capturer if capturer is not None else self.default_capturer(dev)
@@ -322,7 +327,8 @@ class FusedRunner(WindowedRunner):
         s.pos[:b] = 0
         s.tok[:b] = 0
         s.done[:b] = True
-        with torch.no_grad():
+        launches = contextlib.nullcontext() if self.pdl is None else pdl.use(self.pdl)
+        with torch.no_grad(), launches:
             w.graphs[sample] = self.capturer(fn)
         return w.graphs[sample]
 

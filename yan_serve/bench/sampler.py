@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from yan_kernels import pdl
 
 from yan_serve.bench.common import (
     CPU_BUDGET_S,
@@ -187,8 +188,9 @@ class _GpuTable:
         self.model, self.steps, self.iters = model, steps, iters
         self.attention, self.profile = args.attention, args.profile
         self.linears = args.linears
-        self.compare = [m for m in args.compare if split_mode(m, args.attention) !=
-                        (args.linears, args.attention)]  # fmt: skip
+        own = (args.linears, args.attention)
+        self.compare = [m for m in args.compare
+                        if m.endswith("+pdl") or split_mode(m, args.attention) != own]  # fmt: skip
         self.columns = GPU_SAMPLER_COLUMNS + _compare_columns(self.compare)
         dtype = next(model.parameters()).dtype
         self.bw = copy_bandwidth(10)
@@ -252,7 +254,9 @@ class _GpuTable:
                 fused.engine.linears, fused.engine.attention = split_mode(mode, self.attention)
                 graphs = g = GraphSampler(fused)
                 compare[mode] = None
-                if (r2 := or_oom(lambda g=g: g.capture(ladder))) is not None and r2.graphs == 1:
+                with pdl.use(mode.endswith("+pdl")):
+                    r2 = or_oom(lambda g=g: g.capture(ladder))
+                if r2 is not None and r2.graphs == 1:
                     compare[mode] = wall_ms(lambda g=g: g.generate(reqs, steps, "argmax"), iters)
         flops, params = sample_cost(model.config, batch, length, steps)
         elt = next(model.parameters()).element_size()
@@ -457,9 +461,10 @@ def run_sampler(args: argparse.Namespace) -> int:
 
 
 def split_mode(mode: str, attention: str) -> tuple[str, str]:
-    """A `--compare` mode, `LINEARS` or `LINEARS/ATTENTION` -> (linears, attention), the
-    attention defaulting to the run's."""
-    linears, _, attn = mode.partition("/")
+    """A `--compare` mode, `LINEARS` or `LINEARS/ATTENTION`, either optionally `+pdl` (its
+    graph captured with programmatic dependent launch, `yan_kernels.pdl`) -> (linears,
+    attention), the attention defaulting to the run's."""
+    linears, _, attn = mode.removesuffix("+pdl").partition("/")
     return linears, attn or attention
 
 
@@ -471,7 +476,7 @@ def _modes(text: str) -> list[str]:
     if bad:
         raise argparse.ArgumentTypeError(
             f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(LINEAR_MODES)}, each"
-            f" optionally /{'|'.join(ATTENTION_BACKENDS)}"
+            f" optionally /{'|'.join(ATTENTION_BACKENDS)}, then optionally +pdl"
         )
     return list(dict.fromkeys(modes))
 
@@ -516,7 +521,8 @@ def add_sampler(sub: argparse._SubParsersAction) -> None:
         metavar="MODES",
         help="CUDA: also time each graph with the linear layers in these modes, comma-separated"
         " (a column `<mode> ms` each, from the same run), each optionally with another"
-        " attention after a slash, e.g. gelu,fused,fused/triton",
+        " attention after a slash and +pdl (programmatic dependent launch, sm_90+) after that,"
+        " e.g. gelu,fused,fused/triton,fused/triton+pdl",
     )
     p.add_argument(
         "--profile",

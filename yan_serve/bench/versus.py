@@ -15,7 +15,8 @@ AR rows decode every token of their budget (`ignore_eos`: a fixed amount of work
 YAN ms (CPU: `Sampler.generate` with the reference ops; CUDA: the fused engine replayed from a
 CUDA graph), AR ms (the fused AR decoder, `FusedRunner`, with its decode step's body as
 `--ar-steps` names it: eager torch ops, the same under torch.compile, or Triton GEMMs carrying
-the norms, GELU and residual adds; a pair's rows say `+compile` / `+triton`), AR ref ms (the
+the norms, GELU and residual adds, optionally chained by programmatic dependent launch
+(`triton+pdl`, sm_90 and newer); a pair's rows say `+compile` / `+triton`), AR ref ms (the
 AR path before it: Hugging Face's runner on a CPU, the static-cache CUDA-graph runner on CUDA)
 and its speed-up,
 AR floor ms (bytes over measured copy bandwidth: the weights once per decoded token, the prompt's
@@ -195,14 +196,15 @@ def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torc
     slots = sorted({protocol_shape(p)[1] + protocol_shape(p)[2] for p in protocols})
     runners = {}
     for step in args.ar_steps:
+        body, _, pdl = step.partition("+")  # "triton+pdl": programmatic dependent launch
         runners[step] = FusedRunner(ar, batch_sizes=tuple(batches), lengths=tuple(slots),
-                                    step=step)  # fmt: skip
+                                    step=body, pdl=True if pdl else None)  # fmt: skip
         graphs, secs = runners[step].capture()
         print(f"pair: {yan_label}, {n_yan / 1e6:.1f}M parameters, T = {steps} vs {ar_name} "
               f"(vocabulary {yan.config.vocab_size}), {n_ar / 1e6:.1f}M parameters; fused AR "
               f"({step} step) windows: {graphs} captured in {secs:.1f} s", flush=True)  # fmt: skip
-        if device == "cpu" and step != "compile":  # inductor's kernels are not aten operators
-            n = ar_step_launches(ar, step, slots[0])
+        if device == "cpu" and body != "compile" and not pdl:  # inductor's are not aten ops
+            n = ar_step_launches(ar, body, slots[0])
             print(f"AR {step} step: {n} kernel launches per token at batch 1 (CPU proxy)")
     ref = None
     if device == "cuda" and not args.no_ref:
@@ -292,7 +294,8 @@ def _pair_list(text: str) -> list[str]:
 def _step_list(text: str) -> list[str]:
     from yan_serve.ar.fused import STEPS
 
-    return choice_list(text, list(STEPS), "AR step")
+    # "+pdl": the Triton step's kernels chained by programmatic dependent launch (sm_90+)
+    return choice_list(text, [*STEPS, "triton+pdl"], "AR step")
 
 
 def _protocol_list(text: str) -> list[str]:
@@ -309,6 +312,7 @@ def add_versus(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int_list, help="default 1,8,64 (CPU: 1,8)")
     p.add_argument("--ar-steps", type=_step_list, default=["torch"],
                    help="the fused AR decode step's body, one row set each: torch (default),"
-                        " compile (torch.compile), triton (fused-linear Triton GEMMs);"
+                        " compile (torch.compile), triton (fused-linear Triton GEMMs),"
+                        " triton+pdl (those with programmatic dependent launch, sm_90+);"
                         " e.g. torch,compile,triton")  # fmt: skip
     p.add_argument("--no-ref", action="store_true", help="skip the AR reference path")
