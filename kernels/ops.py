@@ -300,15 +300,17 @@ def greedy_select(
     eos: Tensor,
     tok: Tensor,
     pos: Tensor,
+    counts: Tensor | None = None,
 ) -> None:
     """A greedy decode step's end, in place: each row's argmax token of `logits` [B, V] and its
     probability recorded at column slot + 1, its stopping state updated, its token and position
-    advanced (see `yan_kernels.greedy_select`)."""
+    advanced (see `yan_kernels.greedy_select`). `counts` [>= B] int32 zeros: the kernel's
+    per-row arrival counters, kept by the caller so that a captured step needs no memset."""
     from . import greedy_select as m
 
     state = (out_tok, out_p, slot, done, left, stop_eos, eos, tok, pos)
     run = _take_triton(logits, op="greedy_select", also=state)
-    (m.greedy_select if run else m.greedy_select_ref)(logits, *state)
+    (m.greedy_select if run else m.greedy_select_ref)(logits, *state, counts=counts)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, klen: Tensor, Lq: int, Lk: int) -> Tensor:

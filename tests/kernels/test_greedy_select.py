@@ -13,7 +13,14 @@ import torch
 pytest.importorskip("triton")
 
 from yan_kernels import ops
-from yan_kernels.greedy_select import BLOCK_V, greedy_select, greedy_select_ref
+from yan_kernels.greedy_select import (
+    BLOCK_CS,
+    BLOCK_V,
+    MAX_V,
+    block_chunks,
+    greedy_select,
+    greedy_select_ref,
+)
 
 
 def _state(B: int, cols: int, slot: int, device, seed: int = 0):
@@ -34,10 +41,10 @@ def _state(B: int, cols: int, slot: int, device, seed: int = 0):
     )
 
 
-def _run(fn, logits, state):
+def _run(fn, logits, state, counts=None):
     s = {k: v.clone() for k, v in state.items()}
     fn(logits, s["out_tok"], s["out_p"], s["slot"], s["done"], s["left"], s["stop_eos"],
-       s["eos"], s["tok"], s["pos"])  # fmt: skip
+       s["eos"], s["tok"], s["pos"], counts=counts)  # fmt: skip
     return s
 
 
@@ -73,6 +80,42 @@ def test_ties_take_the_first_maximum(device) -> None:
     assert got["tok"][:3].tolist() == [3, BLOCK_V - 1, 2 * BLOCK_V + 2]
 
 
+def test_chunks_meet_in_the_last_arrival_and_leave_the_counters_at_zero(device) -> None:
+    """A row split over six chunks (the maximum in the last, a tie in an early one that must
+    lose to nothing: the first maximum wins), three steps in a row through the same counters:
+    each matches the reference and leaves the counters at zero for the next."""
+    V = 5 * BLOCK_V + 17
+    counts = torch.zeros(5, dtype=torch.int32, device=device)  # more rows than the batch
+    state = _state(3, 8, 0, device)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        logits = torch.randn(3, V, generator=g).to(device)
+        logits[0, V - 1] = 30.0  # the last chunk's last token
+        logits[1, [BLOCK_V + 1, 4 * BLOCK_V]] = 30.0  # a tie across chunks: the first wins
+        logits[2, :] = -1.0
+        logits[2, 2 * BLOCK_V] = 0.0  # every other logit equal: p = 1 / (1 + (V-1) e^-1)
+        state["slot"].fill_(step)
+        got = _run(greedy_select, logits, state, counts=counts)
+        want = _run(greedy_select_ref, logits, state)
+        for k in ("out_tok", "done", "left", "tok", "pos"):
+            assert torch.equal(got[k], want[k]), (step, k)
+        torch.testing.assert_close(got["out_p"], want["out_p"], atol=1e-6, rtol=1e-5)
+        assert got["tok"][:3].tolist() == [V - 1, BLOCK_V + 1, 2 * BLOCK_V]
+        assert counts.tolist() == [0] * 5, step
+        state = got
+
+
+def test_chunk_blocks_cover_every_vocabulary() -> None:
+    """The launcher's BLOCK_C is a compiled configuration (the AOT specs list BLOCK_CS) for
+    every vocabulary it accepts, and a larger one is refused with its limit named."""
+    for V in (1, BLOCK_V, BLOCK_V + 1, 8192, 50257, 128258, MAX_V):
+        c = block_chunks(V)
+        assert c in BLOCK_CS and c >= -(-V // BLOCK_V), V
+    state = _state(1, 4, 0, "cpu")
+    with pytest.raises(AssertionError, match=f"1 to {MAX_V} tokens"):
+        _run(greedy_select, torch.zeros(1, MAX_V + 1), state)
+
+
 def test_facade(device) -> None:
     logits = torch.randn(4, 300, device=device)
     state = _state(4, 6, 2, device)
@@ -93,3 +136,34 @@ def test_gpt2_vocabulary_on_gpu(B) -> None:
     got, want = _run(greedy_select, logits, state), _run(greedy_select_ref, logits, state)
     assert torch.equal(got["tok"], want["tok"]) and torch.equal(got["done"], want["done"])
     torch.testing.assert_close(got["out_p"], want["out_p"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("B", [1, 8])
+def test_graph_replays_reuse_the_counters_on_gpu(B) -> None:
+    """Captured once with the caller's counters, replayed over fresh logits at 32 chunks a row:
+    each replay matches the reference (the last arrival sees every chunk's partial, the
+    counters return to zero), a hundred replays in a row."""
+    dev = torch.device("cuda")
+    logits = torch.zeros(B, 128258, device=dev, dtype=torch.bfloat16)
+    counts = torch.zeros(B, dtype=torch.int32, device=dev)
+    state = _state(B, 120, 0, dev)
+    s = {k: v.clone() for k, v in state.items()}
+    args = (logits, s["out_tok"], s["out_p"], s["slot"], s["done"], s["left"], s["stop_eos"],
+            s["eos"], s["tok"], s["pos"])  # fmt: skip
+    greedy_select(*args, counts=counts)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        greedy_select(*args, counts=counts)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for i in range(100):
+        logits.copy_(torch.randn(B, 128258, device=dev, generator=g) * 3)
+        s["slot"].fill_(i % 100)
+        before = {k: v.clone() for k, v in s.items()}
+        graph.replay()
+        want = _run(greedy_select_ref, logits, before)
+        assert torch.equal(s["tok"], want["tok"]), i
+        torch.testing.assert_close(s["out_p"], want["out_p"], atol=1e-5, rtol=1e-4)
+    assert counts.tolist() == [0] * B

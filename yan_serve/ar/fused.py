@@ -205,6 +205,8 @@ class FusedGPT2(StaticGPT2):
         self.left = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.done = torch.ones(max_batch, dtype=torch.bool, device=dev)
         self.eos = torch.zeros(1, dtype=torch.long, device=dev)
+        # `ops.greedy_select`'s per-row arrival counters (zero between steps, no memset in a graph)
+        self.select_counts = torch.zeros(max_batch, dtype=torch.int32, device=dev)
         self.trim = False  # set by the runner when steps replay eagerly (no CUDA graphs)
         self.host_slot = 0  # the host's copy of `slot`, for `trim`
         self.step = step
@@ -266,7 +268,7 @@ class FusedGPT2(StaticGPT2):
                     tr.wte.weight, tr.wpe.weight, self.layers, self.ln_f, self.n_head, self.eps,
                     head_t())  # fmt: skip
             if one_kernel_end:
-                ops.greedy_select(self.body(*args, raw=True), *state)
+                ops.greedy_select(self.body(*args, raw=True), *state, counts=self.select_counts)
             else:
                 self.select(self.body(*args), batch, self.slot + 1, sample)
                 pos.add_(1)
