@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # The kernel files that hold @triton.jit kernels; each exports aot_specs().
 KERNEL_MODULES = (
@@ -85,6 +85,20 @@ class AotSpec:
             f"{self.module}.{self.kernel}[{self.label or flags}] dtypes={dtypes} "
             f"warps={self.num_warps} stages={self.num_stages}"
         )
+
+
+def with_pdl(specs: Iterable[AotSpec]) -> list[AotSpec]:
+    """Each spec of a kernel that takes the `PDL` constexpr twice: without programmatic
+    dependent launch for every target, and with it for sm_90 only (`yan_kernels.pdl`: the
+    launchers enable it nowhere older)."""
+    from .pdl import ARCHS
+
+    out = []
+    for s in specs:
+        out.append(replace(s, constexprs={**s.constexprs, "PDL": False}))
+        out.append(replace(s, constexprs={**s.constexprs, "PDL": True}, archs=ARCHS,
+                           label=f"{s.label} pdl" if s.label else ""))  # fmt: skip
+    return out
 
 
 def pointer(dtype: str) -> str:

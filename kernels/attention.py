@@ -26,6 +26,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+from .gdc import grid_dependency
+
 
 @triton.jit
 def _query_tile(Lq, H: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -74,7 +77,9 @@ def _attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     bh, b, h, rows, row_ok, dims, d_ok = _query_tile(Lq, H, HD, BLOCK_M, BLOCK_D)
     s = tl.program_id(2)
     n_real = tl.load(klen_ptr + b)
@@ -128,7 +133,9 @@ def _attention_merge_kernel(
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     bh, b, h, rows, row_ok, dims, d_ok = _query_tile(Lq, H, HD, BLOCK_M, BLOCK_D)
     m = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     for s in range(SPLIT):
@@ -198,11 +205,13 @@ def attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), H=H, HD=hd, SPLIT=S, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         DOT_PRECISION=_precision(q.dtype), num_warps=4, num_stages=2,
+        **pdl.launch_options(q.device),
     )  # fmt: skip
     if S > 1:
         _attention_merge_kernel[(qblocks, B * H)](
             po, pm, pl, out, Lq, B * H, out.stride(0), H=H, HD=hd, SPLIT=S, BLOCK_M=BLOCK_M,
             BLOCK_D=block_d, num_warps=4,
+            **pdl.launch_options(q.device),
         )  # fmt: skip
     return out
 
@@ -224,7 +233,7 @@ def attention_ref(
 def aot_specs() -> list:
     """bf16, fp16 and fp32 at head size 64 (yan-paper) and 32, unsplit and split 2 / 8 (the
     merge at each) (see `yan_kernels.aot`)."""
-    from .aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
 
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -251,4 +260,4 @@ def aot_specs() -> list:
                         dict(H=H, HD=hd, SPLIT=split, BLOCK_M=BLOCK_M, BLOCK_D=hd), 4, 1,
                         label=f"{t[1:]} heads={H}x{hd} split={split}", aligned=("stride_ot",),
                     ))  # fmt: skip
-    return specs
+    return with_pdl(specs)

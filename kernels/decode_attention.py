@@ -156,7 +156,7 @@ def aot_specs() -> list:
     """The launcher's configurations (see `yan_kernels.aot`): bf16, fp16 and fp32, head sizes
     64 (GPT-2) and 128 (BLOCK_D is the next power of two of the head size); each without and
     (for sm_90 only) with programmatic dependent launch."""
-    from .aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
 
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -167,11 +167,9 @@ def aot_specs() -> list:
                                        "stride_vb", "stride_vh", "stride_vl", "stride_mb",
                                        "stride_ob")})  # fmt: skip
         for hd, H in ((64, 12), (128, 8)):
-            for on in (False, True):
-                specs.append(AotSpec(
-                    "_decode_attention_kernel", sig,
-                    dict(H=H, HD=hd, BLOCK_L=BLOCK_L, BLOCK_D=hd, PDL=on), _num_warps(hd), 1,
-                    label=f"{t[1:]} heads={H} head size={hd}" + (" pdl" if on else ""),
-                    archs=pdl.ARCHS if on else None,
-                ))  # fmt: skip
-    return specs
+            specs.append(AotSpec(
+                "_decode_attention_kernel", sig,
+                dict(H=H, HD=hd, BLOCK_L=BLOCK_L, BLOCK_D=hd), _num_warps(hd), 1,
+                label=f"{t[1:]} heads={H} head size={hd}",
+            ))  # fmt: skip
+    return with_pdl(specs)

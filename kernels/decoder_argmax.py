@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import tma
+from . import pdl, tma
+from .gdc import grid_dependency
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -70,7 +71,9 @@ def _decoder_argmax_kernel(
     K_TILES: tl.constexpr,  # cdiv(D, BLOCK_K)
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,  # x_ptr / w_ptr are TMA tensor descriptors (Hopper)
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -178,9 +181,11 @@ def _fold_kernel(
     M_P2: tl.constexpr,
     SAMPLE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
     """Fold the S vocabulary splits of each row in one launch: the first split holding the
     global max wins ties (so the lowest index wins overall), sums are rescaled to that max."""
+    grid_dependency(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     gm = tl.full((BLOCK_N,), float("-inf"), tl.float32)
@@ -395,11 +400,13 @@ def decoder_argmax(
             BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, K_TILES=triton.cdiv(D, bk),
             DOT_PRECISION=_precision(x.dtype), TMA=use_tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **pdl.launch_options(x.device),
         )  # fmt: skip
         _fold_kernel[(triton.cdiv(N, FOLD_BLOCK),)](
             mx, arg, sm, gmx, garg, lab_out, temp if sample else prob,
             token, prob, samp, logp, N, S,
             M=M, M_P2=m_p2, SAMPLE=sample, BLOCK_N=FOLD_BLOCK,
+            **pdl.launch_options(x.device),
         )  # fmt: skip
     label_logp = None
     if M:
@@ -411,7 +418,7 @@ def aot_specs() -> list:
     """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`). The label
     count M is data-dependent: 0 (generation), 1 and 3 are compiled as representatives, with
     greedy, sampling, scoring and sampling + scoring; fp16 (never served) only greedy."""
-    from .aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
 
     combos = ((False, 0), (True, 0), (False, 3), (True, 1))  # (SAMPLE, M)
     configs = [GPU_SMALL._replace(block_m=t) for t in GPU_ROW_TILES]
@@ -485,7 +492,7 @@ def aot_specs() -> list:
     for sample, M in combos:
         const = dict(M=M, M_P2=triton.next_power_of_2(max(M, 1)), SAMPLE=sample, BLOCK_N=FOLD_BLOCK)
         specs.append(AotSpec("_fold_kernel", fold_sig, const, 4, 1, f"sample={sample} M={M}"))
-    return specs
+    return with_pdl(specs)
 
 
 def philox_uniform(seed: Tensor, n: int) -> Tensor:

@@ -333,7 +333,7 @@ def aot_specs() -> list:
     256: the two small tiles); each without and (for sm_90 only) with programmatic dependent
     launch (see `yan_kernels.aot`). A unit weight stride is a constexpr 1, as Triton
     specializes it at run time."""
-    from .aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
 
     specs = []
     chosen = (GPU_GEMV, GPU_TINY, GPU_SMALL, GPU_LARGE)
@@ -360,14 +360,10 @@ def aot_specs() -> list:
                               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                               GROUP_M=cfg.group_m, DOT_PRECISION=_precision(dtype))  # fmt: skip
                 consts[unit] = 1
-                for on in (False, True):  # PDL: sm_90 only, as the launcher enables it
-                    specs.append(AotSpec(
-                        "_fused_linear_kernel", sig, {**consts, "PDL": on}, cfg.num_warps,
-                        cfg.num_stages,
-                        label=f"{t[1:]} bias={has_bias} norm={norm} gelu={gelu} "
-                              f"residual={residual} transposed={transposed} {cfg}"
-                              + (" pdl" if on else ""),
-                        aligned=("stride_xm", strided, "stride_rm", "stride_om", "N", "K"),
-                        archs=pdl.ARCHS if on else None,
-                    ))  # fmt: skip
-    return specs
+                specs.append(AotSpec(
+                    "_fused_linear_kernel", sig, consts, cfg.num_warps, cfg.num_stages,
+                    label=f"{t[1:]} bias={has_bias} norm={norm} gelu={gelu} "
+                          f"residual={residual} transposed={transposed} {cfg}",
+                    aligned=("stride_xm", strided, "stride_rm", "stride_om", "N", "K"),
+                ))  # fmt: skip
+    return with_pdl(specs)

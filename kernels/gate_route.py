@@ -25,6 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+from .gdc import grid_dependency
+
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 
 
@@ -54,7 +57,9 @@ def _gate_route_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     r64 = rows.to(tl.int64)
@@ -141,6 +146,7 @@ def gate_route(
         SAMPLE=routing == "sample", BLOCK_M=BLOCK_M, BLOCK_G=BLOCK_G, BLOCK_D=BLOCK_D,
         BLOCK_K=max(16, triton.next_power_of_2(K)), DOT_PRECISION=_precision(h.dtype),
         num_warps=4, num_stages=2,
+        **pdl.launch_options(h.device),
     )  # fmt: skip
     return probs, expert
 
@@ -171,7 +177,7 @@ def gate_route_ref(
 def aot_specs() -> list:
     """Both routings in bf16 and fp32 (fp16: argmax), at up to 16 experts (see
     `yan_kernels.aot`)."""
-    from .aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
 
     specs = []
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
@@ -188,4 +194,4 @@ def aot_specs() -> list:
                 4, 2, label=f"{t[1:]} sample={sample}",
                 aligned=("stride_h", "stride_row", "stride_w1", "stride_w2", "D", "G"),
             ))  # fmt: skip
-    return specs
+    return with_pdl(specs)

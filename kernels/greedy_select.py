@@ -192,7 +192,7 @@ def aot_specs() -> list:
     """The launcher's configurations: each logits dtype and chunk block (a vocabulary of up to
     `MAX_V`), without and (for sm_90 only) with programmatic dependent launch (see
     `yan_kernels.aot`)."""
-    from .aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
 
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -203,10 +203,8 @@ def aot_specs() -> list:
                    stride_pb="i32")  # fmt: skip
         sig.update(part_m_ptr="*fp32", part_s_ptr="*fp32", part_i_ptr="*i64", count_ptr="*i32")
         for block_c in BLOCK_CS:
-            for on in (False, True):  # PDL: sm_90 only, as the launcher enables it
-                specs.append(AotSpec(
-                    "_greedy_select_kernel", sig, dict(BLOCK_C=block_c, BLOCK_V=BLOCK_V, PDL=on),
-                    8, 1, label=f"{t[1:]} logits chunks<={block_c}" + (" pdl" if on else ""),
-                    archs=pdl.ARCHS if on else None,
-                ))  # fmt: skip
-    return specs
+            specs.append(AotSpec(
+                "_greedy_select_kernel", sig, dict(BLOCK_C=block_c, BLOCK_V=BLOCK_V), 8, 1,
+                label=f"{t[1:]} logits chunks<={block_c}",
+            ))  # fmt: skip
+    return with_pdl(specs)

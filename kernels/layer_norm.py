@@ -22,6 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+from .gdc import grid_dependency
+
 
 @triton.jit(do_not_specialize=["N"])
 def _add_layer_norm_kernel(
@@ -45,7 +48,9 @@ def _add_layer_norm_kernel(
     HAS_S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < N
@@ -115,6 +120,7 @@ def add_layer_norm(
         N, D, float(eps), x.stride(0), yy.stride(0), res.stride(0), out.stride(0),
         HAS_Y=y is not None, HAS_BIAS=bias is not None, HAS_W=weight is not None,
         HAS_S=shift is not None, BLOCK_N=bn, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        **pdl.launch_options(x.device),
     )  # fmt: skip
     return res, out
 
@@ -144,7 +150,7 @@ def aot_specs() -> list:
     combination the model uses, in fp32 and bf16 (fp16 plain and residual norms), at two row
     widths standing for the rest (BLOCK_D is the next power of two of d: one code path, the
     rows per program and warps scale with it)."""
-    from .aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
 
     specs = []
     # (HAS_Y, HAS_BIAS, HAS_W, HAS_S): plain norm, residual + norm, + bias, norm without affine
@@ -186,4 +192,4 @@ def aot_specs() -> list:
                         label=f"{t[1:]} d<={block_d} y={has_y} bias={has_b} affine={has_w}",
                     )
                 )
-    return specs
+    return with_pdl(specs)

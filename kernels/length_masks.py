@@ -16,6 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import pdl
+from .gdc import grid_dependency
+
 
 @triton.jit
 def _length_masks_kernel(
@@ -28,7 +31,9 @@ def _length_masks_kernel(
     Lx,
     Ly,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     b = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
         n = tl.load(src_len_ptr + b)
@@ -70,6 +75,7 @@ def length_masks(
         _length_masks_kernel[(B, 2)](
             src_len.contiguous(), tgt_len.contiguous(), src_mask, tgt_mask, src_bias, tgt_bias,
             Lx, Ly, BLOCK=BLOCK, num_warps=4,
+            **pdl.launch_options(src_len.device),
         )  # fmt: skip
     return src_mask, tgt_mask, src_bias, tgt_bias
 
@@ -94,7 +100,7 @@ def length_masks_ref(
 
 def aot_specs() -> list:
     """One configuration per bias dtype (see `yan_kernels.aot`)."""
-    from .aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
 
     specs = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -103,4 +109,4 @@ def aot_specs() -> list:
                    src_bias_ptr=t, tgt_bias_ptr=t, Lx="i32", Ly="i32")  # fmt: skip
         specs.append(AotSpec("_length_masks_kernel", sig, dict(BLOCK=BLOCK), 4, 1,
                              label=f"{t[1:]} bias"))  # fmt: skip
-    return specs
+    return with_pdl(specs)

@@ -52,7 +52,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .aot import TORCH_TO_TRITON, AotSpec, pointer
+from . import pdl
+from .aot import TORCH_TO_TRITON, AotSpec, pointer, with_pdl
+from .gdc import grid_dependency
 
 # Philox-4x32 constants (Random123): round multipliers and Weyl key increments.
 _M0 = tl.constexpr(0xD2511F53)
@@ -142,7 +144,9 @@ def _request_noise_kernel(
     init_noise,
     BLOCK_L: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     row = tl.program_id(0)
     pid_l = tl.program_id(1)
     pid_g = tl.program_id(2)
@@ -266,6 +270,7 @@ def request_noise(
         seed, length, z0, u_route, u_tok,
         L, d, G, float(init_noise),
         BLOCK_L=bl, BLOCK_G=bg, num_warps=warps, num_stages=_STAGES,
+        **pdl.launch_options(seed.device),
     )  # fmt: skip
     return z0, u_route, u_tok
 
@@ -407,6 +412,7 @@ def aot_specs() -> list[AotSpec]:
                         label=f"{tname},len={len_t},BL={bl},BG={bg}",
                     )
                 )
+    specs = with_pdl(specs)  # the sampler's kernel; the Philox test kernel never takes it
     specs.append(
         AotSpec(
             kernel="_philox_kernel",

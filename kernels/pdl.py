@@ -9,18 +9,19 @@ has executed `griddepcontrol.launch_dependents` (or exited), and its blocks wait
 `griddepcontrol.wait` until the running grid has completed and its memory is visible. Stream
 capture records the attribute as a programmatic edge, so captured graphs keep it.
 
-The kernels that take a `PDL` constexpr (`fused_linear`, `decode_attention`, `greedy_select`)
-call `yan_kernels.gdc.grid_dependency(PDL)` first thing: wait for the grid before (every load
+The kernels that take a `PDL` constexpr (every kernel of a YAN sample and of the AR decode step:
+all but the Mamba scan and the Philox test kernel) call `yan_kernels.gdc.grid_dependency(PDL)`
+first thing: wait for the grid before (every load
 and store after it sees that grid's writes, whoever launched it: a Triton kernel, cuBLAS or a
 torch op), then let the next grid launch. Nothing is read or written before the wait, so a
 kernel with the flag is correct after any predecessor (the wait is a no-op without the launch
 attribute).
 
-Off by default until a GPU measurement says it pays (`bench versus --ar-steps triton,triton+pdl`,
-`bench sampler --compare fused,fused+pdl`): set `YAN_KERNELS_PDL=1` (the server, the benches),
-or `with pdl.use(True):` around a graph capture. Never on a device below sm_90, the CPU or the
-interpreter. This module only decides (it does not import triton); the launchers pass
-`launch_options(device)` to their kernels.
+Off by default until a GPU measurement says it pays (`bench versus --ar-steps
+triton,triton+pdl`, `bench sampler --compare fused/triton,fused/triton+pdl`): set
+`YAN_KERNELS_PDL=1` (the server, the benches), or `with pdl.use(True):` around a graph capture.
+Never on a device below sm_90, the CPU or the interpreter. This module only decides (it does
+not import triton); the launchers pass `launch_options(device)` to their kernels.
 """
 
 from __future__ import annotations

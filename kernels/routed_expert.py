@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import tma
+from . import pdl, tma
+from .gdc import grid_dependency
 
 # A module-level constant read inside @triton.jit must be a tl.constexpr: the GPU compiler
 # rejects plain globals (the CPU interpreter does not, which is why kernels/aot.py exists).
@@ -52,7 +53,9 @@ def _expert_up_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,  # w1_ptr is a TMA descriptor of w1 as [K * D, H]
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     # 1-D grid, column blocks fastest: the programs sharing a row tile run side by side, so
     # its gathered rows come from DRAM once and from L2 for the other column blocks
     n_cols = tl.cdiv(H, BLOCK_N)
@@ -120,7 +123,9 @@ def _expert_down_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,  # act_ptr [N, H] and w2_ptr (w2 as [K * H, D]) are TMA descriptors
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
+    grid_dependency(PDL)
     n_cols = tl.cdiv(D, BLOCK_N)  # 1-D grid, column blocks fastest (as the up kernel)
     t = tl.program_id(0) // n_cols
     pid_n = tl.program_id(0) % n_cols
@@ -245,11 +250,13 @@ def _tile_map_kernel(
     BLOCK_M: tl.constexpr,
     K_P2: tl.constexpr,  # next power of two >= K + 1 (the last bin takes masked lanes)
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (`yan_kernels.pdl`)
 ):
     """`tile_map` in one program (one launch instead of a sort and a dozen small ops): count
     tokens per expert, then place each token at its expert's start plus its rank among the
     expert's earlier tokens (a per-chunk one-hot prefix sum, so the order is stable), then
     write the tile table."""
+    grid_dependency(PDL)
     bins = tl.arange(0, K_P2)
     counts = tl.zeros((K_P2,), tl.int32)
     for c0 in range(0, N, CHUNK):
@@ -311,6 +318,7 @@ def tile_map_fused(expert: Tensor, n_experts: int, block_m: int) -> TileMap:
     _tile_map_kernel[(1,)](
         expert, order, tiles, n, n_experts, total,
         BLOCK_M=block_m, K_P2=k_p2, CHUNK=TILE_MAP_CHUNK,
+        **pdl.launch_options(expert.device),
     )  # fmt: skip
     return TileMap(order, tiles, total, block_m)
 
@@ -378,6 +386,7 @@ def routed_expert_euler(
         h.stride(0), w1.stride(0), w1.stride(1), b1.stride(0), act.stride(0),
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DOT_PRECISION=precision,
         TMA=up_tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl.launch_options(h.device),
     )  # fmt: skip
     zz = z if z is not None else out  # a valid pointer; not read unless HAS_Z
     acta, w2a = act, w2
@@ -392,6 +401,7 @@ def routed_expert_euler(
         HAS_Z=z is not None, BLOCK_M=bm, BLOCK_N=dcfg.block_n, BLOCK_K=dcfg.block_k,
         DOT_PRECISION=precision, TMA=down_tma,
         num_warps=dcfg.num_warps, num_stages=dcfg.num_stages,
+        **pdl.launch_options(h.device),
     )  # fmt: skip
     return out
 
@@ -404,7 +414,7 @@ def aot_specs() -> list:
     """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`): the small
     and the large tiles, the large ones with TMA descriptors (16-bit) and in pointer form (the
     fallback, and fp32)."""
-    from .aot import TORCH_TO_TRITON, AotSpec
+    from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
 
     specs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -447,7 +457,7 @@ def aot_specs() -> list:
                 dict(BLOCK_M=bm, K_P2=k_p2, CHUNK=TILE_MAP_CHUNK), 4, 1,
                 label=f"block_m={bm} K_P2={k_p2}",
             ))  # fmt: skip
-    return specs
+    return with_pdl(specs)
 
 
 def _consts(cfg: Blocks, dtype: torch.dtype) -> dict:

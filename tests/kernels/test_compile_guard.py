@@ -168,15 +168,26 @@ for s in collect():
 """
 
 
+# Kernels outside the YAN sample and the AR decode step: no PDL flag.
+_NO_PDL = {"_selective_scan_kernel", "_philox_kernel"}
+_JIT_KERNELS = """
+from yan_kernels.aot import KERNEL_MODULES, jit_kernels
+print(" ".join(k for m in KERNEL_MODULES for k in jit_kernels(m)))
+"""
+
+
 def test_pdl_flag_emits_the_grid_dependency_control(tmp_path: Path) -> None:
     """The PDL variants are real: with the flag the sm_90 PTX waits on the previous grid and
     triggers the next (and the kernel carries `launch_pdl`), without it neither instruction is
-    there; the specs cover the three kernels the AR decode step chains (`yan_kernels.pdl`), and
-    list PDL only for sm_90."""
-    proc = _run(["-c", _PDL_PTX], _env(tmp_path), timeout=600)
+    there; every kernel of the YAN sample and the AR decode step has both (`yan_kernels.pdl`),
+    and the specs list PDL only for sm_90."""
+    proc = _run(["-c", _JIT_KERNELS], _env(tmp_path), timeout=300)
+    assert proc.returncode == 0, _output(proc)
+    kernels = set(proc.stdout.split()) - _NO_PDL
+    assert len(kernels) >= 14 and _NO_PDL.issubset(proc.stdout.split()), _output(proc)
+    proc = _run(["-c", _PDL_PTX], _env(tmp_path), timeout=900)
     assert proc.returncode == 0, _output(proc)
     rows = {tuple(line.split()[:2]): line.split()[2:] for line in proc.stdout.splitlines()}
-    kernels = {"_fused_linear_kernel", "_decode_attention_kernel", "_greedy_select_kernel"}
     assert {k for k, _ in rows} == kernels, _output(proc)
     for k in kernels:
         assert rows[(k, "True")] == ["True", "True", "True"], _output(proc)

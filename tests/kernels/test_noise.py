@@ -321,16 +321,18 @@ def test_aot_specs_cover_every_cuda_choice() -> None:
     # (aot.jit_kernels finds JITFunctions only, which the interpreter replaces)
     assert {s.kernel for s in specs} == {n for n in vars(mod) if n.endswith("_kernel")}
     have = {
-        (s.signature["z_ptr"], s.signature["length_ptr"], *s.constexprs.values(), s.num_warps)
+        (s.signature["z_ptr"], s.signature["length_ptr"], s.constexprs["BLOCK_L"],
+         s.constexprs["BLOCK_G"], s.constexprs["PDL"], s.num_warps)
         for s in specs
         if s.kernel == "_request_noise_kernel"
-    }
+    }  # fmt: skip
     cuda = torch.device("cuda")
     for G in range(1, 600):
         bl, bg, warps = mod._blocks(cuda, G)
         for dt in ("*fp32", "*bf16", "*fp16"):
             for lt in ("*i32", "*i64"):
-                assert (dt, lt, bl, bg, warps) in have, (G, dt, lt)
+                for pdl in (False, True):  # programmatic dependent launch (sm_90)
+                    assert (dt, lt, bl, bg, pdl, warps) in have, (G, dt, lt, pdl)
 
 
 @pytest.mark.gpu
