@@ -277,16 +277,24 @@ def fused_linear(
 
 
 def decode_attention(
-    qkv: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, slot: Tensor, n_head: int
+    qkv: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    valid: Tensor,
+    slot: Tensor,
+    n_head: int,
+    counts: Tensor | None = None,
 ) -> Tensor:
     """One decode step's attention: writes the step's key and value (from the QKV row `qkv`
     [B, 3d]) into the caches [B, H, >= L, hd] at `slot` [1], then attends each row's query over
-    its `valid` [B, L] slots -> [B, d] (see `yan_kernels.decode_attention`)."""
+    its `valid` [B, L] slots -> [B, d] (see `yan_kernels.decode_attention`). `counts` [>= B * H]
+    int32 zeros: the kernel's arrival counters when it splits the slots, kept by the caller so
+    that a captured step needs no memset."""
     from . import decode_attention as m
 
     run = _take_triton(qkv, k_cache, v_cache, op="decode_attention", also=(valid, slot))
     fn = m.decode_attention if run else m.decode_attention_ref
-    return fn(qkv, k_cache, v_cache, valid, slot, n_head)
+    return fn(qkv, k_cache, v_cache, valid, slot, n_head, counts=counts)
 
 
 def greedy_select(

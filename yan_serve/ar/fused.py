@@ -125,18 +125,20 @@ def decode_logp_fused_linear(
     eps: float,
     head_t: Tensor | None = None,
     raw: bool = False,
+    counts: Tensor | None = None,
 ) -> Tensor:
     """`decode_logp` with each linear layer one `ops.fused_linear` call (the Triton GEMM where
     the kernels run, its reference elsewhere): the norms in the prologues, the tanh GELU and
     the residual adds in the epilogues, the final norm with the output projection; and the
     cache writes with the attention in one `ops.decode_attention` call per layer, which reads
-    `valid` itself (no mask is built). `head_t` is not used (the output projection reads the
-    tied table in place). `raw`: return the logits [B, V] in the weights' dtype instead (for
-    `ops.greedy_select`, which normalizes them itself)."""
+    `valid` itself (no mask is built; `counts`: its arrival counters, shared by the layers).
+    `head_t` is not used (the output projection reads the tied table in place). `raw`: return
+    the logits [B, V] in the weights' dtype instead (for `ops.greedy_select`, which normalizes
+    them itself)."""
     x = wte[tok] + wpe[pos]
     for i, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wout, bout) in enumerate(layers):
         qkv = ops.fused_linear(x, wqkv, bqkv, norm=(w1, b1, eps), transposed=True)
-        o = ops.decode_attention(qkv, kc[i], vc[i], valid, slot, n_head)
+        o = ops.decode_attention(qkv, kc[i], vc[i], valid, slot, n_head, counts=counts)
         x = ops.fused_linear(o, wo, bo, residual=x, transposed=True)
         m = ops.fused_linear(x, wfc, bfc, norm=(w2, b2, eps), gelu=True, approximate="tanh",
                              transposed=True)  # fmt: skip
@@ -205,8 +207,10 @@ class FusedGPT2(StaticGPT2):
         self.left = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.done = torch.ones(max_batch, dtype=torch.bool, device=dev)
         self.eos = torch.zeros(1, dtype=torch.long, device=dev)
-        # `ops.greedy_select`'s per-row arrival counters (zero between steps, no memset in a graph)
+        # the arrival counters of `ops.greedy_select` (per row) and `ops.decode_attention` (per
+        # row and head, shared by the layers): zero between launches, so no memset in a graph
         self.select_counts = torch.zeros(max_batch, dtype=torch.int32, device=dev)
+        self.attn_counts = torch.zeros(max_batch * self.n_head, dtype=torch.int32, device=dev)
         self.trim = False  # set by the runner when steps replay eagerly (no CUDA graphs)
         self.host_slot = 0  # the host's copy of `slot`, for `trim`
         self.step = step
@@ -258,6 +262,7 @@ class FusedGPT2(StaticGPT2):
         head_t = self.head_t if self.step != "triton" else lambda: None
         state = (self.out_tok[:batch], self.out_p[:batch], self.slot, self.done[:batch],
                  self.left[:batch], self.stop_eos[:batch], self.eos, tok, pos)  # fmt: skip
+        extra = {"counts": self.attn_counts} if self.step == "triton" else {}
 
         def run() -> None:
             valid.index_fill_(1, self.slot, True)
@@ -268,9 +273,10 @@ class FusedGPT2(StaticGPT2):
                     tr.wte.weight, tr.wpe.weight, self.layers, self.ln_f, self.n_head, self.eps,
                     head_t())  # fmt: skip
             if one_kernel_end:
-                ops.greedy_select(self.body(*args, raw=True), *state, counts=self.select_counts)
+                logits = self.body(*args, raw=True, counts=self.attn_counts)
+                ops.greedy_select(logits, *state, counts=self.select_counts)
             else:
-                self.select(self.body(*args), batch, self.slot + 1, sample)
+                self.select(self.body(*args, **extra), batch, self.slot + 1, sample)
                 pos.add_(1)
             self.slot.add_(1)
             self.host_slot += 1
