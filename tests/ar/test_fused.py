@@ -228,6 +228,25 @@ def test_fused_linear_step_equals_reference(model, backend: str, trim: bool, che
     _same(got, ar_generate(model, reqs, eos, PAD))
 
 
+def test_triton_step_with_split_attention_equals_reference(model, monkeypatch) -> None:
+    """The attention's slots split over two programs per (row, head) (asked for three; the
+    window has two blocks), as on a GPU (the interpreter's default is one), across every layer
+    and step of a window sharing one set of arrival counters: the reference's tokens, and the
+    counters back at zero."""
+    from yan_kernels import decode_attention, ops
+
+    monkeypatch.setattr(decode_attention, "default_splits", lambda *a: 3)
+    reqs = [ARRequest(p, 5 + 2 * i, seed=i) for i, p in enumerate(_prompts(5, seed=4))]
+    eos = _mid_row_eos(model, [ARRequest(r.prompt, r.max_new) for r in reqs])
+    runner = FusedRunner(model, batch_sizes=(8,), lengths=(96,), step="triton")
+    runner.fused.trim = False  # the whole window: 96 slots, two 64-slot blocks, two splits
+    with ops.force("triton"):
+        runner.capture()
+        got = ar_generate(model, reqs, eos, PAD, static=runner)
+    _same(got, ar_generate(model, reqs, eos, PAD))
+    assert not runner.fused.attn_counts.any() and not runner.fused.select_counts.any()
+
+
 def test_unknown_step_is_refused(model) -> None:
     with pytest.raises(ValueError, match="step must be one of torch, compile, triton"):
         FusedRunner(model, batch_sizes=(1,), lengths=(8,), step="cutlass")
