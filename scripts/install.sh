@@ -46,7 +46,9 @@ fi
 # that version alone, no dependencies, in a folder of its own that nothing imports by default.
 if [[ "$EXTRAS" == *dev* || "$EXTRAS" == *test* ]]; then
     GPU_TRITON=$("$PY" -c "from yan_kernels.aot import GPU_IMAGE_TRITON; print(GPU_IMAGE_TRITON)")
-    if [[ ! -f ".cache/triton-$GPU_TRITON/triton/__init__.py" ]]; then
+    if [[ -z "$GPU_TRITON" ]]; then
+        echo "note: no GPU_IMAGE_TRITON from yan_kernels.aot: the compile guard's second Triton is not installed"
+    elif [[ ! -f ".cache/triton-$GPU_TRITON/triton/__init__.py" ]]; then
         echo "installing triton==$GPU_TRITON into .cache/triton-$GPU_TRITON (the compile guard's GPU Triton)"
         rm -rf ".cache/triton-$GPU_TRITON"
         pip_install --no-deps --target ".cache/triton-$GPU_TRITON" "triton==$GPU_TRITON"

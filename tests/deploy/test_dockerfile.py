@@ -140,9 +140,11 @@ def test_installs_through_scripts_install_sh() -> None:
 
 
 def _fake_python(tmp_path: Path) -> Path:
-    """A `python` that records each call and succeeds (torch counts as installed)."""
+    """A `python` that records each call and succeeds (torch counts as installed); asked for
+    the GPU image's Triton version, it answers 0.0.0-test."""
     fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n')
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n'
+                    'case "$*" in *GPU_IMAGE_TRITON*) echo 0.0.0-test;; esac\n')  # fmt: skip
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     return fake
 
@@ -152,7 +154,8 @@ def _fake_python(tmp_path: Path) -> Path:
 )
 def test_install_script_extras(tmp_path: Path, extras: str | None, spec: str) -> None:
     """Unset EXTRAS keeps CI's default (dev); an empty one, as the Dockerfile sets it, installs
-    the package alone (pip rejects `.[]`)."""
+    the package alone (pip rejects `.[]`). With test extras the GPU image's Triton goes into
+    its own folder for the compile guard, without dependencies."""
     env = {k: v for k, v in os.environ.items() if k != "EXTRAS"}
     env["PYTHON"] = str(_fake_python(tmp_path))
     if extras is not None:
@@ -160,7 +163,9 @@ def test_install_script_extras(tmp_path: Path, extras: str | None, spec: str) ->
     subprocess.run(["bash", str(ROOT / "scripts/install.sh")], env=env, check=True,
                    capture_output=True, timeout=60)  # fmt: skip
     pip = [c for c in (tmp_path / "calls").read_text().splitlines() if "pip install" in c]
-    assert len(pip) == 1 and pip[0].endswith(f"pip install --disable-pip-version-check -q {spec}")
+    assert pip[0].endswith(f"pip install --disable-pip-version-check -q {spec}")
+    triton = "--no-deps --target .cache/triton-0.0.0-test triton==0.0.0-test"
+    assert [c.split(" -q ", 1)[1] for c in pip[1:]] == ([triton] if extras != "" else [])
 
 
 def test_apt_get_hygiene() -> None:
