@@ -271,7 +271,7 @@ def test_cuda_graph_fused_decoding_equals_reference(step: str) -> None:
     model = _model(device="cuda")
     body, _, pdl = step.partition("+")
     runner = FusedRunner(model, batch_sizes=(1, 8, 16), lengths=(32, 96), step=body,
-                         pdl=True if pdl else None)  # fmt: skip
+                         pdl=bool(pdl))  # fmt: skip
     graphs, _ = runner.capture(sample=True)
     assert graphs == 12
     assert isinstance(runner.windows[(8, 96)].graphs[False], torch.cuda.CUDAGraph)

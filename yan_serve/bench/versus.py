@@ -198,7 +198,7 @@ def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torc
     for step in args.ar_steps:
         body, _, pdl = step.partition("+")  # "triton+pdl": programmatic dependent launch
         runners[step] = FusedRunner(ar, batch_sizes=tuple(batches), lengths=tuple(slots),
-                                    step=body, pdl=True if pdl else None)  # fmt: skip
+                                    step=body, pdl=bool(pdl))  # fmt: skip
         graphs, secs = runners[step].capture()
         print(f"pair: {yan_label}, {n_yan / 1e6:.1f}M parameters, T = {steps} vs {ar_name} "
               f"(vocabulary {yan.config.vocab_size}), {n_ar / 1e6:.1f}M parameters; fused AR "
