@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import pdl
+from .device import sm_count
 from .gdc import grid_dependency
 
 
@@ -157,11 +158,12 @@ BLOCK_M, BLOCK_N = 64, 64
 MAX_SPLIT = 8
 
 
-def splits_for(programs: int, key_blocks: int, sms: int) -> int:
+def splits_for(programs: int, key_blocks: int, sms: int, most: int = MAX_SPLIT) -> int:
     """Key chunks per (query block, row, head): enough for ~2 programs per SM, at most one
-    chunk per key block and `MAX_SPLIT`."""
+    chunk per key block and `most` (this kernel's `MAX_SPLIT`; `decode_attention` has its
+    own)."""
     want = -(-2 * sms // max(programs, 1))
-    return max(1, min(want, key_blocks, MAX_SPLIT))
+    return max(1, min(want, key_blocks, most))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -170,7 +172,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return sm_count(device)
     return 4  # the interpreter: a few splits, so the tests cover the merge
 
 

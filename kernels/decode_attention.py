@@ -19,15 +19,14 @@ the step once and replays it at every slot.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import pdl
+from . import attention, pdl
+from .device import sm_count
 from .gdc import grid_dependency
 
 
@@ -207,19 +206,13 @@ def default_splits(programs: int, blocks: int, device: torch.device) -> int:
     the cache's BLOCK_L blocks or `MAX_SPLITS`; one off CUDA."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return splits_for(programs, blocks, sms)
+    return splits_for(programs, blocks, sm_count(device))
 
 
 def splits_for(programs: int, blocks: int, sms: int) -> int:
     """~2 programs per SM: `programs` (rows x heads) each split into at most `blocks` ranges
-    and `MAX_SPLITS`."""
-    return max(1, min(-(-2 * sms // max(programs, 1)), blocks, MAX_SPLITS))
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    and `MAX_SPLITS` (the split-key attention's rule, with this kernel's cap)."""
+    return attention.splits_for(programs, blocks, sms, most=MAX_SPLITS)
 
 
 def decode_attention_ref(

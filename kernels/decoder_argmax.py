@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import pdl, tma
+from .device import sm_count
 from .gdc import grid_dependency
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -297,13 +298,7 @@ def _default_splits(device: torch.device, cfg: Blocks, elt: int, row_blocks: int
                     n_tiles: int) -> int:  # fmt: skip
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return default_splits(row_blocks, n_tiles, sms * programs_per_sm(cfg, elt))
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return default_splits(row_blocks, n_tiles, sm_count(device) * programs_per_sm(cfg, elt))
 
 
 def _as_rows(v: Tensor | float, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:

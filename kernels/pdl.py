@@ -11,11 +11,10 @@ capture records the attribute as a programmatic edge, so captured graphs keep it
 
 The kernels that take a `PDL` constexpr (every kernel of a YAN sample and of the AR decode step:
 all but the Mamba scan and the Philox test kernel) call `yan_kernels.gdc.grid_dependency(PDL)`
-first thing: wait for the grid before (every load
-and store after it sees that grid's writes, whoever launched it: a Triton kernel, cuBLAS or a
-torch op), then let the next grid launch. Nothing is read or written before the wait, so a
-kernel with the flag is correct after any predecessor (the wait is a no-op without the launch
-attribute).
+first thing: wait for the grid before (every load and store after it sees that grid's writes,
+whoever launched it: a Triton kernel, cuBLAS or a torch op), then let the next grid launch.
+Nothing is read or written before the wait, so a kernel with the flag is correct after any
+predecessor (the wait is a no-op without the launch attribute).
 
 Off by default until a GPU measurement says it pays (`bench versus --ar-steps
 triton,triton+pdl`, `bench sampler --compare fused/triton,fused/triton+pdl`): set
@@ -27,11 +26,12 @@ not import triton); the launchers pass `launch_options(device)` to their kernels
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 
 import torch
+
+from .device import capability
 
 ENV = "YAN_KERNELS_PDL"
 MIN_CAPABILITY = (9, 0)
@@ -50,13 +50,7 @@ def supported(device: torch.device) -> bool:
     """A CUDA device of sm_90 or newer, not under Triton's interpreter."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index) >= MIN_CAPABILITY
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return capability(device) >= MIN_CAPABILITY
 
 
 def enabled(device: torch.device) -> bool:

@@ -273,7 +273,7 @@ class FusedGPT2(StaticGPT2):
                     tr.wte.weight, tr.wpe.weight, self.layers, self.ln_f, self.n_head, self.eps,
                     head_t())  # fmt: skip
             if one_kernel_end:
-                logits = self.body(*args, raw=True, counts=self.attn_counts)
+                logits = self.body(*args, raw=True, **extra)
                 ops.greedy_select(logits, *state, counts=self.select_counts)
             else:
                 self.select(self.body(*args, **extra), batch, self.slot + 1, sample)
