@@ -38,7 +38,8 @@
 # (YAN); BS [64];
 # MINUTES [7]; SPLIT ["20 30 20 15 15"]: the percent of MINUTES for stage 1, stage 2, fine-tune,
 # fill and anneal (the AR recipe: pre-training = the first two, fine-tuning = the last three);
-# S1 S2 FT FILL ANNEAL [100000 each]: step caps; FOCUS_WEIGHT [1]; DATA [data/kjv];
+# S1 S2 FT FILL ANNEAL [100000 each]: step caps; DECAY [ANNEAL / 2]: the last stage's decay
+# steps (a share of its step cap when its minutes end it first); FOCUS_WEIGHT [1]; DATA [data/kjv];
 # PYTHON [python3]; INIT (RECIPE=both: and AR_INIT) [unset]: continue a trained checkpoint, e.g.
 # the shipped weights/yan-tiny-kjv (and weights/ar-tiny-kjv), instead of training from scratch;
 # COMPILE [0]: 1 puts YAN's stage-2 and fine-tuning losses under torch.compile; PREFETCH [4 on
@@ -83,7 +84,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 DEVICE=${DEVICE:-cuda} CONFIG=${CONFIG:-yan-tiny} BS=${BS:-64}
 export DATA=${DATA:-data/kjv} EVAL=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export S1=${S1:-100000} S2=${S2:-100000} FT=${FT:-100000} FILL=${FILL:-100000}
-export ANNEAL=${ANNEAL:-100000}
+export ANNEAL=${ANNEAL:-100000} DECAY=${DECAY:-$((${ANNEAL:-100000} / 2))}
 MINUTES=${MINUTES:-7}
 RECIPE=${RECIPE:-train_default}
 case $RECIPE in

@@ -3,8 +3,8 @@
 # yan-tiny), the same tokenizer, KJV corpus, task formats, batch size and step counts as
 # scripts/train_default.sh (scripts/train_common.sh holds them): S1 + S2 steps of infill
 # pre-training (paper format + fill-in-the-middle), then FT + FILL + ANNEAL steps on the task
-# mixture (+ infill-fim): as many fine-tuning steps as YAN's three fine-tunes, the learning rate
-# decaying to zero over the last ANNEAL / 2 as YAN's does. Then `yan eval` on the same test
+# mixture (+ infill-fim): as many fine-tuning steps as YAN's fine-tunes, the learning rate
+# decaying to zero over the last DECAY as YAN's does. Then `yan eval` on the same test
 # splits. On 2 CPU cores one step takes ~1 s (GPT-2 decodes the target after the source, so each
 # sequence is about twice as long as YAN's target): run it on a GPU.
 #
@@ -12,7 +12,7 @@
 # pre-training), as train_default.sh's INIT continues YAN.
 #
 #   DEVICE=cuda PUBLISH=weights/ar-tiny-kjv bash scripts/train_ar.sh
-#   S1=10 S2=10 FT=10 FILL=0 ANNEAL=0 EVAL_LIMIT=8 bash scripts/train_ar.sh  # smoke run
+#   S1=10 S2=10 FT=10 FILL=0 DECAY=5 EVAL_LIMIT=8 bash scripts/train_ar.sh  # smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,6 @@ if [[ -z "$INIT" ]]; then
 fi
 capped "$(minutes "${FT_MIN:-}" "${FILL_MIN:-}" "${ANNEAL_MIN:-}")" yan train ar \
     --init "$prev" --out "$OUT/finetune" --steps $((FT + FILL + ANNEAL)) --lr 3e-4 \
-    --warmup 50 --decay $((ANNEAL / 2)) --tasks infill,infill-fim,complete,qa,classify \
-    --seed "$seed" "${common[@]}"
+    --warmup 50 --decay "$(decay_for $((FT + FILL + ANNEAL)))" \
+    --tasks infill,infill-fim,complete,qa,classify --seed "$seed" "${common[@]}"
 finish

@@ -4,9 +4,14 @@
 # them (and ablation_ce.sh) after they set OUT; every knob is an environment variable.
 CORPUS="${CORPUS:-kjv}"  # what `yan data` builds into DATA when it is missing: kjv or english
 DATA="${DATA:-data/$CORPUS}"
-S1="${S1:-3000}"; S2="${S2:-2500}"; FT="${FT:-4200}"
+# Steps per stage. The default: a long stage 1 (the denoiser the flow is conditioned on keeps
+# improving to ~12,000 steps), stage 2, then straight to the per-position fill stage. The shipped
+# checkpoints before 2026-11-27 ran S1=3000 FT=4200 ANNEAL=4000 (their cards say so).
+S1="${S1:-12000}"; S2="${S2:-2500}"
+FT="${FT:-0}"  # YAN: multi-task fine-tune in the paper's infill layout (one mask per span)
 FILL="${FILL:-6000}"  # fine-tune steps after FT: YAN's per-position infill layout; AR: more FT
-ANNEAL="${ANNEAL:-4000}"  # then steps with the LR decaying to 0 over their second half
+ANNEAL="${ANNEAL:-0}"  # then more fill steps on a fresh data order, the LR decaying to 0
+DECAY="${DECAY:-2000}"  # the final stage's last DECAY steps (at most all) take the LR to 0
 FOCUS_WEIGHT="${FOCUS_WEIGHT:-1}"  # YAN's anneal: CE weight of infill spans and QA answers
 FINAL=finetune  # the stage that is evaluated and published (train_default.sh: fill when FILL > 0)
 BS="${BS:-16}"
@@ -31,8 +36,8 @@ common=(--data "$DATA" --batch-size "$BS" --device "$DEVICE" --eval-every 250 --
 [[ -f "$DATA/train.jsonl" ]] || yan data "$CORPUS" --out "$DATA"
 # TOKENIZER: the BPE that a from-scratch YAN (stage 1) and AR baseline share, built once per
 # corpus and config (`yan data tokenizer`: the training passages and QA stories). The shipped
-# checkpoints' own tokenizer was trained on the KJV passages alone: TOKENIZER=weights/yan-tiny-kjv
-# rebuilds them as they were.
+# checkpoints before 2026-11-27 (the AR and Mamba ones) have a tokenizer trained on the KJV
+# passages alone: TOKENIZER=weights/ar-tiny-kjv rebuilds them as they were.
 TOKENIZER="${TOKENIZER:-$DATA/tokenizer-$(basename "${CONFIG:-yan-tiny}" .json)}"
 
 # tokenizer: prints TOKENIZER, building it first if it is missing (only runs from scratch ask)
@@ -49,6 +54,9 @@ evaluate() {
         ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --json "$OUT/eval.json"
 }
 
+# decay_for STEPS: DECAY, at most STEPS (a stage of STEPS steps that ends the recipe)
+decay_for() { echo $((DECAY < $1 ? DECAY : $1)); }
+
 # capped MINUTES CMD...: CMD with `--max-minutes MINUTES` when MINUTES is set (<STAGE>_MIN)
 capped() {
     local minutes=$1
@@ -63,11 +71,11 @@ minutes() {
 }
 
 # finish [EVAL FLAG...]: with PUBLISH set, export the final stage there (weights in bf16: half
-# the bytes, loaded as fp32) and evaluate those weights, else the final stage itself; EVAL=0
-# skips the evaluation.
+# the bytes, loaded as fp32; SERVE_STEPS, when set, the Euler time points it serves with) and
+# evaluate those weights, else the final stage itself; EVAL=0 skips the evaluation.
 finish() {
     if [[ -n "${PUBLISH:-}" ]]; then
-        yan export "$OUT/$FINAL" "$PUBLISH" --dtype bfloat16
+        yan export "$OUT/$FINAL" "$PUBLISH" --dtype bfloat16 ${SERVE_STEPS:+--steps "$SERVE_STEPS"}
         EVAL_CKPT="$PUBLISH"
     fi
     if [[ "${EVAL:-1}" == 1 ]]; then

@@ -1,4 +1,5 @@
-"""The shipped AR baseline loads, is what its card says, shares YAN's tokenizer and size, and
+"""The shipped AR baseline loads, is what its card says, shares the tokenizer of the YAN it was
+trained beside (yan-mamba-tiny-kjv and the default before 2026-11-27) and YAN's size, and
 fills held-out passages the way its eval reports (fill-in-the-middle).
 
 Run: python -m pytest tests/test_ar_checkpoint.py -q
@@ -24,6 +25,8 @@ from yan_serve.weights import is_ar_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "weights" / "ar-tiny-kjv"
 YAN = ROOT / "weights" / "yan-tiny-kjv"
+# trained beside the AR on the same passages-only tokenizer (the default since has its own)
+TWIN = ROOT / "weights" / "yan-mamba-tiny-kjv"
 
 # Held-out test books (Ruth, Ecclesiastes, Jonah, James).
 PASSAGES = [
@@ -52,8 +55,11 @@ def test_files_size_tokenizer_and_card(loaded) -> None:
     assert sum(f.stat().st_size for f in CKPT.iterdir()) < 30 * 2**20
     n = model.num_parameters()
     assert n == 4_341_120 and abs(n - 4_345_988) / 4_345_988 < 0.10  # within 10% of YAN's
-    # the very tokenizer of the YAN default: same vocabulary, same ids
-    assert (CKPT / "tokenizer.json").read_bytes() == (YAN / "tokenizer.json").read_bytes()
+    # the very tokenizer of the YANs trained beside it: same vocabulary, same ids
+    assert (CKPT / "tokenizer.json").read_bytes() == (TWIN / "tokenizer.json").read_bytes()
+    # the default's has the same size and special ids (so the same parameter count)
+    yan_tok, ar_tok = YANTokenizer.load(YAN), YANTokenizer.load(CKPT)
+    assert (yan_tok.vocab_size, yan_tok.special) == (ar_tok.vocab_size, ar_tok.special)
     assert json.loads((CKPT / "labels.json").read_text()) == json.loads(
         (YAN / "labels.json").read_text()
     )

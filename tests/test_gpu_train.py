@@ -35,10 +35,14 @@ def test_script_parses_and_refuses_a_missing_corpus(tmp_path: Path) -> None:
     r = subprocess.run(["bash", str(ROOT / "scripts/train_default.sh")], env=env,
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "set FILL or ANNEAL" in r.stderr
+    # from scratch, a recipe with no fine-tuning stage at all is refused too
+    env = {**env, "INIT": "", "FT": "0", "FILL": "0"}
+    r = subprocess.run(["bash", str(ROOT / "scripts/train_default.sh")], env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "no fine-tuning stage" in r.stderr
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
 def stage_summaries(both_out: str) -> dict[str, set[str]]:
     """Each run's distinct `done: ...` lines (one per training stage) in a RECIPE=both log."""
     runs: dict[str, set[str]] = {}
@@ -52,6 +56,7 @@ def stage_summaries(both_out: str) -> dict[str, set[str]]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["train_default", "train_ar", "both"])
 def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
     tmp_path: Path, recipe: str
@@ -89,7 +94,10 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
         done = stage_summaries((ckpt / "both.out").read_text())
         assert [len(done["yan"]), len(done["ar"])] == [2, 1], done  # fill + anneal; fine-tune
         assert all(line.endswith(("/fill", "/anneal")) for line in done["yan"])
-        assert (ar / "tokenizer.json").read_text() == (ckpt / "tokenizer.json").read_text()
+        # each continued checkpoint keeps its own tokenizer
+        for got, init in ((ckpt, "yan-tiny-kjv"), (ar, "ar-tiny-kjv")):
+            want = (ROOT / "weights" / init / "tokenizer.json").read_bytes()
+            assert (got / "tokenizer.json").read_bytes() == want
     else:
         assert {"config.json", "tokenizer.json", "labels.json", "train.tar.gz",
                 "model.safetensors.part-aa"} <= {f.name for f in back}  # fmt: skip

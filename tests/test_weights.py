@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_weights.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -114,6 +115,11 @@ def test_export_writes_the_serving_files_in_bf16(tmp_path, bpe: YANTokenizer) ->
         if v.is_floating_point():
             assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16).float()), k
     assert main(["export", str(full), str(full)]) == 2
+    # --steps: the serving default T (config ode_steps), nothing else changed
+    assert main(["export", str(full), str(tmp_path / "t4"), "--steps", "4"]) == 0
+    t4 = from_pretrained(tmp_path / "t4")
+    assert t4.config == dataclasses.replace(model.config, ode_steps=4) != model.config
+    assert main(["export", str(full), str(tmp_path / "t0"), "--steps", "0"]) == 2
 
 
 def test_load_errors_name_the_problem(tmp_path, bpe: YANTokenizer) -> None:

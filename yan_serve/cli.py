@@ -322,7 +322,9 @@ EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 def cmd_export(args: argparse.Namespace) -> int:
     """The serving files of a checkpoint (config, weights, tokenizer, label table) written to
     another directory, the weights in `--dtype`: what `weights/` ships (bf16 halves the bytes;
-    `from_pretrained` loads fp32 parameters from it)."""
+    `from_pretrained` loads fp32 parameters from it). `--steps T` sets the Euler time points a
+    YAN checkpoint serves with when a request names none (its config's `ode_steps`)."""
+    import dataclasses
     import shutil
 
     from yan_serve.weights import LABELS_FILE, is_ar_checkpoint, save_pretrained
@@ -330,14 +332,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     src, out = Path(args.checkpoint), Path(args.out)
     if src.resolve() == out.resolve():
         raise ValueError("export writes a new directory: give an --out other than the checkpoint")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps counts Euler time points and must be >= 1, got {args.steps}")
     dtype = EXPORT_DTYPES[args.dtype]
     if is_ar_checkpoint(src):  # the GPT-2 baseline: Hugging Face's files, in `dtype`
         from yan_serve.ar.model import load_ar, save_ar
         from yan_serve.tokenizer import YANTokenizer
 
+        if args.steps is not None:
+            raise ValueError(f"--steps sets a YAN checkpoint's Euler steps; {src} is an AR model")
         save_ar(load_ar(src).to(dtype), YANTokenizer.load(src), out)
     else:
         model, tok = _load_checkpoint(args.checkpoint)
+        if args.steps is not None:
+            model.config = dataclasses.replace(model.config, ode_steps=args.steps)
         save_pretrained(model, out, tok, {"exported_from": src.name}, dtype=dtype)
     if (src / LABELS_FILE).exists():
         shutil.copy(src / LABELS_FILE, out / LABELS_FILE)
@@ -529,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("checkpoint")
     xp.add_argument("out", help="the directory to write")
     xp.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="bfloat16")
+    xp.add_argument("--steps", type=int, default=None,
+                    help="YAN: the Euler time points T served by default (ode_steps)")  # fmt: skip
     xp.set_defaults(func=cmd_export)
 
     from yan_serve.convert import add_subparser as add_convert

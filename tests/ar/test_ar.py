@@ -107,6 +107,9 @@ def test_export_stores_bf16_and_loads_fp32(tmp_path, micro) -> None:
     tok = train_bpe(["In the beginning God created the heaven and the earth."] * 50, 300)
     save_ar(micro, tok, tmp_path / "full")
     assert main(["export", str(tmp_path / "full"), str(tmp_path / "half")]) == 0
+    # Euler steps are YAN's: refused for the AR model, nothing written
+    assert main(["export", str(tmp_path / "full"), str(tmp_path / "t4"), "--steps", "4"]) == 2
+    assert not (tmp_path / "t4").exists()
     size = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("full", "half")]
     assert 0.45 < size[1] / size[0] < 0.55
     back = load_ar(tmp_path / "half")

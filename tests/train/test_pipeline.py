@@ -7,6 +7,7 @@ Run: python -m pytest tests/train/test_pipeline.py -q
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,48 +21,72 @@ from yan_serve.weights import SERVING_FILES, from_pretrained, load_tokenizer
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# shape -> (environment, the stages it runs, the evaluated and published stage)
+SHAPES = {
+    # the default: stage 1, stage 2, then straight to the per-position fill stage, which decays
+    "default": ({"FILL": "4", "DECAY": "2"}, ("stage1", "stage2", "fill"), "fill"),
+    # the earlier five-stage shape: + the paper-layout fine-tune and the anneal
+    "five-stage": (
+        {"FT": "8", "FILL": "4", "ANNEAL": "4", "DECAY": "2", "FOCUS_WEIGHT": "3"},
+        ("stage1", "stage2", "finetune", "fill", "anneal"),
+        "anneal",
+    ),
+}
+
+
 @pytest.mark.slow
-def test_shortened_default_recipe(tmp_path) -> None:
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_shortened_default_recipe(tmp_path, shape) -> None:
     if shutil.which("bible") is None:
         if os.environ.get("CI"):
             pytest.fail("CI must install bible-kjv (apt-get) for the recipe test")
         pytest.skip("the `bible` program (apt-get install bible-kjv) is not installed")
+    knobs, stages, final = SHAPES[shape]
     env = {**os.environ, "OUT": str(tmp_path / "run"), "DATA": str(tmp_path / "kjv"),
-           "PUBLISH": str(tmp_path / "published"), "S1": "4", "S2": "4", "FT": "8", "FILL": "4",
-           "ANNEAL": "4", "FOCUS_WEIGHT": "3",
+           "PUBLISH": str(tmp_path / "published"), "S1": "4", "S2": "4", **knobs,
            "BS": "4", "EVAL_LIMIT": "4", "DEVICE": "cpu", "OMP_NUM_THREADS": "2"}  # fmt: skip
     r = subprocess.run(["bash", str(ROOT / "scripts/train_default.sh")], env=env,
                        capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     for stage in ("stage1", "stage2", "finetune"):
         assert f"done: {stage}" in r.stderr
-    # the paper-layout fine-tune, then `fill`, then `anneal`
-    assert r.stderr.count("done: finetune") == 3
-    for stage in ("stage1", "stage2", "finetune", "fill", "anneal"):
+    # every fine-tuning stage (paper layout, fill, anneal) is a `finetune` run
+    assert r.stderr.count("done: finetune") == len(stages) - 2
+    assert {d.name for d in (tmp_path / "run").iterdir() if d.is_dir()} == set(stages)
+    for stage in stages:
         d = tmp_path / "run" / stage
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
             p.name for p in d.iterdir()
         }
-    assert from_pretrained(tmp_path / "run/finetune").config.infill_masks == "collapsed"
+    if "finetune" in stages:
+        assert from_pretrained(tmp_path / "run/finetune").config.infill_masks == "collapsed"
     # stage 1 trained on the corpus's shared tokenizer (built once: passages and QA stories)
     shared = tmp_path / "kjv/tokenizer-yan-tiny/tokenizer.json"
     assert shared.read_text() == (tmp_path / "run/stage1/tokenizer.json").read_text()
-    model = from_pretrained(tmp_path / "run/anneal")  # the evaluated and published stage
-    tok = load_tokenizer(tmp_path / "run/anneal", model.config)
+    model = from_pretrained(tmp_path / "run" / final)  # the evaluated and published stage
+    tok = load_tokenizer(tmp_path / "run" / final, model.config)
     assert tok.special.mask == model.config.mask_token_id
     assert model.config.infill_masks == "per_position"
+    # only the last stage decays its learning rate (DECAY steps); `focus` only in the anneal
+    train_cfg = {
+        s: json.loads((tmp_path / "run" / s / "trainer_state.json").read_text())["train_config"]
+        for s in stages
+    }
+    assert {s: c["decay"] for s, c in train_cfg.items()} == {s: 2 * (s == final) for s in stages}
+    assert train_cfg["fill"]["seed"] == 0  # the anneal draws a fresh data order
+    if final == "anneal":
+        assert (train_cfg["anneal"]["stage2"]["focus"], train_cfg["anneal"]["seed"]) == (3.0, 1)
     results = json.loads((tmp_path / "run/eval.json").read_text())["results"]
     tasks = ("infill", "infill-served", "complete", "qa", "classify", "classify-scored")
     assert {(r["task"], r["steps"]) for r in results} == {("infill-copy-source", 0)} | {
         (t, T) for t in tasks for T in (1, 2, 3, 4, 6)
     }
-    assert (tmp_path / "run/anneal/labels.json").exists()  # the server's label table
-    anneal = json.loads((tmp_path / "run/anneal/trainer_state.json").read_text())["train_config"]
-    assert (anneal["stage2"]["focus"], anneal["decay"], anneal["seed"]) == (3.0, 2, 1)
+    assert (tmp_path / "run" / final / "labels.json").exists()  # the server's label table
     # PUBLISH: the final stage's serving files with bf16 weights, and the eval of those weights
     pub = tmp_path / "published"
     assert {p.name for p in pub.iterdir()} == {*SERVING_FILES, "eval.json"}
-    assert from_pretrained(pub).config == model.config
+    # served at T = 4 (the recipe's SERVE_STEPS), the rest of the config as trained
+    assert from_pretrained(pub).config == dataclasses.replace(model.config, ode_steps=4)
     assert r.stderr.count("[eval] infill T=3") == 1 and "exported" in r.stdout
     assert all(r["n"] == 4 for r in results)
     for r in results:  # infill rows carry the masked spans' and the copied text's token accuracy
