@@ -9,17 +9,17 @@
 # infill spans and QA answers, that many times the copied ones); default ANNEAL=0] -> eval. The
 # last stage's final DECAY steps take the learning rate linearly to zero.
 #
-#   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~1.7 h)
+#   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~1.5 h)
 #   S1=20 S2=20 FILL=20 DECAY=10 EVAL_LIMIT=16 bash scripts/train_default.sh   # smoke run
 #   TOKENIZER=weights/yan-mamba-tiny-kjv CONFIG=yan-mamba-tiny S1=3000 FT=4200 FILL=0 DECAY=0 \
 #       bash scripts/train_default.sh   # the earlier five-stage shape, as the Mamba card ran it
 #
 # Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA,
-# TOKENIZER, S1, S2, FT, FILL, ANNEAL, DECAY, FOCUS_WEIGHT, BS, EVAL_LIMIT, DEVICE, PUBLISH),
-# SERVE_STEPS;
-# S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0 skips the
-# test-split evaluation. FILL=0 stops after the paper-layout fine-tune, ANNEAL=0 after the fill
-# stage; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill stage.
+# TOKENIZER, S1, S2, FT, FILL, ANNEAL, DECAY, FOCUS_WEIGHT, BS, EVAL_LIMIT, DEVICE, PUBLISH) and
+# SERVE_STEPS; S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0
+# skips the test-split evaluation. FILL=0 stops after the paper-layout fine-tune, ANNEAL=0 after
+# the fill stage; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill
+# stage.
 # INIT=CHECKPOINT continues a trained model instead (a lent GPU's few minutes on top of the
 # shipped weights): only the fill and anneal stages run, the first from INIT, each on a data
 # order the full recipe never drew.

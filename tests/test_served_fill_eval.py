@@ -38,7 +38,8 @@ def test_runs_and_reports_both_settings(tmp_path: Path, capsys, model: str) -> N
     rows = re.findall(r"allow_empty=(True|False)\s+ROUGE-L ([0-9.]+)\s+empty fills (\d+)/3", out)
     assert [r[0] for r in rows] == ["True", "False"]
     assert rows[1][2] == "0"
-    assert ("T = 3" in out) == (model == "yan-tiny-kjv")  # the checkpoint's steps by default
+    ckpt_steps = json.loads((ROOT / "weights" / model / "config.json").read_text()).get("ode_steps")
+    assert (f"T = {ckpt_steps}" in out) == (model == "yan-tiny-kjv")  # the checkpoint's by default
     assert mod.main(["--data", str(tmp_path / "missing")]) == 2
     if model == "yan-tiny-kjv":  # --steps: the Euler time points the fills are sampled with
         argv = ["--model", str(ROOT / "weights" / model), "--data", str(tmp_path), "--n", "3"]

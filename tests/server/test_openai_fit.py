@@ -30,19 +30,20 @@ def reference():
 def prefix_scores(ids: list[int], seed: int, k: int = 0) -> list[tuple[float, int]]:
     """(log p(token i | tokens before it), the most likely token there) for i >= 1, computed
     with Sampler.score as the server documents it: source = prefix + <mask>, target = the rest
-    of the prompt + EOS, position 0; steps 3 (the checkpoint's), argmax routing."""
+    of the prompt + EOS, position 0; the checkpoint's steps (`ode_steps`), argmax routing."""
     import torch
 
     from yan_serve.engine import GenerationRequest
 
     tok, sampler = reference()
     sp = tok.special
+    steps = sampler.model.config.ode_steps  # what the server uses when a request names none
     out = []
     for i in range(1, len(ids)):
         req = GenerationRequest([*ids[:i], sp.mask], len(ids) - i + 1, seed)
-        lp = sampler.score([req], [[*ids[i:], sp.eos]], steps=3, routing="argmax")[0][0]
+        lp = sampler.score([req], [[*ids[i:], sp.eos]], steps=steps, routing="argmax")[0][0]
         batch = sampler.prepare([req])
-        z = sampler.solve(batch, 3, "argmax").z
+        z = sampler.solve(batch, steps, "argmax").z
         best = int(torch.argmax(sampler.model.decode_logits(z)[0, 0]))
         out.append((lp, best))
     return out
