@@ -21,7 +21,6 @@ EXAMPLE = re.compile(
     re.M | re.S,
 )
 EXAMPLES = [(m["path"], json.loads(m["body"]), m["out"]) for m in EXAMPLE.finditer(README)]
-EXACT = ("text", "fills", "finish_reason", "label", "label_id", "task", "model", "steps")
 
 
 def test_the_readme_has_its_examples() -> None:
@@ -33,8 +32,8 @@ def test_the_readme_has_its_examples() -> None:
 def _same(got, shown, where: str) -> None:
     if isinstance(shown, dict):
         for k, v in shown.items():
-            if k in ("id", "timing") or (isinstance(v, (int, float)) and k.endswith("tokens")):
-                continue  # per request / per machine; token counts are checked below
+            if k in ("id", "timing"):
+                continue  # per request / per machine
             assert k in got, f"{where}: the response has no {k!r}"
             _same(got[k], v, f"{where}.{k}")
     elif isinstance(shown, list):
@@ -60,7 +59,4 @@ def test_readme_example_gives_the_shown_response(client, path, body, out) -> Non
     r = client.post(path, json=body)
     assert r.status_code == 200, r.text
     got = r.json()
-    shown = json.loads(out)
-    assert {k for k in EXACT if k in shown} <= got.keys()
-    _same(got, shown, path)
-    assert got["usage"] == shown["usage"]
+    _same(got, json.loads(out), path)  # every key the README shows, token counts exactly
