@@ -49,6 +49,10 @@ class YANTokenizer:
                 found = [tok.token_to_id(_ADDED[role])]
             ids[role] = found[0]
         self.special = SpecialIds(**ids)
+        # Text is text: a literal "<eos>" or "<mask>" in a request or a corpus is encoded as
+        # those characters, never as the control token (which would end, pad or re-mask a
+        # sequence where the user wrote a word). Special ids enter only where code puts them.
+        tok.encode_special_tokens = True
 
     # ------------------------------------------------------------------ io
     @classmethod
@@ -75,7 +79,8 @@ class YANTokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, no special tokens added."""
+        """Text -> ids, no special tokens added, special-token strings in `text` encoded as plain
+        text."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:

@@ -68,6 +68,15 @@ def test_seeded_sampling_and_ignore_eos(micro) -> None:
     assert len(full.tokens) == 12 and not full.hit_eos
 
 
+def test_a_vanishing_temperature_decodes_greedily(micro) -> None:
+    reqs = [ARRequest([5, 6, 7][: 1 + i], 8, seed=i) for i in range(3)]
+    greedy = ar_generate(micro, reqs, EOS, PAD)
+    for t in (1e-40, 1e-30):
+        cold = [ARRequest(r.prompt, r.max_new, seed=r.seed, temperature=t) for r in reqs]
+        assert [o.tokens for o in ar_generate(micro, cold, EOS, PAD)] == \
+            [o.tokens for o in greedy]  # fmt: skip
+
+
 def test_fim_target_and_text_round_trip() -> None:
     tok = train_bpe(["In the beginning God created the heaven and the earth."] * 50, 300)
     sp = tok.special

@@ -177,6 +177,19 @@ def test_temperature_sampling_is_seeded_and_batch_independent(micro_model: YAN) 
     assert together[3].full == greedy[3].full
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_a_vanishing_temperature_decodes_greedily(micro_model: YAN, temperature: float) -> None:
+    # logits / 1e-40 overflow float32 to -inf everywhere (NaN probabilities: garbage tokens);
+    # a temperature below MIN_TEMPERATURE runs at it, greedy in effect
+    s = Sampler(micro_model)
+    reqs = _requests(4, seed=10)
+    greedy = s.generate(reqs, steps=3)
+    cold = s.generate([GenerationRequest(r.src, r.tgt_len, r.seed, temperature=temperature)
+                       for r in reqs], steps=3)  # fmt: skip
+    assert [g.full for g in cold] == [g.full for g in greedy]
+    assert all(0 < p <= 1 for g in cold for p in g.full_confidence)
+
+
 def test_sample_tokens_follows_the_tempered_distribution() -> None:
     from yan_serve.engine.sampler import sample_tokens
 

@@ -27,6 +27,9 @@ def error_of(r: httpx.Response, status: int) -> dict:
 def test_probes_and_models(client: httpx.Client) -> None:
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"status": "ready"}
+    for probe in ("/health", "/ready"):
+        r = client.head(probe)
+        assert r.status_code == 200 and r.content == b"", probe
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "yan-tiny-kjv"
     text = client.get("/metrics").text

@@ -84,3 +84,17 @@ def test_allow_empty_lets_a_span_stay_empty(client: httpx.Client) -> None:
     cand = r.json()["candidates"][0]
     assert cand["fills"] == [""] and cand["fill_confidence"] == [0.0]
     assert cand["confidence"] == 0.0
+    assert r.json()["usage"]["completion_tokens"] == 0  # padding is not written text
+
+
+def test_an_empty_answer_reports_no_confidence(client: httpx.Client) -> None:
+    # this checkpoint pads the answer too: an empty answer's confidence is 0.0, not the
+    # probability of the padding where the answer would be
+    body = {"context": "And God said, Let there be light.", "question": "What was there?",
+            "seed": 0, "max_tokens": 2, "return_confidence": True}  # fmt: skip
+    r = client.post("/v1/qa", json=body)
+    assert r.status_code == 200, r.text
+    cand = r.json()["candidates"][0]
+    assert r.json()["answer"] == "" and cand["text"] == ""
+    assert cand["confidence"] == 0.0 and cand["token_confidence"] == []
+    assert r.json()["usage"]["completion_tokens"] == 0

@@ -102,11 +102,16 @@ def test_the_schema_says_what_the_server_accepts(client: httpx.Client) -> None:
     assert schemas["InfillRequest"]["properties"]["text"]["pattern"] == r"\[MASK(:[0-9]+)?\]"
     top_p = schemas["OpenAICompletionRequest"]["properties"]["top_p"]["anyOf"][0]
     assert (top_p["minimum"], top_p["maximum"]) == (1, 1)
-    # generated lengths: at most the checkpoint's 256 positions (longer is refused with a 400)
+    # generated lengths: at most the checkpoint's 256 positions less the EOS's (longer is
+    # refused with a 400), and the largest the schema allows is served
     for name in ("CompleteRequest", "QARequest"):
-        assert schemas[name]["properties"]["max_tokens"]["maximum"] == 256, name
+        assert schemas[name]["properties"]["max_tokens"]["maximum"] == 255, name
     oai = schemas["OpenAICompletionRequest"]["properties"]["max_tokens"]["anyOf"][0]
-    assert oai["maximum"] == 256
+    assert oai["maximum"] == 255
+    r = client.post("/v1/complete", json={"prompt": "In the beginning", "max_tokens": 255})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/completions", json={"prompt": "In the beginning", "max_tokens": 255})
+    assert r.status_code == 200, r.text
     assert schemas["ClassifyRequest"]["properties"]["max_tokens"]["maximum"] == 64
     r = client.post("/v1/complete", json={"prompt": "In the beginning", "max_tokens": 257})
     assert r.status_code == 400 and "256" in r.json()["error"]["message"]

@@ -54,6 +54,34 @@ def test_plans_reject_what_the_model_cannot_serve(tok: YANTokenizer) -> None:
         T.plan_qa(tok, "ctx", " ", 4, 100)
 
 
+def test_span_budgets_are_ascii_digits_and_never_overflow(tok: YANTokenizer) -> None:
+    # leading zeros are the same budget
+    assert T.plan_infill(tok, "a [MASK:007] b", 100).fill_slots == \
+        T.plan_infill(tok, "a [MASK:7] b", 100).fill_slots  # fmt: skip
+    # thousands of digits: a PlanError naming the budget, not int()'s ValueError; thousands
+    # of leading zeros: still the budget after them
+    with pytest.raises(T.PlanError, match=r"\[MASK:100000\.\.\. \(5001 digits\)\]"):
+        T.plan_infill(tok, "a [MASK:1" + "0" * 5000 + "] b", 100)
+    zeros = T.plan_infill(tok, "a [MASK:" + "0" * 5000 + "1] b", 100)
+    assert [b - a for a, b in zeros.fill_slots] == [1]
+    with pytest.raises(T.PlanError, match=r"\[MASK:0\]"):
+        T.plan_infill(tok, "a [MASK:0] b", 100)
+    # only ASCII digits make a budget (as the server's request schema): "[MASK:٣]" is text
+    with pytest.raises(T.PlanError, match="no \\[MASK\\] placeholder"):
+        T.plan_infill(tok, "a [MASK:\u0663] b", 100)
+    p = T.plan_infill(tok, "a [MASK:\u0663] b [MASK]", 100, span_tokens=2)
+    assert len(p.fill_slots) == 1 and p.fill_slots[0][1] - p.fill_slots[0][0] == 2
+
+
+def test_special_token_strings_in_text_are_plain_text(tok: YANTokenizer) -> None:
+    text = "Use <eos> and <pad> tags: <mask> and <bos> [MASK] done."
+    p = T.plan_infill(tok, text, 200)
+    known = [t for piece in p.pieces for t in piece]
+    assert not set(known) & set(tok.special.ids())
+    row = [tok.special.pad] * p.tgt_len
+    assert T.finish_infill(tok, p, row)[0] == "Use <eos> and <pad> tags: <mask> and <bos> done."
+
+
 def test_complete_respects_max_tokens(tok: YANTokenizer) -> None:
     p = T.plan_complete(tok, "In the", max_tokens=4, max_length=100)
     assert p.tgt_len == 5 and p.src[-1] == tok.special.mask

@@ -61,6 +61,7 @@ from yan_serve.engine.graphs import (
     EagerReplay,
     Replayable,
 )
+from yan_serve.engine.sampler import effective_temperature
 
 log = logging.getLogger("yan_serve.ar")
 
@@ -373,7 +374,7 @@ class FusedRunner(WindowedRunner):
         s.left[:B] = torch.tensor([r.max_new for r in requests])
         s.stop_eos[:B] = torch.tensor([not r.ignore_eos for r in requests])
         s.eos.fill_(eos)
-        s.temperature[:B] = torch.tensor([max(r.temperature, 0.0) for r in requests])
+        s.temperature[:B] = torch.tensor([effective_temperature(r.temperature) for r in requests])
         s.top_k[:B] = torch.tensor([r.top_k for r in requests])
         if sample:
             s.uniform[: w.batch].zero_()

@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel
 
 from yan_serve.ar.static import HFRunner, StaticRunner
 from yan_serve.ar.train import collate_ar
-from yan_serve.engine.sampler import sample_tokens
+from yan_serve.engine.sampler import effective_temperature, sample_tokens
 
 if TYPE_CHECKING:
     from yan_serve.ar.fused import FusedRunner
@@ -108,7 +108,8 @@ def ar_generate(
         for i, r in enumerate(requests):
             if r.temperature > 0 and not done[i]:
                 u = torch.rand(1, generator=gens[i]).to(logp.device)
-                nxt[i] = sample_tokens(logp[i : i + 1], r.temperature, r.top_k, u)[0]
+                t = effective_temperature(r.temperature)
+                nxt[i] = sample_tokens(logp[i : i + 1], t, r.top_k, u)[0]
         probs = logp.gather(-1, nxt[:, None]).squeeze(-1).exp().tolist()
         picked = nxt.tolist()
         for i, r in enumerate(requests):

@@ -33,6 +33,17 @@ from yan_serve.model.yan import YAN
 if TYPE_CHECKING:
     from yan_serve.engine.fused import FusedEngine
 
+# The smallest temperature a sampled row runs at: logits divided by a smaller one overflow
+# float32 (1e-40 is subnormal, and every logit / it is -inf), so a positive temperature below
+# this is raised to it, which is greedy in effect. 0 stays greedy.
+MIN_TEMPERATURE = 1e-4
+
+
+def effective_temperature(temperature: float) -> float:
+    """The temperature a request samples at: 0 (greedy) for t <= 0, else at least
+    MIN_TEMPERATURE."""
+    return 0.0 if temperature <= 0 else max(float(temperature), MIN_TEMPERATURE)
+
 
 @dataclass
 class GenerationRequest:
@@ -184,7 +195,7 @@ class Sampler:
             src[i, : len(r.src)] = torch.as_tensor(list(r.src), dtype=torch.long)
         src_mask, tgt_mask = length_mask(src_len, Lx), length_mask(tgt_len, Ly)
         seed = torch.tensor([int(r.seed) for r in requests], dtype=torch.long)
-        temperature = torch.tensor([float(r.temperature) for r in requests])
+        temperature = torch.tensor([effective_temperature(r.temperature) for r in requests])
         top_k = torch.tensor([int(r.top_k) for r in requests], dtype=torch.long)
         dev = self.device
         return PreparedBatch(

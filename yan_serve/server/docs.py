@@ -91,7 +91,7 @@ def bounded_openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, 
             for name, model in schema.get("components", {}).get("schemas", {}).items():
                 limits = dict(bounds)
                 if context is not None and name in CONTEXT_BOUND:
-                    limits["max_tokens"] = context
+                    limits["max_tokens"] = context - 1  # the EOS takes a position
                 for field, bound in limits.items():
                     prop = model.get("properties", {}).get(field)
                     for alt in (prop or {}).get("anyOf", [prop] if prop else []):

@@ -17,13 +17,10 @@ from yan_serve.server import schemas as S
 from yan_serve.server.batcher import Job
 from yan_serve.server.dispatch import generation_requests, plan_or_400, run
 from yan_serve.server.envelope import candidate, envelope
-from yan_serve.server.errors import bad_request
 from yan_serve.server.labels import score_labels
 from yan_serve.server.state import State
 from yan_serve.server.streaming import preview_stream, result_stream
 from yan_serve.tasks import serving as T
-
-MAX_SPAN_TOKENS = 64  # T.plan_infill's default limit on a [MASK:n] budget
 
 # scoring instead of generating, where the request asks for it: the response, else None
 Scorer = Callable[[State, Request, Any, T.Plan], Awaitable[S.GenerationResponse | None]]
@@ -70,20 +67,7 @@ async def serve_task(state: State, request: Request, task: Task, req: S.Generati
 
 
 # ---------------------------------------------------------------------------------- infill
-def check_span_budgets(text: str) -> None:
-    """400 for a `[MASK:n]` budget out of range before anything converts it: a budget of
-    thousands of digits is past Python's int-conversion limit."""
-    for m in T.MASK_PATTERN.finditer(text):
-        digits = m.group(1)
-        if digits is not None and (len(digits) > 4 or not 1 <= int(digits) <= MAX_SPAN_TOKENS):
-            shown = digits if len(digits) <= 12 else f"{digits[:6]}... ({len(digits)} digits)"
-            raise bad_request(
-                f"[MASK:{shown}]: a span budget must be between 1 and {MAX_SPAN_TOKENS}"
-            )
-
-
 def _plan_infill(w: Worker, req: S.InfillRequest) -> T.Plan:
-    check_span_budgets(req.text)
     return T.plan_infill(w.tokenizer, req.text, w.max_length, req.span_tokens,
                          infill_masks=w.infill_masks)  # fmt: skip
 
@@ -92,10 +76,12 @@ def _finish_infill(w: Worker, plan: T.Plan, req: S.InfillRequest, g: Generation)
     text, fills = T.finish_infill(w.tokenizer, plan, g.full)
     slots = plan.fill_slots or []
     conf = [g.full_confidence[a + i] for a, b in slots for i in range(b - a)]
-    per_fill = T.fill_confidences(plan, g.full, g.full_confidence, set(w.tokenizer.special.ids()))
+    specials = set(w.tokenizer.special.ids())
+    per_fill = T.fill_confidences(plan, g.full, g.full_confidence, specials)
     mean = sum(per_fill) / len(per_fill)
-    return candidate(text, conf, req.return_confidence, fills=fills, fill_confidence=per_fill,
-                     confidence=mean)  # fmt: skip
+    written = sum(g.full[a + i] not in specials for a, b in slots for i in range(b - a))
+    return candidate(text, conf, req.return_confidence, written, fills=fills,
+                     fill_confidence=per_fill, confidence=mean)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------- complete
@@ -123,7 +109,7 @@ def _finish_complete(w: Worker, plan: T.Plan, req: S.CompleteRequest, g: Generat
 def _finish_answer(w: Worker, plan: T.Plan, req: Any, g: Generation) -> S.Candidate:
     """The answer after the plan's header (QA's answer, a generated class label)."""
     ans = T.answer_tokens(w.tokenizer, plan, g.full)
-    conf = g.full_confidence[plan.answer_start :][: max(1, len(ans))]
+    conf = g.full_confidence[plan.answer_start :][: len(ans)]  # empty answer: confidence 0.0
     return candidate(w.tokenizer.decode(ans).strip(), conf, req.return_confidence, len(ans))
 
 

@@ -56,7 +56,10 @@ class Metrics:
             "yan:generated_tokens", "Output tokens returned (before EOS)", registry=r
         )
         self.rejected = Counter(
-            "yan:rejected", "Jobs refused or dropped, by reason", ["reason"], registry=r
+            "yan:rejected",
+            "Requests refused or dropped, by reason (oom: each model job that did not fit)",
+            ["reason"],
+            registry=r,
         )
         self.oom_splits = Counter(
             "yan:oom_splits", "Batches split in two after running out of memory", registry=r

@@ -17,12 +17,19 @@ from yan_serve.server.state import State
 
 
 def install_routes(app: FastAPI, state: State) -> None:
-    @app.get("/health", response_model=S.Health, tags=["probes"])
+    # probes answer HEAD too (load balancers and uptime checkers send it)
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=S.Health, tags=["probes"])
     async def health() -> S.Health:
         """Liveness: the process serves HTTP."""
         return S.Health(status="ok")
 
-    @app.get("/ready", response_model=S.Health, responses=error_responses(503), tags=["probes"])
+    @app.api_route(
+        "/ready",
+        methods=["GET", "HEAD"],
+        response_model=S.Health,
+        responses=error_responses(503),
+        tags=["probes"],
+    )
     async def ready() -> Any:
         """Readiness: 200 once weights are loaded and warmed up, 503 before and while draining."""
         if state.draining:

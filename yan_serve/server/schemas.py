@@ -155,8 +155,16 @@ class Timing(BaseModel):
 
 
 class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int = Field(
+        ...,
+        description="Source positions the model read: the text's tokens with the task's "
+        "template, masks and EOS (/v1/completions counts the user's prompt alone).",
+    )
+    completion_tokens: int = Field(
+        ...,
+        description="Tokens the best candidate wrote: up to EOS, an infill's content tokens "
+        "(padding left in a span not counted).",
+    )
     total_tokens: int
 
 

@@ -25,7 +25,7 @@ QA_TEMPLATE = (
 CLS_SOURCE = "####### DOCUMENT #######\n\n{doc}\n\n####### ANSWER #######\n\n"
 ANSWER_HEADER = "####### ANSWER #######\n\n"
 
-MASK_PATTERN = re.compile(r"\[MASK(?::(\d+))?\]")
+MASK_PATTERN = re.compile(r"\[MASK(?::([0-9]+))?\]")  # ASCII digits, as the request schema
 
 
 def parse_label(text: str, labels: dict[int, str] | None = None) -> int | None:
@@ -82,16 +82,26 @@ def plan_infill(
         seg = text[last : m.start()]
         # A masked word carries its own leading space in byte-level BPE: keep it for the fill.
         pieces.append(tok.encode(seg.rstrip(" ")) if seg.strip() else [])
-        n = int(m.group(1)) if m.group(1) is not None else span_tokens
-        if not 1 <= n <= max_span_tokens:
-            raise PlanError(f"[MASK:{n}]: a span budget must be between 1 and {max_span_tokens}")
-        budgets.append(n)
+        budgets.append(_span_budget(m.group(1), span_tokens, max_span_tokens))
         last = m.end()
     pieces.append(tok.encode(text[last:]) if text[last:] else [])
     plan = infill_plan_from_pieces(pieces, budgets, tok.special.mask, tok.special.eos, infill_masks)
     budgets_in_source = " with its span budgets" if infill_masks == "per_position" else ""
     _check(tok, plan.src, plan.tgt_len, max_length, "the infill text" + budgets_in_source)
     return plan
+
+
+def _span_budget(digits: str | None, default: int, limit: int) -> int:
+    """A placeholder's span budget: `default` for a bare [MASK], n for [MASK:n] (leading zeros
+    allowed); PlanError outside 1..limit, checked on the digits' length first, so that a
+    budget of thousands of digits never reaches int()."""
+    if digits is None:
+        return default
+    value = digits.lstrip("0") or "0"
+    if len(value) > len(str(limit)) or not 1 <= int(value) <= limit:
+        shown = digits if len(digits) <= 12 else f"{digits[:6]}... ({len(digits)} digits)"
+        raise PlanError(f"[MASK:{shown}]: a span budget must be between 1 and {limit}")
+    return int(value)
 
 
 def infill_plan_from_pieces(
