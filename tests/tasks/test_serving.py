@@ -66,6 +66,9 @@ def test_span_budgets_are_ascii_digits_and_never_overflow(tok: YANTokenizer) -> 
     assert [b - a for a, b in zeros.fill_slots] == [1]
     with pytest.raises(T.PlanError, match=r"\[MASK:0\]"):
         T.plan_infill(tok, "a [MASK:0] b", 100)
+    for bad in (-2, 0, 65):  # a bare [MASK]'s default budget is held to the same range
+        with pytest.raises(T.PlanError, match=f"span budget {bad}: must be between 1 and 64"):
+            T.plan_infill(tok, "a [MASK] b", 100, span_tokens=bad)
     # only ASCII digits make a budget (as the server's request schema): "[MASK:٣]" is text
     with pytest.raises(T.PlanError, match="no \\[MASK\\] placeholder"):
         T.plan_infill(tok, "a [MASK:\u0663] b", 100)

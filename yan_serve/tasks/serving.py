@@ -93,9 +93,11 @@ def plan_infill(
 
 def _span_budget(digits: str | None, default: int, limit: int) -> int:
     """A placeholder's span budget: `default` for a bare [MASK], n for [MASK:n] (leading zeros
-    allowed); PlanError outside 1..limit, checked on the digits' length first, so that a
+    allowed); PlanError outside 1..limit (either), checked on the digits' length first, so that a
     budget of thousands of digits never reaches int()."""
     if digits is None:
+        if not 1 <= default <= limit:
+            raise PlanError(f"span budget {default}: must be between 1 and {limit}")
         return default
     value = digits.lstrip("0") or "0"
     if len(value) > len(str(limit)) or not 1 <= int(value) <= limit:
