@@ -181,6 +181,9 @@ def test_converted_model_reproduces_the_source_exactly(
     for name, t in source.state_dict().items():
         assert torch.equal(converted.state_dict()[name], t), name
     _assert_same_outputs(source, converted)
+    # a directory that holds files is refused (another model's tokenizer would stay beside)
+    with pytest.raises(ValueError, match="not an empty directory"):
+        convert_checkpoint(src, out, overrides=_IDS)
 
 
 def test_state_dict_conversion_handles_wrappers_and_missing_primary_embedding() -> None:

@@ -120,6 +120,16 @@ def test_export_writes_the_serving_files_in_bf16(tmp_path, bpe: YANTokenizer) ->
     t4 = from_pretrained(tmp_path / "t4")
     assert t4.config == dataclasses.replace(model.config, ode_steps=4) != model.config
     assert main(["export", str(full), str(tmp_path / "t0"), "--steps", "0"]) == 2
+    # re-exporting over an export updates it; a model without labels drops the old table
+    (full / "labels.json").unlink()
+    assert main(["export", str(full), str(out)]) == 0
+    assert not (out / "labels.json").exists()
+    # a training run is not an export target (its optimizer state would stay beside)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "optimizer.pt").write_bytes(b"state")
+    assert main(["export", str(full), str(run)]) == 2
+    assert [p.name for p in run.iterdir()] == ["optimizer.pt"]
 
 
 def test_load_errors_name_the_problem(tmp_path, bpe: YANTokenizer) -> None:

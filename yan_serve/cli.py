@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,8 +86,8 @@ def cmd_data_english(args: argparse.Namespace) -> int:
             args.out, sources=args.sources, max_words=args.max_words, max_docs=args.max_docs,
             progress=lambda line: print(line, flush=True),
         )  # fmt: skip
-    except (MissingSource, ValueError) as e:
-        raise SystemExit(f"yan data english: {e}") from None
+    except MissingSource as e:
+        raise ValueError(str(e)) from None
     total = {k: sum(v[k] for v in summary["sources"].values()) for k in ("train", "val", "test")}
     print(
         f"English corpus written to {args.out}: " + ", ".join(f"{k} {v}" for k, v in total.items())
@@ -108,6 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from yan_serve.tasks.corpus import load_corpus
     from yan_serve.train.trainer import TrainConfig, Trainer, eprint
 
+    resume = _check_train_out(Path(args.out), args.resume, args.overwrite)
     torch.manual_seed(args.seed)
     corpus = load_corpus(args.data, seed=args.seed)
     make = _ar_objective if args.stage == "ar" else _yan_objective
@@ -120,10 +122,115 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device,
     )  # fmt: skip
     trainer = Trainer(objective, cfg, log=eprint)
-    if args.resume:
+    if resume:
         trainer.resume()
     print(json.dumps(trainer.train(), indent=2))
     return 0
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low (named in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+_positive = _int_at_least(1)
+_count = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def _share(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return v
+
+
+def _steps_list(text: str) -> list[int]:
+    """argparse type: comma-separated Euler time point counts, each >= 1 ("1,2,3")."""
+    try:
+        steps = [int(x) for x in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers >= 1 (e.g. 1,2,3), got {text!r}"
+        )
+    return steps
+
+
+def _sources(text: str) -> list[str]:
+    """argparse type: a non-empty comma-separated list of names."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated source names, got {text!r}")
+    return names
+
+
+def _check_output_file(path: str | None) -> None:
+    """Before the work: an output file's place exists and is not a directory."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory: give a file name to write")
+    if not p.parent.is_dir():
+        raise ValueError(f"{p.parent} does not exist (the directory to write {p.name} in)")
+
+
+# what a run writes beside its checkpoint, removed by --overwrite so that nothing of the old run
+# is resumed or appended to
+_RUN_STATE = ("trainer_state.json", "optimizer.pt", "rng_state.pt")
+
+
+def _check_train_out(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Before any work: whether to resume the run in `out`. An `out` that holds files and no
+    run to resume (a checkpoint, another run, anything) is refused unless `overwrite`, which
+    removes the old run's state and logs; a file as `out` is refused."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    has_run = (out / "trainer_state.json").is_file()
+    if resume and has_run:
+        return True
+    held = sorted(f.name for f in out.iterdir()) if out.is_dir() else []
+    if has_run and not overwrite:
+        raise ValueError(f"--out {out} holds a saved run: --resume continues it, --overwrite "
+                         "starts afresh there")  # fmt: skip
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        why = "; no run to resume" if resume else ""
+        raise ValueError(
+            f"--out {out} already holds files ({shown}{why}): choose another --out, or pass "
+            "--overwrite to start afresh there"
+        )
+    for name in held:
+        if name in _RUN_STATE or name.startswith("training_log"):
+            (out / name).unlink()
+    return False
 
 
 def _rate_range(text: str) -> tuple[float, float]:
@@ -210,8 +317,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from yan_serve.train.trainer import eprint
     from yan_serve.weights import is_ar_checkpoint
 
+    _check_output_file(args.json)
     corpus = load_corpus(args.data, splits=(args.split,), seed=args.seed)
-    steps = [int(s) for s in args.steps.split(",")]
+    steps = args.steps
     tasks = args.tasks.split(",")
 
     def progress(r) -> None:
@@ -266,6 +374,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         steps = [int(s) for s in args.steps.split(",")]
     except ValueError:
         raise ValueError(f"--steps must be comma-separated integers, got {args.steps!r}") from None
+    _check_output_file(args.out)
     text = table(columns(args.checkpoints, steps))
     print(text)
     if args.out:
@@ -278,8 +387,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """One request, formatted and read out exactly as the server does (tasks/serving.py)."""
     from yan_serve.engine.sampler import GenerationRequest, Sampler
     from yan_serve.tasks import serving as T
-    from yan_serve.weights import load_labels
+    from yan_serve.weights import is_ar_checkpoint, load_labels
 
+    if is_ar_checkpoint(args.checkpoint):
+        raise ValueError(f"{args.checkpoint} is an AR baseline checkpoint: yan generate runs YAN "
+                         "checkpoints (serve the AR model with yan-serve --model)")  # fmt: skip
     model, tok = _load_checkpoint(args.checkpoint)
     L = model.config.max_length
     if args.task == "infill":
@@ -332,6 +444,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     src, out = Path(args.checkpoint), Path(args.out)
     if src.resolve() == out.resolve():
         raise ValueError("export writes a new directory: give an --out other than the checkpoint")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a directory")
+    if any((out / f).exists() for f in _RUN_STATE):  # its optimizer state would stay beside
+        raise ValueError(f"{out} holds a training run: export into a serving directory")
     dtype = EXPORT_DTYPES[args.dtype]
     if is_ar_checkpoint(src):  # the GPT-2 baseline: Hugging Face's files, in `dtype`
         from yan_serve.ar.model import load_ar, save_ar
@@ -347,6 +463,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         save_pretrained(model, out, tok, {"exported_from": src.name}, dtype=dtype)
     if (src / LABELS_FILE).exists():
         shutil.copy(src / LABELS_FILE, out / LABELS_FILE)
+    else:  # an earlier export's label table is not this model's
+        (out / LABELS_FILE).unlink(missing_ok=True)
     size = (out / "model.safetensors").stat().st_size
     print(f"exported {src} to {out} ({args.dtype}, {size / 2**20:.1f} MiB of weights)")
     return 0
@@ -366,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     kp = dsub.add_parser("kjv", help="King James Bible passages split by book")
     kp.add_argument("--out", required=True)
     kp.add_argument("--source", help="KJV text file (default: run the `bible` program)")
-    kp.add_argument("--max-words", type=int, default=40)
+    kp.add_argument("--max-words", type=_positive, default=40)
     kp.set_defaults(func=cmd_data_kjv)
     ep_ = dsub.add_parser(
         "english",
@@ -376,12 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     ep_.add_argument("--out", required=True)
     ep_.add_argument(
         "--sources",
-        type=lambda s: [x for x in s.split(",") if x],
+        type=_sources,
         default=["kjv", "fortunes", "gcide", "wordnet", "jargon"],
         help="comma-separated subset (default: all five)",
     )
-    ep_.add_argument("--max-words", type=int, default=40, help="words per passage at most")
-    ep_.add_argument("--max-docs", type=int, help="keep each source's first N documents")
+    ep_.add_argument("--max-words", type=_positive, default=40, help="words per passage at most")
+    ep_.add_argument("--max-docs", type=_positive, help="keep each source's first N documents")
     ep_.set_defaults(func=cmd_data_english)
     tkp = dsub.add_parser(
         "tokenizer",
@@ -391,14 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
     tkp.add_argument("--data", required=True, help="corpus directory with train.jsonl")
     tkp.add_argument("--out", required=True, help="directory to write tokenizer.json to")
     tkp.add_argument("--config", default="yan-tiny", help="preset or config.json: its vocab size")
-    tkp.add_argument("--vocab-size", type=int, help="override the config's vocabulary size")
+    tkp.add_argument("--vocab-size", type=_int_at_least(8),
+                     help="override the config's vocabulary size")  # fmt: skip
     tkp.set_defaults(func=cmd_data_tokenizer)
     ip = dsub.add_parser("import", help="a paper dataset's local files -> corpus directory")
     ip.add_argument("name", help="narrativeqa, rocstories, simplestories, squad, babi, ag_news, "
                     "dbpedia, sst2, text, jsonl")  # fmt: skip
     ip.add_argument("path", help="the dataset's file or directory, in its public format")
     ip.add_argument("--out", required=True)
-    ip.add_argument("--limit", type=int, help="keep the first N records per split")
+    ip.add_argument("--limit", type=_positive, help="keep the first N records per split")
     ip.set_defaults(func=cmd_data_import)
 
     from yan_serve.train.objectives import StageConfig
@@ -420,15 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--init", help="checkpoint to start from (stage2, finetune)")
     tp.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on the data)")
-    tp.add_argument("--steps", type=int, default=run.steps)
-    tp.add_argument("--batch-size", type=int, default=run.batch_size)
-    tp.add_argument("--lr", type=float, help="default: the stage's (1e-4; finetune 1e-5; ar 1e-3)")
-    tp.add_argument("--warmup", type=int, default=run.warmup)
-    tp.add_argument("--decay", type=int, default=run.decay,
+    tp.add_argument("--steps", type=_positive, default=run.steps)
+    tp.add_argument("--batch-size", type=_positive, default=run.batch_size)
+    tp.add_argument("--lr", type=_positive_float,
+                    help="default: the stage's (1e-4; finetune 1e-5; ar 1e-3)")  # fmt: skip
+    tp.add_argument("--warmup", type=_count, default=run.warmup)
+    tp.add_argument("--decay", type=_count, default=run.decay,
                     help="take the learning rate linearly to zero over the last DECAY steps, or "
                     "the same share of --max-minutes if time runs out first (default 0: constant "
                     "after warm-up, as in the paper)")  # fmt: skip
-    tp.add_argument("--grad-clip", type=float, default=run.grad_clip)
+    tp.add_argument("--grad-clip", type=_positive_float, default=run.grad_clip)
     tp.add_argument("--mmd-weight", type=float, default=yan.stage1.mmd)
     tp.add_argument("--scale-weight", type=float, default=yan.stage1.scale)
     tp.add_argument("--fm-weight", type=float, default=yan.stage2.fm)
@@ -444,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument(
         "--slack",
-        type=float,
+        type=_share,
         default=yan.slack,
         help="fine-tune: share of targets given serving length slack (EOS filler)",
     )
@@ -464,18 +584,18 @@ def build_parser() -> argparse.ArgumentParser:
         "config's, collapsed: one <mask> per span as in the paper; per_position: one per target "
         "position)",
     )
-    tp.add_argument("--log-every", type=int, default=run.log_every)
-    tp.add_argument("--eval-every", type=int, default=run.eval_every)
-    tp.add_argument("--eval-batches", type=int, default=run.eval_batches)
-    tp.add_argument("--save-every", type=int, default=run.save_every)
+    tp.add_argument("--log-every", type=_positive, default=run.log_every)
+    tp.add_argument("--eval-every", type=_positive, default=run.eval_every)
+    tp.add_argument("--eval-batches", type=_positive, default=run.eval_batches)
+    tp.add_argument("--save-every", type=_positive, default=run.save_every)
     tp.add_argument(
         "--max-minutes",
-        type=float,
+        type=_positive_float,
         help="stop and save after this much wall time (a later --resume continues the run)",
     )
     tp.add_argument(
         "--prefetch",
-        type=int,
+        type=_count,
         help="build this many batches ahead in a worker process (default: 4 on CUDA, else 0)",
     )
     tp.add_argument(
@@ -487,6 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--seed", type=int, default=run.seed)
     tp.add_argument("--device", default=run.device)
     tp.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    tp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that already holds files (a checkpoint, another run): "
+        "without it such an --out is refused unless --resume finds a run there to continue",
+    )
     tp.set_defaults(func=cmd_train)
 
     ep = sub.add_parser("eval", help="evaluate a checkpoint on a split")
@@ -494,15 +620,18 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--data", required=True)
     ep.add_argument("--split", default="test")
     ep.add_argument("--tasks", default="infill,complete,qa,classify")
-    ep.add_argument("--steps", default="3", help="comma-separated Euler time points, e.g. 1,2,3")
-    ep.add_argument("--limit", type=int, help="at most this many examples per task")
-    ep.add_argument("--batch-size", type=int, default=64)
+    ep.add_argument("--steps", type=_steps_list, default=[3],
+                    help="comma-separated Euler time points, e.g. 1,2,3")  # fmt: skip
+    ep.add_argument("--limit", type=_positive, help="at most this many examples per task")
+    ep.add_argument("--batch-size", type=_positive, default=64)
     ep.add_argument("--routing", choices=["argmax", "sample"], default="argmax")
     ep.add_argument("--seed", type=int, default=0)
     ep.add_argument("--device", default="auto")
     ep.add_argument("--json", help="also write the results as JSON here")
-    ep.add_argument("--diversity", type=int, default=0, help="also measure diversity on N passages")
-    ep.add_argument("--samples", type=int, default=5, help="diversity: generations per passage")
+    ep.add_argument("--diversity", type=_count, default=0,
+                    help="also measure diversity on N passages")  # fmt: skip
+    ep.add_argument("--samples", type=_int_at_least(2), default=5,
+                    help="diversity: generations per passage")  # fmt: skip
     ep.add_argument(
         "--semantic",
         action="store_true",
@@ -523,9 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--task", choices=["infill", "complete", "qa", "classify"], default="infill")
     gp.add_argument("--text", required=True, help="infill: use [MASK] for each gap")
     gp.add_argument("--question")
-    gp.add_argument("--span-tokens", type=int, default=2, help="infill: tokens per [MASK]")
-    gp.add_argument("--max-tokens", type=int, default=16)
-    gp.add_argument("--steps", type=int, default=3)
+    gp.add_argument("--span-tokens", type=_positive, default=2, help="infill: tokens per [MASK]")
+    gp.add_argument("--max-tokens", type=_positive, default=16)
+    gp.add_argument("--steps", type=_positive, default=3)
     gp.add_argument("--routing", choices=["argmax", "sample"], default="argmax")
     gp.add_argument("--seed", type=int, default=0)
     gp.add_argument("--previews", action="store_true", help="print the text at every time point")
@@ -549,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
+    except (ValueError, OSError, NotImplementedError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"yan {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -112,9 +112,19 @@ class YANConfig:
             raise ValueError(
                 f"infill_masks must be one of {', '.join(INFILL_MASKS)}, got {self.infill_masks!r}"
             )
-        for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand"):
+        for name in ("mamba_d_state", "mamba_d_conv", "mamba_expand", "ffn_multiplier",
+                     "moe_gate_dim_multiplier", "n_trf_blocks"):  # fmt: skip
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("encoder_n_trf_blocks", "decoder_n_resi_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.latent_noise < 0 or self.init_noise < 0:
+            raise ValueError("latent_noise and init_noise must be >= 0")
+        if self.beta_a <= 0 or self.beta_b <= 0:
+            raise ValueError("beta_a and beta_b (the training time distribution) must be > 0")
 
     # ------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:

@@ -404,6 +404,9 @@ def _convert(
 ) -> _Converted:
     from safetensors.torch import save_file
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty directory: convert writes a "
+                         "new model directory")  # fmt: skip
     ckpt = load_reference_checkpoint(src)
     ov = {"name": src.stem, **(overrides or {})}
     cfg = config_from_reference(ckpt["model_config"], **ov)
@@ -444,7 +447,8 @@ def convert_checkpoint(
     copies `tokenizer.json` (+ its companions) from `tokenizer_dir` when given, after checking it
     matches the config's vocabulary and special ids. `overrides` go to `config_from_reference`
     (the config `name` defaults to the source file's stem); `ignore` to `convert_state_dict`.
-    Nothing is written unless the whole checkpoint converts.
+    Nothing is written unless the whole checkpoint converts, and never into an `out_dir` that
+    holds files (another model's tokenizer would be left beside this one).
     """
     return _convert(Path(src), Path(out_dir), tokenizer_dir, overrides, ignore).out
 

@@ -45,7 +45,13 @@ def load_ar(
     d = Path(directory)
     if not (d / "model.safetensors").exists():
         raise FileNotFoundError(f"no model.safetensors in {d}")
-    model = GPT2LMHeadModel.from_pretrained(str(d), use_safetensors=True, dtype=dtype)
+    try:
+        model = GPT2LMHeadModel.from_pretrained(str(d), use_safetensors=True, dtype=dtype)
+    except (OSError, ValueError):
+        raise
+    except Exception as e:  # safetensors' and transformers' own errors: a corrupt checkpoint
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{d} is not a readable AR checkpoint: {first}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -46,6 +46,8 @@ def read_jsonl(path: Path) -> list[dict]:
             row = json.loads(ln)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i} is not a JSON object")
         if "text" not in row and not {"context", "question", "answers"} <= set(row):
             raise ValueError(f"{path}:{i} has neither 'text' nor 'context'/'question'/'answers'")
         rows.append(row)
@@ -105,15 +107,16 @@ def import_dataset(name: str, path: str | Path, out_dir: str | Path,
                 raise
             continue
         out.mkdir(parents=True, exist_ok=True)
-        with (out / f"{split}.jsonl").open("w") as f:
+        name_as = "test" if single_file else split  # one file holds one split: written as test
+        part = out / f".{name_as}.jsonl.part"  # replaces the split only once written whole
+        with part.open("w") as f:
             for r in recs:
                 row = asdict(r)
                 row.pop("meta", None)
                 f.write(json.dumps(row) + "\n")
-        counts[split] = len(recs)
-        if single_file:  # one file holds one split: write it as test
-            (out / f"{split}.jsonl").rename(out / "test.jsonl")
-            counts = {"test": counts.pop(split)}
+        part.replace(out / f"{name_as}.jsonl")
+        counts[name_as] = len(recs)
+        if single_file:
             break
     if not counts:
         raise FileNotFoundError(f"no train/val/test files for {name} under {path}")

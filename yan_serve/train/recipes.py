@@ -43,6 +43,8 @@ def tokenizer_for(corpus: Corpus, tokenizer_dir: str | None, vocab_size: int) ->
     """A given tokenizer directory, else a byte-level BPE trained on `tokenizer_texts`."""
     if tokenizer_dir:
         return YANTokenizer.load(tokenizer_dir)
+    if not any(r.text.strip() for r in corpus.text["train"]):
+        raise ValueError("the corpus has no training text to train a tokenizer on")
     return train_bpe(tokenizer_texts(corpus), vocab_size=vocab_size)
 
 

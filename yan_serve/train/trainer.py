@@ -48,6 +48,10 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0 <= self.decay <= self.steps:
             raise ValueError(f"decay must be between 0 and steps ({self.steps}), got {self.decay}")
 
@@ -75,6 +79,22 @@ class TrainConfig(Schedule):
     # build this many training batches ahead in a worker process (`prefetch`); None: 4 on
     # CUDA, where building a batch in Python would otherwise leave the GPU idle, else 0
     prefetch: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        every = {"log_every": self.log_every, "eval_every": self.eval_every,
+                 "eval_batches": self.eval_batches, "save_every": self.save_every}  # fmt: skip
+        for name, v in every.items():
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a finite number > 0, got {self.grad_clip}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_minutes is not None and not self.max_minutes >= 0:
+            raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -260,11 +280,21 @@ class Trainer:
         f = self.out / "trainer_state.json"
         if not f.exists():
             return False
-        state = json.loads(f.read_text())
-        name, held = self.objective.name, state["train_config"]["stage"]
+        try:
+            state = json.loads(f.read_text())
+            held, step = state["train_config"]["stage"], int(state["step"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{f} is not a trainer state this version wrote") from None
+        name = self.objective.name
         if held != name:
             raise ValueError(f"{self.out} holds a {held} run, not {name}")
-        self.objective.load(self.out, self.device)
+        try:
+            self.objective.load(self.out, self.device)
+        except RuntimeError as e:  # load_state_dict: a run of another model shape
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(
+                f"{self.out} holds a run of another model shape than this one ({first})"
+            ) from None
         opt_state = torch.load(self.out / "optimizer.pt", map_location=self.device,
                                weights_only=True)  # fmt: skip
         self.opt.load_state_dict(opt_state)
@@ -274,7 +304,7 @@ class Trainer:
                 st = self.opt.state.get(p, {})
                 if "step" in st:
                     st["step"] = st["step"].to(p.device, torch.float32)
-        self.step = int(state["step"])
+        self.step = step
         rng_file = self.out / "rng_state.pt"
         if rng_file.exists():  # the noise and routing draws continue where they stopped
             rng = torch.load(rng_file, weights_only=True)
