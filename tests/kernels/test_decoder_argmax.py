@@ -89,6 +89,13 @@ def test_tma_descriptor_loads_match_reference(device, N, d, V, splits) -> None:
         want = decoder_argmax(x, w, b, temp, seed, labels=labels, splits=splits,
                               blocks=tma._replace(tma=False))  # fmt: skip
         tol = TOL[dtype]
+        # and the fp32 oracle of the same 16-bit inputs, so that a TMA path that only agrees
+        # with its pointer-load twin (on a card without TMA they are one path) still answers
+        oracle = decoder_argmax_ref(x.float(), w.float(), b.float(), temp, seed, labels=labels)
+        logits32 = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        _assert_same_choice(got.token, oracle.token, logits32)
+        torch.testing.assert_close(got.prob, oracle.prob, **tol)
+        torch.testing.assert_close(got.label_logp, oracle.label_logp, **tol)
     logits = torch.nn.functional.linear(x, w, b).float()
     _assert_same_choice(got.token, want.token, logits)
     torch.testing.assert_close(got.prob, want.prob, **tol)

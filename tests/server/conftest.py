@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -92,7 +93,8 @@ def client(server: ServerProcess) -> Iterator[httpx.Client]:
 
 
 def assert_completions_ignore_batching(url: str) -> None:
-    """12 seeded completions sent together equal the same 12 sent one by one (text for text)."""
+    """12 seeded completions sent together (some of them sharing a batch) equal the same 12 sent
+    one by one (text for text)."""
     import asyncio
 
     names = ["Moses", "Noah", "Abram", "me"] * 3
@@ -103,7 +105,16 @@ def assert_completions_ignore_batching(url: str) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=120) as c:
             return await asyncio.gather(*(c.post("/v1/complete", json=r) for r in reqs))
 
+    def shared_batches() -> float:
+        """Batches that held more than one job so far (the batch-size histogram's count above
+        its le="1.0" bucket)."""
+        text = httpx.get(url + "/metrics").text
+        rows = dict(re.findall(r'^yan:batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M))
+        return float(rows["+Inf"]) - float(rows["1.0"])
+
+    before = shared_batches()
     batched = asyncio.run(together())
+    assert shared_batches() > before, "the concurrent requests never shared a batch"
     with httpx.Client(base_url=url, timeout=120) as c:
         alone = [c.post("/v1/complete", json=r) for r in reqs]
     assert all(r.status_code == 200 for r in [*batched, *alone])
