@@ -229,7 +229,7 @@ def _check_train_out(out: Path, resume: bool, overwrite: bool) -> bool:
         )
     for name in held:
         if name in _RUN_STATE or name.startswith("training_log"):
-            (out / name).unlink()
+            (out / name).unlink(missing_ok=True)  # torchrun: every rank clears
     return False
 
 
