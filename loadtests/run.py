@@ -307,8 +307,62 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= low (named in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            v: int | None = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _users(text: str) -> list[int]:
+    """argparse type of --users: comma-separated positive integers."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        )
+    return vals
+
+
+def read_payload_file(path: Path, endpoints: list[str]) -> str:
+    """The text of a payload file holding a non-empty list of requests for each of
+    `endpoints`; ValueError (one line) for a file that does not."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"--payload-file: cannot read {path}: {e.strerror or e}") from None
+    try:
+        payloads = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--payload-file: {path} is not JSON ({e.msg})") from None
+    if not isinstance(payloads, dict):
+        raise ValueError(f"--payload-file: {path} is not a JSON object of endpoint lists")
+    missing = [e for e in endpoints if not isinstance(payloads.get(e), list) or not payloads[e]]
+    if missing:
+        raise ValueError(f"--payload-file: {path} has no requests for {', '.join(missing)}")
+    return text
+
+
+def _error(msg: str) -> int:
+    print(f"loadtest: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    positive, count = _int_at_least(1), _int_at_least(0)
+    p = argparse.ArgumentParser(prog="loadtests/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--yan", default=str(ROOT / "weights" / "yan-tiny-kjv"))
     p.add_argument("--ar", default=str(ROOT / "weights" / "ar-tiny-kjv"))
     p.add_argument("--servers", default="yan,ar", help="which of yan,ar to run")
@@ -317,17 +371,18 @@ def main(argv: list[str] | None = None) -> int:
         default="complete,infill,infill-full,qa,classify",
         help=f"from {','.join(USER_CLASS)}; infill-full: AR regenerates the passage",
     )
-    p.add_argument("--users", default="1,4,16,64")
-    p.add_argument("--duration", type=int, default=20, help="seconds per point")
-    p.add_argument("--max-tokens", type=int, default=128, help="complete: tokens per request")
-    p.add_argument("--steps", type=int, default=3, help="YAN Euler time points")
+    p.add_argument("--users", type=_users, default=[1, 4, 16, 64],
+                   help="concurrency levels, comma-separated (default 1,4,16,64)")  # fmt: skip
+    p.add_argument("--duration", type=positive, default=20, help="seconds per point")
+    p.add_argument("--max-tokens", type=positive, default=128, help="complete: tokens per request")
+    p.add_argument("--steps", type=positive, default=3, help="YAN Euler time points")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument("--threads", type=count, default=0, help="server torch threads (0: default)")
     p.add_argument("--data", default=str(ROOT / "data" / "kjv"))
-    p.add_argument("--payloads", type=int, default=200, help="distinct requests per endpoint")
+    p.add_argument("--payloads", type=positive, default=200, help="distinct requests per endpoint")
     p.add_argument(
         "--infill-words",
-        type=int,
+        type=count,
         default=0,
         help="infill passages of this many words (consecutive verses; 0: one verse)",
     )
@@ -354,30 +409,49 @@ def main(argv: list[str] | None = None) -> int:
         if s not in servers:
             p.error(f"unknown server {s!r}")
         if not (servers[s] / "config.json").exists():
-            print(f"loadtest: error: {servers[s]} is not a checkpoint ({s}); see README",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+            return _error(f"{servers[s]} is not a checkpoint ({s}); see README")
+    if not chosen:
+        p.error("--servers: name yan, ar or both")
     endpoints = [e.strip() for e in args.endpoints.split(",")]
     bad = [e for e in endpoints if e not in USER_CLASS]
     if bad:
         p.error(f"unknown endpoint {bad[0]!r}; choose from {', '.join(USER_CLASS)}")
-    users = [int(u) for u in args.users.split(",")]
+    users = args.users
+    # Everything a run can be refused for is checked before anything is written or started.
+    from yan_serve.device import resolve_device
+
+    try:
+        resolve_device(args.device)  # the servers would each exit with this
+    except ValueError as e:
+        return _error(str(e))
+    try:
+        if args.payload_file:
+            payloads = read_payload_file(Path(args.payload_file), endpoints)
+        else:
+            payloads = json.dumps(build_payloads(Path(args.data), args.payloads,
+                                                 args.max_tokens, args.steps, 0,
+                                                 args.infill_words))  # fmt: skip
+    except (ValueError, OSError) as e:
+        return _error(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     dev = device_name(args.device)
     out = Path(args.out or ROOT / "loadtests" / "results" / f"{dt.date.today()}-{dev}")
+    if out.exists() and not out.is_dir():
+        return _error(f"--out: {out} is not a directory")
     (out / "raw").mkdir(parents=True, exist_ok=True)
     payload_file = out / "payloads.json"
-    if args.payload_file:
-        payload_file.write_text(Path(args.payload_file).read_text())
-    else:
-        payload_file.write_text(json.dumps(build_payloads(Path(args.data), args.payloads,
-                                                          args.max_tokens, args.steps, 0,
-                                                          args.infill_words)))  # fmt: skip
+    payload_file.write_text(payloads)
     rows = []
     total = len(chosen) * len(endpoints) * len(users)
     k = 0
     t0 = time.time()
     for server in chosen:
-        proc, url = start_server(servers[server], args.device, args.threads, [])
+        try:
+            proc, url = start_server(servers[server], args.device, args.threads, [])
+        except (RuntimeError, TimeoutError) as e:  # the server's own last line says why
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            print(f"loadtest: error: {lines[0] if len(lines) == 1 else lines[-1]}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
         log(f"{server} server ready at {url} ({servers[server]})")
         try:
             for ep in endpoints:

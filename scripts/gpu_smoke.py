@@ -320,7 +320,9 @@ class Server:
         raise TimeoutError(f"/ready not 200 after {timeout:.0f} s")
 
     def tail(self, n: int = 40) -> str:
-        self.log.flush()
+        """The server log's last `n` lines (also after `stop` has closed the log)."""
+        if not self.log.closed:
+            self.log.flush()
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
@@ -534,6 +536,7 @@ def serve_and_measure(run: Run, model: str) -> None:
     server = Server(model, a.device, log_path, a.server_arg)
     row: dict[str, Any] = {"kind": "server", "model": name, "kind_of_model": model_kind(model),
                            "port": server.port}  # fmt: skip
+    tail_shown = False
     try:
         try:
             row["ready_s"] = round(server.wait_ready(max(5.0, min(a.ready_timeout, run.left()))), 2)
@@ -542,6 +545,7 @@ def serve_and_measure(run: Run, model: str) -> None:
             row["error"] = str(e)
             run.fail(f"{name} start: {e}")
             print(f"--- server log tail ({log_path}):\n{server.tail()}\n---", flush=True)
+            tail_shown = True
             return
         check_endpoints(run, name, server.port)
         for task in ("complete", "infill"):
@@ -567,7 +571,8 @@ def serve_and_measure(run: Run, model: str) -> None:
         )
         if code != 0:
             run.fail(f"{name} shutdown: exit code {code}")
-            print(f"--- server log tail ({log_path}):\n{server.tail()}\n---", flush=True)
+            if not tail_shown:
+                print(f"--- server log tail ({log_path}):\n{server.tail()}\n---", flush=True)
 
 
 def report(rows: list[dict]) -> str:
@@ -667,6 +672,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [b for b in a.burst if b not in BODIES]
     if bad:
         p.error(f"--burst: unknown {bad}; choose from {sorted(BODIES)}")
+    for flag in ("concurrency", "seq", "tokens"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag}: expected a positive integer, got {getattr(a, flag)}")
+    for flag in ("duration", "ready_timeout"):
+        if not getattr(a, flag) > 0:
+            p.error(f"--{flag.replace('_', '-')}: expected a positive number of seconds")
+    if not a.models:
+        p.error("--models: name at least one checkpoint directory")
+    # relative to the repository, as main() serves them (ROOT / an absolute path is that path)
+    missing = [m for m in a.models if not (ROOT / m).is_dir()]
+    if missing:
+        p.error(f"--models: no checkpoint directory {', '.join(missing)}")
     a.log_dir = a.log_dir or str(Path(a.out).resolve().parent)
     return a
 

@@ -64,13 +64,26 @@ if [[ "${1:-}" == --unpack ]]; then
         [[ ! -f "$src/both.out" ]] || cp "$src/both.out" "$dst/"
         exit 0
     fi
-    [[ -f "$src/config.json" ]] || { echo "gpu_train: no config.json in $src" >&2; exit 2; }
+    # Everything is checked before anything in $dst is touched, and the weights are assembled
+    # into a temporary file that replaces $dst/model.safetensors only once it is whole.
+    for f in config.json tokenizer.json; do
+        [[ -f "$src/$f" ]] || { echo "gpu_train: no $f in $src" >&2; exit 2; }
+    done
+    parts=("$src"/model.safetensors.part-*)
+    [[ -f "${parts[0]}" ]] || {
+        echo "gpu_train: no model.safetensors.part-* in $src (nothing to unpack)" >&2
+        exit 2
+    }
     mkdir -p "$dst"
+    part_tmp=$(mktemp "$dst/.model.safetensors.XXXXXX")
+    trap 'rm -f "$part_tmp"' EXIT
+    cat "${parts[@]}" >"$part_tmp"
+    chmod "$(printf '%o' $((0666 & ~$(umask))))" "$part_tmp"  # mktemp made it 0600
     cp "$src/config.json" "$src/tokenizer.json" "$dst/"
     for f in labels.json generation_config.json; do
         [[ ! -f "$src/$f" ]] || cp "$src/$f" "$dst/"
     done
-    cat "$src"/model.safetensors.part-* >"$dst/model.safetensors"
+    mv -f "$part_tmp" "$dst/model.safetensors"
     [[ ! -f "$src/train.tar.gz" ]] || tar -xzf "$src/train.tar.gz" -C "$dst"
     echo "unpacked $src to $dst ($(du -h "$dst/model.safetensors" | cut -f1) of weights)"
     exit 0

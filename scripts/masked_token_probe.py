@@ -21,16 +21,22 @@ from pathlib import Path
 import torch
 
 from yan_serve.engine.sampler import GenerationRequest, Sampler
+from yan_serve.model import YAN
 from yan_serve.tasks.corpus import load_corpus
 from yan_serve.tasks.evaluate import position_accuracy, task_examples
 from yan_serve.train.data import pad_stack
 from yan_serve.weights import from_pretrained, is_ar_checkpoint, load_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "weights" / "yan-tiny-kjv"  # wherever the script is run from
+PROG = "masked_token_probe"
+
 
 def probe(model_dir: str, data: str, split: str, steps: int, limit: int | None,
-          batch_size: int = 64) -> dict[str, float]:  # fmt: skip
-    """{'masked': n, 'model': %, 'autoencoder': %, 'prior': %, 'prior_token': id}."""
-    model = from_pretrained(model_dir)
+          batch_size: int = 64, model: YAN | None = None) -> dict[str, float]:  # fmt: skip
+    """{'masked': n, 'model': %, 'autoencoder': %, 'prior': %, 'prior_token': id}; `model`:
+    the checkpoint already loaded from `model_dir`."""
+    model = model if model is not None else from_pretrained(model_dir)
     tok = load_tokenizer(model_dir, model.config)
     corpus = load_corpus(data, splits=("train", split))
     L = model.config.max_length
@@ -61,26 +67,64 @@ def probe(model_dir: str, data: str, split: str, steps: int, limit: int | None,
             "prior_token": top}  # fmt: skip
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v: int | None = int(text)
+    except ValueError:
+        v = None
+    if v is None or v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _fail(msg: str) -> int:
+    """One line on stderr, exit status 2 (a bad argument or input, as argparse's)."""
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="weights/yan-tiny-kjv", help="a YAN checkpoint")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="a YAN checkpoint (default: the repository's weights/yan-tiny-kjv)",
+    )
     p.add_argument("--data", required=True, help="a corpus directory (yan data kjv / english)")
     p.add_argument("--split", default="test")
-    p.add_argument("--steps", type=int, default=3, help="Euler time points T of the whole model")
-    p.add_argument("--limit", type=int, help="at most this many passages")
+    p.add_argument("--steps", type=_positive, default=3,
+                   help="Euler time points T of the whole model")  # fmt: skip
+    p.add_argument(
+        "--limit", type=_positive, help="at most this many passages (default: all of the split)"
+    )
     args = p.parse_args(argv)
     for f in ("train.jsonl", f"{args.split}.jsonl"):
         if not (Path(args.data) / f).is_file():
-            print(f"masked_token_probe: no {Path(args.data) / f} (build the corpus first)",
-                  file=sys.stderr)  # fmt: skip
-            return 2
+            return _fail(f"no {Path(args.data) / f} (build the corpus first)")
+        if not (Path(args.data) / f).read_text().strip():
+            return _fail(f"{Path(args.data) / f} holds no passages")
+    if not Path(args.model).is_dir():
+        return _fail(f"no checkpoint directory {args.model}")
     if is_ar_checkpoint(args.model):
-        print(f"masked_token_probe: {args.model} is an AR checkpoint; it probes YAN",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        return _fail(f"{args.model} is an AR checkpoint; it probes YAN")
     torch.set_num_threads(1)
-    r = probe(args.model, args.data, args.split, args.steps, args.limit)
-    tok = load_tokenizer(args.model, from_pretrained(args.model).config)
+    try:
+        model = from_pretrained(args.model)
+        tok = load_tokenizer(args.model, model.config)
+    except (ValueError, OSError, KeyError, NotImplementedError) as e:
+        return _fail(f"cannot load {args.model}: {_one_line(e)}")
+    try:
+        r = probe(args.model, args.data, args.split, args.steps, args.limit, model=model)
+    except (ValueError, OSError, KeyError) as e:  # a corpus row the tasks cannot read
+        return _fail(f"{args.data}: {_one_line(e)}")
+    if not r["masked"]:
+        return _fail(f"no masked tokens in {args.data} ({args.split}): no passage to probe")
     top = tok.decode([int(r["prior_token"])])
     rows = [(f"whole model, T = {args.steps}", r["model"]),
             ("autoencoder alone, D(E(source))", r["autoencoder"]),

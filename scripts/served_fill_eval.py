@@ -40,28 +40,92 @@ def masked_items(rows: list[dict], n: int, seed: int) -> list[tuple[str, str]]:
     return items
 
 
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "weights" / "yan-tiny-kjv"  # wherever the script is run from
+PROG = "served_fill_eval"
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low (named in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            v: int | None = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _fail(msg: str) -> int:
+    """One line on stderr, exit status 2 (a bad argument or input, as argparse's)."""
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_passages(path: Path) -> list[dict]:
+    """The corpus split's rows, each with a non-empty "text"; ValueError (naming the line)
+    for a row that is not one, or for a split without any."""
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not str(row.get("text", "")).split():
+            raise ValueError(f'{path}:{i}: expected an object with a non-empty "text"')
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no passages")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="weights/yan-tiny-kjv", help="a YAN or AR checkpoint")
+    positive, count = _int_at_least(1), _int_at_least(0)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="a YAN or AR checkpoint (default: the repository's"
+                   " weights/yan-tiny-kjv)")  # fmt: skip
     p.add_argument("--data", required=True, help="a corpus directory (yan data kjv / english)")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--n", type=positive, default=300, help="passages (at most the split's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--span-tokens", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=0,
+    p.add_argument("--span-tokens", type=positive, default=2)
+    p.add_argument("--batch-size", type=positive, default=16)
+    p.add_argument("--steps", type=count, default=0,
                    help="YAN: Euler time points T (0: the server's default)")  # fmt: skip
     args = p.parse_args(argv)
     path = Path(args.data) / f"{args.split}.jsonl"
     if not path.is_file():
-        print(f"served_fill_eval: no {path} (build the corpus first)", file=sys.stderr)
-        return 2
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    worker = load_worker(args.model, "cpu")
+        return _fail(f"no {path} (build the corpus first)")
+    if not Path(args.model).is_dir():
+        return _fail(f"no checkpoint directory {args.model}")
+    try:
+        rows = read_passages(path)
+    except (ValueError, OSError) as e:
+        return _fail(_one_line(e))
+    try:
+        worker = load_worker(args.model, "cpu")
+    except (ValueError, OSError, KeyError, NotImplementedError) as e:
+        return _fail(f"cannot load {args.model}: {_one_line(e)}")
     tok = worker.tokenizer
     items = masked_items(rows, args.n, args.seed)
-    plans = [T.plan_infill(tok, text, worker.max_length, args.span_tokens,
-                           infill_masks=worker.infill_masks) for text, _ in items]  # fmt: skip
+    try:
+        plans = [T.plan_infill(tok, text, worker.max_length, args.span_tokens,
+                               infill_masks=worker.infill_masks) for text, _ in items]  # fmt: skip
+    except T.PlanError as e:
+        return _fail(_one_line(e))
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     steps = args.steps or worker.default_steps
     at = f", T = {steps}" if worker.kind == "yan" else ""

@@ -77,6 +77,43 @@ def test_smoke_helpers() -> None:
     assert "4.00x" in table.splitlines()[2]
 
 
+def test_smoke_reports_the_log_tail_of_a_server_that_fails_to_start(tmp_path: Path) -> None:
+    """A checkpoint the server refuses: the smoke client prints the server's own error line
+    from its log (once) and exits 1 with its failures, not a traceback of its own."""
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")  # no weights: yan-serve exits 2 at once
+    cmd = [sys.executable, str(SMOKE), "--device", "cpu", "--models", str(bad), "--burst", "",
+           "--out", str(tmp_path / "smoke.jsonl")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    assert p.stdout.count("--- server log tail") == 1
+    assert "yan-serve: error: no model.safetensors" in p.stdout
+    assert "broken start: the server exited with code 2" in p.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "/nonexistent"], "--models: no checkpoint directory /nonexistent"),
+        (["--models", ","], "--models: name at least one checkpoint directory"),
+        (["--concurrency", "0"], "--concurrency: expected a positive integer, got 0"),
+        (["--seq", "-1"], "--seq: expected a positive integer, got -1"),
+        (["--duration", "0"], "--duration: expected a positive number of seconds"),
+    ],
+)
+def test_smoke_refuses_bad_flags_before_starting_anything(
+    argv: list[str], message: str, tmp_path: Path, capsys
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        load_smoke().parse_args([*argv, "--out", str(tmp_path / "s.jsonl")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_smoke_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "smoke.jsonl"

@@ -43,6 +43,38 @@ def test_script_parses_and_refuses_a_missing_corpus(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_unpack_refuses_a_folder_without_weights_and_keeps_the_old_ones(tmp_path: Path) -> None:
+    """No model.safetensors.part-*: one line, exit 2, and the checkpoint already in DST (and
+    its config) untouched; with parts, the weights are assembled whole and readable."""
+    src, dst = tmp_path / "back", tmp_path / "ckpt"
+    src.mkdir()
+    dst.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (src / name).write_text('{"new": 1}')
+        (dst / name).write_text('{"old": 1}')
+    (dst / "model.safetensors").write_bytes(b"old weights")
+    unpack = ["bash", str(SCRIPT), "--unpack", str(src), str(dst)]
+    r = subprocess.run(unpack, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "model.safetensors.part-" in r.stderr
+    assert (dst / "model.safetensors").read_bytes() == b"old weights"
+    assert (dst / "config.json").read_text() == '{"old": 1}'
+    assert sorted(f.name for f in dst.iterdir()) == ["config.json", "model.safetensors",
+                                                     "tokenizer.json"]  # fmt: skip
+    (src / "tokenizer.json").unlink()  # a missing tokenizer is named before anything is copied
+    (src / "model.safetensors.part-aa").write_bytes(b"new ")
+    r = subprocess.run(unpack, capture_output=True, text=True)
+    assert r.returncode == 2 and "no tokenizer.json" in r.stderr
+    assert (dst / "model.safetensors").read_bytes() == b"old weights"
+    (src / "tokenizer.json").write_text('{"new": 1}')
+    (src / "model.safetensors.part-ab").write_bytes(b"weights")
+    subprocess.run(unpack, check=True, capture_output=True)
+    assert (dst / "model.safetensors").read_bytes() == b"new weights"
+    assert (dst / "model.safetensors").stat().st_mode & 0o044  # not mktemp's 0600
+    assert sorted(f.name for f in dst.iterdir()) == ["config.json", "model.safetensors",
+                                                     "tokenizer.json"]  # fmt: skip
+
+
 def stage_summaries(both_out: str) -> dict[str, set[str]]:
     """Each run's distinct `done: ...` lines (one per training stage) in a RECIPE=both log."""
     runs: dict[str, set[str]] = {}

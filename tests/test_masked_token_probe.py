@@ -8,6 +8,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import load_script
 from yan_serve.tasks.corpus import load_corpus
 from yan_serve.tasks.evaluate import evaluate, task_examples
@@ -57,3 +59,45 @@ def test_it_refuses_a_missing_corpus_and_an_ar_checkpoint(tmp_path: Path, capsys
     ar = ["--model", str(ROOT / "weights" / "ar-tiny-kjv"), "--data", str(_corpus(tmp_path))]
     assert mod.main(ar) == 2
     assert "AR checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps: expected a positive integer, got '0'"),
+        (["--limit", "0"], "--limit: expected a positive integer, got '0'"),
+        (["--limit", "-1"], "--limit: expected a positive integer, got '-1'"),
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    mod = load_script("masked_token_probe")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--data", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_inputs_end_in_one_line(tmp_path: Path, capsys) -> None:
+    mod = load_script("masked_token_probe")
+    data = _corpus(tmp_path)
+    (data / "empty.jsonl").write_text("")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    for argv, message in [
+        (["--model", "/nonexistent"], "no checkpoint directory /nonexistent"),
+        (["--model", str(tmp_path / "ckpt")], f"cannot load {tmp_path / 'ckpt'}"),
+        (["--model", str(CKPT), "--split", "empty"], "empty.jsonl holds no passages"),
+    ]:
+        assert mod.main([*argv, "--data", str(data)]) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("masked_token_probe: error: ") and message in err, err
+    assert mod.DEFAULT_MODEL == CKPT  # not relative to wherever it runs
+
+
+def test_limit_caps_the_passages(tmp_path: Path) -> None:
+    mod = load_script("masked_token_probe")
+    data = _corpus(tmp_path)
+    one = mod.probe(str(CKPT), str(data), "test", steps=2, limit=1)
+    every = mod.probe(str(CKPT), str(data), "test", steps=2, limit=None)
+    assert 0 < one["masked"] < every["masked"]

@@ -45,3 +45,53 @@ def test_runs_and_reports_both_settings(tmp_path: Path, capsys, model: str) -> N
         argv = ["--model", str(ROOT / "weights" / model), "--data", str(tmp_path), "--n", "3"]
         assert mod.main([*argv, "--steps", "2"]) == 0
         assert "T = 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n", "0"], "--n: expected a positive integer, got '0'"),
+        (["--n", "-3"], "--n: expected a positive integer, got '-3'"),
+        (["--batch-size", "0"], "--batch-size: expected a positive integer, got '0'"),
+        (["--steps", "-1"], "--steps: expected an integer >= 0, got '-1'"),
+        (["--span-tokens", "0"], "--span-tokens: expected a positive integer, got '0'"),
+    ],
+)
+def test_bad_flags_exit_2(argv: list[str], message: str, tmp_path: Path, capsys) -> None:
+    mod = load_script("served_fill_eval")
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--data", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_inputs_end_in_one_line(tmp_path: Path, capsys) -> None:
+    """A missing or unloadable checkpoint, an empty or broken corpus, a span budget the server
+    refuses: exit 2, one line on stderr, nothing printed on stdout."""
+    mod = load_script("served_fill_eval")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "The LORD is my shepherd."}) + "\n")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    yan = str(ROOT / "weights" / "yan-tiny-kjv")
+    data = ["--data", str(tmp_path)]
+    for argv, message in [
+        ([*data, "--model", "/nonexistent"], "no checkpoint directory /nonexistent"),
+        ([*data, "--model", str(tmp_path / "ckpt")], f"cannot load {tmp_path / 'ckpt'}"),
+        ([*data, "--model", yan, "--split", "empty"], "empty.jsonl holds no passages"),
+        ([*data, "--model", yan, "--split", "broken"], "broken.jsonl:1: not JSON"),
+        ([*data, "--model", yan, "--span-tokens", "65"], "span budget 65: must be between"),
+    ]:
+        assert mod.main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("served_fill_eval: error: ") and message in err, err
+
+
+def test_the_default_model_is_the_repositorys_wherever_it_runs(tmp_path: Path, monkeypatch) -> None:
+    mod = load_script("served_fill_eval")
+    monkeypatch.chdir(tmp_path)  # outside the repository: weights/... is not here
+    assert mod.DEFAULT_MODEL == ROOT / "weights" / "yan-tiny-kjv" and mod.DEFAULT_MODEL.is_dir()
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "The LORD is my shepherd."}) + "\n")
+    assert mod.main(["--data", ".", "--n", "1"]) == 0

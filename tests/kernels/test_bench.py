@@ -121,6 +121,43 @@ def test_cpu_kernels_report_a_failed_compile(monkeypatch, capsys) -> None:
     assert "second line" not in out
 
 
+def test_a_failed_row_fails_the_run(monkeypatch, capsys, tmp_path) -> None:
+    """A measurement that raises is reported where it happened, the other ops' rows still
+    come out (and into --json), and the command exits 1 with one line saying so."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+        yield  # a generator, like the cases it replaces
+
+    monkeypatch.setattr(kernels, "_linear_gelu_cases", broken)
+    out_json = tmp_path / "k.json"
+    argv = [*TINY_KERNELS, "--no-compile", "--routed-n", "8", "--json", str(out_json)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "failed: RuntimeError: kernel exploded" in out
+    _, rows = _table(out, KERNEL_ROW)
+    assert "linear_gelu" not in {m["op"] for m in rows} and "norm_linear" in {m["op"] for m in rows}
+    assert err.strip().splitlines()[-1] == "yan-serve bench kernels: 1 measurement(s) failed"
+    assert len(json.loads(out_json.read_text())["rows"]) == len(rows)
+    assert [p.name for p in tmp_path.iterdir()] == ["k.json"]  # no temporary file left
+
+
+def test_a_failed_sampler_shape_fails_the_run(monkeypatch, capsys) -> None:
+    """The CUDA table's row() returns None for a shape that raised: the run exits 1."""
+    real = sampler._CpuTable.row
+
+    def row(self, batch, length):
+        return None if batch == 2 else real(self, batch, length)
+
+    monkeypatch.setattr(sampler._CpuTable, "row", row)
+    argv = ["sampler", "--device", "cpu", "--batches", "1,2", "--lengths", "8", "--iters", "1",
+            "--no-compile"]  # fmt: skip
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert len(_table(out, SAMPLER_ROW)[1]) == 1
+    assert err.strip() == "yan-serve bench sampler: 1 measurement(s) failed"
+
+
 def test_cpu_sampler_reports_a_failed_compile(monkeypatch, capsys) -> None:
     monkeypatch.setattr(torch, "compile", _broken_compile)
     argv = ["sampler", "--device", "cpu", "--batches", "1,2", "--lengths", "8", "--iters", "1"]
@@ -295,6 +332,25 @@ def test_list_flags_parse() -> None:
         (["kernels", "--device", "tpu"], "invalid choice: 'tpu'"),
         (["scan", "--shapes", "16x128x256"], "expected comma-separated BtxLxDixN shapes"),
         (["scan", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+        # sizes and counts are refused before anything runs, not turned into failed rows
+        (["kernels", "--d-model", "-5"], "--d-model: expected a positive integer, got '-5'"),
+        (["kernels", "--experts", "0"], "--experts: expected a positive integer, got '0'"),
+        (["kernels", "--vocab", "0"], "--vocab: expected a positive integer, got '0'"),
+        (["kernels", "--iters", "0"], "--iters: expected a positive integer, got '0'"),
+        (["sampler", "--iters", "-2"], "--iters: expected a positive integer, got '-2'"),
+        (["sampler", "--steps", "-1"], "--steps: expected an integer >= 0, got '-1'"),
+        (["sampler", "--profile", "-1"], "--profile: expected an integer >= 0, got '-1'"),
+        (["scan", "--iters", "0"], "--iters: expected a positive integer, got '0'"),
+        (["versus", "--iters", "0"], "--iters: expected a positive integer, got '0'"),
+        (["train", "--warmup", "-1"], "--warmup: expected an integer >= 0, got '-1'"),
+        (["train", "--steps", "0"], "--steps: expected a positive integer, got '0'"),
+        # --json's folder is checked before the run, not after minutes of measuring
+        (["kernels", "--json", "nodir/x.json"], "no directory 'nodir' to write 'nodir/x.json'"),
+        (["sampler", "--json", "nodir/x.json"], "no directory 'nodir'"),
+        (["scan", "--json", "nodir/x.json"], "no directory 'nodir'"),
+        (["versus", "--json", "nodir/x.json"], "no directory 'nodir'"),
+        (["train", "--json", "nodir/x.json"], "no directory 'nodir'"),
+        (["kernels", "--json", "."], "'.' is a directory, not a file"),
     ],
 )
 def test_bad_flags_exit_2(argv: list[str], message: str, capsys) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.server.conftest import CHECKPOINT
 
@@ -71,6 +72,62 @@ def test_runner_refuses_a_missing_checkpoint(tmp_path) -> None:
                         str(tmp_path / "none"), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == 2 and "not a checkpoint" in p.stderr
+
+
+def _runner_main():
+    sys.path.insert(0, str(ROOT / "loadtests"))
+    try:
+        from run import main
+    finally:
+        sys.path.pop(0)
+    return main
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--payload-file", "MISSING"], "--payload-file: cannot read"),
+        (["--payload-file", "NOT_JSON"], "is not JSON"),
+        (["--payload-file", "NO_QA", "--endpoints", "complete,qa"], "has no requests for qa"),
+        (["--device", "tpu"], "--device tpu: not a device torch knows"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit"),
+        ),
+    ],
+)
+def test_runner_refuses_bad_input_in_one_line_and_writes_nothing(
+    argv: list[str], message: str, tmp_path, capsys
+) -> None:
+    """Refused before any server starts: exit 2, one line, no results folder."""
+    files = {"MISSING": tmp_path / "none.json", "NOT_JSON": tmp_path / "x.json",
+             "NO_QA": tmp_path / "p.json"}  # fmt: skip
+    files["NOT_JSON"].write_text("{oops")
+    files["NO_QA"].write_text(json.dumps({"complete": [{"prompt": "In the", "max_tokens": 2}]}))
+    argv = [str(files.get(a, a)) for a in argv]
+    out = tmp_path / "results"
+    assert _runner_main()([*argv, "--out", str(out), "--client", "builtin"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("loadtest: error: "), err
+    assert message in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--users", "0"], "--users: expected comma-separated positive integers, got '0'"),
+        (["--users", "1,-4"], "--users: expected comma-separated positive integers"),
+        (["--duration", "0"], "--duration: expected a positive integer, got '0'"),
+        (["--servers", ","], "--servers: name yan, ar or both"),
+    ],
+)
+def test_runner_bad_flags_exit_2(argv: list[str], message: str, tmp_path, capsys) -> None:
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as exc:
+        _runner_main()([*argv, "--out", str(out)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_builtin_client_measures_a_closed_loop_load(tmp_path) -> None:

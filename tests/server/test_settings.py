@@ -62,3 +62,66 @@ def test_bad_number_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("YAN_SERVE_MAX_QUEUE", "lots")
     with pytest.raises(ValueError, match="YAN_SERVE_MAX_QUEUE"):
         parse_settings([])
+
+
+def _serve(*argv: str):
+    """`python -m yan_serve` with the shipped YAN checkpoint, its exit code and stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "yan_serve", "--model", default_model_dir(), "--device", "cpu",
+         *argv], capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+
+
+def test_a_busy_port_exits_2_with_one_line_before_loading() -> None:
+    """Bound before the model starts loading: one line and exit 2, not uvicorn's log lines and
+    an abort of the loader thread at interpreter exit (rc 134)."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = _serve("--port", str(port))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == [
+        f"yan-serve: error: cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use"
+    ]
+
+
+@pytest.mark.parametrize(
+    "host, reason", [("999.1.1.1", "Name or service not known"), ("8.8.8.8", "Errno 99")]
+)
+def test_a_host_it_cannot_listen_on_exits_2_with_one_line(host: str, reason: str) -> None:
+    p = _serve("--host", host, "--port", "8765")
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"yan-serve: error: cannot listen on {host}:8765"
+    )
+    assert reason in lines[0]
+
+
+def test_bind_sockets_listens_where_uvicorn_would() -> None:
+    """One socket per address the host resolves to (SO_REUSEADDR, as asyncio's create_server
+    sets it); nothing left open when one cannot be bound."""
+    import socket
+
+    from yan_serve.server.main import bind_sockets
+
+    (sock,) = bind_sockets("127.0.0.1", 0)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        host, port = sock.getsockname()
+        assert host == "127.0.0.1" and port > 0
+        sock.listen()
+        with pytest.raises(OSError, match="Address already in use"):
+            bind_sockets("127.0.0.1", port)
+    finally:
+        sock.close()
+    with pytest.raises(socket.gaierror):
+        bind_sockets("999.1.1.1", 0)

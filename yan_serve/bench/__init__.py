@@ -5,9 +5,11 @@ through an `add_<name>(subparsers)` function listed in `COMMANDS`; `yan_serve.be
 the timers, the run header, the device and flag handling and the test models they share.
 
 `--device auto` (the default) takes CUDA when present, else the CPU; `--device cuda` without
-CUDA (or without triton) prints one line and exits with status 2. CPU timings are wall-clock
-medians (`time.perf_counter`) after one warm-up call, stopping early (after at least one timed
-call) once a measurement's timed calls pass `CPU_BUDGET_S` seconds.
+CUDA (or without triton) prints one line and exits with status 2, as does a size or count that
+is not a positive integer or a --json path whose folder does not exist (checked before anything
+runs); a measurement that raises is reported in its table and the command exits 1. CPU timings
+are wall-clock medians (`time.perf_counter`) after one warm-up call, stopping early (after at
+least one timed call) once a measurement's timed calls pass `CPU_BUDGET_S` seconds.
 """
 
 from __future__ import annotations

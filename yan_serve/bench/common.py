@@ -195,13 +195,25 @@ def one_line(exc: BaseException, limit: int = 110) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
-def surviving(rows: Iterator[T]) -> Iterator[T]:
-    """The rows a generator yields until one raises: the error is printed, the rest skipped."""
+def surviving(rows: Iterator[T], failures: list[str] | None = None) -> Iterator[T]:
+    """The rows a generator yields until one raises: the error is printed (and appended to
+    `failures`, so that the command can exit non-zero), the rest skipped."""
     try:
         yield from rows
     except Exception as exc:
         traceback.print_exc()
         print(f"failed: {one_line(exc)}", flush=True)
+        if failures is not None:
+            failures.append(one_line(exc))
+
+
+def failed_exit(command: str, failures: Sequence[str]) -> int:
+    """The exit status of a run whose failed rows are `failures`: 0 when none, else 1 after
+    one line on stderr saying how many (each was printed where it happened)."""
+    if not failures:
+        return 0
+    print(f"yan-serve bench {command}: {len(failures)} measurement(s) failed", file=sys.stderr)
+    return 1
 
 
 # ----------------------------------------------------------------------------- header
@@ -281,16 +293,21 @@ def compiled_cells(
 
 def write_json(path: str | None, runs: list[dict]) -> None:
     """One run: {"header", "rows"}; several (one per preset): a list of those."""
-    if path:
-        Path(path).write_text(json.dumps(runs[0] if len(runs) == 1 else runs, indent=2) + "\n")
+    if path:  # whole or not at all: a temporary file beside it, then renamed over it
+        text = json.dumps(runs[0] if len(runs) == 1 else runs, indent=2) + "\n"
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
-def finish(args: argparse.Namespace, header: dict, rows: list, legend: str) -> int:
+def finish(
+    args: argparse.Namespace, header: dict, rows: list, legend: str, failures: Sequence[str] = ()
+) -> int:
     """The end of a one-table command: the legend under the table, --json (the header and the
-    rows, dataclasses) written, exit status 0."""
+    rows, dataclasses) written, exit status 0 (1 with `failures`: see `failed_exit`)."""
     print(legend)
     write_json(args.json, [{"header": header, "rows": [asdict(r) for r in rows]}])
-    return 0
+    return failed_exit(getattr(args, "command", "?"), failures)
 
 
 # ----------------------------------------------------------------------------- devices
@@ -333,15 +350,53 @@ def suite_parser(
     p.add_argument("--dtype", choices=sorted(dtypes), help=dtype_help)
     p.add_argument(
         "--iters",
-        type=int,
+        type=positive_int,
         help=f"timed repetitions, median reported (default: {iters[0]} CUDA, {iters[1]} CPU)",
     )
-    p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
+    add_json_flag(p)
     p.set_defaults(func=run)
     return p
 
 
 # ------------------------------------------------------------------------------- flags
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= low (named in the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            v: int | None = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+positive_int = _int_at_least(1)
+count_int = _int_at_least(0)  # zero allowed (a flag whose 0 means "the default" or "none")
+
+
+def json_path(text: str) -> str:
+    """argparse type of --json: a file path whose folder exists (checked before the run, not
+    after minutes of measuring) and that is not itself a folder."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no directory {str(parent)!r} to write {text!r} in")
+    return text
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json", metavar="PATH", type=json_path, help="also write header and rows as JSON"
+    )
+
+
 def int_list(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]

@@ -31,12 +31,14 @@ from yan_serve.bench.common import (
     compiled_cells,
     copy_bandwidth,
     cpu_time_ms,
+    failed_exit,
     fmt,
     graph_ms,
     int_list,
     matmul_rate,
     one_line,
     or_oom,
+    positive_int,
     print_header,
     run_header,
     suite_parser,
@@ -470,13 +472,14 @@ def run_kernels(args: argparse.Namespace) -> int:
          linear_residual),
     ]  # fmt: skip
     rows: list = []
+    failures: list[str] = []
     for cases, ref, kernel in plans:
         gen = (
             _gpu_rows(cases, ref, kernel, iters, bw, rate)
             if cuda
             else _cpu_rows(cases, ref, iters, bw, rate, not args.no_compile)
         )
-        for r in surviving(gen):
+        for r in surviving(gen, failures):
             rows.append(r)
             print(r.line(), flush=True)
     run = {"header": header, "rows": [asdict(r) for r in rows]}
@@ -490,7 +493,7 @@ def run_kernels(args: argparse.Namespace) -> int:
     else:
         _cpu_notes(rows, iters)
     write_json(args.json, [run])
-    return 0
+    return failed_exit("kernels", failures)
 
 
 def add_kernels(sub: argparse._SubParsersAction) -> None:
@@ -503,9 +506,9 @@ def add_kernels(sub: argparse._SubParsersAction) -> None:
         choices=("all", "routed", "up", "down", "decoder", "gelu"),
         help="CUDA: also time launch configurations (all, or one kernel / projection)",
     )
-    p.add_argument("--d-model", type=int, default=512, help="hidden size d")
-    p.add_argument("--experts", type=int, default=6, help="routed experts K")
-    p.add_argument("--vocab", type=int, default=128258, help="decoder vocabulary V")
+    p.add_argument("--d-model", type=positive_int, default=512, help="hidden size d")
+    p.add_argument("--experts", type=positive_int, default=6, help="routed experts K")
+    p.add_argument("--vocab", type=positive_int, default=128258, help="decoder vocabulary V")
     for flag, what in (
         ("--routed-n", "routed-expert tokens (CUDA 1024,8192,65536; CPU 256,1024,4096)"),
         ("--decoder-n", "decoder rows (CUDA 64,1024,8192,65536; CPU 64,256)"),

@@ -30,8 +30,10 @@ from yan_serve.bench.common import (
     bench_model,
     compiled_cells,
     copy_bandwidth,
+    count_int,
     cpu_time_ms,
     euler_steps,
+    failed_exit,
     fmt,
     int_list,
     matmul_rate,
@@ -412,9 +414,12 @@ class _CpuTable:
         )
 
 
-def _sampler_table(name: str, args: argparse.Namespace, device: str) -> dict:
+def _sampler_table(
+    name: str, args: argparse.Namespace, device: str, failures: list[str] | None = None
+) -> dict:
     """One preset's header, table and notes on `device`; returns {"header", "rows"}. The
-    devices differ only in what a row measures and how it prints (`_GpuTable`, `_CpuTable`)."""
+    devices differ only in what a row measures and how it prints (`_GpuTable`, `_CpuTable`).
+    A shape whose row failed is appended to `failures`."""
     dtype_name, batches, lengths, iters, _ = DEFAULTS[device]
     dtype_name = args.dtype or dtype_name
     batches = args.batches or batches
@@ -444,6 +449,8 @@ def _sampler_table(name: str, args: argparse.Namespace, device: str) -> dict:
             if r is not None:
                 rows.append(r)
                 print(r.line(), flush=True)
+            elif failures is not None:
+                failures.append(f"{name} {batch}x{length}")
     table.notes()
     return {"header": header, "rows": [asdict(r) for r in rows]}
 
@@ -452,12 +459,13 @@ def run_sampler(args: argparse.Namespace) -> int:
     if (device := bench_device(args, "sampler")) is None:
         return 2
     runs = []
+    failures: list[str] = []
     for i, name in enumerate(args.presets or [DEFAULTS[device][-1]]):
         if i:
             print()
-        runs.append(_sampler_table(name, args, device))
+        runs.append(_sampler_table(name, args, device, failures))
     write_json(args.json, runs)
-    return 0
+    return failed_exit("sampler", failures)
 
 
 def split_mode(mode: str, attention: str) -> tuple[str, str]:
@@ -491,7 +499,7 @@ def add_sampler(sub: argparse._SubParsersAction) -> None:
         help="preset(s), random weights, comma-separated: one table each"
         " (default: yan-paper on CUDA, yan-tiny on CPU; e.g. yan-tiny,yan-mamba-tiny)",
     )
-    p.add_argument("--steps", type=int, default=0, help="Euler time points (0: the preset's)")
+    p.add_argument("--steps", type=count_int, default=0, help="Euler time points (0: the preset's)")
     p.add_argument("--batches", type=int_list, help="e.g. 1,8,64 (default; CPU: 1,8)")
     p.add_argument(
         "--lengths",
@@ -526,7 +534,7 @@ def add_sampler(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--profile",
-        type=int,
+        type=count_int,
         default=0,
         metavar="K",
         help="CUDA: after each row, the K kernels with the most device time per sample",

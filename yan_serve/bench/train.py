@@ -29,11 +29,14 @@ from typing import Any
 import torch
 
 from yan_serve.bench.common import (
+    add_json_flag,
     bench_device,
     choice_list,
+    count_int,
     finish,
     fmt,
     int_list,
+    positive_int,
     print_header,
     run_header,
 )
@@ -249,23 +252,13 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="YAN presets, each with its AR pair (default CUDA yan-tiny,yan-small;"
                    " CPU yan-tiny)")  # fmt: skip
     p.add_argument("--batches", type=int_list, help="batch sizes (default CUDA 64,256; CPU 4)")
-    p.add_argument("--length", type=_positive, help="source and target tokens (default CUDA 128;"
+    p.add_argument("--length", type=positive_int, help="source and target tokens (default CUDA 128;"
                    " CPU 32)")  # fmt: skip
-    p.add_argument("--steps", type=_positive, help="timed steps (default CUDA 20; CPU 3)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default CUDA 3; CPU 1)")
+    p.add_argument("--steps", type=positive_int, help="timed steps (default CUDA 20; CPU 3)")
+    p.add_argument("--warmup", type=count_int, help="untimed steps first (default CUDA 3; CPU 1)")
     p.add_argument("--no-ar", action="store_true", help="YAN rows only")
     p.add_argument("--compile", action="store_true",
                    help="also YAN with its loss under torch.compile (rows `+c`; the compile"
                    " happens in the warm-up steps)")  # fmt: skip
-    p.add_argument("--json", metavar="PATH", help="also write header and rows as JSON")
+    add_json_flag(p)
     p.set_defaults(func=run_train)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value

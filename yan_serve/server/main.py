@@ -2,8 +2,10 @@
 
 Before serving, the checkpoint is checked without reading its weights (config.json types and
 keys, model.safetensors' header, tokenizer.json, labels.json, the device): a problem exits with
-code 2 and one line naming the file and the field. If loading still fails later (in the
-background, while /health already answers), the server logs one line and exits with code 1.
+code 2 and one line naming the file and the field. So does an address it cannot listen on
+(a port in use, a host that is not this machine's): the listening sockets are bound before the
+model starts loading, and handed to uvicorn. If loading still fails later (in the background,
+while /health already answers), the server logs one line and exits with code 1.
 
 SIGTERM (or Ctrl-C) starts a drain: /ready turns 503 and new requests get 503 at once, queued and
 running work finishes until one deadline (--shutdown-timeout seconds after the signal); work
@@ -14,8 +16,10 @@ exits without waiting.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 import time
 from types import FrameType
@@ -85,8 +89,53 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> int:
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """The sockets `loop.create_server(host=host, port=port)` would listen on (what uvicorn
+    does with a host and port), bound now: one per address `host` resolves to, SO_REUSEADDR
+    set, IPv6 ones IPv6-only; an address family the machine lacks is skipped. Raises OSError
+    (socket.gaierror for a host that does not resolve) when they cannot all be bound, after
+    closing those that were."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                               socket.AI_PASSIVE)  # fmt: skip
+    socks: list[socket.socket] = []
+    try:
+        for af, kind, proto, _, addr in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(af, kind, proto)
+            except OSError:  # a family/protocol this machine does not have
+                continue
+            socks.append(sock)
+            if sys.platform != "win32":  # asyncio's default: restart without TIME_WAIT trouble
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if af == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRNOTAVAIL and len(infos) > 1:  # family not enabled
+                    socks.pop().close()
+                    continue
+                raise
+        if not socks:
+            raise OSError(errno.EADDRNOTAVAIL, "no address to bind")
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int:
+    """Run the server until it exits, on `sockets` (bound here from --host and --port when
+    None: see `bind_sockets`)."""
     from yan_serve.server.app import create_app
+
+    if sockets is None:
+        sockets = bind_sockets(settings.host, settings.port)
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -108,7 +157,7 @@ def serve(settings: Settings) -> int:
         server.should_exit = True
 
     state.on_load_error = on_load_error
-    server.run()
+    server.run(sockets=sockets)
     if state.load_error:
         return 1
     return 0 if server.started else 1
@@ -135,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"yan-serve: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
-    return serve(settings)
+    try:  # before the model starts loading: a busy port must not leave a loader thread behind
+        sockets = bind_sockets(settings.host, settings.port)
+    except OSError as e:
+        where = _where(settings.host, settings.port)
+        print(f"yan-serve: error: cannot listen on {where}: {e}", file=sys.stderr)
+        return 2
+    return serve(settings, sockets)
 
 
 if __name__ == "__main__":
