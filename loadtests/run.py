@@ -41,6 +41,8 @@ from pathlib import Path
 import closed_loop  # loadtests/closed_loop.py: this script's folder is on sys.path
 from closed_loop import free_port
 
+from yan_serve.argtypes import count_int, positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 PATHS = {"infill": "/v1/infill", "infill-full": "/v1/infill", "complete": "/v1/complete",
@@ -307,22 +309,6 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """argparse type: an integer >= low (named in the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            v: int | None = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < low:
-            what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-
-    return parse
-
-
 def _users(text: str) -> list[int]:
     """argparse type of --users: comma-separated positive integers."""
     try:
@@ -361,7 +347,7 @@ def _error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    positive, count = _int_at_least(1), _int_at_least(0)
+    positive, count = positive_int, count_int
     p = argparse.ArgumentParser(prog="loadtests/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--yan", default=str(ROOT / "weights" / "yan-tiny-kjv"))
     p.add_argument("--ar", default=str(ROOT / "weights" / "ar-tiny-kjv"))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from yan_serve.argtypes import positive_int
 from yan_serve.config import YANConfig
 from yan_serve.engine.graphs import GraphSampler, Ladder, pack_inputs
 from yan_serve.engine.sampler import GenerationRequest, Sampler, assemble
@@ -50,22 +51,11 @@ def _times_ms(fn: Callable[[], object], iters: int) -> tuple[float, float]:
     return 1e3 * statistics.median(times), 1e3 * min(times)
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1 (a bad one exits 2 with one line, before any work)."""
-    try:
-        v: int | None = int(text)
-    except ValueError:
-        v = None
-    if v is None or v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="graph_host_time", description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=_positive, default=64)
-    p.add_argument("--length", type=_positive, default=1024, help="source = target positions")
-    p.add_argument("--iters", type=_positive, default=200)
+    p.add_argument("--batch", type=positive_int, default=64)
+    p.add_argument("--length", type=positive_int, default=1024, help="source = target positions")
+    p.add_argument("--iters", type=positive_int, default=200)
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

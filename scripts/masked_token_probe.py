@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from yan_serve.argtypes import positive_int
 from yan_serve.engine.sampler import GenerationRequest, Sampler
 from yan_serve.model import YAN
 from yan_serve.tasks.corpus import load_corpus
@@ -67,17 +68,6 @@ def probe(model_dir: str, data: str, split: str, steps: int, limit: int | None,
             "prior_token": top}  # fmt: skip
 
 
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v: int | None = int(text)
-    except ValueError:
-        v = None
-    if v is None or v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def _fail(msg: str) -> int:
     """One line on stderr, exit status 2 (a bad argument or input, as argparse's)."""
     print(f"{PROG}: error: {msg}", file=sys.stderr)
@@ -98,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data", required=True, help="a corpus directory (yan data kjv / english)")
     p.add_argument("--split", default="test")
-    p.add_argument("--steps", type=_positive, default=3,
+    p.add_argument("--steps", type=positive_int, default=3,
                    help="Euler time points T of the whole model")  # fmt: skip
     p.add_argument(
-        "--limit", type=_positive, help="at most this many passages (default: all of the split)"
+        "--limit", type=positive_int, help="at most this many passages (default: all of the split)"
     )
     args = p.parse_args(argv)
     for f in ("train.jsonl", f"{args.split}.jsonl"):

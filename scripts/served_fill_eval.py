@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer
 
+from yan_serve.argtypes import count_int, positive_int
 from yan_serve.engine.requests import EngineRequest, TaskOptions
 from yan_serve.server.loader import load_worker
 from yan_serve.tasks import serving as T
@@ -43,22 +44,6 @@ def masked_items(rows: list[dict], n: int, seed: int) -> list[tuple[str, str]]:
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "weights" / "yan-tiny-kjv"  # wherever the script is run from
 PROG = "served_fill_eval"
-
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= low (named in the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            v: int | None = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < low:
-            what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-
-    return parse
 
 
 def _fail(msg: str) -> int:
@@ -92,7 +77,7 @@ def read_passages(path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    positive, count = _int_at_least(1), _int_at_least(0)
+    positive, count = positive_int, count_int
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="a YAN or AR checkpoint (default: the repository's"

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from yan_serve.argtypes import count_int, int_at_least, positive_float, positive_int, share
 from yan_serve.config import INFILL_MASKS, YANConfig, preset_names
 from yan_serve.model import YAN
 
@@ -126,48 +126,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.resume()
     print(json.dumps(trainer.train(), indent=2))
     return 0
-
-
-def _int_at_least(low: int):
-    """argparse type: an integer >= low (named in the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < low:
-            what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-
-    return parse
-
-
-_positive = _int_at_least(1)
-_count = _int_at_least(0)
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
-def _share(text: str) -> float:
-    """argparse type: a number in [0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return v
 
 
 def _steps_list(text: str) -> list[int]:
@@ -484,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     kp = dsub.add_parser("kjv", help="King James Bible passages split by book")
     kp.add_argument("--out", required=True)
     kp.add_argument("--source", help="KJV text file (default: run the `bible` program)")
-    kp.add_argument("--max-words", type=_positive, default=40)
+    kp.add_argument("--max-words", type=positive_int, default=40)
     kp.set_defaults(func=cmd_data_kjv)
     ep_ = dsub.add_parser(
         "english",
@@ -498,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=["kjv", "fortunes", "gcide", "wordnet", "jargon"],
         help="comma-separated subset (default: all five)",
     )
-    ep_.add_argument("--max-words", type=_positive, default=40, help="words per passage at most")
-    ep_.add_argument("--max-docs", type=_positive, help="keep each source's first N documents")
+    ep_.add_argument("--max-words", type=positive_int, default=40, help="words per passage at most")
+    ep_.add_argument("--max-docs", type=positive_int, help="keep each source's first N documents")
     ep_.set_defaults(func=cmd_data_english)
     tkp = dsub.add_parser(
         "tokenizer",
@@ -509,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     tkp.add_argument("--data", required=True, help="corpus directory with train.jsonl")
     tkp.add_argument("--out", required=True, help="directory to write tokenizer.json to")
     tkp.add_argument("--config", default="yan-tiny", help="preset or config.json: its vocab size")
-    tkp.add_argument("--vocab-size", type=_int_at_least(8),
+    tkp.add_argument("--vocab-size", type=int_at_least(8),
                      help="override the config's vocabulary size")  # fmt: skip
     tkp.set_defaults(func=cmd_data_tokenizer)
     ip = dsub.add_parser("import", help="a paper dataset's local files -> corpus directory")
@@ -517,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "dbpedia, sst2, text, jsonl")  # fmt: skip
     ip.add_argument("path", help="the dataset's file or directory, in its public format")
     ip.add_argument("--out", required=True)
-    ip.add_argument("--limit", type=_positive, help="keep the first N records per split")
+    ip.add_argument("--limit", type=positive_int, help="keep the first N records per split")
     ip.set_defaults(func=cmd_data_import)
 
     from yan_serve.train.objectives import StageConfig
@@ -539,16 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--init", help="checkpoint to start from (stage2, finetune)")
     tp.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on the data)")
-    tp.add_argument("--steps", type=_positive, default=run.steps)
-    tp.add_argument("--batch-size", type=_positive, default=run.batch_size)
-    tp.add_argument("--lr", type=_positive_float,
+    tp.add_argument("--steps", type=positive_int, default=run.steps)
+    tp.add_argument("--batch-size", type=positive_int, default=run.batch_size)
+    tp.add_argument("--lr", type=positive_float,
                     help="default: the stage's (1e-4; finetune 1e-5; ar 1e-3)")  # fmt: skip
-    tp.add_argument("--warmup", type=_count, default=run.warmup)
-    tp.add_argument("--decay", type=_count, default=run.decay,
+    tp.add_argument("--warmup", type=count_int, default=run.warmup)
+    tp.add_argument("--decay", type=count_int, default=run.decay,
                     help="take the learning rate linearly to zero over the last DECAY steps, or "
                     "the same share of --max-minutes if time runs out first (default 0: constant "
                     "after warm-up, as in the paper)")  # fmt: skip
-    tp.add_argument("--grad-clip", type=_positive_float, default=run.grad_clip)
+    tp.add_argument("--grad-clip", type=positive_float, default=run.grad_clip)
     tp.add_argument("--mmd-weight", type=float, default=yan.stage1.mmd)
     tp.add_argument("--scale-weight", type=float, default=yan.stage1.scale)
     tp.add_argument("--fm-weight", type=float, default=yan.stage2.fm)
@@ -564,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument(
         "--slack",
-        type=_share,
+        type=share,
         default=yan.slack,
         help="fine-tune: share of targets given serving length slack (EOS filler)",
     )
@@ -584,18 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
         "config's, collapsed: one <mask> per span as in the paper; per_position: one per target "
         "position)",
     )
-    tp.add_argument("--log-every", type=_positive, default=run.log_every)
-    tp.add_argument("--eval-every", type=_positive, default=run.eval_every)
-    tp.add_argument("--eval-batches", type=_positive, default=run.eval_batches)
-    tp.add_argument("--save-every", type=_positive, default=run.save_every)
+    tp.add_argument("--log-every", type=positive_int, default=run.log_every)
+    tp.add_argument("--eval-every", type=positive_int, default=run.eval_every)
+    tp.add_argument("--eval-batches", type=positive_int, default=run.eval_batches)
+    tp.add_argument("--save-every", type=positive_int, default=run.save_every)
     tp.add_argument(
         "--max-minutes",
-        type=_positive_float,
+        type=positive_float,
         help="stop and save after this much wall time (a later --resume continues the run)",
     )
     tp.add_argument(
         "--prefetch",
-        type=_count,
+        type=count_int,
         help="build this many batches ahead in a worker process (default: 4 on CUDA, else 0)",
     )
     tp.add_argument(
@@ -622,15 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--tasks", default="infill,complete,qa,classify")
     ep.add_argument("--steps", type=_steps_list, default=[3],
                     help="comma-separated Euler time points, e.g. 1,2,3")  # fmt: skip
-    ep.add_argument("--limit", type=_positive, help="at most this many examples per task")
-    ep.add_argument("--batch-size", type=_positive, default=64)
+    ep.add_argument("--limit", type=positive_int, help="at most this many examples per task")
+    ep.add_argument("--batch-size", type=positive_int, default=64)
     ep.add_argument("--routing", choices=["argmax", "sample"], default="argmax")
     ep.add_argument("--seed", type=int, default=0)
     ep.add_argument("--device", default="auto")
     ep.add_argument("--json", help="also write the results as JSON here")
-    ep.add_argument("--diversity", type=_count, default=0,
+    ep.add_argument("--diversity", type=count_int, default=0,
                     help="also measure diversity on N passages")  # fmt: skip
-    ep.add_argument("--samples", type=_int_at_least(2), default=5,
+    ep.add_argument("--samples", type=int_at_least(2), default=5,
                     help="diversity: generations per passage")  # fmt: skip
     ep.add_argument(
         "--semantic",
@@ -652,9 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--task", choices=["infill", "complete", "qa", "classify"], default="infill")
     gp.add_argument("--text", required=True, help="infill: use [MASK] for each gap")
     gp.add_argument("--question")
-    gp.add_argument("--span-tokens", type=_positive, default=2, help="infill: tokens per [MASK]")
-    gp.add_argument("--max-tokens", type=_positive, default=16)
-    gp.add_argument("--steps", type=_positive, default=3)
+    gp.add_argument("--span-tokens", type=positive_int, default=2, help="infill: tokens per [MASK]")
+    gp.add_argument("--max-tokens", type=positive_int, default=16)
+    gp.add_argument("--steps", type=positive_int, default=3)
     gp.add_argument("--routing", choices=["argmax", "sample"], default="argmax")
     gp.add_argument("--seed", type=int, default=0)
     gp.add_argument("--previews", action="store_true", help="print the text at every time point")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from yan_serve.argtypes import output_file, positive_int
 from yan_serve.device import resolve_device
 
 if TYPE_CHECKING:
@@ -359,41 +360,9 @@ def suite_parser(
 
 
 # ------------------------------------------------------------------------------- flags
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """argparse type: an integer >= low (named in the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            v: int | None = int(text)
-        except ValueError:
-            v = None
-        if v is None or v < low:
-            what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return v
-
-    return parse
-
-
-positive_int = _int_at_least(1)
-count_int = _int_at_least(0)  # zero allowed (a flag whose 0 means "the default" or "none")
-
-
-def json_path(text: str) -> str:
-    """argparse type of --json: a file path whose folder exists (checked before the run, not
-    after minutes of measuring) and that is not itself a folder."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
-    parent = path.parent
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"no directory {str(parent)!r} to write {text!r} in")
-    return text
-
-
 def add_json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--json", metavar="PATH", type=json_path, help="also write header and rows as JSON"
+        "--json", metavar="PATH", type=output_file, help="also write header and rows as JSON"
     )
 
 

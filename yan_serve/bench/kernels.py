@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from yan_serve.argtypes import positive_int
 from yan_serve.bench.common import (
     CPU_BUDGET_S,
     DTYPES,
@@ -38,7 +39,6 @@ from yan_serve.bench.common import (
     matmul_rate,
     one_line,
     or_oom,
-    positive_int,
     print_header,
     run_header,
     suite_parser,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from yan_kernels import pdl
 
+from yan_serve.argtypes import count_int
 from yan_serve.bench.common import (
     CPU_BUDGET_S,
     DTYPES,
@@ -30,7 +31,6 @@ from yan_serve.bench.common import (
     bench_model,
     compiled_cells,
     copy_bandwidth,
-    count_int,
     cpu_time_ms,
     euler_steps,
     failed_exit,

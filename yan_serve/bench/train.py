@@ -28,15 +28,14 @@ from typing import Any
 
 import torch
 
+from yan_serve.argtypes import count_int, positive_int
 from yan_serve.bench.common import (
     add_json_flag,
     bench_device,
     choice_list,
-    count_int,
     finish,
     fmt,
     int_list,
-    positive_int,
     print_header,
     run_header,
 )
