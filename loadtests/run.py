@@ -41,7 +41,7 @@ from pathlib import Path
 import closed_loop  # loadtests/closed_loop.py: this script's folder is on sys.path
 from closed_loop import free_port
 
-from yan_serve.argtypes import count_int, positive_int
+from yan_serve.argtypes import count_int, positive_int, positive_int_list
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -309,19 +309,6 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _users(text: str) -> list[int]:
-    """argparse type of --users: comma-separated positive integers."""
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        vals = []
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers, got {text!r}"
-        )
-    return vals
-
-
 def read_payload_file(path: Path, endpoints: list[str]) -> str:
     """The text of a payload file holding a non-empty list of requests for each of
     `endpoints`; ValueError (one line) for a file that does not."""
@@ -357,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         default="complete,infill,infill-full,qa,classify",
         help=f"from {','.join(USER_CLASS)}; infill-full: AR regenerates the passage",
     )
-    p.add_argument("--users", type=_users, default=[1, 4, 16, 64],
+    p.add_argument("--users", type=positive_int_list, default=[1, 4, 16, 64],
                    help="concurrency levels, comma-separated (default 1,4,16,64)")  # fmt: skip
     p.add_argument("--duration", type=positive, default=20, help="seconds per point")
     p.add_argument("--max-tokens", type=positive, default=128, help="complete: tokens per request")

@@ -13,7 +13,6 @@ without empty spans allowed (YAN; the AR baseline writes what it writes either w
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -25,6 +24,7 @@ from yan_serve.argtypes import count_int, positive_int
 from yan_serve.engine.requests import EngineRequest, TaskOptions
 from yan_serve.server.loader import load_worker
 from yan_serve.tasks import serving as T
+from yan_serve.tasks.corpus import read_jsonl
 
 
 def masked_items(rows: list[dict], n: int, seed: int) -> list[tuple[str, str]]:
@@ -58,19 +58,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def read_passages(path: Path) -> list[dict]:
-    """The corpus split's rows, each with a non-empty "text"; ValueError (naming the line)
-    for a row that is not one, or for a split without any."""
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not str(row.get("text", "")).split():
-            raise ValueError(f'{path}:{i}: expected an object with a non-empty "text"')
-        rows.append(row)
+    """The corpus split's passages (rows with a non-empty "text"; `read_jsonl` names a line
+    that is not a corpus row); ValueError for a split without any."""
+    rows = [r for r in read_jsonl(path) if str(r.get("text", "")).split()]
     if not rows:
         raise ValueError(f"{path} holds no passages")
     return rows

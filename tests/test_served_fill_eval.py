@@ -80,7 +80,7 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, capsys) -> None:
         ([*data, "--model", "/nonexistent"], "no checkpoint directory /nonexistent"),
         ([*data, "--model", str(tmp_path / "ckpt")], f"cannot load {tmp_path / 'ckpt'}"),
         ([*data, "--model", yan, "--split", "empty"], "empty.jsonl holds no passages"),
-        ([*data, "--model", yan, "--split", "broken"], "broken.jsonl:1: not JSON"),
+        ([*data, "--model", yan, "--split", "broken"], "broken.jsonl:1 is not valid JSON"),
         ([*data, "--model", yan, "--span-tokens", "65"], "span budget 65: must be between"),
     ]:
         assert mod.main(argv) == 2, argv

@@ -29,6 +29,19 @@ positive_int = int_at_least(1)
 count_int = int_at_least(0)  # zero allowed (a flag whose 0 means "none" or "the default")
 
 
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated integers, each >= 1 ("1,2,3")."""
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers (e.g. 1,2,3), got {text!r}"
+        )
+    return vals
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0."""
     try:

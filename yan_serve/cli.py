@@ -21,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from yan_serve.argtypes import count_int, int_at_least, positive_float, positive_int, share
+from yan_serve.argtypes import (
+    count_int,
+    int_at_least,
+    positive_float,
+    positive_int,
+    positive_int_list,
+    share,
+)
 from yan_serve.config import INFILL_MASKS, YANConfig, preset_names
 from yan_serve.model import YAN
 
@@ -126,19 +133,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.resume()
     print(json.dumps(trainer.train(), indent=2))
     return 0
-
-
-def _steps_list(text: str) -> list[int]:
-    """argparse type: comma-separated Euler time point counts, each >= 1 ("1,2,3")."""
-    try:
-        steps = [int(x) for x in text.split(",")]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers >= 1 (e.g. 1,2,3), got {text!r}"
-        )
-    return steps
 
 
 def _sources(text: str) -> list[str]:
@@ -578,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--data", required=True)
     ep.add_argument("--split", default="test")
     ep.add_argument("--tasks", default="infill,complete,qa,classify")
-    ep.add_argument("--steps", type=_steps_list, default=[3],
+    ep.add_argument("--steps", type=positive_int_list, default=[3],
                     help="comma-separated Euler time points, e.g. 1,2,3")  # fmt: skip
     ep.add_argument("--limit", type=positive_int, help="at most this many examples per task")
     ep.add_argument("--batch-size", type=positive_int, default=64)

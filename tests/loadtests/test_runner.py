@@ -116,7 +116,7 @@ def test_runner_refuses_bad_input_in_one_line_and_writes_nothing(
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--users", "0"], "--users: expected comma-separated positive integers, got '0'"),
+        (["--users", "0"], "--users: expected comma-separated positive integers (e.g. 1,2,3)"),
         (["--users", "1,-4"], "--users: expected comma-separated positive integers"),
         (["--duration", "0"], "--duration: expected a positive integer, got '0'"),
         (["--servers", ","], "--servers: name yan, ar or both"),
