@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from yan_serve.argtypes import positive_int
+from yan_serve.argtypes import fail, first_line, positive_int
 from yan_serve.engine.sampler import GenerationRequest, Sampler
 from yan_serve.model import YAN
 from yan_serve.tasks.corpus import load_corpus
@@ -69,14 +69,7 @@ def probe(model_dir: str, data: str, split: str, steps: int, limit: int | None,
 
 
 def _fail(msg: str) -> int:
-    """One line on stderr, exit status 2 (a bad argument or input, as argparse's)."""
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return fail(PROG, msg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         model = from_pretrained(args.model)
         tok = load_tokenizer(args.model, model.config)
     except (ValueError, OSError, KeyError, NotImplementedError) as e:
-        return _fail(f"cannot load {args.model}: {_one_line(e)}")
+        return _fail(f"cannot load {args.model}: {first_line(e)}")
     try:
         r = probe(args.model, args.data, args.split, args.steps, args.limit, model=model)
     except (ValueError, OSError, KeyError) as e:  # a corpus row the tasks cannot read
-        return _fail(f"{args.data}: {_one_line(e)}")
+        return _fail(f"{args.data}: {first_line(e)}")
     if not r["masked"]:
         return _fail(f"no masked tokens in {args.data} ({args.split}): no passage to probe")
     top = tok.decode([int(r["prior_token"])])

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer
 
-from yan_serve.argtypes import count_int, positive_int
+from yan_serve.argtypes import count_int, fail, first_line, positive_int
 from yan_serve.engine.requests import EngineRequest, TaskOptions
 from yan_serve.server.loader import load_worker
 from yan_serve.tasks import serving as T
@@ -46,17 +46,6 @@ DEFAULT_MODEL = ROOT / "weights" / "yan-tiny-kjv"  # wherever the script is run 
 PROG = "served_fill_eval"
 
 
-def _fail(msg: str) -> int:
-    """One line on stderr, exit status 2 (a bad argument or input, as argparse's)."""
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def read_passages(path: Path) -> list[dict]:
     """The corpus split's passages (rows with a non-empty "text"; `read_jsonl` names a line
     that is not a corpus row); ValueError for a split without any."""
@@ -64,6 +53,10 @@ def read_passages(path: Path) -> list[dict]:
     if not rows:
         raise ValueError(f"{path} holds no passages")
     return rows
+
+
+def _fail(msg: str) -> int:
+    return fail(PROG, msg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,18 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = read_passages(path)
     except (ValueError, OSError) as e:
-        return _fail(_one_line(e))
+        return _fail(first_line(e))
     try:
         worker = load_worker(args.model, "cpu")
     except (ValueError, OSError, KeyError, NotImplementedError) as e:
-        return _fail(f"cannot load {args.model}: {_one_line(e)}")
+        return _fail(f"cannot load {args.model}: {first_line(e)}")
     tok = worker.tokenizer
     items = masked_items(rows, args.n, args.seed)
     try:
         plans = [T.plan_infill(tok, text, worker.max_length, args.span_tokens,
                                infill_masks=worker.infill_masks) for text, _ in items]  # fmt: skip
     except T.PlanError as e:
-        return _fail(_one_line(e))
+        return _fail(first_line(e))
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     steps = args.steps or worker.default_steps
     at = f", T = {steps}" if worker.kind == "yan" else ""

@@ -1,10 +1,12 @@
 """argparse `type=` checkers shared by the command lines (`yan`, `yan-serve bench`, the scripts,
-the load test): a bad value is refused when parsed, with one line naming it, before any work."""
+the load test): a bad value is refused when parsed, with one line naming it, before any work;
+and the one-line error exit the scripts share."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,3 +75,16 @@ def output_file(text: str) -> str:
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"no directory {str(path.parent)!r} to write {text!r} in")
     return text
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message, first line only (its type name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def fail(prog: str, msg: str) -> int:
+    """One line `PROG: error: MSG` on stderr; exit status 2 (a bad argument or input, as
+    argparse's)."""
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return 2
