@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -209,11 +210,18 @@ def test_api_key() -> None:
 
 
 def test_bad_flags_exit_with_one_line(tmp_path) -> None:
+    import json
+    import shutil
     import subprocess
     import sys
 
+    ar = tmp_path / "ar"  # an AR checkpoint whose config has a field of the wrong type
+    shutil.copytree(Path(__file__).resolve().parents[2] / "weights" / "ar-tiny-kjv", ar)
+    cfg = json.loads((ar / "config.json").read_text())
+    (ar / "config.json").write_text(json.dumps({**cfg, "n_embd": "wide"}))
     bad = (
         ["--model", str(tmp_path)],
+        ["--model", str(ar)],
         ["--device", "tpu"],
         ["--max-queue", "0"],
         ["--port", "abc"],

@@ -28,6 +28,13 @@ def check_checkpoint(model_dir: str | Path, device: str = "auto") -> None:
                 sf.keys()
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{f} is not a readable safetensors file ({e})") from None
+        from transformers import GPT2Config
+
+        try:  # the config's field types, as loading would check them
+            GPT2Config.from_pretrained(str(d))
+        except Exception as e:  # transformers' own validation errors
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{d / 'config.json'}: {first}") from None
         YANTokenizer.load(d)
     else:
         cfg = check_pretrained(d)
