@@ -334,7 +334,6 @@ def _error(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    positive, count = positive_int, count_int
     p = argparse.ArgumentParser(prog="loadtests/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--yan", default=str(ROOT / "weights" / "yan-tiny-kjv"))
     p.add_argument("--ar", default=str(ROOT / "weights" / "ar-tiny-kjv"))
@@ -346,16 +345,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--users", type=positive_int_list, default=[1, 4, 16, 64],
                    help="concurrency levels, comma-separated (default 1,4,16,64)")  # fmt: skip
-    p.add_argument("--duration", type=positive, default=20, help="seconds per point")
-    p.add_argument("--max-tokens", type=positive, default=128, help="complete: tokens per request")
-    p.add_argument("--steps", type=positive, default=3, help="YAN Euler time points")
+    p.add_argument("--duration", type=positive_int, default=20, help="seconds per point")
+    p.add_argument("--max-tokens", type=positive_int, default=128,
+                   help="complete: tokens per request")  # fmt: skip
+    p.add_argument("--steps", type=positive_int, default=3, help="YAN Euler time points")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=count, default=0, help="server torch threads (0: default)")
+    p.add_argument("--threads", type=count_int, default=0, help="server torch threads (0: default)")
     p.add_argument("--data", default=str(ROOT / "data" / "kjv"))
-    p.add_argument("--payloads", type=positive, default=200, help="distinct requests per endpoint")
+    p.add_argument("--payloads", type=positive_int, default=200,
+                   help="distinct requests per endpoint")  # fmt: skip
     p.add_argument(
         "--infill-words",
-        type=count,
+        type=count_int,
         default=0,
         help="infill passages of this many words (consecutive verses; 0: one verse)",
     )

@@ -60,18 +60,17 @@ def _fail(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    positive, count = positive_int, count_int
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="a YAN or AR checkpoint (default: the repository's"
                    " weights/yan-tiny-kjv)")  # fmt: skip
     p.add_argument("--data", required=True, help="a corpus directory (yan data kjv / english)")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=positive, default=300, help="passages (at most the split's)")
+    p.add_argument("--n", type=positive_int, default=300, help="passages (at most the split's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--span-tokens", type=positive, default=2)
-    p.add_argument("--batch-size", type=positive, default=16)
-    p.add_argument("--steps", type=count, default=0,
+    p.add_argument("--span-tokens", type=positive_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--steps", type=count_int, default=0,
                    help="YAN: Euler time points T (0: the server's default)")  # fmt: skip
     args = p.parse_args(argv)
     path = Path(args.data) / f"{args.split}.jsonl"
