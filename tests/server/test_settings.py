@@ -94,7 +94,9 @@ def test_a_busy_port_exits_2_with_one_line_before_loading() -> None:
 
 
 @pytest.mark.parametrize(
-    "host, reason", [("999.1.1.1", "Name or service not known"), ("8.8.8.8", "Errno 99")]
+    # the resolver's wording for a name that is no address varies by system: not checked
+    "host, reason",
+    [("999.1.1.1", ""), ("8.8.8.8", "Errno 99")],
 )
 def test_a_host_it_cannot_listen_on_exits_2_with_one_line(host: str, reason: str) -> None:
     p = _serve("--host", host, "--port", "8765")
