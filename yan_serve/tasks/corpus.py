@@ -13,6 +13,7 @@ from yan_serve.tasks.babi import babi_splits
 from yan_serve.tasks.formats import TASKS
 from yan_serve.tasks.kjv import section_record
 from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
+from yan_serve.tasks.splitfiles import split_writers
 
 
 @dataclass
@@ -106,15 +107,12 @@ def import_dataset(name: str, path: str | Path, out_dir: str | Path,
             if single_file:
                 raise
             continue
-        out.mkdir(parents=True, exist_ok=True)
         name_as = "test" if single_file else split  # one file holds one split: written as test
-        part = out / f".{name_as}.jsonl.part"  # replaces the split only once written whole
-        with part.open("w") as f:
+        with split_writers(out, (name_as,)) as files:
             for r in recs:
                 row = asdict(r)
                 row.pop("meta", None)
-                f.write(json.dumps(row) + "\n")
-        part.replace(out / f"{name_as}.jsonl")
+                files[name_as].write(json.dumps(row) + "\n")
         counts[name_as] = len(recs)
         if single_file:
             break

