@@ -119,7 +119,7 @@ def test_output_files_are_checked_before_the_work(tmp_path: Path, capsys) -> Non
     assert main(["eval", "nockpt", "--data", "d", "--json", str(tmp_path)]) == 2
     _one_line_error(capsys, "is a directory")
     assert main(["eval", "nockpt", "--data", "d", "--json", str(tmp_path / "no" / "x.json")]) == 2
-    _one_line_error(capsys, "does not exist")
+    _one_line_error(capsys, "no directory")
     assert main(["compare", "x", "--out", str(tmp_path)]) == 2
     _one_line_error(capsys, "is a directory")
 

@@ -24,6 +24,7 @@ import torch
 from yan_serve.argtypes import (
     count_int,
     int_at_least,
+    output_file,
     positive_float,
     positive_int,
     positive_int_list,
@@ -144,14 +145,14 @@ def _sources(text: str) -> list[str]:
 
 
 def _check_output_file(path: str | None) -> None:
-    """Before the work: an output file's place exists and is not a directory."""
+    """Before the work: an output file's place exists and is not a directory (`output_file`'s
+    check, as one error line of this command)."""
     if path is None:
         return
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{p} is a directory: give a file name to write")
-    if not p.parent.is_dir():
-        raise ValueError(f"{p.parent} does not exist (the directory to write {p.name} in)")
+    try:
+        output_file(path)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
 
 
 # what a run writes beside its checkpoint, removed by --overwrite so that nothing of the old run
