@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from yan_serve.argtypes import first_line
 from yan_serve.tasks.formats import Example
 from yan_serve.tokenizer import YANTokenizer
 
@@ -50,8 +51,7 @@ def load_ar(
     except (OSError, ValueError):
         raise
     except Exception as e:  # safetensors' and transformers' own errors: a corrupt checkpoint
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{d} is not a readable AR checkpoint: {first}") from None
+        raise ValueError(f"{d} is not a readable AR checkpoint: {first_line(e)}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 
