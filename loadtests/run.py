@@ -41,9 +41,7 @@ from pathlib import Path
 import closed_loop  # loadtests/closed_loop.py: this script's folder is on sys.path
 from closed_loop import free_port
 
-from yan_serve.argtypes import count_int, fail, first_line, positive_int, positive_int_list
-
-PROG = "loadtest"  # the prefix of its one-line errors
+from yan_serve.argtypes import count_int, positive_int, positive_int_list
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -330,6 +328,11 @@ def read_payload_file(path: Path, endpoints: list[str]) -> str:
     return text
 
 
+def _error(msg: str) -> int:
+    print(f"loadtest: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="loadtests/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--yan", default=str(ROOT / "weights" / "yan-tiny-kjv"))
@@ -380,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         if s not in servers:
             p.error(f"unknown server {s!r}")
         if not (servers[s] / "config.json").exists():
-            return fail(PROG, f"{servers[s]} is not a checkpoint ({s}); see README")
+            return _error(f"{servers[s]} is not a checkpoint ({s}); see README")
     if not chosen:
         p.error("--servers: name yan, ar or both")
     endpoints = [e.strip() for e in args.endpoints.split(",")]
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resolve_device(args.device)  # the servers would each exit with this
     except ValueError as e:
-        return fail(PROG, str(e))
+        return _error(str(e))
     try:
         if args.payload_file:
             payloads = read_payload_file(Path(args.payload_file), endpoints)
@@ -403,11 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                                                  args.max_tokens, args.steps, 0,
                                                  args.infill_words))  # fmt: skip
     except (ValueError, OSError) as e:
-        return fail(PROG, first_line(e))
+        return _error(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     dev = device_name(args.device)
     out = Path(args.out or ROOT / "loadtests" / "results" / f"{dt.date.today()}-{dev}")
     if out.exists() and not out.is_dir():
-        return fail(PROG, f"--out: {out} is not a directory")
+        return _error(f"--out: {out} is not a directory")
     (out / "raw").mkdir(parents=True, exist_ok=True)
     payload_file = out / "payloads.json"
     payload_file.write_text(payloads)

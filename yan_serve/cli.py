@@ -23,7 +23,6 @@ import torch
 
 from yan_serve.argtypes import (
     count_int,
-    first_line,
     int_at_least,
     output_file,
     positive_float,
@@ -633,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, OSError, NotImplementedError, KeyError) as e:
-        msg = first_line(e)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"yan {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from yan_serve.argtypes import first_line
 from yan_serve.tasks.formats import Example
 from yan_serve.tokenizer import YANTokenizer
 
@@ -51,7 +50,8 @@ def load_ar(
     except (OSError, ValueError):
         raise
     except Exception as e:  # safetensors' and transformers' own errors: a corrupt checkpoint
-        raise ValueError(f"{d} is not a readable AR checkpoint: {first_line(e)}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{d} is not a readable AR checkpoint: {first}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from yan_serve.argtypes import first_line
 from yan_serve.device import resolve_device
 from yan_serve.engine.requests import Worker
 from yan_serve.tokenizer import YANTokenizer
@@ -34,7 +33,8 @@ def check_checkpoint(model_dir: str | Path, device: str = "auto") -> None:
         try:  # the config's field types, as loading would check them
             GPT2Config.from_pretrained(str(d))
         except Exception as e:  # transformers' own validation errors
-            raise ValueError(f"{d / 'config.json'}: {first_line(e)}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{d / 'config.json'}: {first}") from None
         YANTokenizer.load(d)
     else:
         cfg = check_pretrained(d)

@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from yan_serve.argtypes import first_line
 from yan_serve.device import resolve_device
 
 
@@ -292,8 +291,9 @@ class Trainer:
         try:
             self.objective.load(self.out, self.device)
         except RuntimeError as e:  # load_state_dict: a run of another model shape
+            first = str(e).strip().splitlines()[0]
             raise ValueError(
-                f"{self.out} holds a run of another model shape than this one ({first_line(e)})"
+                f"{self.out} holds a run of another model shape than this one ({first})"
             ) from None
         opt_state = torch.load(self.out / "optimizer.pt", map_location=self.device,
                                weights_only=True)  # fmt: skip
