@@ -158,7 +158,9 @@ if [[ $RECIPE == both ]]; then
         echo "=== $run ===" >>"$RESULTS/both.out"
         cat "$WORK/$run.out" >>"$RESULTS/both.out"
         tail -n 25 "$WORK/$run.out" | sed "s/^/[$run] /"
-        if [[ -f "$WORK/$run/gpu-train/config.json" ]]; then
+        # a run that failed still returns its train.tar.gz (the full log); only one with
+        # config.json has weights to unpack
+        if [[ -n "$(ls -A "$WORK/$run/gpu-train" 2>/dev/null)" ]]; then
             tar -C "$WORK/$run/gpu-train" -cf - . | split -b 15m - "$RESULTS/$run.tar.part-"
         fi
     done
@@ -171,7 +173,9 @@ echo "gpu_train: $RECIPE, $CONFIG, batch $BS, $MINUTES min" \
     "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || echo "$DEVICE")"
 status=0
 OUT="$WORK/run" PUBLISH="$WORK/ckpt" bash "scripts/$RECIPE.sh" >"$WORK/train.out" 2>&1 || status=$?
-grep -E '^(done|[a-z0-9]+: time limit)' "$WORK/train.out"  # every stage's summary line
+# every stage's summary line (none when the first stage failed: the tail and train.tar.gz below
+# still carry the error back)
+grep -E '^(done|[a-z0-9]+: time limit)' "$WORK/train.out" || true
 tail -n 20 "$WORK/train.out"
 
 if [[ -f "$WORK/ckpt/model.safetensors" ]]; then

@@ -43,6 +43,36 @@ def test_script_parses_and_refuses_a_missing_corpus(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_failing_in_its_first_stage_brings_its_error_back(tmp_path: Path) -> None:
+    """A recipe that dies before any stage's `done:` line (on a GPU: out of memory, a compile
+    error) still prints its log's tail and returns train.tar.gz with train.out; under
+    RECIPE=both, both.out holds each run's error."""
+    data = tmp_path / "kjv"
+    data.mkdir()
+    (data / "train.jsonl").touch()
+    env = {**os.environ, "DATA": str(data), "DEVICE": "cpu", "CONFIG": "yan-bogus",
+           "MINUTES": "1"}  # fmt: skip
+    r = subprocess.run(["bash", str(SCRIPT)], env={**env, "OUT": str(tmp_path / "one")},
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode != 0
+    assert "unknown preset 'yan-bogus'" in r.stdout, r.stdout + r.stderr
+    back = tmp_path / "one/gpu-train/train.tar.gz"
+    listing = subprocess.run(["tar", "-tzf", str(back)], capture_output=True, text=True)
+    assert "train.out" in listing.stdout.split()
+    # both runs continue the shipped checkpoints and fail at once: the corpus has no val split
+    env = {**env, "OUT": str(tmp_path / "both"), "RECIPE": "both", "CONFIG": "yan-tiny",
+           "INIT": str(ROOT / "weights/yan-tiny-kjv"), "AR_INIT": str(ROOT / "weights/ar-tiny-kjv")}
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    assert r.returncode != 0
+    both = (tmp_path / "both/gpu-train/both.out").read_text()
+    assert both.count("val.jsonl") >= 2, both
+    for run in ("yan", "ar"):
+        part = tmp_path / f"both/gpu-train/{run}.tar.part-aa"
+        listing = subprocess.run(["tar", "-tf", str(part)], capture_output=True, text=True)
+        assert "./train.tar.gz" in listing.stdout.split(), listing.stdout
+
+
 def test_unpack_refuses_a_folder_without_weights_and_keeps_the_old_ones(tmp_path: Path) -> None:
     """No model.safetensors.part-*: one line, exit 2, and the checkpoint already in DST (and
     its config) untouched; with parts, the weights are assembled whole and readable."""
