@@ -253,13 +253,20 @@ def test_unknown_step_is_refused(model) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_eager(model) -> None:
-    reqs = [ARRequest(p, 6, seed=i) for i, p in enumerate(_prompts(3, seed=3))]
-    runner = FusedRunner(model, batch_sizes=(4,), lengths=(24,), step="compile")
-    runner.fused.trim = False  # one fixed shape: one compilation
+def test_compiled_step_equals_eager_in_every_window(model) -> None:
+    """12 windows, more than dynamo's default recompile limit (8), each one generating: the
+    compiled body serves them all (a server captures ~35) and equals the eager tokens."""
+    runner = FusedRunner(model, batch_sizes=(1, 2, 4), lengths=(16, 24, 32, 40), step="compile")
+    runner.fused.trim = False  # the windows' shapes only
     runner.capture()
-    got = ar_generate(model, reqs, 2, PAD, static=runner)
-    _same(got, ar_generate(model, reqs, 2, PAD))
+    g = torch.Generator().manual_seed(3)
+    for b, n in runner.windows:
+        reqs = [ARRequest(torch.randint(3, V, (n - 6,), generator=g).tolist(), 6, seed=i)
+                for i in range(b)]  # fmt: skip
+        got = ar_generate(model, reqs, 2, PAD, static=runner)
+        cur = runner.current
+        assert cur is not None and (cur.batch, cur.length) == (b, n)
+        _same(got, ar_generate(model, reqs, 2, PAD))
 
 
 @pytest.mark.gpu
