@@ -243,7 +243,8 @@ def decode_attention_ref(
 
 def aot_specs() -> list:
     """The launcher's configurations (see `yan_kernels.aot`): bf16, fp16 and fp32, head sizes
-    64 (GPT-2) and 128 (BLOCK_D is the next power of two of the head size), one program per
+    64 (GPT-2) and 128, and in bf16 and fp32 also 32 (ar-tiny) and 12 (BLOCK_D is the next
+    power of two of the head size), one program per
     (row, head) and the slots split over 2 to `MAX_SPLITS` programs; each without and (for
     sm_90 only) with programmatic dependent launch."""
     from .aot import TORCH_TO_TRITON, AotSpec, with_pdl
@@ -260,13 +261,19 @@ def aot_specs() -> list:
         whole = dict(part_m_ptr=t, part_l_ptr=t, part_acc_ptr=t, count_ptr="*i64")
         split = dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32",
                      count_ptr="*i32")  # fmt: skip
-        for hd, H in ((64, 12), (128, 8)):
+        # GPT-2 (64 x 12), a 128-wide head; ar-tiny's 32 x 6 and the GPU tests' 12 x 4 (a head
+        # size that is not a power of two: BLOCK_D 16 masks it) in bf16 and fp32
+        shapes = [(64, 12), (128, 8)]
+        if dtype != torch.float16:
+            shapes += [(32, 6), (12, 4)]
+        for hd, H in shapes:
             layouts = [(whole, False, 2)] + [(split, True, 2**i) for i in range(1, 6)]
+            block_d = triton.next_power_of_2(hd)
             for parts, is_split, block_s in layouts:
                 specs.append(AotSpec(
                     "_decode_attention_kernel", {**sig, **parts},
-                    dict(H=H, HD=hd, BLOCK_L=BLOCK_L, BLOCK_D=hd, SPLIT=is_split,
-                         BLOCK_S=block_s), _num_warps(hd), STAGES,
+                    dict(H=H, HD=hd, BLOCK_L=BLOCK_L, BLOCK_D=block_d, SPLIT=is_split,
+                         BLOCK_S=block_s), _num_warps(block_d), STAGES,
                     label=f"{t[1:]} heads={H} head size={hd}"
                           + (f" splits<={block_s}" if is_split else ""),
                 ))  # fmt: skip
