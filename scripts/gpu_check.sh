@@ -88,7 +88,7 @@ SETUP=$WORK/setup.log
     esac
     if [ "$need" = 1 ]; then
         if ! ls .whl/*.whl >/dev/null 2>&1; then
-            echo "no wheels in .whl/: carry it (see the header of this script)"
+            echo "no wheels in .whl/: run scripts/gpu_wheels.sh where the index is reachable, and carry .whl"
         else
             rm -rf "$SITE" && mkdir -p "$SITE"
             # Dependencies the image may already have at a working version (httpx and the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,19 @@ def test_the_lease_plan_flags_parse() -> None:
             parser.parse_args([name.lower(), "--device", "cuda", *shlex.split(flags)])
         except SystemExit as exc:
             raise AssertionError(f"{name}_ARGS={flags!r} does not parse") from exc
+
+
+def test_wheel_script_pins_what_the_check_installs() -> None:
+    """scripts/gpu_wheels.sh fills .whl/ for the GPU image: exact pins, one per package, the web
+    stack the server imports, and every package gpu_check.sh installs only when missing."""
+    script = ROOT / "scripts" / "gpu_wheels.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    body = script.read_text().split("PINS=(", 1)[1].split(")", 1)[0]
+    pins = [w for line in body.splitlines() for w in line.split("#")[0].split()]
+    names = [p.split("==")[0] for p in pins]
+    assert all(p.count("==") == 1 and p.split("==")[1] for p in pins), pins
+    assert len(set(names)) == len(names), names
+    assert {"fastapi", "starlette", "pydantic", "pydantic-core", "uvicorn"} <= set(names)
+    if_missing = CHECK.read_text().split("IF_MISSING = {", 1)[1].split("}", 1)[0]
+    for dist in re.findall(r'"([a-z0-9-]+)":', if_missing):
+        assert dist in names, f"gpu_check.sh may install {dist} from .whl/, which gets none"
