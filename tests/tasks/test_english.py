@@ -133,7 +133,11 @@ def test_jargon_entries(tmp_path: Path) -> None:
 
 
 def test_build_is_disjoint_by_document_and_records_sources(tmp_path: Path, monkeypatch) -> None:
-    docs = [{"id": f"fake/{i}", "source": "jargon", "text": " ".join(["word"] * (5 + i % 90))}
+    def letters(n: int) -> str:  # distinct all-letter words: every passage is prose, none equal
+        return "".join(chr(97 + int(c)) for c in str(n))
+
+    docs = [{"id": f"fake/{i}", "source": "jargon",
+             "text": " ".join(f"w{letters(i)}x{letters(k)}" for k in range(5 + i % 90))}
             for i in range(400)]  # fmt: skip
     docs[7]["text"] = "+--+--+ |##|##| +--+--+ |##|##| +--+--+"  # a table: dropped
     monkeypatch.setitem(english.SOURCES, "jargon", lambda: iter(docs))
@@ -149,9 +153,29 @@ def test_build_is_disjoint_by_document_and_records_sources(tmp_path: Path, monke
     written = json.loads((tmp_path / "sources.json").read_text())
     assert written == summary
     got = summary["sources"]["jargon"]
-    assert got["documents"] == 400 and got["dropped"] == 1
+    assert got["documents"] == 400 and got["dropped"] == 1 and got["duplicates"] == 0
     assert (got["train"], got["val"], got["test"]) == tuple(len(rows[s]) for s in rows)
     assert got["licence"].startswith("public domain")
+
+
+def test_a_text_filed_twice_is_written_once(tmp_path: Path, monkeypatch) -> None:
+    """The same quotation under two ids (fortune files repeat some) lands in one split only:
+    ids that hash to train and to a held-out split, and a copy differing in case and spacing."""
+    ids = [f"fake/{i}" for i in range(200)]
+    held = next(i for i in ids if split_of_id(i) != "train")
+    train = next(i for i in ids if split_of_id(i) == "train")
+    quote = "Ask not what your country can do for you, ask what you can do."
+    again = "  " + quote.upper().replace(" ", "  ")
+    other = "Another saying of six words."
+    docs = [{"id": held, "source": "fortunes", "text": quote},
+            {"id": train, "source": "fortunes", "text": again},
+            {"id": "fake/other", "source": "fortunes", "text": other}]  # fmt: skip
+    monkeypatch.setitem(english.SOURCES, "fortunes", lambda: iter(docs))
+    summary = build_english_corpus(tmp_path, sources=["fortunes"], max_words=40)
+    texts = [json.loads(x)["text"].lower() for s in ("train", "val", "test")
+             for x in (tmp_path / f"{s}.jsonl").read_text().splitlines()]  # fmt: skip
+    assert sum(" ".join(t.split()) == quote.lower() for t in texts) == 1
+    assert len(texts) == 2 and summary["sources"]["fortunes"]["duplicates"] == 1
 
 
 def test_missing_package_names_the_install_command(tmp_path: Path) -> None:

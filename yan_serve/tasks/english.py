@@ -249,17 +249,23 @@ def build_english_corpus(
     """Write `{train,val,test}.jsonl` and `sources.json` to out_dir; returns the summary
     (passages per source and split, package versions, licences). `max_docs` caps each source
     at its first documents (tests, quick recipes). The splits replace those in out_dir only
-    once every source is read: a missing package leaves out_dir as it was."""
+    once every source is read: a missing package leaves out_dir as it was.
+
+    A passage whose text (case and spacing aside) was already written is dropped, counted as
+    `duplicates`: splits go by document id, and the same quotation filed twice (fortune files
+    repeat some) would otherwise sit in train and in a held-out split at once."""
     names = list(sources)
     unknown = [s for s in names if s not in SOURCES]
     if unknown:
         raise ValueError(f"unknown source(s) {unknown}: choose from {', '.join(SOURCES)}")
     out = Path(out_dir)
     counts: dict[str, dict[str, int]] = {}
+    seen: set[bytes] = set()  # digests of the passages written, across sources and splits
     with split_writers(out) as files:
         for name in names:
             c = counts.setdefault(
-                name, {"documents": 0, "train": 0, "val": 0, "test": 0, "dropped": 0}
+                name,
+                {"documents": 0, "train": 0, "val": 0, "test": 0, "dropped": 0, "duplicates": 0},
             )
             for doc in SOURCES[name]():
                 if max_docs is not None and c["documents"] >= max_docs:
@@ -269,6 +275,11 @@ def build_english_corpus(
                     if not is_prose(p["text"], min_words=3):  # art and tables inside entries
                         c["dropped"] += 1
                         continue
+                    key = hashlib.sha1(" ".join(p["text"].lower().split()).encode()).digest()
+                    if key in seen:
+                        c["duplicates"] += 1
+                        continue
+                    seen.add(key)
                     files[p["split"]].write(json.dumps(p, ensure_ascii=False) + "\n")
                     c[p["split"]] += 1
             if progress:
