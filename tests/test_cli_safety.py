@@ -165,3 +165,30 @@ def test_generate_names_an_ar_checkpoint_and_params_a_bad_config(tmp_path: Path,
         p.write_text(json.dumps({**micro_config().to_dict(), key: value}))
         assert main(["params", str(p)]) == 2
         _one_line_error(capsys, key)
+
+
+def test_train_ar_takes_an_ar_checkpoint_as_its_tokenizer(tmp_path: Path, capsys) -> None:
+    """`yan train ar --tokenizer DIR` reads the target length from DIR's config.json: a YAN
+    checkpoint's `max_length` or an AR checkpoint's `yan_max_length` (the AR card's rebuild
+    command names one); a config.json with neither is one error line."""
+    from transformers import GPT2LMHeadModel
+
+    from yan_serve.ar.model import ar_config, load_ar, save_ar
+    from yan_serve.tokenizer import train_bpe
+
+    rows = [{"text": f"Number {i}: in the beginning God created the earth."} for i in range(40)]
+    data = tmp_path / "c"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_bpe([r["text"] for r in rows], 300)
+    ar = tmp_path / "ar-ckpt"
+    save_ar(GPT2LMHeadModel(ar_config(tok, 48, "ar-tiny")), tok, ar)
+    run = ["train", "ar", "--data", str(data), "--steps", "1", "--batch-size", "2",
+           "--eval-batches", "1", "--tasks", "complete"]  # fmt: skip
+    assert main([*run, "--tokenizer", str(ar), "--out", str(tmp_path / "out")]) == 0
+    assert load_ar(tmp_path / "out").config.yan_max_length == 48
+    capsys.readouterr()
+    (ar / "config.json").write_text(json.dumps({"n_embd": 8}))
+    assert main([*run, "--tokenizer", str(ar), "--out", str(tmp_path / "out2")]) == 2
+    _one_line_error(capsys, "neither max_length", "yan_max_length")

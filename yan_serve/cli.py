@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     resume = _check_train_out(Path(args.out), args.resume, args.overwrite)
     torch.manual_seed(args.seed)
-    corpus = load_corpus(args.data, seed=args.seed)
+    corpus = load_corpus(args.data)  # --seed orders the batches; the bAbI stories are fixed
     make = _ar_objective if args.stage == "ar" else _yan_objective
     objective = make(args, corpus, tuple(args.tasks.split(",")))
     cfg = TrainConfig(
@@ -156,8 +157,9 @@ def _check_output_file(path: str | None) -> None:
 
 
 # what a run writes beside its checkpoint, removed by --overwrite so that nothing of the old run
-# is resumed or appended to
+# is resumed or appended to; the two directories are a save in progress (`Trainer.save`)
 _RUN_STATE = ("trainer_state.json", "optimizer.pt", "rng_state.pt")
+_SAVE_DIRS = (".save-staging", ".save-ready")
 
 
 def _check_train_out(out: Path, resume: bool, overwrite: bool) -> bool:
@@ -166,7 +168,8 @@ def _check_train_out(out: Path, resume: bool, overwrite: bool) -> bool:
     removes the old run's state and logs; a file as `out` is refused."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
-    has_run = (out / "trainer_state.json").is_file()
+    # a save a kill interrupted after its commit point is a run too (`resume` finishes it)
+    has_run = any((out / d / "trainer_state.json").is_file() for d in (".", _SAVE_DIRS[1]))
     if resume and has_run:
         return True
     held = sorted(f.name for f in out.iterdir()) if out.is_dir() else []
@@ -181,7 +184,9 @@ def _check_train_out(out: Path, resume: bool, overwrite: bool) -> bool:
             "--overwrite to start afresh there"
         )
     for name in held:
-        if name in _RUN_STATE or name.startswith("training_log"):
+        if name in _SAVE_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
+        elif name in _RUN_STATE or name.startswith("training_log"):
             (out / name).unlink(missing_ok=True)  # torchrun: every rank clears
     return False
 
@@ -221,7 +226,8 @@ def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
         model.config.infill_masks = args.infill_masks
     spec = StageConfig(
         args.stage, Stage1Weights(mmd=args.mmd_weight, scale=args.scale_weight),
-        Stage2Weights(fm=args.fm_weight, ce=args.ce_weight, focus=args.focus_weight),
+        Stage2Weights(fm=args.fm_weight, ce=args.ce_weight, focus=args.focus_weight,
+                      latent_noise=args.flow_latent_noise),
         freeze_autoencoder=not args.unfreeze,
         tasks=tasks, slack=args.slack, infill_rate=args.infill_rate,
     )  # fmt: skip
@@ -251,8 +257,7 @@ def _ar_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
                 "compared with) or --init"
             )
         tok = YANTokenizer.load(args.tokenizer)
-        yan_cfg = Path(args.tokenizer) / "config.json"
-        max_len = json.loads(yan_cfg.read_text())["max_length"] if yan_cfg.exists() else 256
+        max_len = _tokenizer_max_length(Path(args.tokenizer))
         preset = args.config if args.config != "yan-tiny" else "ar-tiny"
         from transformers import GPT2LMHeadModel
 
@@ -260,6 +265,26 @@ def _ar_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
     if tasks == TASKS:
         tasks = (*tasks, "infill-fim")
     return ARObjective(model, tok, max_len, tasks, corpus, args.infill_rate)
+
+
+def _tokenizer_max_length(d: Path) -> int:
+    """The target length of the checkpoint `yan train ar --tokenizer` names: a YAN config's
+    `max_length` or an AR (GPT-2) config's `yan_max_length`; 256 for a bare tokenizer
+    directory."""
+    f = d / "config.json"
+    if not f.exists():
+        return 256
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON ({e.msg})") from None
+    for key in ("max_length", "yan_max_length"):
+        if isinstance(cfg, dict) and key in cfg:
+            return int(cfg[key])
+    raise ValueError(
+        f"{f} has neither max_length (a YAN checkpoint) nor yan_max_length (an AR checkpoint): "
+        "give a YAN or AR checkpoint or a tokenizer directory"
+    )
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -271,7 +296,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from yan_serve.weights import is_ar_checkpoint
 
     _check_output_file(args.json)
-    corpus = load_corpus(args.data, splits=(args.split,), seed=args.seed)
+    corpus = load_corpus(args.data, splits=(args.split,))
     steps = args.steps
     tasks = args.tasks.split(",")
 
@@ -473,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--limit", type=positive_int, help="keep the first N records per split")
     ip.set_defaults(func=cmd_data_import)
 
-    from yan_serve.train.objectives import StageConfig
+    from yan_serve.train.objectives import LATENT_NOISE, StageConfig
     from yan_serve.train.trainer import TrainConfig
 
     run, yan = TrainConfig(out=""), StageConfig("finetune")  # the defaults of every run
@@ -511,6 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "spans, a QA answer) relative to those copied from the source (default 1: "
                     "the paper's uniform CE)")  # fmt: skip
     tp.add_argument(
+        "--flow-latent-noise",
+        choices=LATENT_NOISE,
+        default=yan.stage2.latent_noise,
+        help="stage 2 / finetune: add the encoder's training latent noise (u * N(0, I), u ~ "
+        "U(0, the config's latent_noise) per sequence) to the target latents z1 = E(y), or to "
+        "them and the encoded source, as the method's reference does (default none: a "
+        "noise-free regression target)",
+    )
+    tp.add_argument(
         "--tasks",
         default=",".join(yan.tasks),
         help="fine-tune mixture (ar also knows infill-fim: generate only the spans)",
@@ -544,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument(
         "--max-minutes",
         type=positive_float,
-        help="stop and save after this much wall time (a later --resume continues the run)",
+        help="stop and save once the run has trained this long; the time is saved with the "
+        "checkpoint and the budget counts the whole run, so --resume continues with what is "
+        "left of it (pass a larger value to train longer)",
     )
     tp.add_argument(
         "--prefetch",
@@ -575,10 +611,17 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--tasks", default="infill,complete,qa,classify")
     ep.add_argument("--steps", type=positive_int_list, default=[3],
                     help="comma-separated Euler time points, e.g. 1,2,3")  # fmt: skip
-    ep.add_argument("--limit", type=positive_int, help="at most this many examples per task")
+    ep.add_argument(
+        "--limit",
+        type=positive_int,
+        help="the first N examples per task, in the split's file order (not a sample: e.g. a "
+        "classification file's first rows may all be one class)",
+    )
     ep.add_argument("--batch-size", type=positive_int, default=64)
     ep.add_argument("--routing", choices=["argmax", "sample"], default="argmax")
-    ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("--seed", type=int, default=0,
+                    help="no effect (kept for old command lines): the examples are fixed, the "
+                    "bAbI stories included")  # fmt: skip
     ep.add_argument("--device", default="auto")
     ep.add_argument("--json", help="also write the results as JSON here")
     ep.add_argument("--diversity", type=count_int, default=0,

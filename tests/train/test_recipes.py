@@ -96,3 +96,32 @@ def test_the_bpe_learns_the_qa_answers_it_must_write(tmp_path) -> None:
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode != 0 and "does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_babi_stories_do_not_depend_on_the_training_seed(tmp_path, monkeypatch) -> None:
+    """The generated bAbI corpus is one fixed set of disjoint splits: `yan train --seed` orders
+    the batches but draws no other stories, so a run with seed 1 trains on the same QA stories
+    as one with seed 0, none of them a `yan eval` test item (a per-seed corpus put some of the
+    seed-0 test items into seed 1's training stories)."""
+    import yan_serve.tasks.corpus as corpus_mod
+    from yan_serve.cli import main
+
+    for s in ("train", "val", "test"):
+        _write(tmp_path / f"{s}.jsonl", [{"text": f"In the beginning {i}."} for i in range(8)])
+    loaded = []
+
+    def load(*a, **k):  # what `yan train` reads, then stop before any training
+        loaded.append(load_corpus(*a, **k))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(corpus_mod, "load_corpus", load)
+    for seed in ("0", "1"):
+        out = tmp_path / f"out{seed}"
+        assert main(["train", "stage1", "--data", str(tmp_path), "--out", str(out),
+                     "--seed", seed]) == 2  # fmt: skip
+    a, b = ([(r.context, r.question, tuple(r.answers)) for r in c.qa["train"]] for c in loaded)
+    assert a == b and len(a) == 8000
+    monkeypatch.undo()
+    test = load_corpus(tmp_path, splits=("test",)).qa["test"]  # what `yan eval` reads
+    assert len(test) == 600
+    assert not {(r.context, r.question) for r in test} & {(c, q) for c, q, _ in b}

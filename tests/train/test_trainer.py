@@ -402,3 +402,265 @@ def test_infill_rate_reaches_the_training_batches_of_both_models() -> None:
     assert 0.04 <= yan_share((0.05, 0.10)) <= 0.12
     assert 0.28 <= yan_share((0.3, 0.4)) <= 0.42
     assert ar_targets((0.3, 0.4)) > 2 * ar_targets((0.05, 0.10))
+
+
+def test_a_resumed_time_limited_run_continues_its_clock(tmp_path, monkeypatch) -> None:
+    """The time trained is saved with the checkpoint (`elapsed_seconds`) and restored by resume:
+    the budget and the time-based decay continue where they stopped instead of starting over.
+    On a clock of 6 s per step, a 1-minute budget stops at step 10; resumed with 2 minutes the
+    run has one minute left (10 steps, the decay at the shares 0.5 .. 0.95 of the budget); a
+    state saved before the field existed resumes with no time spent, as it always did."""
+    import yan_serve.train.trainer as trainer_mod
+
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    cfg = TrainConfig(out=str(tmp_path / "run"), batch_size=4, warmup=1, lr=1e-3, log_every=1,
+                      eval_every=100, save_every=100, steps=100, decay=50,
+                      max_minutes=1.0)  # fmt: skip
+
+    def session(max_minutes: float, origin: float, resume: bool) -> tuple[Trainer, dict]:
+        c = replace(cfg, max_minutes=max_minutes)
+        tr = Trainer(_objective(tok), c, _stream(tok), [], log=lambda *a: None)
+        assert tr.resume() == resume
+        first = tr.step
+        clock = SimpleNamespace(time=lambda: origin + 6.0 * (tr.step - first))
+        monkeypatch.setattr(trainer_mod, "time", clock)
+        return tr, tr.train()
+
+    tr, summary = session(1.0, 0.0, resume=False)
+    assert summary["steps"] == 10 and "time limit" in summary["stopped"]
+    shutil.copytree(tmp_path / "run", tmp_path / "old")
+
+    # the same budget again: nothing is left of it, the run stays where it stopped
+    tr, summary = session(1.0, 5000.0, resume=True)
+    assert summary["steps"] == 10 and "time limit" in summary["stopped"] and not tr.history
+    state = json.loads((tmp_path / "run/trainer_state.json").read_text())
+    assert state["elapsed_seconds"] == pytest.approx(60.0)
+    # a larger budget: the minute that is left, the decay continuing from the share spent
+    c2 = replace(cfg, max_minutes=2.0)
+    tr, summary = session(2.0, 9000.0, resume=True)
+    assert summary["steps"] == 20, summary
+    assert [r["lr"] for r in tr.history] == pytest.approx([lr_at(s, c2, s / 20) for s in
+                                                           range(10, 20)])  # fmt: skip
+    saved = json.loads((tmp_path / "run/trainer_state.json").read_text())
+    assert saved["elapsed_seconds"] == pytest.approx(120.0)
+
+    # a trainer_state.json written before the field: resumed with 0 s spent
+    old = json.loads((tmp_path / "old/trainer_state.json").read_text())
+    del old["elapsed_seconds"]
+    (tmp_path / "old/trainer_state.json").write_text(json.dumps(old))
+    cfg = replace(cfg, out=str(tmp_path / "old"))
+    tr, summary = session(1.0, 0.0, resume=True)
+    assert summary["steps"] == 20  # a whole minute again, from step 10
+
+
+def test_the_frozen_autoencoder_runs_in_eval_mode(tmp_path) -> None:
+    """Stage 2 and fine-tuning keep what they do not train (embeddings, encoder, decoder) in
+    eval mode, dropout off, through every mode switch of the trainer (validation included):
+    the targets z1 = E(y) of two encodes of one batch are identical; the flow still trains
+    with dropout. Unfrozen, the autoencoder trains with dropout too."""
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    torch.manual_seed(0)
+    model = YAN(micro_config(vocab_size=tok.vocab_size, dropout=0.3))
+    obj = YANObjective(model, tok, StageConfig("stage2"))
+    val = [next(_stream(tok, 9))]
+    tr = Trainer(obj, TrainConfig(out=str(tmp_path / "run"), batch_size=4, steps=1),
+                 _stream(tok), val, log=lambda *a: None)  # fmt: skip
+    for switch in (obj.train, tr.validate):  # the trainer's `train()`, then a validation
+        switch()
+        assert obj.training and model.flow.training
+        frozen = [model.tok_emb, model.pos_emb, model.encoder, model.decoder]
+        assert not any(m.training for f in frozen for m in f.modules())
+        b = val[0]
+        with torch.no_grad():
+            z1, again = model.encode(b.tgt, b.tgt_mask), model.encode(b.tgt, b.tgt_mask)
+            logits = model.decode_logits(z1)
+            assert torch.equal(z1, again) and torch.equal(logits, model.decode_logits(z1))
+            cond = model.condition(z1, b.tgt_mask, b.tgt_mask)
+            t = torch.full((b.tgt.shape[0],), 0.5)
+            a, c = model.flow.trunk(z1, t, cond).h, model.flow.trunk(z1, t, cond).h
+        assert not torch.equal(a, c), "the trained flow lost its dropout"
+    unfrozen = YANObjective(model, tok, StageConfig("finetune", freeze_autoencoder=False))
+    unfrozen.train()
+    assert model.encoder.training and model.decoder.training
+    obj.eval()
+    assert not model.flow.training and not model.encoder.training
+
+
+def test_validation_runs_on_its_own_cadence(tmp_path) -> None:
+    """--eval-every need not be a multiple of --log-every: with logs every 2 steps and
+    validation every 3, a 7-step run validates at steps 3, 6 and 7 (the last), the first on a
+    record of its own."""
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    torch.manual_seed(0)
+    tr = Trainer(_objective(tok), TrainConfig(out=str(tmp_path / "run"), batch_size=4, steps=7,
+                 warmup=1, lr=1e-3, log_every=2, eval_every=3, save_every=100), _stream(tok),
+                 [next(_stream(tok, 9))], log=lambda *a: None)  # fmt: skip
+    tr.train()
+    assert [r["step"] for r in tr.history if "val_loss" in r] == [3, 6, 7]
+    assert [r["step"] for r in tr.history if "loss" in r] == [2, 4, 6, 7]
+    logged = (tmp_path / "run/training_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in logged] == [2, 3, 4, 6, 7]
+
+
+def _opt_steps(t: Trainer) -> set[int]:
+    return {int(st["step"]) for st in t.opt.state.values()}
+
+
+def test_a_kill_in_the_middle_of_a_save_resumes_a_consistent_checkpoint(
+    tmp_path, monkeypatch
+) -> None:
+    """Saves are atomic: every file is written under a staging directory first and moved into
+    place with trainer_state.json last. A kill before the save is complete (here: writing the
+    random state) leaves the previous checkpoint whole, and the resumed run is the uninterrupted
+    one; a kill while the files are being moved into place is finished by the resume, which
+    then continues from the newer step, never newer weights at an older step."""
+    import os
+
+    import yan_serve.train.trainer as trainer_mod
+
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    cfg = dict(batch_size=4, warmup=2, lr=1e-3, log_every=1, eval_every=100, save_every=2)
+    val: list[Batch] = [next(_stream(tok, 9))]
+
+    def trainer(out: str, steps: int) -> Trainer:
+        return Trainer(_objective(tok), TrainConfig(**cfg, out=str(tmp_path / out), steps=steps),
+                       _stream(tok), val, log=lambda *a: None)  # fmt: skip
+
+    torch.manual_seed(0)
+    trainer("straight", 6).train()
+    straight = from_pretrained(tmp_path / "straight").state_dict()
+
+    # 1. killed while writing the step-4 save: the step-2 checkpoint is what resume finds
+    torch.manual_seed(0)
+    t = trainer("run", 4)
+    real_save = torch.save
+
+    def dies_at_the_rng_state(obj, f, *a, **k):
+        if Path(f).name == "rng_state.pt" and t.step == 4:
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(trainer_mod.torch, "save", dies_at_the_rng_state)
+    with pytest.raises(KeyboardInterrupt):
+        t.train()
+    monkeypatch.setattr(trainer_mod.torch, "save", real_save)
+    step2 = from_pretrained(tmp_path / "run").state_dict()
+    resumed = trainer("run", 6)
+    assert resumed.resume() and resumed.step == 2 and _opt_steps(resumed) == {2}
+    assert all(torch.equal(step2[k], v) for k, v in resumed.model.state_dict().items())
+
+    # 2. killed after the step-4 save was complete, while moving its files into place
+    real_replace = os.replace
+
+    def dies_at_the_optimizer(src, dst, *a, **k):
+        if Path(src).name == "optimizer.pt" and Path(src).parent.name == trainer_mod.READY:
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(trainer_mod.os, "replace", dies_at_the_optimizer)
+    resumed.cfg = replace(resumed.cfg, save_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        resumed.cfg = replace(resumed.cfg, steps=4)
+        resumed.train()
+    monkeypatch.setattr(trainer_mod.os, "replace", real_replace)
+    step4 = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    assert json.loads((tmp_path / "run/trainer_state.json").read_text())["step"] == 2
+    again = trainer("run", 6)
+    assert again.resume() and again.step == 4 and _opt_steps(again) == {4}
+    assert all(torch.equal(step4[k], v) for k, v in again.model.state_dict().items())
+    again.train()  # and the run ends as the uninterrupted one, its log without repeats
+    done = from_pretrained(tmp_path / "run").state_dict()
+    assert all(torch.equal(straight[k], done[k]) for k in straight), "the resumed run diverged"
+    logged = (tmp_path / "run/training_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
+    assert not any(p.name.startswith(".save") for p in (tmp_path / "run").iterdir())
+
+
+def test_stage2_latent_noise_switch(monkeypatch) -> None:
+    """`Stage2Weights.latent_noise`: "none" (the default) is stage 2 as it always was (the
+    same three draws from the generator, z1 = E(y) and the source encoding noise-free);
+    "target" adds u * N(0, I), u ~ U(0, latent_noise) per sequence, drawn from the stage-2
+    generator after the rest, to z1 at the target positions; "both" to the encoded source too.
+    Validation (eval mode) encodes without it."""
+    import yan_serve.train.objectives as obj_mod
+    from yan_serve.flow.path import LinearPath
+    from yan_serve.train.objectives import Stage2Draws
+
+    torch.manual_seed(0)
+    cfg = micro_config(latent_noise=0.5)
+    model = YAN(cfg)
+    B, Lx, Ly = 3, 7, 9
+    src, tgt = torch.randint(4, 60, (B, Lx)), torch.randint(4, 60, (B, Ly))
+    src_mask = torch.ones(B, Lx, dtype=torch.bool)
+    tgt_mask = torch.arange(Ly)[None] < torch.tensor([9, 6, 4])[:, None]
+    seen: dict[str, torch.Tensor] = {}
+    real_sample, real_condition = LinearPath.sample, model.condition
+
+    def sample(self, z0, z1, t):
+        seen["z1"] = z1.detach().clone()
+        return real_sample(self, z0, z1, t)
+
+    def condition(src_h, *a):
+        seen["src_h"] = src_h.detach().clone()
+        return real_condition(src_h, *a)
+
+    monkeypatch.setattr(obj_mod.LinearPath, "sample", sample)
+    monkeypatch.setattr(model, "condition", condition)
+
+    def loss(mode: str | None, g: torch.Generator) -> dict[str, torch.Tensor]:
+        w = Stage2Weights() if mode is None else Stage2Weights(latent_noise=mode)
+        return stage2_loss(model, src, src_mask, tgt, tgt_mask, w, generator=g)
+
+    with torch.no_grad():
+        clean_z1, clean_src = model.encode(tgt, tgt_mask), model.encode(src, src_mask)
+
+    # "none" and the default: exactly the loss of the draws stage 2 always took, given by hand
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn((B, Ly, cfg.d_model), generator=g)
+    t = LinearPath(cfg.beta_a, cfg.beta_b).sample_t(B, torch.device("cpu"), g)
+    uniforms = torch.rand((B, Ly), generator=g)
+    before = stage2_loss(model, src, src_mask, tgt, tgt_mask,
+                         draws=Stage2Draws(noise, t, uniforms))  # fmt: skip
+    for mode in (None, "none"):
+        g2 = torch.Generator().manual_seed(7)
+        terms = loss(mode, g2)
+        assert all(torch.equal(terms[k], before[k]) for k in before)
+        assert torch.equal(g2.get_state(), g.get_state())  # no other draw taken
+        assert torch.equal(seen["z1"], clean_z1) and torch.equal(seen["src_h"], clean_src)
+
+    # "target": after the same three draws, u [B] and eps [B, Ly, d]
+    u = torch.rand((B, 1, 1), generator=g) * cfg.latent_noise
+    eps = torch.randn((B, Ly, cfg.d_model), generator=g)
+    loss("target", torch.Generator().manual_seed(7))
+    expected = clean_z1 + u * eps * tgt_mask[..., None]
+    assert torch.allclose(seen["z1"], expected, atol=1e-6) and not torch.equal(seen["z1"], clean_z1)
+    assert torch.equal(seen["z1"][~tgt_mask], clean_z1[~tgt_mask])  # padding stays zero
+    assert torch.equal(seen["src_h"], clean_src)
+    assert (u.flatten() < cfg.latent_noise).all()
+
+    # "both": then the source's noise, u [B] and eps [B, Lx, d]
+    us = torch.rand((B, 1, 1), generator=g) * cfg.latent_noise
+    eps_s = torch.randn((B, Lx, cfg.d_model), generator=g)
+    loss("both", torch.Generator().manual_seed(7))
+    assert torch.allclose(seen["z1"], expected, atol=1e-6)
+    assert torch.allclose(seen["src_h"], clean_src + us * eps_s, atol=1e-6)
+
+    # the objective: the same draws from the trainer's generator, none of them in validation
+    tok = SimpleNamespace(vocab_size=cfg.vocab_size)
+    spec = StageConfig("stage2", stage2=Stage2Weights(latent_noise="target"))
+    ob = YANObjective(model, tok, spec)  # type: ignore[arg-type]
+    b = Batch(src, src_mask, tgt, tgt_mask, task="infill")
+    ob.train()
+    ob(b, torch.Generator().manual_seed(7))
+    assert torch.allclose(seen["z1"], expected, atol=1e-6)
+    ob.eval()
+    ob(b, torch.Generator().manual_seed(7))
+    assert torch.equal(seen["z1"], clean_z1)
+    with pytest.raises(ValueError, match="latent_noise"):
+        Stage2Weights(latent_noise="source")
+    from yan_serve import cli
+
+    base = ["train", "stage2", "--data", "d", "--out", "o"]
+    parse = cli.build_parser().parse_args
+    assert parse(base).flow_latent_noise == "none"
+    assert parse([*base, "--flow-latent-noise", "both"]).flow_latent_noise == "both"

@@ -39,7 +39,9 @@ def task_examples(corpus: Corpus, tok: YANTokenizer, task: str, split: str, limi
                   max_len: int, seed: int = 0,
                   infill_masks: str = "collapsed") -> list[Example]:  # fmt: skip
     """The split's examples of a task, fixed by `seed` (infill masks) and cut to `limit`; infill
-    sources in the model's layout (`infill_masks`), the same masks in either layout."""
+    sources in the model's layout (`infill_masks`), the same masks in either layout. `limit`
+    keeps the first examples in the split's file order, not a sample: a file sorted by class
+    gives a classification limit one class."""
     fmt = TaskFormatter(tok, infill_masks)
     rng = random.Random(seed)
     out: list[Example] = []

@@ -38,6 +38,7 @@ from yan_serve.train.trainer import Objective
 from yan_serve.weights import from_pretrained, save_labels, save_pretrained
 
 STAGES = ("stage1", "stage2", "finetune")
+LATENT_NOISE = ("none", "target", "both")  # `Stage2Weights.latent_noise`
 
 
 @dataclass
@@ -56,10 +57,18 @@ class Stage2Weights:
     balance: float = 0.0  # KL(mean gate || uniform)
     distill: float = 0.0  # ||z1_hat - z1||^2
     focus: float = 1.0  # CE weight of a task's focus positions against the others (1: uniform)
+    # the encoder's training latent noise u * N(0, I), u ~ U(0, latent_noise) per sequence, on
+    # the target latents z1 = E(y) ("target") or on them and the encoded source ("both"), as the
+    # method's reference adds it whenever it encodes in training; "none" (ours): z1 is a
+    # noise-free regression target, the latents the decoder reads at serving
+    latent_noise: str = "none"
 
     def __post_init__(self) -> None:
         if not self.focus > 0:
             raise ValueError(f"the focus CE weight must be positive, got {self.focus}")
+        if self.latent_noise not in LATENT_NOISE:
+            raise ValueError(f"latent_noise must be one of {', '.join(LATENT_NOISE)}, "
+                             f"got {self.latent_noise!r}")  # fmt: skip
 
 
 def stage1_loss(
@@ -95,15 +104,40 @@ def stage1_loss(
 class Stage2Draws:
     """The random draws of one stage-2 step, all on the batch's device: latent noise
     N(0, I) [B, Ly, d] (before `init_noise` and the target mask), one time per sequence t [B],
-    routing uniforms [B, Ly]."""
+    routing uniforms [B, Ly]; with `Stage2Weights.latent_noise`, the encoder's training noise
+    u * N(0, I) added to the target latents [B, Ly, d] and to the encoded source [B, Lx, d]
+    (None: not added)."""
 
     noise: Tensor
     t: Tensor
     uniforms: Tensor
+    tgt_latent: Tensor | None = None
+    src_latent: Tensor | None = None
 
 
-def stage2_draws(model: YAN, tgt: Tensor, generator: torch.Generator | None = None) -> Stage2Draws:
-    """`stage2_loss`'s draws from `generator`, in the order it takes them itself."""
+def _latent_noise(model: YAN, shape: torch.Size, generator: torch.Generator | None,
+                  gdev: torch.device, dev: torch.device) -> Tensor:  # fmt: skip
+    """The encoder's training noise (`Encoder.forward` with `add_noise`): u * N(0, I) with one
+    u ~ U(0, latent_noise) per sequence."""
+    B = shape[0]
+    u = torch.rand((B, 1, 1), generator=generator, device=gdev) * model.config.latent_noise
+    eps = torch.randn(shape, generator=generator, device=gdev)
+    return (u * eps).to(dev)
+
+
+def stage2_draws(
+    model: YAN,
+    tgt: Tensor,
+    generator: torch.Generator | None = None,
+    latent_noise: str = "none",
+    src: Tensor | None = None,  # latent_noise "both": the source, whose encoding gets noise too
+) -> Stage2Draws:
+    """`stage2_loss`'s draws from `generator`, in the order it takes them itself. The latent
+    noise (`Stage2Weights.latent_noise`) is drawn after the rest, so that "none" takes exactly
+    the draws it always took."""
+    if latent_noise not in LATENT_NOISE:
+        raise ValueError(f"latent_noise must be one of {', '.join(LATENT_NOISE)}, "
+                         f"got {latent_noise!r}")  # fmt: skip
     cfg = model.config
     dev = tgt.device
     gdev = generator.device if generator is not None else dev
@@ -111,7 +145,15 @@ def stage2_draws(model: YAN, tgt: Tensor, generator: torch.Generator | None = No
     noise = torch.randn((B, Ly, cfg.d_model), generator=generator, device=gdev).to(dev)
     t = LinearPath(cfg.beta_a, cfg.beta_b).sample_t(B, dev, generator)
     uniforms = torch.rand(tgt.shape, generator=generator, device=gdev).to(dev)
-    return Stage2Draws(noise, t, uniforms)
+    draws = Stage2Draws(noise, t, uniforms)
+    if latent_noise != "none":
+        draws.tgt_latent = _latent_noise(model, noise.shape, generator, gdev, dev)
+    if latent_noise == "both":
+        if src is None:
+            raise ValueError('latent_noise "both" needs the source to draw its noise for')
+        shape = torch.Size((src.shape[0], src.shape[1], cfg.d_model))
+        draws.src_latent = _latent_noise(model, shape, generator, gdev, dev)
+    return draws
 
 
 def stage2_loss(
@@ -130,7 +172,9 @@ def stage2_loss(
 ) -> dict[str, Tensor]:
     """MoE-FM NLL at a random time on the linear path + CE through the unrolled Euler solve.
 
-    z_1 = E(y) (no latent noise), z_0 ~ N(0, init_noise^2 I), t ~ Beta(a, b) per sequence. The
+    z_1 = E(y), z_0 ~ N(0, init_noise^2 I), t ~ Beta(a, b) per sequence. By default z_1 and the
+    encoded source carry no latent noise; `weights.latent_noise` adds the encoder's training
+    noise to z_1 ("target") or to both ("both") in training mode, drawn with the rest. The
     solve from the same z_0 uses `steps` time points (default `train_ode_steps`) with experts
     drawn once from pi(z_0, 0); gradients flow through every Euler step into the trunk, the
     experts and (through the NLL) the gate.
@@ -143,11 +187,17 @@ def stage2_loss(
     w = weights or Stage2Weights()
     steps = cfg.train_ode_steps if steps is None else steps
     if draws is None:
-        draws = stage2_draws(model, tgt, generator)
+        noise = w.latent_noise if model.training else "none"  # validation: noise-free, as stage 1
+        draws = stage2_draws(model, tgt, generator, noise, src)
     frozen = torch.no_grad() if freeze_autoencoder else contextlib.nullcontext()
     with frozen:
         src_h = model.encode(src, src_mask)
         z1 = model.encode(tgt, tgt_mask)
+    # the encoder's training noise, masked as `Encoder.forward` masks its output
+    if draws.src_latent is not None:
+        src_h = src_h + draws.src_latent.to(src_h.dtype) * src_mask[..., None].to(src_h.dtype)
+    if draws.tgt_latent is not None:
+        z1 = z1 + draws.tgt_latent.to(z1.dtype) * tgt_mask[..., None].to(z1.dtype)
     cond = model.condition(src_h, src_mask, tgt_mask)
     m = tgt_mask[..., None].to(z1.dtype)
 
@@ -196,15 +246,23 @@ class StageConfig:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
 
 
+def _stage_parts(model: YAN, spec: StageConfig) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(the modules a stage trains, those it keeps frozen)."""
+    if spec.stage == "stage1":
+        return [model.tok_emb, model.pos_emb, model.encoder, model.decoder], [model.flow]
+    if spec.freeze_autoencoder:
+        return [model.flow], [model.tok_emb, model.pos_emb, model.encoder, model.decoder]
+    return [model], []
+
+
+def frozen_modules(model: YAN, spec: StageConfig) -> list[nn.Module]:
+    """The modules `spec`'s stage does not train: they run in eval mode (`YANObjective.train`)."""
+    return _stage_parts(model, spec)[1]
+
+
 def trainable_parameters(model: YAN, spec: StageConfig) -> list[nn.Parameter]:
     """Stage 1: embeddings + encoder + decoder. Stage 2 / fine-tune: the flow (unless unfrozen)."""
-    if spec.stage == "stage1":
-        train = [model.tok_emb, model.pos_emb, model.encoder, model.decoder]
-        frozen = [model.flow]
-    elif spec.freeze_autoencoder:
-        train, frozen = [model.flow], [model.tok_emb, model.pos_emb, model.encoder, model.decoder]
-    else:
-        train, frozen = [model], []
+    train, frozen = _stage_parts(model, spec)
     for m in frozen:
         m.requires_grad_(False)
     for m in train:
@@ -233,6 +291,15 @@ class YANObjective(Objective):
     def trainable(self) -> list[nn.Parameter]:
         return trainable_parameters(self.model, self.spec)
 
+    def train(self, mode: bool = True) -> YANObjective:
+        """Train mode for what the stage trains; what it keeps frozen stays in eval mode (no
+        dropout), whatever mode the trainer sets: stage 2's targets z1 = E(y) and the decoder
+        its CE reads are then the deterministic functions serving runs, not dropout-noised."""
+        super().train(mode)
+        for m in frozen_modules(self.model, self.spec):
+            m.eval()
+        return self
+
     def batches(self, split: str, batch_size: int, seed: int) -> Iterator[Batch]:
         if self.corpus is None:
             raise ValueError(f"{self.name}: no corpus to draw {split} batches from")
@@ -244,8 +311,10 @@ class YANObjective(Objective):
         s, b = self.spec, batch
         if s.stage == "stage1":
             return stage1_loss(self.model, b.src, b.tgt, b.tgt_mask, s.stage1, generator)
-        # the draws stay eager (they take the trainer's generator); the rest may be compiled
-        draws = stage2_draws(self.model, b.tgt, generator)
+        # the draws stay eager (they take the trainer's generator); the rest may be compiled.
+        # The latent noise is a training draw: validation (eval mode) encodes without it
+        noise = s.stage2.latent_noise if self.training else "none"
+        draws = stage2_draws(self.model, b.tgt, generator, noise, b.src)
         return (self._compiled or stage2_loss)(
             self.model, b.src, b.src_mask, b.tgt, b.tgt_mask, s.stage2,
             freeze_autoencoder=s.freeze_autoencoder, focus=b.focus, draws=draws,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -71,7 +72,9 @@ class TrainConfig(Schedule):
     seed: int = 0
     device: str = "auto"
     # stop (and save) once this much wall time has passed, whatever `steps` says: a run given a
-    # fixed window (a lent GPU) ends on time and a later `--resume` continues it
+    # fixed window (a lent GPU) ends on time. The time trained is saved with the checkpoint, so
+    # the budget (and the decay that follows it) counts the whole run across `--resume`s: a
+    # resumed run continues with what is left of it (raise it to train longer)
     max_minutes: float | None = None
     # the objective's loss under torch.compile (`Objective.compile_loss`): fewer, fused kernels
     # per step, after a compile of a minute or more on the first batches
@@ -248,6 +251,10 @@ class Trainer:
         self.gen: torch.Generator | None = None  # the training draws (noise, routing, masks)
         self._resumed_gen: torch.Tensor | None = None
         self._logged = 0  # history records already in the log file
+        # training time (seconds) of earlier sessions of this run, restored by `resume`, and
+        # when this session's `train` started: the time budget counts both
+        self.elapsed_before = 0.0
+        self._started: float | None = None
 
     # ---------------------------------------------------------------- state
     @property
@@ -255,29 +262,51 @@ class Trainer:
         return Path(self.cfg.out)
 
     def save(self) -> None:
+        """Write the checkpoint so that a kill at any point leaves one consistent set on disk.
+
+        Every file (weights, optimizer, random state, the whole log, trainer_state.json) is
+        written into `STAGING` first; renaming that directory to `READY` is the commit point;
+        then its files replace the run's one by one, trainer_state.json last. A kill before the
+        commit leaves the previous checkpoint untouched (the staging is discarded), one after it
+        is finished by the next `resume` (`finish_save`), so the weights a run resumes never
+        belong to another step than its trainer state."""
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self.objective.save(self.out, self.step)
-        torch.save(self.opt.state_dict(), self.out / "optimizer.pt")
+        stage, ready = self.out / STAGING, self.out / READY
+        finish_save(self.out)  # a committed save a kill interrupted goes in before this one
+        shutil.rmtree(stage, ignore_errors=True)  # and an uncommitted one is dropped
+        stage.mkdir()
+        self.objective.save(stage, self.step)
+        torch.save(self.opt.state_dict(), stage / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.gen is not None:
             rng["train"] = self.gen.get_state()  # rank 0's; other ranks re-seed on resume
-        torch.save(rng, self.out / "rng_state.pt")
-        with (self.out / self.objective.log_file).open("a") as f:  # records since the last save
+        torch.save(rng, stage / "rng_state.pt")
+        log = self.out / self.objective.log_file
+        if log.exists():  # the whole log, replaced with the rest: appending is not repeatable
+            shutil.copyfile(log, stage / log.name)
+        with (stage / log.name).open("a") as f:  # records since the last save
             for rec in self.history[self._logged :]:
                 f.write(json.dumps(rec) + "\n")
-        self._logged = len(self.history)
         run = {"stage": self.objective.name, **asdict(self.cfg), **self.objective.settings()}
-        state = {"step": self.step, "train_config": _jsonable(run)}
-        (self.out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        state = {"step": self.step, "elapsed_seconds": round(self.elapsed(), 3),
+                 "train_config": _jsonable(run)}  # fmt: skip
+        (stage / STATE).write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(stage, ready)  # the commit point
+        finish_save(self.out)
+        self._logged = len(self.history)
 
     def resume(self) -> bool:
         """Continue from `out` if it holds a checkpoint of this objective. Returns True if
         resumed."""
-        f = self.out / "trainer_state.json"
+        if self.rank == 0:
+            finish_save(self.out)  # a save a kill interrupted after its commit point
+        if self.distributed:
+            dist.barrier()
+        f = self.out / STATE
         if not f.exists():
             return False
         try:
@@ -305,6 +334,9 @@ class Trainer:
                 if "step" in st:
                     st["step"] = st["step"].to(p.device, torch.float32)
         self.step = step
+        # the training time already spent (runs saved before it was recorded: none), so that a
+        # time budget and the decay that follows it continue where they stopped
+        self.elapsed_before = float(state.get("elapsed_seconds", 0.0))
         rng_file = self.out / "rng_state.pt"
         if rng_file.exists():  # the noise and routing draws continue where they stopped
             rng = torch.load(rng_file, weights_only=True)
@@ -319,6 +351,11 @@ class Trainer:
             next(self.train_batches)
         self.log(f"resumed {name} from {self.out} at step {self.step}")
         return True
+
+    def elapsed(self) -> float:
+        """Seconds this run has trained, earlier sessions included."""
+        now = 0.0 if self._started is None else time.time() - self._started
+        return self.elapsed_before + now
 
     # ------------------------------------------------------------------ run
     def _autocast(self):
@@ -362,7 +399,7 @@ class Trainer:
         cfg, name = self.cfg, self.objective.name
         self.objective.train()
         torch.set_flush_denormal(True)  # RBF kernels underflow; denormal arithmetic is slow on x86
-        t0 = time.time()
+        t0 = self._started = time.time()  # this session's start (its rate and wall time)
         start = self.step
         window: dict[str, float] = {}
         n_window = 0
@@ -377,13 +414,13 @@ class Trainer:
                  f"parameters on {self.device}, {cfg.steps} steps of {cfg.batch_size}")  # fmt: skip
         stopped = None
         while self.step < cfg.steps:
-            if cfg.max_minutes is not None and time.time() - t0 >= 60 * cfg.max_minutes:
+            if cfg.max_minutes is not None and self.elapsed() >= 60 * cfg.max_minutes:
                 stopped = f"time limit of {cfg.max_minutes:g} min reached"
                 break
             batch = next(self.train_batches)
             tokens += self.objective.target_tokens(batch)  # on the host: no device sync
             batch = batch.to(self.device, non_blocking=True)  # pinned when prefetched on CUDA
-            spent = 0.0 if cfg.max_minutes is None else (time.time() - t0) / (60 * cfg.max_minutes)
+            spent = 0.0 if cfg.max_minutes is None else self.elapsed() / (60 * cfg.max_minutes)
             lr = lr_at(self.step, cfg, spent)
             for group in self.opt.param_groups:
                 group["lr"] = lr
@@ -393,27 +430,34 @@ class Trainer:
             for k, v in terms.items():  # summed on the device, read once per log line
                 window[k] = window.get(k, 0.0) + v.detach().float()
             n_window += 1
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            log_now = self.step % cfg.log_every == 0 or self.step == cfg.steps
+            # validation has its own cadence: an --eval-every that is not a multiple of
+            # --log-every still validates, on a record of its own
+            eval_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+            if log_now or eval_now:
                 rate = (self.step - start) / max(time.time() - t0, 1e-9)
                 eta = (cfg.steps - self.step) / max(rate, 1e-9)
-                avg = {k: float(v) / n_window for k, v in window.items()}
+                rec = {"step": self.step, "lr": lr}
+            if log_now:
+                rec.update({k: float(v) / n_window for k, v in window.items()})
                 if skipped is not None and (n := int(skipped.item())):
                     self.log(f"steps {self.step - n_window + 1}-{self.step}: {n} with a"
                              " non-finite gradient norm, their updates skipped")  # fmt: skip
                 skipped = None
-                rec = {"step": self.step, "lr": lr, **avg}
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    rec.update(self.validate())
-                    best_val = min(best_val, rec.get("val_loss", math.inf))
+                window, n_window = {}, 0
+            if eval_now:
+                rec.update(self.validate())
+                best_val = min(best_val, rec.get("val_loss", math.inf))
+            if log_now or eval_now:
                 self.history.append(rec)
                 shown = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k not in ("step",))
                 self.log(f"[{name}] step {self.step}/{cfg.steps} {shown} "
                          f"({rate:.2f} it/s, eta {eta / 60:.1f} min)")  # fmt: skip
-                window, n_window = {}, 0
             if self.step % cfg.save_every == 0:
                 self.save()
         self.save()
         wall = time.time() - t0
+        self.elapsed_before, self._started = self.elapsed_before + wall, None
         summary = {
             "stage": name,
             "steps": self.step,
@@ -426,10 +470,31 @@ class Trainer:
         }
         if stopped:
             summary["stopped"] = stopped
-            self.log(f"{name}: {stopped} at step {self.step}/{cfg.steps} (--resume continues)")
+            self.log(f"{name}: {stopped} at step {self.step}/{cfg.steps} (the budget counts the "
+                     "whole run: --resume with a larger --max-minutes continues)")  # fmt: skip
         self.log(f"done: {name} {self.step} steps in {wall / 60:.1f} min on {self.device}; "
                  f"last {_fmt(summary['final'])}; saved to {self.out}")  # fmt: skip
         return summary
+
+
+STATE = "trainer_state.json"  # written last: a run is resumable from where it says
+STAGING = ".save-staging"  # a save being written (discarded if a kill leaves it)
+READY = ".save-ready"  # a complete save whose files are being moved into place
+
+
+def finish_save(out: Path) -> None:
+    """Move a committed save (`READY`, see `Trainer.save`) into `out`, trainer_state.json last,
+    and drop it. Repeatable: a kill in the middle leaves the rest for the next call."""
+    ready = Path(out) / READY
+    if not ready.is_dir():
+        return
+    files = sorted((f for f in ready.iterdir() if f.name != STATE), key=lambda f: f.name)
+    for f in [*files, ready / STATE]:
+        if f.exists():
+            if f.is_dir():  # nothing writes directories today; a checkpoint might one day
+                shutil.rmtree(Path(out) / f.name, ignore_errors=True)
+            os.replace(f, Path(out) / f.name)
+    shutil.rmtree(ready)
 
 
 def _fmt(d: dict) -> str:
