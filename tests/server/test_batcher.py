@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -298,3 +299,80 @@ def test_a_worker_bug_fails_its_jobs_not_the_loop() -> None:
         return good
 
     assert run(main()) == 10
+
+
+def test_a_failing_job_fails_alone_and_its_batch_mates_get_their_results() -> None:
+    """A batch that raises is split until the job that raises runs alone: it gets its own
+    exception, the others their results (as for out of memory)."""
+
+    class Picky(FakeWorker):
+        def run(self, jobs):
+            for j in jobs:
+                if j.seed in (3, 6):
+                    raise (ValueError if j.seed == 3 else RuntimeError)(f"job {j.seed}")
+            return super().run(jobs)
+
+    async def main():
+        w = Picky()
+        b = Batcher(w, max_batch_size=8, max_wait_ms=50)
+        b.start()
+        jobs = [job(i) for i in range(8)]
+        res = await asyncio.gather(*(b.submit(j) for j in jobs), return_exceptions=True)
+        await b.stop()
+        return w, jobs, res
+
+    w, jobs, res = run(main())
+    assert all(j.batch_size == 8 for j in jobs)  # they did share a batch
+    assert [r for i, r in enumerate(res) if i not in (3, 6)] == [0, 10, 20, 40, 50, 70]
+    assert isinstance(res[3], ValueError) and str(res[3]) == "job 3"
+    assert isinstance(res[6], RuntimeError) and str(res[6]) == "job 6"
+    assert sorted(s for batch in w.batches for s in batch) == [0, 1, 2, 4, 5, 7]
+
+
+def test_queue_depth_drops_as_soon_as_queued_jobs_are_cancelled() -> None:
+    """Not only when the running batch returns: the gauge is the autoscaling signal."""
+
+    async def main():
+        w = GatedWorker()
+        b = Batcher(w, max_batch_size=8, max_wait_ms=0)
+        b.start()
+        first = b.submit(job(0))
+        await until_started(w)
+        queued = [b.submit(job(i)) for i in range(1, 6)]
+        before = b.metrics.queue_depth._value.get()
+        queued[0].cancel()
+        await asyncio.sleep(0)
+        one_gone = b.metrics.queue_depth._value.get()
+        for f in queued:
+            f.cancel()
+        await asyncio.sleep(0)
+        all_gone = b.metrics.queue_depth._value.get()
+        w.release.set()
+        await first
+        await b.stop()
+        return before, one_gone, all_gone
+
+    assert run(main()) == (5, 4, 0)
+
+
+def test_stop_does_not_wait_for_the_running_batch() -> None:
+    """Waiting would block the event loop, and so the shutdown, until the batch ends."""
+
+    async def main():
+        w = GatedWorker()
+        b = Batcher(w, max_batch_size=8, max_wait_ms=0)
+        b.start()
+        b.submit(job(0))
+        await until_started(w)
+        threading.Timer(2.0, w.release.set).start()  # the batch ends 2 s from now
+        t0 = time.perf_counter()
+        await b.stop()
+        took = time.perf_counter() - t0
+        busy = b.model_busy
+        await asyncio.to_thread(w.release.wait)
+        await asyncio.sleep(0.1)
+        return took, busy, b.model_busy
+
+    took, busy_at_stop, busy_later = run(main())
+    assert took < 0.5, took
+    assert busy_at_stop and not busy_later

@@ -70,3 +70,28 @@ def test_each_worker_implements_the_protocol(kind: str) -> None:
                                 top_logprobs=2)])  # fmt: skip
     assert isinstance(s, Scored) and len(s.logprobs) == len(target)
     assert s.top is not None and len(s.top) == len(target) and len(s.top[0]) == 2
+
+
+@pytest.mark.parametrize("kind", ["yan", "ar"])
+def test_top_logprobs_are_the_requests_own_whatever_its_batch_mates_ask(kind: str) -> None:
+    """A `top_logprobs = 1` request batched with a `top_logprobs = 5` one gets what it gets
+    alone: one entry per position, the same tokens (the batch computes the top 5 for both)."""
+    w = load(kind)
+    sp = w.tokenizer.special
+    ids = w.tokenizer.encode("In the beginning God created the heaven")
+
+    def echo_scores(k: int, seed: int) -> list[EngineRequest]:  # as /v1/completions' echo
+        return [EngineRequest([*ids[:i], sp.mask], len(ids) - i + 1, seed, w.default_steps,
+                              target=[*ids[i:], sp.eos], top_logprobs=k)
+                for i in range(1, 4)]  # fmt: skip
+
+    alone = w.run(echo_scores(1, 3))
+    batched = w.run([*echo_scores(1, 3), *echo_scores(5, 4)])
+    for a, b in zip(alone, batched[:3], strict=True):
+        assert isinstance(a, Scored) and isinstance(b, Scored) and a.top and b.top
+        assert all(len(pos) == 1 for pos in b.top)
+        assert [[t for t, _ in pos] for pos in b.top] == [[t for t, _ in pos] for pos in a.top]
+        assert [v for pos in b.top for _, v in pos] == pytest.approx(
+            [v for pos in a.top for _, v in pos], rel=1e-5, abs=1e-5
+        )
+    assert all(len(pos) == 5 for b in batched[3:] for pos in b.top or [])

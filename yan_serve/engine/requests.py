@@ -102,12 +102,15 @@ def scored(
     top_of: Callable[[list[int], int], list[TopLogprobs]],
 ) -> list[Scored]:
     """Score results; `top_of(indices, k)` computes the top log-probabilities of the requests
-    that asked for them (only those), k being the largest of their `top_logprobs`."""
+    that asked for them (only those), k being the largest of their `top_logprobs`, in one pass.
+    Each request then keeps its own `top_logprobs` best entries per position, so that what it
+    gets does not depend on what its batch-mates asked for."""
     want = [i for i, r in enumerate(requests) if r.top_logprobs > 0]
     tops: dict[int, TopLogprobs] = {}
     if want:
         k = max(requests[i].top_logprobs for i in want)
-        tops = dict(zip(want, top_of(want, k), strict=True))
+        for i, top in zip(want, top_of(want, k), strict=True):
+            tops[i] = [pos[: requests[i].top_logprobs] for pos in top]
     return [Scored(lp, tops.get(i)) for i, lp in enumerate(logprobs)]
 
 

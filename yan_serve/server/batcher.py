@@ -19,8 +19,14 @@ for fuller batches; at 0 a free worker never waits.
 
 The loop is the only dispatcher and awaits each batch, so at most one batch runs at a time. A job
 whose future was cancelled (timeout, client gone) is dropped before it runs; a result for a job
-cancelled while it ran is discarded. A batch that runs out of device memory is split in halves
-and retried; a single job that still does not fit fails alone with `OutOfMemory`.
+cancelled while it ran is discarded. A batch that fails is split in halves and retried, so that a
+failure stays with the job that causes it and its batch-mates get their results (a job's result
+does not depend on its batch): out of device memory, a single job that still does not fit fails
+alone with `OutOfMemory`; any other exception fails the single job that raises it, with that
+exception.
+
+Stopping never waits for a running batch (`stop`): past the shutdown deadline its results are
+discarded, and the server exits without joining the model thread (`model_busy`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +106,7 @@ class Batcher:
         self._current: list[Job] = []  # the batch on the model thread
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yan-model")
+        self._model_call: Future | None = None  # the batch on the model thread, once submitted
         self._task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------------------ control
@@ -107,6 +114,9 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="yan-batcher")
 
     async def stop(self) -> None:
+        """Stop the loop and cancel what is queued. A batch still on the model is not waited
+        for (that would block the event loop, and so the shutdown, until it ends): its results
+        are discarded, and `model_busy` says it is still running."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -115,7 +125,13 @@ class Batcher:
             if job.future is not None and not job.future.done():
                 job.future.cancel()
         self._waiting.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.metrics.queue_depth.set(0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def model_busy(self) -> bool:
+        """Whether the model thread is still running a batch (after `stop`: one given up on)."""
+        return self._model_call is not None and not self._model_call.done()
 
     @property
     def queued(self) -> int:
@@ -148,8 +164,14 @@ class Batcher:
         job.t_enqueue = time.perf_counter()
         self._waiting.append(job)
         self.metrics.queue_depth.set(self.queued)
+        # A job cancelled while queued (timeout, client gone) leaves the gauge at once, not when
+        # the loop next looks, which is only after the running batch returns.
+        job.future.add_done_callback(self._update_depth)
         self._arrived.set()
         return job.future
+
+    def _update_depth(self, _: asyncio.Future) -> None:
+        self.metrics.queue_depth.set(self.queued)
 
     # --------------------------------------------------------------------------------- loop
     async def _loop(self) -> None:
@@ -188,8 +210,9 @@ class Batcher:
         self.metrics.running.set(len(batch))
         self.metrics.batch_size.observe(len(batch))
         try:
-            results = await loop.run_in_executor(self._executor, self.run_splitting, batch)
-        except Exception as e:
+            self._model_call = self._executor.submit(self.run_splitting, batch)
+            results = await asyncio.wrap_future(self._model_call, loop=loop)
+        except Exception as e:  # not the worker's (run_splitting isolates those): the executor's
             log.exception("model batch failed")
             results = [e] * len(batch)
         finally:
@@ -208,21 +231,39 @@ class Batcher:
                 j.future.set_result(r)
 
     def run_splitting(self, batch: Sequence[Job]) -> list[Result | BaseException]:
-        """Run a batch on the worker thread; on out-of-memory split it in halves and retry."""
+        """Run a batch on the worker thread. If it fails, split it in halves and retry each, so
+        that the failure ends up with the one job that causes it: out of memory, a single job
+        that still does not fit gets `OutOfMemory`; otherwise the single job that raises gets
+        its exception (logged here with its traceback unless it is a ValueError, the worker's
+        way to refuse a request). The other jobs' results are what they would be alone."""
         try:
             return list(self.worker.run([j.request for j in batch]))
         except Exception as e:
-            if not is_oom(e):
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
+            failure = e
+        # Out of the except block: a retry's own failure is not chained to this one in the log.
+        oom = is_oom(failure)
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            if oom:
                 self.metrics.rejected.labels("oom").inc()
                 return [OutOfMemory("the request does not fit in device memory")]
+            if isinstance(failure, ValueError):
+                log.info("the worker refused a request: %s", failure)
+            else:
+                log.error("a model job failed", exc_info=failure)
+            return [failure]
+        if oom:
             self.metrics.oom_splits.inc()
             log.warning("out of memory on a batch of %d: splitting", len(batch))
-            half = len(batch) // 2
-            return self.run_splitting(batch[:half]) + self.run_splitting(batch[half:])
+        else:
+            log.warning(
+                "a batch of %d failed (%s): splitting to isolate the failing job",
+                len(batch),
+                type(failure).__name__,
+            )
+        half = len(batch) // 2
+        return self.run_splitting(batch[:half]) + self.run_splitting(batch[half:])
 
     async def drain(self, timeout: float) -> bool:
         """Wait until nothing is queued or running (True), or `timeout` seconds (False)."""

@@ -13,7 +13,7 @@ from yan_serve.engine.requests import EngineRequest, Result, TaskOptions
 from yan_serve.flow.solver import Routing
 from yan_serve.server import schemas as S
 from yan_serve.server.batcher import Job, OutOfMemory, ShuttingDown
-from yan_serve.server.errors import APIError, bad_request
+from yan_serve.server.errors import INTERNAL_ERROR, APIError, bad_request
 from yan_serve.server.state import State, resolve_steps
 from yan_serve.tasks import serving as T
 
@@ -97,13 +97,28 @@ def cancel(jobs: Sequence[Job]) -> None:
         j.future.cancel()
 
 
-def error_status(e: BaseException) -> int:
-    """The HTTP status of a job's failure: 503 out of memory or shutting down, else 400."""
-    return 503 if isinstance(e, (OutOfMemory, ShuttingDown)) else 400
+def job_error(e: BaseException) -> APIError:
+    """The API error a job's failure answers, streamed or not: 503 out of memory or shutting
+    down; 400 with its message for a ValueError (the worker's way to refuse a request it cannot
+    serve); anything else is a server fault, a 500 whose message says nothing of its cause (the
+    batcher logged the traceback), since an internal message is no business of the client's."""
+    if isinstance(e, OutOfMemory):
+        return APIError(503, str(e), "out_of_memory")
+    if isinstance(e, ShuttingDown):
+        return APIError(503, str(e), "unavailable", {"Retry-After": "1"})
+    if isinstance(e, ValueError):
+        return bad_request(str(e))
+    return APIError(500, INTERNAL_ERROR, "internal_error")
+
+
+def request_timeout(state: State) -> float | None:
+    """--request-timeout in seconds, None for 0 (no timeout)."""
+    return state.settings.request_timeout or None
 
 
 async def wait(state: State, request: Request, jobs: Sequence[Job]) -> list[Result]:
-    """All results, or 504 after --request-timeout; a vanished client cancels the jobs."""
+    """All results, or 504 after --request-timeout (never with 0); a vanished client cancels
+    the jobs. A job's failure is answered as `job_error` says."""
     gathered = gather_all(jobs)
 
     async def client_gone() -> None:
@@ -114,7 +129,7 @@ async def wait(state: State, request: Request, jobs: Sequence[Job]) -> list[Resu
     try:
         done, _ = await asyncio.wait(
             {gathered, watcher},
-            timeout=state.settings.request_timeout,
+            timeout=request_timeout(state),
             return_when=asyncio.FIRST_COMPLETED,
         )
     finally:
@@ -122,12 +137,8 @@ async def wait(state: State, request: Request, jobs: Sequence[Job]) -> list[Resu
     if gathered in done:
         try:
             return gathered.result()
-        except OutOfMemory as e:
-            raise APIError(503, str(e), "out_of_memory") from None
-        except ShuttingDown as e:
-            raise APIError(503, str(e), "unavailable", {"Retry-After": "1"}) from None
-        except ValueError as e:
-            raise bad_request(str(e)) from None
+        except Exception as e:
+            raise job_error(e) from None
     cancel(jobs)
     if watcher in done:
         state.metrics.rejected.labels("disconnect").inc()

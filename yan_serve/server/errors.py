@@ -2,7 +2,8 @@
 
 On /v1/completions it takes OpenAI's shape, with `param` and OpenAI's string `code` where one
 applies. 400: the input parses but cannot be served; 401: missing or wrong API key; 404: unknown
-path or model; 413: body too large; 422: schema violation; 429: queue full (Retry-After); 503:
+path or model; 413: body too large; 422: schema violation; 429: queue full (Retry-After); 500: a
+server fault, with `INTERNAL_ERROR` as its whole message (the traceback goes to the log); 503:
 loading, draining, out of memory or past the shutdown deadline; 504: request timeout.
 """
 
@@ -21,6 +22,7 @@ from yan_serve.server import schemas as S
 log = logging.getLogger("yan_serve.server")
 
 OPENAI_PATH = "/v1/completions"  # its errors take OpenAI's shape (`param`, string `code`)
+INTERNAL_ERROR = "internal error; see the server log"  # a 500's whole message: no internals
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -110,6 +112,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_json(
-            500, "internal error; see the server log", "internal_error", openai=openai(request)
-        )
+        return error_json(500, INTERNAL_ERROR, "internal_error", openai=openai(request))

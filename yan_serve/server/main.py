@@ -9,8 +9,9 @@ while /health already answers), the server logs one line and exits with code 1.
 
 SIGTERM (or Ctrl-C) starts a drain: /ready turns 503 and new requests get 503 at once, queued and
 running work finishes until one deadline (--shutdown-timeout seconds after the signal); work
-still unfinished then is answered 503 (JSON) and the server exits with code 0. A second signal
-exits without waiting.
+still unfinished then is answered 503 (JSON) and the server exits with code 0, without waiting
+for a batch still on the model (its results are discarded). A second signal exits without
+waiting.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import socket
 import sys
@@ -160,7 +162,17 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int
     server.run(sockets=sockets)
     if state.load_error:
         return 1
-    return 0 if server.started else 1
+    code = 0 if server.started else 1
+    if state.batcher is not None and state.batcher.model_busy:
+        # Past the shutdown deadline with a batch still on the model: its results were
+        # discarded. The interpreter's exit would join the model thread (wait for the batch)
+        # and tear torch down under it, so end the process here.
+        log.warning("exiting with a model batch still running (its results are discarded)")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ KNOWN_PATHS = (
     "/openapi.json",
 )
 API_PREFIX = "/v1/"
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer
 
 
 class Gate:
@@ -47,7 +48,8 @@ class Gate:
             await inner_send(msg)
 
         try:
-            await self._handle(scope, receive, send)
+            # A status of its own only for a client gone mid-upload: nothing was sent to it.
+            status = await self._handle(scope, receive, send) or status
         finally:
             path = scope["path"]
             endpoint = path if path in KNOWN_PATHS else "other"
@@ -55,7 +57,8 @@ class Gate:
             if path.startswith(API_PREFIX):
                 self.state.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
-    async def _handle(self, scope, receive, send) -> None:
+    async def _handle(self, scope, receive, send) -> int | None:
+        """Answer the request; returns the status to count when no response could be sent."""
         st, path = self.state, scope["path"]
         openai = path == OPENAI_PATH
         if st.draining and path not in PROBES:
@@ -90,8 +93,9 @@ class Gate:
         more = scope["method"] in ("POST", "PUT", "PATCH")
         while more:
             msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
+            if msg["type"] == "http.disconnect":  # gone while uploading: a disconnect, no 500
+                st.metrics.rejected.labels("disconnect").inc()
+                return CLIENT_CLOSED
             body += msg.get("body", b"")
             more = msg.get("more_body", False)
             if len(body) > limit:

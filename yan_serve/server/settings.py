@@ -88,7 +88,7 @@ HELP = {
     "max_wait_ms": "gather window on an idle worker: how long the oldest queued request may wait"
     " for batch-mates (0: a free worker runs at once; under load batches form while it runs)",
     "max_queue": "queued requests beyond which new ones get 429",
-    "request_timeout": "seconds before a request gets 504 and its work is dropped",
+    "request_timeout": "seconds before a request gets 504 and its work is dropped (0: no timeout)",
     "shutdown_timeout": "seconds SIGTERM waits for in-flight work before exiting",
     "api_key": "require `Authorization: Bearer KEY` on the API endpoints",
     "log_level": "critical | error | warning | info | debug",

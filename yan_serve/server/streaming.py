@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from yan_serve.engine.requests import EngineRequest, Result
 from yan_serve.server import schemas as S
 from yan_serve.server.batcher import Job
-from yan_serve.server.dispatch import admit, cancel, error_status, gather_all
+from yan_serve.server.dispatch import admit, cancel, gather_all, job_error, request_timeout
 from yan_serve.server.state import State
 
 EVENT_STREAM = "text/event-stream"
@@ -42,7 +42,10 @@ def preview_stream(
 ) -> StreamingResponse:
     """Queue the requests and stream a `preview` of each candidate's decoded text (cut at EOS)
     at each Euler time point, then the `result` event, `body(jobs, results)`; an `error` event
-    instead on a failure or after --request-timeout (counted from `t0`)."""
+    instead on a failure (the status and message the non-streaming call would answer, see
+    `job_error`) or after --request-timeout (counted from `t0`; 0: none). A client that goes
+    away before the last event has its jobs dropped and is counted as a disconnect, as a
+    non-streaming one is."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     tok = state.serving_worker().tokenizer
@@ -57,12 +60,14 @@ def preview_stream(
     async def stream() -> AsyncIterator[bytes]:
         gathered = gather_all(jobs)
         gathered.add_done_callback(lambda _: events.put_nowait(("done", 0, 0, None)))
-        deadline = t0 + state.settings.request_timeout
+        last_step: dict[int, int] = {}  # per candidate: a batch split and retried runs again
+        timeout = request_timeout(state)
+        deadline = t0 + timeout if timeout is not None else None
         try:
             while True:
-                left = deadline - time.perf_counter()
+                left = None if deadline is None else max(deadline - time.perf_counter(), 0)
                 try:
-                    kind, idx, step, row = await asyncio.wait_for(events.get(), max(left, 0))
+                    kind, idx, step, row = await asyncio.wait_for(events.get(), left)
                 except asyncio.TimeoutError:
                     state.metrics.rejected.labels("timeout").inc()
                     yield sse(
@@ -71,6 +76,9 @@ def preview_stream(
                     )
                     return
                 if kind == "preview":
+                    if step <= last_step.get(idx, -1):
+                        continue  # a retry's repeat of a time point already sent (same tokens)
+                    last_step[idx] = step
                     eos = tok.special.eos
                     cut = row.index(eos) if eos in row else len(row)
                     yield sse(
@@ -80,11 +88,17 @@ def preview_stream(
                 try:
                     results = gathered.result()
                 except Exception as e:
-                    error = {"message": str(e), "type": type(e).__name__, "code": error_status(e)}
+                    err = job_error(e)
+                    error = {"message": err.message, "type": err.type, "code": err.status}
                     yield sse("error", {"error": error})
                     return
                 yield sse("result", body(jobs, results).model_dump(mode="json"))
                 return
+        except (asyncio.CancelledError, GeneratorExit):
+            # Starlette cancels the response when the client disconnects (GeneratorExit: the
+            # stream was closed between events).
+            state.metrics.rejected.labels("disconnect").inc()
+            raise
         finally:
             cancel(jobs)  # client gone or finished: drop any queued work
 
