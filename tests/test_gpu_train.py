@@ -60,8 +60,14 @@ def test_a_run_failing_in_its_first_stage_brings_its_error_back(tmp_path: Path) 
     listing = subprocess.run(["tar", "-tzf", str(back)], capture_output=True, text=True)
     assert "train.out" in listing.stdout.split()
     # both runs continue the shipped checkpoints and fail at once: the corpus has no val split
-    env = {**env, "OUT": str(tmp_path / "both"), "RECIPE": "both", "CONFIG": "yan-tiny",
-           "INIT": str(ROOT / "weights/yan-tiny-kjv"), "AR_INIT": str(ROOT / "weights/ar-tiny-kjv")}
+    env = {
+        **env,
+        "OUT": str(tmp_path / "both"),
+        "RECIPE": "both",
+        "CONFIG": "yan-tiny",
+        "INIT": str(ROOT / "weights/yan-tiny-kjv"),
+        "AR_INIT": str(ROOT / "weights/ar-tiny-kjv"),
+    }
     r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
                        timeout=300)  # fmt: skip
     assert r.returncode != 0
