@@ -6,6 +6,8 @@ Run: python -m pytest tests/test_weights.py -q
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 import subprocess
 import sys
 
@@ -167,3 +169,24 @@ def test_cli_errors_are_one_line(tmp_path, bpe: YANTokenizer) -> None:
         assert r.returncode == 2, (argv, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("yan "), r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_saved_weights_are_readable_by_other_users(tmp_path, bpe: YANTokenizer) -> None:
+    """safetensors writes 0600: a server running as another user (the image's non-root one, a
+    read-only mount of an export) could not read the weights. Saved files follow the umask, as
+    the config and tokenizer beside them do; the AR checkpoint's too."""
+    from transformers import GPT2LMHeadModel
+
+    from yan_serve.ar.model import ar_config, save_ar
+
+    old = os.umask(0o022)
+    try:
+        save_pretrained(YAN(micro_config(vocab_size=bpe.vocab_size)), tmp_path / "yan", bpe)
+        save_ar(GPT2LMHeadModel(ar_config(bpe, 16, "ar-tiny")), bpe, tmp_path / "ar")
+        os.umask(0o077)
+        save_pretrained(YAN(micro_config(vocab_size=bpe.vocab_size)), tmp_path / "private", bpe)
+    finally:
+        os.umask(old)
+    for d in ("yan", "ar"):
+        assert stat.S_IMODE((tmp_path / d / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "private/model.safetensors").stat().st_mode) == 0o600

@@ -404,6 +404,8 @@ def _convert(
 ) -> _Converted:
     from safetensors.torch import save_file
 
+    from yan_serve.weights import readable_as_umask_says
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty directory: convert writes a "
                          "new model directory")  # fmt: skip
@@ -430,6 +432,7 @@ def _convert(
     step = str(ckpt.get("step", "unknown"))
     meta = {"format": "pt", "converted_from": src.name, "step": step}
     save_file(tensors, str(out / "model.safetensors"), metadata=meta)
+    readable_as_umask_says(out / "model.safetensors")
     return _Converted(out, cfg, sum(t.numel() for t in tensors.values()), step)
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -52,9 +53,19 @@ def save_pretrained(
             v = v.to(dtype)
         sd[k] = v.contiguous().cpu()
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+    readable_as_umask_says(d / "model.safetensors")
     if tokenizer is not None:
         tokenizer.save(d)
     return d
+
+
+def readable_as_umask_says(path: str | Path) -> None:
+    """Give a file the mode a plain `open` would (0666 less the umask): safetensors writes
+    its files 0600, which a server running as another user (the image's non-root one, a
+    read-only mount of an exported checkpoint) cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def load_tokenizer(directory: str | Path, config: YANConfig) -> YANTokenizer:

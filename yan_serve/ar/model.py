@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from yan_serve.tasks.formats import Example
 from yan_serve.tokenizer import YANTokenizer
+from yan_serve.weights import readable_as_umask_says
 
 # ~4.34M parameters with an 8192 vocabulary: within 1% of yan-tiny (4.35M).
 AR_PRESETS = {
@@ -59,6 +60,8 @@ def save_ar(model: GPT2LMHeadModel, tok: YANTokenizer, directory: str | Path) ->
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(d), safe_serialization=True)
+    for f in d.glob("*.safetensors"):
+        readable_as_umask_says(f)
     tok.save(d)
     return d
 
