@@ -170,6 +170,21 @@ def test_request_timeout_0_means_no_timeout(stream: bool) -> None:
     assert out == ([("result", {"results": [30]})] if stream else [30])
 
 
+def test_a_timed_out_stream_reports_what_the_non_streaming_call_does() -> None:
+    async def main():
+        state = state_with(Worker(delay=0.3), request_timeout=0.05)
+        plain = await answer(state, [3])
+        streamed = await events(state, [4])
+        await state.batcher.stop()
+        return plain, streamed
+
+    plain, streamed = asyncio.run(main())
+    assert isinstance(plain, APIError) and plain.status == 504
+    want = {"message": plain.message, "type": plain.type, "code": plain.status}
+    assert streamed == [("error", {"error": want})]
+    assert "0.05 s" in plain.message
+
+
 def test_a_stream_whose_client_leaves_drops_its_jobs_and_counts_a_disconnect() -> None:
     """Starlette cancels the response (and so the stream's generator) when the client goes."""
 

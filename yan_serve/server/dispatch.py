@@ -144,7 +144,12 @@ async def wait(state: State, request: Request, jobs: Sequence[Job]) -> list[Resu
         state.metrics.rejected.labels("disconnect").inc()
         raise APIError(499, "client disconnected", "client_closed")
     state.metrics.rejected.labels("timeout").inc()
-    raise APIError(
+    raise timeout_error(state)
+
+
+def timeout_error(state: State) -> APIError:
+    """504 after --request-timeout, streamed or not."""
+    return APIError(
         504, f"the request took longer than {state.settings.request_timeout} s", "timeout"
     )
 

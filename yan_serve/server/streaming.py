@@ -14,7 +14,14 @@ from pydantic import BaseModel
 from yan_serve.engine.requests import EngineRequest, Result
 from yan_serve.server import schemas as S
 from yan_serve.server.batcher import Job
-from yan_serve.server.dispatch import admit, cancel, gather_all, job_error, request_timeout
+from yan_serve.server.dispatch import (
+    admit,
+    cancel,
+    gather_all,
+    job_error,
+    request_timeout,
+    timeout_error,
+)
 from yan_serve.server.state import State
 
 EVENT_STREAM = "text/event-stream"
@@ -70,10 +77,9 @@ def preview_stream(
                     kind, idx, step, row = await asyncio.wait_for(events.get(), left)
                 except asyncio.TimeoutError:
                     state.metrics.rejected.labels("timeout").inc()
-                    yield sse(
-                        "error",
-                        {"error": {"message": "request timed out", "type": "timeout", "code": 504}},
-                    )
+                    err = timeout_error(state)
+                    error = {"message": err.message, "type": err.type, "code": err.status}
+                    yield sse("error", {"error": error})
                     return
                 if kind == "preview":
                     if step <= last_step.get(idx, -1):
