@@ -31,6 +31,11 @@ def test_probes_and_models(client: httpx.Client) -> None:
     for probe in ("/health", "/ready"):
         r = client.head(probe)
         assert r.status_code == 200 and r.content == b"", probe
+    # OpenAPI wants one operationId per operation: HEAD stays out of the schema
+    paths = client.get("/openapi.json").json()["paths"]
+    ids = [op["operationId"] for ops in paths.values() for op in ops.values()]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    assert set(paths["/health"]) == set(paths["/ready"]) == {"get"}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "yan-tiny-kjv"
     text = client.get("/metrics").text

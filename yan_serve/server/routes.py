@@ -17,19 +17,15 @@ from yan_serve.server.state import State
 
 
 def install_routes(app: FastAPI, state: State) -> None:
-    # probes answer HEAD too (load balancers and uptime checkers send it)
-    @app.api_route("/health", methods=["GET", "HEAD"], response_model=S.Health, tags=["probes"])
+    # Probes answer HEAD too (load balancers and uptime checkers send it), as a route of its
+    # own outside the OpenAPI schema: one route for both methods gives the schema two
+    # operations with one operationId, which OpenAPI forbids.
+    @app.get("/health", response_model=S.Health, tags=["probes"])
     async def health() -> S.Health:
         """Liveness: the process serves HTTP."""
         return S.Health(status="ok")
 
-    @app.api_route(
-        "/ready",
-        methods=["GET", "HEAD"],
-        response_model=S.Health,
-        responses=error_responses(503),
-        tags=["probes"],
-    )
+    @app.get("/ready", response_model=S.Health, responses=error_responses(503), tags=["probes"])
     async def ready() -> Any:
         """Readiness: 200 once weights are loaded and warmed up, 503 before and while draining."""
         if state.draining:
@@ -39,6 +35,9 @@ def install_routes(app: FastAPI, state: State) -> None:
         if not state.ready:
             return error_json(503, "the model is loading")
         return S.Health(status="ready")
+
+    for path, probe in (("/health", health), ("/ready", ready)):
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get(
         "/metrics",
