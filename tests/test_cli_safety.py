@@ -192,3 +192,14 @@ def test_train_ar_takes_an_ar_checkpoint_as_its_tokenizer(tmp_path: Path, capsys
     (ar / "config.json").write_text(json.dumps({"n_embd": 8}))
     assert main([*run, "--tokenizer", str(ar), "--out", str(tmp_path / "out2")]) == 2
     _one_line_error(capsys, "neither max_length", "yan_max_length")
+
+
+def test_import_help_names_every_dataset(capsys) -> None:
+    from yan_serve.cli import build_parser
+    from yan_serve.tasks.datasets import LOADERS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["data", "import", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in LOADERS:
+        assert f"{name}," in shown or f"{name} " in shown, name

@@ -491,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the config's vocabulary size")  # fmt: skip
     tkp.set_defaults(func=cmd_data_tokenizer)
     ip = dsub.add_parser("import", help="a paper dataset's local files -> corpus directory")
-    ip.add_argument("name", help="narrativeqa, rocstories, simplestories, squad, babi, ag_news, "
-                    "dbpedia, sst2, text, jsonl")  # fmt: skip
+    ip.add_argument("name", help="narrativeqa, narrativeqa_summaries, rocstories, "
+                    "simplestories, squad, babi, ag_news, dbpedia, sst2, text, jsonl")  # fmt: skip
     ip.add_argument("path", help="the dataset's file or directory, in its public format")
     ip.add_argument("--out", required=True)
     ip.add_argument("--limit", type=positive_int, help="keep the first N records per split")

@@ -242,3 +242,14 @@ def test_sigterm_exits_at_the_deadline_without_waiting_for_the_running_batch() -
     assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
     assert s.proc.returncode == 0
     assert exited < timeout + 3.0, exited  # not the batch's 8 s
+
+
+def test_the_server_logs_its_address_before_the_model_loads() -> None:
+    """The README tells a user to wait for this line; uvicorn prints none for the sockets the
+    server binds itself."""
+    s = ServerProcess("--log-level", "info").wait_ready()
+    assert s.stop() == 0
+    out = s.proc.stdout.read()
+    line = f"listening on http://127.0.0.1:{s.port}"
+    assert line in out, out
+    assert out.index(line) < out.index("ready on cpu"), out

@@ -142,6 +142,13 @@ def serve(settings: Settings, sockets: list[socket.socket] | None = None) -> int
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # uvicorn announces its address only for sockets it binds itself
+    where = ", ".join(
+        f"http://{_where(*sock.getsockname()[:2])}"
+        for sock in sockets
+        if sock.family != socket.AF_UNIX
+    )
+    log.info("listening on %s; /ready turns 200 once %s is loaded", where, settings.model)
     app = create_app(settings)
     state = app.state.yan
     config = uvicorn.Config(
