@@ -211,6 +211,39 @@ def test_a_stream_whose_client_leaves_drops_its_jobs_and_counts_a_disconnect() -
     assert (queued, after) == (2, 0)
 
 
+def test_a_stream_whose_client_left_before_its_first_byte_drops_its_jobs() -> None:
+    """Starlette gives up at the response's start (the send fails) without starting the events'
+    generator: the queued jobs are dropped and the disconnect counted all the same."""
+    from starlette.requests import ClientDisconnect
+
+    async def main():
+        state = state_with(Worker(delay=0.3))
+        busy = asyncio.ensure_future(answer(state, [1]))  # holds the worker
+        await asyncio.sleep(0.05)
+        body = lambda jobs, results: Body(results=results)  # noqa: E731
+        response = preview_stream(state, [req(2), req(3)], body, time.perf_counter())
+        queued = state.metrics.queue_depth._value.get()
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            raise OSError("the client is gone")
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        with pytest.raises(ClientDisconnect):
+            await response(scope, receive, send)
+        await asyncio.sleep(0)
+        after = state.metrics.queue_depth._value.get()
+        await busy
+        await state.batcher.stop()
+        return state, queued, after
+
+    state, queued, after = asyncio.run(main())
+    assert (queued, after) == (2, 0)
+    assert rejected(state, "disconnect") == 1
+
+
 def test_a_client_gone_while_uploading_is_a_disconnect_not_a_500() -> None:
     state = State(Settings(), Metrics())
     messages = [

@@ -32,8 +32,25 @@ def sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def _response(events: Any) -> StreamingResponse:
-    return StreamingResponse(events, media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
+class _EventStream(StreamingResponse):
+    """An SSE response whose `cleanup` runs however it ends: also when the client is gone
+    before the first byte, where Starlette gives up without ever starting (or closing) the
+    events' generator, so that no `finally` in it runs."""
+
+    def __init__(self, events: Any, cleanup: Callable[[], None] | None = None) -> None:
+        super().__init__(events, media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.cleanup is not None:
+                self.cleanup()
+
+
+def _response(events: Any, cleanup: Callable[[], None] | None = None) -> StreamingResponse:
+    return _EventStream(events, cleanup)
 
 
 def result_stream(body: BaseModel) -> StreamingResponse:
@@ -64,7 +81,11 @@ def preview_stream(
         r.on_step = on_step
     jobs = admit(state, requests)
 
+    started = False
+
     async def stream() -> AsyncIterator[bytes]:
+        nonlocal started
+        started = True
         gathered = gather_all(jobs)
         gathered.add_done_callback(lambda _: events.put_nowait(("done", 0, 0, None)))
         last_step: dict[int, int] = {}  # per candidate: a batch split and retried runs again
@@ -108,7 +129,13 @@ def preview_stream(
         finally:
             cancel(jobs)  # client gone or finished: drop any queued work
 
-    return _response(stream())
+    def never_started() -> None:
+        # the client left before the first event: the generator's own `finally` never ran
+        if not started:
+            state.metrics.rejected.labels("disconnect").inc()
+            cancel(jobs)
+
+    return _response(stream(), never_started)
 
 
 def openai_stream(body: S.OpenAICompletion, include_usage: bool) -> StreamingResponse:
