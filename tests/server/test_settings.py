@@ -127,3 +127,19 @@ def test_bind_sockets_listens_where_uvicorn_would() -> None:
         sock.close()
     with pytest.raises(socket.gaierror):
         bind_sockets("999.1.1.1", 0)
+
+
+def test_the_server_pins_glibcs_mmap_threshold_unless_the_operator_did(monkeypatch) -> None:
+    """A fixed threshold keeps a long-running CPU server's heap from fragmenting (docs/server.md,
+    "Memory"); an operator's MALLOC_MMAP_THRESHOLD_ is left alone."""
+    import sys
+
+    from yan_serve.server.main import pin_mmap_threshold
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    if not sys.platform.startswith("linux"):
+        assert pin_mmap_threshold() is False
+        return
+    assert pin_mmap_threshold() is True  # mallopt accepted it (glibc)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert pin_mmap_threshold() is False
