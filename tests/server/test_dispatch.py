@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -185,28 +186,38 @@ def test_a_timed_out_stream_reports_what_the_non_streaming_call_does() -> None:
     assert "0.05 s" in plain.message
 
 
-def test_a_stream_whose_client_leaves_drops_its_jobs_and_counts_a_disconnect() -> None:
-    """Starlette cancels the response (and so the stream's generator) when the client goes."""
+def queued_stream_left(leave: Callable[[Any], Awaitable[None]]) -> tuple[State, float, float]:
+    """A preview stream of two jobs queued behind a busy worker, whose client leaves as
+    `leave(response)` does: (state, the queue depth before, the depth after)."""
 
     async def main():
         state = state_with(Worker(delay=0.3))
         busy = asyncio.ensure_future(answer(state, [1]))  # holds the worker
         await asyncio.sleep(0.05)
         body = lambda jobs, results: Body(results=results)  # noqa: E731
-        stream = preview_stream(state, [req(2), req(3)], body, time.perf_counter())
-        reading = asyncio.ensure_future(stream.body_iterator.__anext__())
-        await asyncio.sleep(0.05)
+        response = preview_stream(state, [req(2), req(3)], body, time.perf_counter())
         queued = state.metrics.queue_depth._value.get()
-        reading.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reading
+        await leave(response)
         await asyncio.sleep(0)
         after = state.metrics.queue_depth._value.get()
         await busy
         await state.batcher.stop()
         return state, queued, after
 
-    state, queued, after = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_stream_whose_client_leaves_drops_its_jobs_and_counts_a_disconnect() -> None:
+    """Starlette cancels the response (and so the stream's generator) when the client goes."""
+
+    async def leave(response) -> None:
+        reading = asyncio.ensure_future(response.body_iterator.__anext__())
+        await asyncio.sleep(0.05)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+
+    state, queued, after = queued_stream_left(leave)
     assert rejected(state, "disconnect") == 1
     assert (queued, after) == (2, 0)
 
@@ -216,30 +227,18 @@ def test_a_stream_whose_client_left_before_its_first_byte_drops_its_jobs() -> No
     generator: the queued jobs are dropped and the disconnect counted all the same."""
     from starlette.requests import ClientDisconnect
 
-    async def main():
-        state = state_with(Worker(delay=0.3))
-        busy = asyncio.ensure_future(answer(state, [1]))  # holds the worker
-        await asyncio.sleep(0.05)
-        body = lambda jobs, results: Body(results=results)  # noqa: E731
-        response = preview_stream(state, [req(2), req(3)], body, time.perf_counter())
-        queued = state.metrics.queue_depth._value.get()
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
 
-        async def receive() -> dict:
-            return {"type": "http.disconnect"}
+    async def send(message: dict) -> None:
+        raise OSError("the client is gone")
 
-        async def send(message: dict) -> None:
-            raise OSError("the client is gone")
-
+    async def leave(response) -> None:
         scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
         with pytest.raises(ClientDisconnect):
             await response(scope, receive, send)
-        await asyncio.sleep(0)
-        after = state.metrics.queue_depth._value.get()
-        await busy
-        await state.batcher.stop()
-        return state, queued, after
 
-    state, queued, after = asyncio.run(main())
+    state, queued, after = queued_stream_left(leave)
     assert (queued, after) == (2, 0)
     assert rejected(state, "disconnect") == 1
 

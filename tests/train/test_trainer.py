@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -159,16 +160,24 @@ def test_resume_continues_the_same_run(tmp_path) -> None:
         Trainer(wrong_stage, TrainConfig(**cfg, steps=6), _stream(tok), val).resume()
 
 
-def test_an_interrupted_run_resumes_into_the_same_weights(tmp_path) -> None:
-    """Resume restores weights, optimizer, step, the RNG and the position in the batch stream:
-    4 steps + resume to 8 gives exactly the weights of 8 uninterrupted steps."""
-    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
-    cfg = dict(batch_size=4, warmup=2, lr=1e-3, log_every=2, eval_every=2, save_every=100)
+def _trainers(tmp_path, tok, **cfg) -> Callable[[str, int], Trainer]:
+    """`trainer(out, steps)`: a Trainer of the test objective into tmp_path/out, each on the same
+    batch stream and validation batch, with `cfg` over batch 4, warm-up 2, lr 1e-3."""
     val: list[Batch] = [next(_stream(tok, 9))]
+    cfg = {"batch_size": 4, "warmup": 2, "lr": 1e-3, **cfg}
 
     def trainer(out: str, steps: int) -> Trainer:
         return Trainer(_objective(tok), TrainConfig(**cfg, out=str(tmp_path / out), steps=steps),
                        _stream(tok), val, log=lambda *a: None)  # fmt: skip
+
+    return trainer
+
+
+def test_an_interrupted_run_resumes_into_the_same_weights(tmp_path) -> None:
+    """Resume restores weights, optimizer, step, the RNG and the position in the batch stream:
+    4 steps + resume to 8 gives exactly the weights of 8 uninterrupted steps."""
+    tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
+    trainer = _trainers(tmp_path, tok, log_every=2, eval_every=2, save_every=100)
 
     torch.manual_seed(0)
     trainer("straight", 8).train()
@@ -519,12 +528,7 @@ def test_a_kill_in_the_middle_of_a_save_resumes_a_consistent_checkpoint(
     import yan_serve.train.trainer as trainer_mod
 
     tok = train_bpe(TEXTS, vocab_size=200, min_frequency=1)
-    cfg = dict(batch_size=4, warmup=2, lr=1e-3, log_every=1, eval_every=100, save_every=2)
-    val: list[Batch] = [next(_stream(tok, 9))]
-
-    def trainer(out: str, steps: int) -> Trainer:
-        return Trainer(_objective(tok), TrainConfig(**cfg, out=str(tmp_path / out), steps=steps),
-                       _stream(tok), val, log=lambda *a: None)  # fmt: skip
+    trainer = _trainers(tmp_path, tok, log_every=1, eval_every=100, save_every=2)
 
     torch.manual_seed(0)
     trainer("straight", 6).train()
