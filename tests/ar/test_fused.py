@@ -6,6 +6,8 @@ captures. The `gpu` test captures real CUDA graphs."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -197,8 +199,24 @@ def test_versus_shapes_and_floor() -> None:
     assert protocol_shape("infill") == (512, 513, 512)
     m = ar_model("ar-tiny", 8192, "cpu", torch.float32)
     assert m.config.n_positions >= 513 + 512
-    one, two = ar_floor_ms(m, 1, 10, 5, 1e9), ar_floor_ms(m, 2, 10, 5, 1e9)
+    one, two = ar_floor_ms(m, 1, 10, 5, 1e9, 1e15), ar_floor_ms(m, 2, 10, 5, 1e9, 1e15)
     assert 0 < one < two < 2 * one  # the weights are read once per token whatever the batch
+    # the roofline, derived again by hand for ar-tiny (fp32): bytes alone, flops alone, and
+    # per pass the larger of the two
+    d, layers, vocab, B, P, N = 192, 6, 8192, 2, 10, 5
+    weights = sum(p.numel() for p in m.parameters()) - m.config.n_positions * d
+    kv = B * layers * 2 * d * 4
+    nbytes = N * weights * 4 + P * kv + sum((P + t + 1) * kv for t in range(N - 1))
+    block = 12 * d * d * layers  # QKV 3d^2, out d^2, MLP 8d^2 per layer
+    flops = B * (2 * block * P + 2 * layers * d * P * (P + 1) + 2 * d * vocab)
+    flops += sum(
+        B * (2 * block + 4 * layers * d * (P + t + 1) + 2 * d * vocab) for t in range(N - 1)
+    )
+    assert ar_floor_ms(m, B, P, N, 1e9, math.inf) == pytest.approx(nbytes / 1e6)
+    assert ar_floor_ms(m, B, P, N, math.inf, 1e12) == pytest.approx(flops / 1e9)
+    # at 3 flops per byte the prefill is compute-bound and the decode steps memory-bound
+    both = ar_floor_ms(m, B, P, N, 1e9, 3e9)
+    assert max(nbytes / 1e6, flops / 3e6) < both < nbytes / 1e6 + flops / 3e6
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])

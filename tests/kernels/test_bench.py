@@ -487,3 +487,29 @@ def test_scan_shapes_parse() -> None:
     for bad in ("", ",", "2x9x8", "2x9x8x4x1", "2x9x0x4", "2x-9x8x4", "axbxcxd", "2x9x8x4.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             scan._shape_list(bad)
+
+
+@pytest.mark.parametrize("steps", [2, 3, 5])
+def test_sample_cost_reads_each_weight_as_the_fused_engine_does(steps: int) -> None:
+    """The bytes floor's parameter count, from yan-paper's own modules: the encoder and the
+    decoder once, each of the T - 1 trunk passes its blocks (the adaptive norms are precomputed
+    per time point) and every expert, the cross-attention keys/values once per sample."""
+    from yan_serve.config import PRESETS, YANConfig
+    from yan_serve.model import YAN
+
+    cfg = YANConfig(**PRESETS["yan-paper"])
+    with torch.device("meta"):
+        m = YAN(cfg)
+
+    def mats(module: torch.nn.Module, *, keep=lambda name: True) -> int:
+        return sum(p.numel() for n, p in module.named_parameters() if p.dim() == 2 and keep(n))
+
+    def is_kv(name: str) -> bool:  # "0.cross_att.W_k.weight"
+        return any(f".cross_att.{w}." in f".{name}" for w in ("W_k", "W_v"))
+
+    trunk = mats(m.flow.trf_blocks, keep=lambda n: "adaLN" not in n and not is_kv(n))
+    kv_once = mats(m.flow.trf_blocks, keep=is_kv)
+    experts = sum(p.numel() for p in m.flow.experts.parameters() if p.dim() == 3)
+    want = mats(m.encoder) + (steps - 1) * (trunk + experts) + mats(m.decoder) + kv_once
+    assert kv_once > 0 and experts > 0
+    assert sampler.sample_cost(cfg, 1, 128, steps)[1] == want

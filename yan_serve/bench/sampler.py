@@ -140,7 +140,9 @@ def sample_cost(cfg: YANConfig, batch: int, length: int, steps: int) -> tuple[fl
     """(FLOPs, weights read) of one greedy sample with source = target = `length`: the encoder
     once, T - 1 trunk passes with the routed expert, the cross-attention keys/values once, the
     decoder and lm_head once. Attention counts QK^T and AV (4 L d per query). The second figure
-    counts parameters each pass must read once (times the element size: the bytes floor)."""
+    counts parameters each pass must read once (times the element size: the bytes floor): a
+    cross-attention block's query and output projections every pass, its packed key/value
+    projection once per sample, as the fused engine runs it."""
     d, dff, V, K = cfg.d_model, cfg.d_ffn, cfg.vocab_size, cfg.moe_n_experts
     n_cross = len(cfg.cross_att_idx)
     tok = batch * length
@@ -150,10 +152,10 @@ def sample_cost(cfg: YANConfig, batch: int, length: int, steps: int) -> tuple[fl
     dec = cfg.decoder_n_resi_blocks * 4 * d * dff + 2 * d * V
     flops = tok * (enc + (steps - 1) * trunk + dec + n_cross * 4 * d * d + 6 * d * cfg.gate_dim)
     enc_w = cfg.encoder_n_trf_blocks * (4 * d * d + 2 * d * dff)
-    trunk_w = cfg.n_trf_blocks * (4 * d * d + 2 * d * dff) + n_cross * 4 * d * d
+    trunk_w = cfg.n_trf_blocks * (4 * d * d + 2 * d * dff) + n_cross * 2 * d * d
     expert_w = K * 2 * d * dff
     dec_w = d * V + cfg.decoder_n_resi_blocks * 2 * d * dff
-    params = enc_w + (steps - 1) * (trunk_w + expert_w) + dec_w
+    params = enc_w + (steps - 1) * (trunk_w + expert_w) + dec_w + n_cross * 2 * d * d
     return float(flops), float(params)
 
 

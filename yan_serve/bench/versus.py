@@ -19,11 +19,12 @@ the norms, GELU and residual adds, optionally chained by programmatic dependent 
 (`triton+pdl`, sm_90 and newer); a pair's rows say `+compile` / `+triton`), AR ref ms (the
 AR path before it: Hugging Face's runner on a CPU, the static-cache CUDA-graph runner on CUDA)
 and its speed-up,
-AR floor ms (bytes over measured copy bandwidth: the weights once per decoded token, the prompt's
-keys/values written once and every step's cache read; no arithmetic, no launches), YAN/AR and
+AR floor ms (a roofline, `ar_floor_ms`: per weight pass, the prefill and each decode step, the
+larger of its bytes over the measured copy bandwidth and its flops over the measured matmul
+rate; no launches), YAN/AR and
 YAN/AR-floor (below 1: YAN is faster), and "same tok", the share of AR rows where the fused
 decoder's tokens equal the reference's. Every time is the wall time of a whole call (host work
-included), median of --iters after one warm-up call.
+included), median of --iters after the warm-up calls (two on CUDA, one on a CPU).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from yan_serve.bench.common import (
     euler_steps,
     finish,
     int_list,
+    matmul_rate,
     print_header,
     random_requests,
     run_header,
@@ -112,17 +114,37 @@ def ar_model(preset: str, vocab: int, device: str, dtype: torch.dtype):
         return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
-def ar_floor_ms(model, batch: int, prompt: int, new: int, bw: float) -> float:
-    """Bytes over bandwidth for one generate call: per decoded token the weights once (the
-    position table excepted: a row per token), plus the prompt's keys/values written once and
-    each step's read of the cache so far."""
+def ar_floor_ms(model, batch: int, prompt: int, new: int, bw: float, rate: float) -> float:
+    """The roofline floor of one generate call: each weight pass (the prefill, then each of the
+    `new` - 1 decode steps) costs the larger of its bytes over the copy bandwidth `bw` and its
+    flops over the matmul rate `rate`, and the passes add up.
+
+    Bytes: every pass reads the weights once (the position table excepted: a row per token); the
+    prefill writes the prompt's keys/values, each step reads the cache so far. Flops: 2 per
+    block weight per token (QKV, out, MLP), 4 * d per token per layer and attended slot (QK and
+    AV, causal in the prefill), 2 * d * V per token the head scores (the prefill's last position
+    only). At batch 64 the prefill is compute-bound: a floor of bytes alone understates it."""
     cfg = model.config
     elt = next(model.parameters()).element_size()
-    weights = sum(p.numel() for p in model.parameters()) - cfg.n_positions * cfg.n_embd
-    kv_per_slot = batch * cfg.n_layer * 2 * cfg.n_embd * elt
-    total = new * weights * elt + prompt * kv_per_slot
-    total += sum((prompt + t + 1) * kv_per_slot for t in range(new - 1))
-    return total / bw * 1e3
+    d, layers, vocab = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    weights = sum(p.numel() for p in model.parameters()) - cfg.n_positions * d
+    block = sum(p.numel() for p in model.transformer.h.parameters() if p.dim() == 2)
+    kv_per_slot = batch * layers * 2 * d * elt
+
+    def cost(nbytes: float, flops: float) -> float:
+        return max(nbytes / bw, flops / rate)
+
+    total = cost(
+        weights * elt + prompt * kv_per_slot,
+        batch * (2 * block * prompt + 2 * layers * d * prompt * (prompt + 1) + 2 * d * vocab),
+    )
+    for t in range(new - 1):
+        slots = prompt + t + 1
+        total += cost(
+            weights * elt + slots * kv_per_slot,
+            batch * (2 * block + 4 * layers * d * slots + 2 * d * vocab),
+        )
+    return total * 1e3
 
 
 def _ar_requests(vocab: int, batch: int, prompt: int, new: int):
@@ -177,7 +199,7 @@ def ar_step_launches(model, step: str, length: int) -> int:
 
 
 def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torch.dtype,
-               bw: float, header: dict) -> list[VersusRow]:  # fmt: skip
+               bw: float, rate: float, header: dict) -> list[VersusRow]:  # fmt: skip
     from yan_serve.ar.fused import FusedRunner
     from yan_serve.ar.generate import ar_generate
     from yan_serve.ar.static import StaticRunner
@@ -235,7 +257,7 @@ def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torc
                     pairs = zip(out["fused"], out["ref"], strict=True)
                     same = sum(a.tokens == b.tokens for a, b in pairs) / batch
                 label = f"{yan_name}/{ar_name}" + ("" if step == "torch" else f"+{step}")
-                floor = ar_floor_ms(ar, batch, prompt, new, bw)
+                floor = ar_floor_ms(ar, batch, prompt, new, bw, rate)
                 r = VersusRow(label, protocol, batch, yan_ms, ar_ms, ref_ms, floor, prompt, new,
                               same)  # fmt: skip
                 rows.append(r)
@@ -264,14 +286,16 @@ def run_versus(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=".*past_key_values.*")  # HF's reference runner
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     bw = copy_bandwidth(10 if device == "cuda" else 5, device)
+    rate = matmul_rate(DTYPES[dtype_name], 10 if device == "cuda" else 3, device)
     header = {**run_header(device), "dtype": dtype_name, "copy_GBps": round(bw / 1e9, 1),
+              "matmul_TFLOPs": round(rate / 1e12, 2),
               "ar_steps": ",".join(args.ar_steps)}  # fmt: skip
     print_header(header)
     rows: list[VersusRow] = []
     for i, name in enumerate(args.pairs or (["yan-paper"] if device == "cuda" else ["yan-tiny"])):
         if i:
             print()
-        rows += _pair_rows(name, args, device, DTYPES[dtype_name], bw, header)
+        rows += _pair_rows(name, args, device, DTYPES[dtype_name], bw, rate, header)
     print(COLUMNS)
     for r in rows:
         print(f"{r.pair}  " + _line(r))
@@ -281,8 +305,9 @@ def run_versus(args: argparse.Namespace) -> int:
         rows,
         "YAN ms / AR ms: whole generate calls (CPU: YAN reference ops; CUDA: YAN graph-replayed\n"
         "fused engine). AR: the fused decoder; AR ref: the path before it (CPU: Hugging Face,\n"
-        "CUDA: static-cache graphs); AR speedup = ref / fused. AR floor: weight and KV bytes over\n"
-        "the measured copy bandwidth. YAN/AR and YAN/floor below 1: YAN faster. same tok: rows\n"
+        "CUDA: static-cache graphs); AR speedup = ref / fused. AR floor: per weight pass the\n"
+        "larger of its bytes over the copy rate and its flops over the matmul rate, summed.\n"
+        "YAN/AR and YAN/floor below 1: YAN faster. same tok: rows\n"
         "whose fused tokens equal the reference's.",
     )
 
