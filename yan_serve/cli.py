@@ -33,6 +33,7 @@ from yan_serve.argtypes import (
 )
 from yan_serve.config import INFILL_MASKS, YANConfig, preset_names
 from yan_serve.model import YAN
+from yan_serve.train.trainer import READY, STAGING, STATE
 
 
 def _load_config(spec: str) -> YANConfig:
@@ -158,8 +159,8 @@ def _check_output_file(path: str | None) -> None:
 
 # what a run writes beside its checkpoint, removed by --overwrite so that nothing of the old run
 # is resumed or appended to; the two directories are a save in progress (`Trainer.save`)
-_RUN_STATE = ("trainer_state.json", "optimizer.pt", "rng_state.pt")
-_SAVE_DIRS = (".save-staging", ".save-ready")
+_RUN_STATE = (STATE, "optimizer.pt", "rng_state.pt")
+_SAVE_DIRS = (STAGING, READY)
 
 
 def _check_train_out(out: Path, resume: bool, overwrite: bool) -> bool:
@@ -169,7 +170,7 @@ def _check_train_out(out: Path, resume: bool, overwrite: bool) -> bool:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
     # a save a kill interrupted after its commit point is a run too (`resume` finishes it)
-    has_run = any((out / d / "trainer_state.json").is_file() for d in (".", _SAVE_DIRS[1]))
+    has_run = any((out / d / STATE).is_file() for d in (".", READY))
     if resume and has_run:
         return True
     held = sorted(f.name for f in out.iterdir()) if out.is_dir() else []
