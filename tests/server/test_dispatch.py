@@ -211,11 +211,22 @@ def test_a_stream_whose_client_leaves_drops_its_jobs_and_counts_a_disconnect() -
     """Starlette cancels the response (and so the stream's generator) when the client goes."""
 
     async def leave(response) -> None:
-        reading = asyncio.ensure_future(response.body_iterator.__anext__())
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def receive() -> dict:  # ASGI 2.4: the response does not listen
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        call = asyncio.ensure_future(response(scope, receive, send))
         await asyncio.sleep(0.05)
-        reading.cancel()
+        assert [m["type"] for m in sent] == ["http.response.start"]  # streaming, no event yet
+        call.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await reading
+            await call
 
     state, queued, after = queued_stream_left(leave)
     assert rejected(state, "disconnect") == 1

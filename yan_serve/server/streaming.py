@@ -22,6 +22,7 @@ from yan_serve.server.dispatch import (
     request_timeout,
     timeout_error,
 )
+from yan_serve.server.errors import APIError
 from yan_serve.server.state import State
 
 EVENT_STREAM = "text/event-stream"
@@ -81,61 +82,54 @@ def preview_stream(
         r.on_step = on_step
     jobs = admit(state, requests)
 
-    started = False
+    finished = False  # the last event (result or error) went out
+
+    def error_event(err: APIError) -> bytes:
+        return sse("error", {"error": {"message": err.message, "type": err.type,
+                                       "code": err.status}})  # fmt: skip
 
     async def stream() -> AsyncIterator[bytes]:
-        nonlocal started
-        started = True
+        nonlocal finished
         gathered = gather_all(jobs)
         gathered.add_done_callback(lambda _: events.put_nowait(("done", 0, 0, None)))
         last_step: dict[int, int] = {}  # per candidate: a batch split and retried runs again
         timeout = request_timeout(state)
         deadline = t0 + timeout if timeout is not None else None
-        try:
-            while True:
-                left = None if deadline is None else max(deadline - time.perf_counter(), 0)
-                try:
-                    kind, idx, step, row = await asyncio.wait_for(events.get(), left)
-                except asyncio.TimeoutError:
-                    state.metrics.rejected.labels("timeout").inc()
-                    err = timeout_error(state)
-                    error = {"message": err.message, "type": err.type, "code": err.status}
-                    yield sse("error", {"error": error})
-                    return
-                if kind == "preview":
-                    if step <= last_step.get(idx, -1):
-                        continue  # a retry's repeat of a time point already sent (same tokens)
-                    last_step[idx] = step
-                    eos = tok.special.eos
-                    cut = row.index(eos) if eos in row else len(row)
-                    yield sse(
-                        "preview", {"index": idx, "step": step, "text": tok.decode(row[:cut])}
-                    )
-                    continue
-                try:
-                    results = gathered.result()
-                except Exception as e:
-                    err = job_error(e)
-                    error = {"message": err.message, "type": err.type, "code": err.status}
-                    yield sse("error", {"error": error})
-                    return
-                yield sse("result", body(jobs, results).model_dump(mode="json"))
-                return
-        except (asyncio.CancelledError, GeneratorExit):
-            # Starlette cancels the response when the client disconnects (GeneratorExit: the
-            # stream was closed between events).
-            state.metrics.rejected.labels("disconnect").inc()
-            raise
-        finally:
-            cancel(jobs)  # client gone or finished: drop any queued work
+        while True:
+            left = None if deadline is None else max(deadline - time.perf_counter(), 0)
+            try:
+                kind, idx, step, row = await asyncio.wait_for(events.get(), left)
+            except asyncio.TimeoutError:
+                state.metrics.rejected.labels("timeout").inc()
+                last = error_event(timeout_error(state))
+                break
+            if kind == "preview":
+                if step <= last_step.get(idx, -1):
+                    continue  # a retry's repeat of a time point already sent (same tokens)
+                last_step[idx] = step
+                eos = tok.special.eos
+                cut = row.index(eos) if eos in row else len(row)
+                yield sse("preview", {"index": idx, "step": step, "text": tok.decode(row[:cut])})
+                continue
+            try:
+                results = gathered.result()
+            except Exception as e:
+                last = error_event(job_error(e))
+            else:
+                last = sse("result", body(jobs, results).model_dump(mode="json"))
+            break
+        yield last
+        finished = True  # runs once the event is sent: Starlette asks for the next one
 
-    def never_started() -> None:
-        # the client left before the first event: the generator's own `finally` never ran
-        if not started:
+    def cleanup() -> None:
+        # However the response ended: a client gone before the last event (mid-stream, or
+        # before the first byte, where the generator never started) is a disconnect, and
+        # whatever of its work is still queued is dropped.
+        if not finished:
             state.metrics.rejected.labels("disconnect").inc()
-            cancel(jobs)
+        cancel(jobs)
 
-    return _response(stream(), never_started)
+    return _response(stream(), cleanup)
 
 
 def openai_stream(body: S.OpenAICompletion, include_usage: bool) -> StreamingResponse:
