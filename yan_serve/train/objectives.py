@@ -41,6 +41,11 @@ STAGES = ("stage1", "stage2", "finetune")
 LATENT_NOISE = ("none", "target", "both")  # `Stage2Weights.latent_noise`
 
 
+def check_latent_noise(mode: str) -> None:
+    if mode not in LATENT_NOISE:
+        raise ValueError(f"latent_noise must be one of {', '.join(LATENT_NOISE)}, got {mode!r}")
+
+
 @dataclass
 class Stage1Weights:
     ce: float = 1.0
@@ -66,9 +71,7 @@ class Stage2Weights:
     def __post_init__(self) -> None:
         if not self.focus > 0:
             raise ValueError(f"the focus CE weight must be positive, got {self.focus}")
-        if self.latent_noise not in LATENT_NOISE:
-            raise ValueError(f"latent_noise must be one of {', '.join(LATENT_NOISE)}, "
-                             f"got {self.latent_noise!r}")  # fmt: skip
+        check_latent_noise(self.latent_noise)
 
 
 def stage1_loss(
@@ -135,9 +138,7 @@ def stage2_draws(
     """`stage2_loss`'s draws from `generator`, in the order it takes them itself. The latent
     noise (`Stage2Weights.latent_noise`) is drawn after the rest, so that "none" takes exactly
     the draws it always took."""
-    if latent_noise not in LATENT_NOISE:
-        raise ValueError(f"latent_noise must be one of {', '.join(LATENT_NOISE)}, "
-                         f"got {latent_noise!r}")  # fmt: skip
+    check_latent_noise(latent_noise)
     cfg = model.config
     dev = tgt.device
     gdev = generator.device if generator is not None else dev
