@@ -140,8 +140,8 @@ def pin_mmap_threshold() -> bool:
     """Fix glibc's mmap threshold at 1 MiB (True when set). glibc raises the threshold each time
     a mapped block is freed, up to 32 MiB, so tensors of the sizes a server's ever-changing
     batch shapes need end up carved from the heap, which then fragments: a CPU server's RSS grew
-    from 530 to 850 MiB over 4,200 mixed requests and kept growing; pinned at 1 MiB it stayed
-    near 600 MiB with the same latency (64 KiB cost a third more per request). Not on other C
+    from 530 to 850 MiB over 4,200 mixed requests and kept growing; pinned at 1 MiB it went from
+    545 to 643 MiB with the same latency (64 KiB cost a third more per request). Not on other C
     libraries, and not where the operator set MALLOC_MMAP_THRESHOLD_ (glibc read it already)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
         return False
