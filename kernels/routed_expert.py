@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import pdl, tma
+from .device import capability
 from .gdc import grid_dependency
 
 # A module-level constant read inside @triton.jit must be a tl.constexpr: the GPU compiler
@@ -196,12 +197,24 @@ GPU_LARGE_N = 4096
 INTERPRETER = Blocks(64, 256, 128, 4, 1)  # few, large tiles: each tile op is one numpy call
 
 
-def default_blocks(device: torch.device, n: int, down: bool = False) -> Blocks:
-    """The launch configuration for `n` tokens on `device` (of the down-projection if `down`)."""
+# Three stages of the large fp32 tiles need 192 KiB of shared memory: Hopper gives a block 227 KiB,
+# an A100 163 KiB, so before Hopper the large fp32 tiles run two stages (the compile guard checks
+# every configuration against its target's limit).
+PRE_HOPPER_FP32_STAGES = 2
+
+
+def default_blocks(
+    device: torch.device, n: int, down: bool = False, dtype: torch.dtype = torch.bfloat16
+) -> Blocks:
+    """The launch configuration for `n` tokens of `dtype` on `device` (of the down-projection if
+    `down`)."""
     if device.type == "cuda":
-        if n >= GPU_LARGE_N:
-            return GPU_LARGE_DOWN if down else GPU_LARGE
-        return GPU_SMALL
+        if n < GPU_LARGE_N:
+            return GPU_SMALL
+        cfg = GPU_LARGE_DOWN if down else GPU_LARGE
+        if dtype == torch.float32 and capability(device) < (9, 0):
+            cfg = cfg._replace(num_stages=PRE_HOPPER_FP32_STAGES)
+        return cfg
     return INTERPRETER
 
 
@@ -361,9 +374,9 @@ def routed_expert_euler(
         devices.add(z.device)
     assert len(devices) == 1, f"tensors on several devices: {devices}"
     cfg = blocks or (
-        default_blocks(h.device, N)
+        default_blocks(h.device, N, dtype=h.dtype)
         if tiles is None
-        else default_blocks(h.device, N)._replace(block_m=tiles.block_m)
+        else default_blocks(h.device, N, dtype=h.dtype)._replace(block_m=tiles.block_m)
     )
     if tiles is not None:
         assert tiles.block_m == cfg.block_m, f"tile map of {tiles.block_m} rows, blocks {cfg}"
@@ -372,7 +385,9 @@ def routed_expert_euler(
     if N == 0:
         return out
     if down_blocks is None:
-        down_blocks = cfg if blocks is not None else default_blocks(h.device, N, down=True)
+        down_blocks = (
+            cfg if blocks is not None else default_blocks(h.device, N, down=True, dtype=h.dtype)
+        )
     dcfg = down_blocks._replace(block_m=cfg.block_m)
     order, tile_tab, total, bm = tiles or build_tile_map(expert, K, cfg.block_m)
     act = torch.empty((N, Fh), device=h.device, dtype=h.dtype)
@@ -420,12 +435,17 @@ def aot_specs() -> list:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = TORCH_TO_TRITON[str(dtype).removeprefix("torch.")]
         t = "*" + name
-        ups = [GPU_SMALL, GPU_LARGE._replace(tma=False)]  # + the TMA forms (an option)
-        downs = [GPU_SMALL, GPU_LARGE_DOWN._replace(tma=False)]
-        if dtype != torch.float32:
-            ups.append(GPU_LARGE._replace(tma=True))
-            downs.append(GPU_LARGE_DOWN._replace(tma=True))
-        for cfg in ups:
+        # (config, the targets it is chosen on: None for all)
+        ups = [(GPU_SMALL, None), (GPU_LARGE._replace(tma=False), None)]
+        downs = [(GPU_SMALL, None), (GPU_LARGE_DOWN._replace(tma=False), None)]
+        if dtype != torch.float32:  # + the TMA forms (an option)
+            ups.append((GPU_LARGE._replace(tma=True), None))
+            downs.append((GPU_LARGE_DOWN._replace(tma=True), None))
+        else:  # `default_blocks`: fewer stages before Hopper
+            for plan in (ups, downs):
+                plan[1] = (plan[1][0], (90,))
+                plan.append((plan[1][0]._replace(num_stages=PRE_HOPPER_FP32_STAGES), (80,)))
+        for cfg, archs in ups:
             sig = dict(h_ptr=t, order_ptr="*i64", tiles_ptr="*i32", w1_ptr=t, b1_ptr=t, act_ptr=t,
                        D="i32", H="i32", T="i32", stride_hn="i32", stride_w1k="i32",
                        stride_w1d="i32", stride_b1k="i32", stride_an="i32")  # fmt: skip
@@ -433,9 +453,9 @@ def aot_specs() -> list:
                 sig["w1_ptr"] = f"tensordesc<{name}[{cfg.block_k}, {cfg.block_n}]>"
             specs.append(AotSpec(
                 "_expert_up_kernel", sig, _consts(cfg, dtype), cfg.num_warps, cfg.num_stages,
-                label=f"{name} {cfg}",
+                label=f"{name} {cfg}", archs=archs,
             ))  # fmt: skip
-        for cfg in downs:
+        for cfg, archs in downs:
             sig = dict(act_ptr=t, order_ptr="*i64", tiles_ptr="*i32", w2_ptr=t, b2_ptr=t,
                        z_ptr=t, out_ptr=t, dt="fp32", D="i32", H="i32", T="i32",
                        stride_an="i32", stride_w2k="i32", stride_w2f="i32", stride_b2k="i32",
@@ -446,7 +466,7 @@ def aot_specs() -> list:
             for has_z in (True, False):
                 specs.append(AotSpec(
                     "_expert_down_kernel", sig, {**_consts(cfg, dtype), "HAS_Z": has_z},
-                    cfg.num_warps, cfg.num_stages, label=f"{name} z={has_z} {cfg}",
+                    cfg.num_warps, cfg.num_stages, label=f"{name} z={has_z} {cfg}", archs=archs,
                 ))  # fmt: skip
     for bm in sorted({GPU_SMALL.block_m, GPU_LARGE.block_m}):
         for k_p2 in (8, 16):  # K = 6 experts (the presets) and up to 15

@@ -258,3 +258,52 @@ def test_guard_accepts_a_constexpr_global(tmp_path: Path) -> None:
     proc = _compile_probe(tmp_path, "aot_probe_constexpr", "_C = tl.constexpr(0.5)")
     assert proc.returncode == 0, _output(proc)
     assert proc.stdout.split() == [w for a in TARGETS for w in ("compiled", f"sm_{a}")]
+
+
+# A pipelined bf16 tile product: 128 x 128 tiles of A and B, `num_stages` of them in flight.
+_SMEM_PROBE = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_kernel(a_ptr, b_ptr, c_ptr, K, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + offs[:, None] * K + (k + offs_k)[None, :])
+        b = tl.load(b_ptr + (k + offs_k)[:, None] * BLOCK + offs[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + offs[:, None] * BLOCK + offs[None, :], acc)
+"""
+
+_COMPILE_SMEM_PROBE = """
+import sys
+from yan_kernels.aot import TARGETS, AotSpec, compile_spec
+spec = AotSpec("_tile_kernel", {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "K": "i32"},
+               {"BLOCK": 128, "BLOCK_K": 128}, num_warps=8, num_stages=int(sys.argv[1]),
+               module="aot_probe_smem")
+for arch in TARGETS:
+    try:
+        print(f"sm_{arch}", compile_spec(spec, arch)["shared"])
+    except RuntimeError as e:
+        print(f"sm_{arch} refused: {e}")
+"""
+
+
+def test_guard_rejects_a_kernel_needing_more_shared_memory_than_the_target_has(
+    tmp_path: Path,
+) -> None:
+    """Triton compiles a kernel whatever shared memory it needs; the GPU refuses to launch one
+    that needs more than a block may have (227 KiB on sm_90, 163 KiB on sm_80). Six stages of
+    the probe's tiles fit Hopper and not the A100, and the guard says so for sm_80 alone."""
+    src = tmp_path / "probes"
+    src.mkdir()
+    (src / "aot_probe_smem.py").write_text(_SMEM_PROBE)
+    proc = _run(["-c", _COMPILE_SMEM_PROBE, "6"], _env(tmp_path, pythonpath=src), timeout=600)
+    assert proc.returncode == 0, _output(proc)
+    rows = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert int(rows["sm_90"]) > 166_912, _output(proc)  # more than an A100 block may have
+    assert re.fullmatch(r"refused: .*needs \d+ bytes of shared memory, sm_80 gives a block at "
+                        r"most 166912", rows["sm_80"]), _output(proc)  # fmt: skip

@@ -306,3 +306,32 @@ def test_flow_experts_use_the_kernel_on_gpu(monkeypatch) -> None:
             got = ex.routed(h, e)
         assert calls
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (8, 6), (9, 0)])
+def test_every_gpu_choice_is_a_compiled_spec_within_its_targets_shared_memory(
+    monkeypatch, cap
+) -> None:
+    """What the launcher picks on a GPU of capability `cap`, for every dtype, token count and
+    projection, is among the configurations the compile guard compiles for that target (which
+    checks each against the target's shared memory). Three stages of the large fp32 tiles need
+    192 KiB: an A100 block may have 163, so before Hopper they run two."""
+    from yan_kernels import aot
+    from yan_kernels import routed_expert as m
+
+    monkeypatch.setattr(m, "capability", lambda device: cap)
+    arch = 90 if cap >= (9, 0) else 80
+    specs = [s for s in m.aot_specs() if s.archs is None or arch in s.archs]
+    compiled = {(s.kernel, s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"],
+                 s.constexprs["BLOCK_K"], s.num_warps, s.num_stages, s.label.split()[0])
+                for s in specs if s.kernel != "_tile_map_kernel"}  # fmt: skip
+    cuda = torch.device("cuda", 0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = aot.TORCH_TO_TRITON[str(dtype).removeprefix("torch.")]
+        for n in (1, m.GPU_LARGE_N - 1, m.GPU_LARGE_N, 65_536):
+            for kernel, down in (("_expert_up_kernel", False), ("_expert_down_kernel", True)):
+                b = m.default_blocks(cuda, n, down=down, dtype=dtype)
+                key = (kernel, b.block_m, b.block_n, b.block_k, b.num_warps, b.num_stages, name)
+                assert key in compiled, (cap, key)
+                if dtype == torch.float32 and n >= m.GPU_LARGE_N:
+                    assert b.num_stages == (3 if arch == 90 else m.PRE_HOPPER_FP32_STAGES)
