@@ -19,7 +19,9 @@
 # SERVE_STEPS; S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0
 # skips the test-split evaluation. FILL=0 stops after the paper-layout fine-tune, ANNEAL=0 after
 # the fill stage; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill
-# stage.
+# stage. S1_MASKS=per_position corrupts stage 1 in the serving layout (one <mask> per masked
+# token) instead of the paper's (one per masked run); the checkpoint's config carries the layout
+# on, so stage 2 trains its infill in it too.
 # INIT=CHECKPOINT continues a trained model instead (a lent GPU's few minutes on top of the
 # shipped weights): only the fill and anneal stages run, the first from INIT, each on a data
 # order the full recipe never drew.
@@ -41,8 +43,10 @@ if [[ -z "$INIT" ]]; then
         echo "train_default: FT and FILL are both 0: no fine-tuning stage to end the recipe" >&2
         exit 2
     fi
+    layout=()
+    [[ -z "${S1_MASKS:-}" ]] || layout=(--infill-masks "$S1_MASKS")
     capped "${S1_MIN:-}" yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" \
-        --tokenizer "$(tokenizer)" --lr 1e-3 --warmup 100 "${common[@]}"
+        --tokenizer "$(tokenizer)" --lr 1e-3 --warmup 100 "${layout[@]}" "${common[@]}"
     capped "${S2_MIN:-}" yan train stage2 --init "$OUT/stage1" --out "$OUT/stage2" \
         --steps "$S2" --lr 1e-3 --warmup 100 --fm-weight 0.1 --ce-weight 1 "${common[@]}"
     prev=$OUT/stage2 seeds=(0 1)  # every earlier stage drew seed 0's order

@@ -125,3 +125,40 @@ def test_the_babi_stories_do_not_depend_on_the_training_seed(tmp_path, monkeypat
     test = load_corpus(tmp_path, splits=("test",)).qa["test"]  # what `yan eval` reads
     assert len(test) == 600
     assert not {(r.context, r.question) for r in test} & {(c, q) for c, q, _ in b}
+
+
+@pytest.mark.parametrize("layout", ["collapsed", "per_position"])
+def test_stage1_corrupts_in_the_models_infill_layout(tmp_path, layout) -> None:
+    """Stage 1 writes each masked run as the model's config says its infill sources mark spans:
+    one <mask> per run (the paper), or one per masked token, the source then aligned with the
+    target position by position, as the per-position fill stage and the server write it."""
+    from tests.conftest import micro_config
+    from yan_serve.model import YAN
+    from yan_serve.tokenizer import train_bpe
+    from yan_serve.train.recipes import config_for_tokenizer, stage_batches
+
+    rows = [{"text": f"And the king said unto the prophet, go up to the house number {i}, "
+                     f"and speak unto the people of the land all these words."}
+            for i in range(40)]  # fmt: skip
+    for s in ("train", "val"):
+        _write(tmp_path / f"{s}.jsonl", rows)
+    tok = train_bpe([r["text"] for r in rows], vocab_size=300, min_frequency=1)
+    cfg = config_for_tokenizer(micro_config(vocab_size=300, max_length=64), tok)
+    cfg.infill_masks = layout
+    mask, pad = tok.special.mask, tok.special.pad
+    stream = stage_batches("stage1", load_corpus(tmp_path), tok, YAN(cfg), "train", 8, seed=0)
+    adjacent = shifted = 0
+    for _ in range(4):
+        b = next(stream)
+        for src, tgt, valid in zip(b.src, b.tgt, b.tgt_mask, strict=True):
+            src, tgt = src[valid].tolist(), tgt[valid].tolist()
+            masked = [i for i, t in enumerate(src) if t == mask]
+            assert masked
+            adjacent += sum(src[i - 1] == mask for i in masked if i > 0)
+            shifted += src[-1] == pad  # a collapsed run shortens the source
+            if layout == "per_position":
+                assert all(s == t for s, t in zip(src, tgt, strict=True) if s != mask)
+    if layout == "per_position":
+        assert adjacent > 0 and shifted == 0
+    else:
+        assert adjacent == 0 and shifted > 0

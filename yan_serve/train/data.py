@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from yan_serve.tasks.formats import Example, TaskFormatter, mask_spans
+from yan_serve.tasks.formats import Example, TaskFormatter, expand_masks, mask_spans
 
 MakeFn = Callable[[object, random.Random], Example | None]
 
@@ -71,12 +71,18 @@ def collate_stage1(examples: Sequence[Example], pad_id: int) -> Batch:
 
 
 def stage1_maker(fmt: TaskFormatter, rate: float = 0.08, max_len: int = 256) -> MakeFn:
-    """Text record -> (corrupted, clean + EOS) with ~8% of tokens masked in spans of 1..3."""
+    """Text record -> (corrupted, clean + EOS) with ~8% of tokens masked in spans of 1..3, each
+    masked run written in the formatter's infill layout: one <mask> (the paper's corruption) or,
+    for a `per_position` model, one <mask> per masked token, so that the encoder learns the very
+    sources the model is fine-tuned and served with (the source then stays position-aligned
+    with the target)."""
     sp = fmt.sp
 
     def make(rec, rng: random.Random) -> Example | None:
         clean = [*fmt.tok.encode(rec.text)[: max_len - 1], sp.eos]
         src, fills = mask_spans(clean, rng, rate, 3, sp.mask, frozenset({sp.eos}))
+        if fmt.per_position:
+            src = expand_masks(src, [len(f) for f in fills], sp.mask)
         return Example("stage1", src, clean, rec.text, rec.id, fills)
 
     return make
