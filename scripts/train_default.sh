@@ -12,16 +12,18 @@
 #   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # the shipped run (CPU, ~1.5 h)
 #   S1=20 S2=20 FILL=20 DECAY=10 EVAL_LIMIT=16 bash scripts/train_default.sh   # smoke run
 #   TOKENIZER=weights/yan-mamba-tiny-kjv CONFIG=yan-mamba-tiny S1=3000 FT=4200 FILL=0 DECAY=0 \
-#       bash scripts/train_default.sh   # the earlier five-stage shape, as the Mamba card ran it
+#       S1_MASKS= bash scripts/train_default.sh   # the earlier five-stage shape, as the Mamba card ran it
 #
 # Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA,
 # TOKENIZER, S1, S2, FT, FILL, ANNEAL, DECAY, FOCUS_WEIGHT, BS, EVAL_LIMIT, DEVICE, PUBLISH) and
 # SERVE_STEPS; S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0
 # skips the test-split evaluation. FILL=0 stops after the paper-layout fine-tune, ANNEAL=0 after
 # the fill stage; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill
-# stage. S1_MASKS=per_position corrupts stage 1 in the serving layout (one <mask> per masked
-# token) instead of the paper's (one per masked run); the checkpoint's config carries the layout
-# on, so stage 2 trains its infill in it too.
+# stage. S1_MASKS (default per_position) is the infill layout from stage 1 on: stage 1 corrupts
+# its text with one <mask> per masked token, the source aligned with the target, as the fill stage
+# and the server write spans, and the checkpoint's config carries the layout on to stage 2's
+# infilling; S1_MASKS= (empty) gives the paper's corruption (one <mask> per masked run) up to the
+# fill stage, as the defaults before 2026-11-28 ran.
 # INIT=CHECKPOINT continues a trained model instead (a lent GPU's few minutes on top of the
 # shipped weights): only the fill and anneal stages run, the first from INIT, each on a data
 # order the full recipe never drew.
@@ -33,6 +35,7 @@ CONFIG="${CONFIG:-yan-tiny}"  # or yan-mamba-tiny: same data and budget
 # points stage 2 trains its solve with, served fills and every task better than at 3 (measured
 # on the val split; the model card has the table). Empty: the config's own (3).
 SERVE_STEPS="${SERVE_STEPS-4}"
+S1_MASKS="${S1_MASKS-per_position}"
 OUT="${OUT:-runs/$CONFIG-${CORPUS:-kjv}}"
 source scripts/train_common.sh
 
@@ -44,7 +47,7 @@ if [[ -z "$INIT" ]]; then
         exit 2
     fi
     layout=()
-    [[ -z "${S1_MASKS:-}" ]] || layout=(--infill-masks "$S1_MASKS")
+    [[ -z "$S1_MASKS" ]] || layout=(--infill-masks "$S1_MASKS")
     capped "${S1_MIN:-}" yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" \
         --tokenizer "$(tokenizer)" --lr 1e-3 --warmup 100 "${layout[@]}" "${common[@]}"
     capped "${S2_MIN:-}" yan train stage2 --init "$OUT/stage1" --out "$OUT/stage2" \
