@@ -568,9 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument(
         "--infill-masks",
         choices=INFILL_MASKS,
-        help="how infill sources mark spans, saved in the checkpoint's config (default: the "
-        "config's, collapsed: one <mask> per span as in the paper; per_position: one per target "
-        "position)",
+        help="how infill sources mark spans (stage 1's corruption too), saved in the checkpoint's "
+        "config (default: the config's, collapsed: one <mask> per span as in the paper; "
+        "per_position: one per target position)",
     )
     tp.add_argument("--log-every", type=positive_int, default=run.log_every)
     tp.add_argument("--eval-every", type=positive_int, default=run.eval_every)
