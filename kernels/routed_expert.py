@@ -425,6 +425,16 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
 
+def _large_forms(cfg: Blocks, dtype: torch.dtype) -> list[tuple[Blocks, tuple[int, ...] | None]]:
+    """A large tile's forms for `dtype`, each with the targets it is chosen on (None: all): the
+    pointer form and the TMA one (an option); fp32 has no TMA form, and before Hopper it runs
+    fewer stages (`default_blocks`)."""
+    cfg = cfg._replace(tma=False)
+    if dtype == torch.float32:
+        return [(cfg, (90,)), (cfg._replace(num_stages=PRE_HOPPER_FP32_STAGES), (80,))]
+    return [(cfg, None), (cfg._replace(tma=True), None)]
+
+
 def aot_specs() -> list:
     """Every configuration the launcher can choose on a GPU (see `yan_kernels.aot`): the small
     and the large tiles, the large ones with TMA descriptors (16-bit) and in pointer form (the
@@ -435,16 +445,8 @@ def aot_specs() -> list:
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         name = TORCH_TO_TRITON[str(dtype).removeprefix("torch.")]
         t = "*" + name
-        # (config, the targets it is chosen on: None for all)
-        ups = [(GPU_SMALL, None), (GPU_LARGE._replace(tma=False), None)]
-        downs = [(GPU_SMALL, None), (GPU_LARGE_DOWN._replace(tma=False), None)]
-        if dtype != torch.float32:  # + the TMA forms (an option)
-            ups.append((GPU_LARGE._replace(tma=True), None))
-            downs.append((GPU_LARGE_DOWN._replace(tma=True), None))
-        else:  # `default_blocks`: fewer stages before Hopper
-            for plan in (ups, downs):
-                plan[1] = (plan[1][0], (90,))
-                plan.append((plan[1][0]._replace(num_stages=PRE_HOPPER_FP32_STAGES), (80,)))
+        ups = [(GPU_SMALL, None), *_large_forms(GPU_LARGE, dtype)]
+        downs = [(GPU_SMALL, None), *_large_forms(GPU_LARGE_DOWN, dtype)]
         for cfg, archs in ups:
             sig = dict(h_ptr=t, order_ptr="*i64", tiles_ptr="*i32", w1_ptr=t, b1_ptr=t, act_ptr=t,
                        D="i32", H="i32", T="i32", stride_hn="i32", stride_w1k="i32",
