@@ -5,9 +5,15 @@ checkpoint's default T, an AR checkpoint by fill-in-the-middle), then score each
 the masked words with ROUGE-L. Reports the mean ROUGE-L and the share of empty fills, with and
 without empty spans allowed (YAN; the AR baseline writes what it writes either way).
 
+`--candidates K` asks for K candidates per passage as a request with `"n": K` does (seeds seed,
+seed + 1, ...; YAN only: the AR baseline fills greedily, every candidate alike) and scores the
+one the server returns first, the highest fill confidence; it also prints the ROUGE-L of the best
+candidate per passage (an oracle: how much a perfect ranking could gain).
+
     yan data kjv --out data/kjv
     python scripts/served_fill_eval.py --data data/kjv --n 300
     python scripts/served_fill_eval.py --data data/kjv --n 300 --model weights/ar-tiny-kjv
+    python scripts/served_fill_eval.py --data data/kjv --n 300 --candidates 4
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from yan_serve.engine.requests import EngineRequest, TaskOptions
 from yan_serve.server.loader import load_worker
 from yan_serve.tasks import serving as T
 from yan_serve.tasks.corpus import read_jsonl
+from yan_serve.weights import is_ar_checkpoint
 
 
 def masked_items(rows: list[dict], n: int, seed: int) -> list[tuple[str, str]]:
@@ -55,6 +62,29 @@ def read_passages(path: Path) -> list[dict]:
     return rows
 
 
+def candidate_fills(worker, plans: list[T.Plan], seed: int, k: int, steps: int,
+                    opts: TaskOptions) -> list[list[tuple[float, str]]]:  # fmt: skip
+    """Per plan (one [MASK] each), its k candidates as the server makes them for `"n": k`:
+    (fill confidence, fill text) for seeds seed, seed + 1, ..., in seed order (the AR baseline's
+    confidence reads 0.0: it is not ranked)."""
+    tok = worker.tokenizer
+    specials = set(tok.special.ids())
+    out: list[list[tuple[float, str]]] = [[] for _ in plans]
+    for j in range(k):
+        reqs = [EngineRequest(pl.src, pl.tgt_len, seed + j, steps, plan=pl, options=opts)
+                for pl in plans]  # fmt: skip
+        for cs, pl, g in zip(out, plans, worker.run(reqs), strict=True):
+            conf = (statistics.mean(T.fill_confidences(pl, g.full, g.full_confidence, specials))
+                    if worker.kind == "yan" else 0.0)  # fmt: skip
+            cs.append((conf, T.finish_infill(tok, pl, g.full)[1][0].strip()))
+    return out
+
+
+def first(cands: list[tuple[float, str]]) -> tuple[float, str]:
+    """The candidate the server returns first: the highest confidence, the earlier of equals."""
+    return max(cands, key=lambda c: c[0])
+
+
 def _fail(msg: str) -> int:
     return fail(PROG, msg)
 
@@ -72,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--steps", type=count_int, default=0,
                    help="YAN: Euler time points T (0: the server's default)")  # fmt: skip
+    p.add_argument("--candidates", type=positive_int, default=1,
+                   help="YAN: candidates per passage; the most confident is scored")  # fmt: skip
     args = p.parse_args(argv)
     path = Path(args.data) / f"{args.split}.jsonl"
     if not path.is_file():
@@ -82,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_passages(path)
     except (ValueError, OSError) as e:
         return _fail(first_line(e))
+    if args.candidates > 1 and is_ar_checkpoint(args.model):
+        return _fail(f"--candidates {args.candidates}: the AR baseline fills greedily, every "
+                     "candidate the same (YAN checkpoints only)")  # fmt: skip
     try:
         worker = load_worker(args.model, "cpu")
     except (ValueError, OSError, KeyError, NotImplementedError) as e:
@@ -98,24 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     at = f", T = {steps}" if worker.kind == "yan" else ""
     print(f"{args.model} ({worker.kind}) on {len(items)} {args.split} passages of {args.data}, "
           f"bare [MASK] ({args.span_tokens} positions), greedy{at}")  # fmt: skip
+    pick = f", the most confident of {args.candidates} candidates" if args.candidates > 1 else ""
     for allow_empty in (True, False):
         opts = TaskOptions(allow_empty=allow_empty)
-        scores, empty = [], 0
+        scores, best, empty = [], [], 0
         for a in range(0, len(items), args.batch_size):
             chunk = plans[a : a + args.batch_size]
-            reqs = [EngineRequest(pl.src, pl.tgt_len, args.seed, steps, plan=pl,
-                                  options=opts) for pl in chunk]  # fmt: skip
             golds = [gold for _, gold in items[a : a + args.batch_size]]
-            for gold, pl, g in zip(golds, chunk, worker.run(reqs), strict=True):
-                fill = T.finish_infill(tok, pl, g.full)[1][0].strip()
+            for gold, cs in zip(golds, candidate_fills(worker, chunk, args.seed, args.candidates,
+                                                       steps, opts), strict=True):  # fmt: skip
+                fill = first(cs)[1]
                 empty += fill == ""
                 scores.append(scorer.score(gold, fill)["rougeL"].fmeasure)
+                best.append(max(scorer.score(gold, f)["rougeL"].fmeasure for _, f in cs))
             if len(scores) // 100 > (len(scores) - len(chunk)) // 100:
                 print(f"  allow_empty={allow_empty}: {len(scores)}/{len(items)}", flush=True)
         se = statistics.stdev(scores) / len(scores) ** 0.5 if len(scores) > 1 else 0.0
         print(f"allow_empty={allow_empty!s:<5}  ROUGE-L {statistics.mean(scores):.3f}  "
               f"empty fills {empty}/{len(items)} ({100 * empty / len(items):.1f}%)  "
-              f"(standard error of the mean {se:.3f})")  # fmt: skip
+              f"(standard error of the mean {se:.3f}){pick}")  # fmt: skip
+        if args.candidates > 1:
+            print(f"{'':19}best of the {args.candidates} candidates by ROUGE-L (oracle): "
+                  f"{statistics.mean(best):.3f}")  # fmt: skip
     return 0
 
 

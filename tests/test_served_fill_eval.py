@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import load_script
@@ -95,3 +96,65 @@ def test_the_default_model_is_the_repositorys_wherever_it_runs(tmp_path: Path, m
     assert mod.DEFAULT_MODEL == ROOT / "weights" / "yan-tiny-kjv" and mod.DEFAULT_MODEL.is_dir()
     (tmp_path / "test.jsonl").write_text(json.dumps({"text": "The LORD is my shepherd."}) + "\n")
     assert mod.main(["--data", ".", "--n", "1"]) == 0
+
+
+FILL_TEXTS = [
+    "In the beginning God created the [MASK] and the earth.",
+    "And God said, Let there be [MASK]: and there was light.",
+    "The LORD is my [MASK]; I shall not want.",
+]
+
+
+def test_candidates_are_the_servers_n_candidates_in_its_order() -> None:
+    """`--candidates K` scores what a request with `"n": K` returns first: the same K fills for
+    seeds seed.. seed + K - 1, the same confidences, and the server's first is `first`'s."""
+    import torch
+
+    from tests.server.conftest import CHECKPOINT, ServerProcess
+    from yan_serve.engine.requests import TaskOptions
+    from yan_serve.server.loader import load_worker
+    from yan_serve.tasks import serving as T
+
+    mod = load_script("served_fill_eval")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs (--threads 1): the same sums
+    try:
+        worker = load_worker(str(CHECKPOINT), "cpu")
+        plans = [T.plan_infill(worker.tokenizer, t, worker.max_length, 2,
+                               infill_masks=worker.infill_masks) for t in FILL_TEXTS]  # fmt: skip
+        ours = mod.candidate_fills(worker, plans, 5, 4, worker.default_steps, TaskOptions())
+    finally:
+        torch.set_num_threads(threads)
+    server = ServerProcess().wait_ready()
+    try:
+        for text, cs in zip(FILL_TEXTS, ours, strict=True):
+            body = {"text": text, "seed": 5, "n": 4}
+            got = httpx.post(server.url + "/v1/infill", json=body, timeout=60).json()
+            theirs = [(c["confidence"], c["fills"][0].strip()) for c in got["candidates"]]
+            in_order = sorted(cs, key=lambda c: -c[0])  # stable: the earlier seed of equals
+            assert [f for _, f in theirs] == [f for _, f in in_order], (text, theirs, cs)
+            assert [c for c, _ in theirs] == pytest.approx([c for c, _ in in_order], abs=1e-5)
+            assert got["candidates"][0]["fills"][0].strip() == mod.first(cs)[1]
+    finally:
+        server.stop()
+
+
+def test_candidates_flag_scores_the_first_and_reports_the_oracle(tmp_path: Path, capsys) -> None:
+    mod = load_script("served_fill_eval")
+    passages = [t.replace("[MASK]", "word") for t in FILL_TEXTS]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in passages))
+    yan = ["--model", str(ROOT / "weights" / "yan-tiny-kjv"), "--data", str(tmp_path), "--n", "3"]
+    assert mod.main([*yan, "--candidates", "3"]) == 0
+    out = capsys.readouterr().out
+    scored = re.findall(r"ROUGE-L ([0-9.]+) .*the most confident of 3 candidates", out)
+    oracle = re.findall(r"best of the 3 candidates by ROUGE-L \(oracle\): ([0-9.]+)", out)
+    assert len(scored) == len(oracle) == 2, out
+    assert all(float(o) >= float(s) for s, o in zip(scored, oracle, strict=True)), out
+    assert mod.main([*yan, "--candidates", "1"]) == 0  # one candidate: the plain run's output
+    one = capsys.readouterr().out
+    assert mod.main(yan) == 0
+    assert capsys.readouterr().out == one and "(oracle)" not in one and "most confident" not in one
+    ar = ["--model", str(ROOT / "weights" / "ar-tiny-kjv"), "--data", str(tmp_path)]
+    assert mod.main([*ar, "--candidates", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "YAN checkpoints only" in err and len(err.strip().splitlines()) == 1
