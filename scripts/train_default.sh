@@ -19,7 +19,7 @@
 # SERVE_STEPS; S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0
 # skips the test-split evaluation. FILL=0 stops after the paper-layout fine-tune, ANNEAL=0 after
 # the fill stage; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill
-# stage. S1_MASKS (default per_position) is the infill layout from stage 1 on: stage 1 corrupts
+# stage (measured worse: docs/training.md). S1_MASKS (default per_position) is the infill layout from stage 1 on: stage 1 corrupts
 # its text with one <mask> per masked token, the source aligned with the target, as the fill stage
 # and the server write spans, and the checkpoint's config carries the layout on to stage 2's
 # infilling; S1_MASKS= (empty) gives the paper's corruption (one <mask> per masked run) up to the
