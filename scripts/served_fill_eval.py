@@ -74,7 +74,7 @@ def candidate_fills(worker, plans: list[T.Plan], seed: int, k: int, steps: int,
         reqs = [EngineRequest(pl.src, pl.tgt_len, seed + j, steps, plan=pl, options=opts)
                 for pl in plans]  # fmt: skip
         for cs, pl, g in zip(out, plans, worker.run(reqs), strict=True):
-            conf = (statistics.mean(T.fill_confidences(pl, g.full, g.full_confidence, specials))
+            conf = (T.infill_confidence(pl, g.full, g.full_confidence, specials)[1]
                     if worker.kind == "yan" else 0.0)  # fmt: skip
             cs.append((conf, T.finish_infill(tok, pl, g.full)[1][0].strip()))
     return out

@@ -41,6 +41,16 @@ def test_finish_infill_keeps_the_known_text_and_drops_specials(tok: YANTokenizer
     assert fills == [" God"]
 
 
+def test_infill_confidence_is_per_fill_and_their_mean(tok: YANTokenizer) -> None:
+    p = T.plan_infill(tok, "In [MASK:2] beginning [MASK:2] the heaven.", max_length=200)
+    (a0, _), _ = p.fill_slots
+    row = [tok.special.pad] * p.tgt_len
+    conf = [0.9] * p.tgt_len
+    row[a0], conf[a0] = 11, 0.5  # one content token in the first fill, the second left empty
+    per_fill, mean = T.infill_confidence(p, row, conf, set(tok.special.ids()))
+    assert per_fill == [0.5, 0.0] and mean == pytest.approx(0.25)
+
+
 def test_plans_reject_what_the_model_cannot_serve(tok: YANTokenizer) -> None:
     with pytest.raises(T.PlanError, match="MASK"):
         T.plan_infill(tok, "nothing masked", 100)

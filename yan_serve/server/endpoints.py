@@ -77,8 +77,7 @@ def _finish_infill(w: Worker, plan: T.Plan, req: S.InfillRequest, g: Generation)
     slots = plan.fill_slots or []
     conf = [g.full_confidence[a + i] for a, b in slots for i in range(b - a)]
     specials = set(w.tokenizer.special.ids())
-    per_fill = T.fill_confidences(plan, g.full, g.full_confidence, specials)
-    mean = sum(per_fill) / len(per_fill)
+    per_fill, mean = T.infill_confidence(plan, g.full, g.full_confidence, specials)
     written = sum(g.full[a + i] not in specials for a, b in slots for i in range(b - a))
     return candidate(text, conf, req.return_confidence, written, fills=fills,
                      fill_confidence=per_fill, confidence=mean)  # fmt: skip

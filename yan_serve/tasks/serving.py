@@ -166,6 +166,15 @@ def fill_confidences(
     return out
 
 
+def infill_confidence(
+    plan: Plan, row: list[int], conf: list[float], specials: set[int]
+) -> tuple[list[float], float]:
+    """(each fill's confidence, the candidate's): `fill_confidences` and their mean, the number an
+    infill candidate reports as `confidence` and the server ranks a request's `n` candidates by."""
+    per_fill = fill_confidences(plan, row, conf, specials)
+    return per_fill, sum(per_fill) / len(per_fill)
+
+
 def finish_infill(tok: YANTokenizer, plan: Plan, row: list[int]) -> tuple[str, list[str]]:
     """(filled text, each fill's text) from the generated full-length row: known text is kept,
     fills are the tokens at their slots (special tokens dropped)."""
