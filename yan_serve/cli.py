@@ -14,7 +14,9 @@ readable line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -192,6 +194,17 @@ def _check_train_out(out: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
+def _dropout(text: str) -> float:
+    """A dropout probability, in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
+
+
 def _rate_range(text: str) -> tuple[float, float]:
     """'LOW,HIGH' (or one number for both) -> a masked-share range for `--infill-rate`."""
     try:
@@ -217,11 +230,17 @@ def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
         if args.init:
             raise ValueError("stage1 starts from a fresh model: drop --init")
         base = _load_config(args.config)
+        if args.dropout is not None:
+            base = dataclasses.replace(base, dropout=args.dropout)
         tok = tokenizer_for(corpus, args.tokenizer, base.vocab_size)
         model = YAN(config_for_tokenizer(base, tok))
     else:
         if not args.init:
             raise ValueError(f"{args.stage} needs --init (the previous stage's checkpoint)")
+        if args.dropout is not None:
+            raise ValueError(
+                f"--dropout sets a fresh model's dropout: stage1 only, not {args.stage}"
+            )
         model, tok = _load_checkpoint(args.init)
     if args.infill_masks:  # one of INFILL_MASKS (argparse choices)
         model.config.infill_masks = args.infill_masks
@@ -245,6 +264,8 @@ def _ar_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
     from yan_serve.tokenizer import YANTokenizer
     from yan_serve.weights import is_ar_checkpoint
 
+    if args.dropout is not None:
+        raise ValueError("--dropout sets a YAN model's dropout: stage1 only, not ar")
     if args.init:
         if not is_ar_checkpoint(args.init):
             raise ValueError(f"{args.init} is not an AR (GPT-2) checkpoint")
@@ -415,7 +436,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     another directory, the weights in `--dtype`: what `weights/` ships (bf16 halves the bytes;
     `from_pretrained` loads fp32 parameters from it). `--steps T` sets the Euler time points a
     YAN checkpoint serves with when a request names none (its config's `ode_steps`)."""
-    import dataclasses
     import shutil
 
     from yan_serve.weights import LABELS_FILE, is_ar_checkpoint, save_pretrained
@@ -515,6 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         default="yan-tiny",
         help="preset or config.json (stage1); ar: ar-tiny or ar-small",
+    )
+    tp.add_argument(
+        "--dropout",
+        type=_dropout,
+        help="stage1: the model's dropout instead of the config's (yan-small and yan-paper: "
+        "0.1, the paper's; 0 learned faster on the KJV: docs/training.md)",
     )
     tp.add_argument("--init", help="checkpoint to start from (stage2, finetune)")
     tp.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on the data)")

@@ -27,9 +27,17 @@ SHAPES = {
     # stage, which decays
     "default": ({"FILL": "4", "DECAY": "2"}, ("stage1", "stage2", "fill"), "fill"),
     # the earlier five-stage shape: the paper's layout up to the fill stage, + the paper-layout
-    # fine-tune and the anneal
+    # fine-tune and the anneal; DROPOUT overrides yan-tiny's 0 from stage 1 on
     "five-stage": (
-        {"FT": "8", "FILL": "4", "ANNEAL": "4", "DECAY": "2", "FOCUS_WEIGHT": "3", "S1_MASKS": ""},
+        {
+            "FT": "8",
+            "FILL": "4",
+            "ANNEAL": "4",
+            "DECAY": "2",
+            "FOCUS_WEIGHT": "3",
+            "S1_MASKS": "",
+            "DROPOUT": "0.05",
+        },
         ("stage1", "stage2", "finetune", "fill", "anneal"),
         "anneal",
     ),
@@ -60,6 +68,10 @@ def test_shortened_default_recipe(tmp_path, shape) -> None:
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
             p.name for p in d.iterdir()
         }
+    dropout = float(knobs.get("DROPOUT", 0.0))  # the model's, stage 1's config carried on
+    assert {s: from_pretrained(tmp_path / "run" / s).config.dropout for s in stages} == {
+        s: dropout for s in stages
+    }
     early = "per_position" if shape == "default" else "collapsed"  # S1_MASKS
     for stage in ("stage1", "stage2", "finetune"):
         if stage in stages:
