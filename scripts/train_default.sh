@@ -16,8 +16,8 @@
 #
 # Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA,
 # TOKENIZER, S1, S2, FT, FILL, ANNEAL, DECAY, FOCUS_WEIGHT, BS, EVAL_LIMIT, DEVICE, PUBLISH) and
-# SERVE_STEPS, DROPOUT (the model's, instead of the config's: yan-small's 0.1 learned slower on
-# the KJV than 0, docs/training.md); S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0
+# SERVE_STEPS, MODEL_SET (config fields instead of CONFIG's, `yan train stage1 --set` words:
+# MODEL_SET="dropout=0 moe_sigma=1" for yan-small on the KJV, docs/training.md); S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0
 # skips the test-split evaluation. FILL=0 stops after the paper-layout fine-tune, ANNEAL=0 after
 # the fill stage; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill
 # stage (measured worse: docs/training.md). S1_MASKS (default per_position) is the infill layout from stage 1 on: stage 1 corrupts
@@ -47,11 +47,11 @@ if [[ -z "$INIT" ]]; then
         echo "train_default: FT and FILL are both 0: no fine-tuning stage to end the recipe" >&2
         exit 2
     fi
-    layout=()
-    [[ -z "$S1_MASKS" ]] || layout=(--infill-masks "$S1_MASKS")
-    [[ -z "${DROPOUT:-}" ]] || layout+=(--dropout "$DROPOUT")
+    model=()
+    [[ -z "$S1_MASKS" ]] || model=(--infill-masks "$S1_MASKS")
+    for kv in ${MODEL_SET:-}; do model+=(--set "$kv"); done  # KEY=VALUE words
     capped "${S1_MIN:-}" yan train stage1 --config "$CONFIG" --out "$OUT/stage1" --steps "$S1" \
-        --tokenizer "$(tokenizer)" --lr 1e-3 --warmup 100 "${layout[@]}" "${common[@]}"
+        --tokenizer "$(tokenizer)" --lr 1e-3 --warmup 100 "${model[@]}" "${common[@]}"
     capped "${S2_MIN:-}" yan train stage2 --init "$OUT/stage1" --out "$OUT/stage2" \
         --steps "$S2" --lr 1e-3 --warmup 100 --fm-weight 0.1 --ce-weight 1 "${common[@]}"
     prev=$OUT/stage2 seeds=(0 1)  # every earlier stage drew seed 0's order

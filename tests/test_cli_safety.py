@@ -80,18 +80,26 @@ def test_overwrite_starts_afresh_and_resume_continues(tmp_path: Path, capsys) ->
     _one_line_error(capsys, "is not a trainer state")
 
 
-def test_dropout_overrides_a_fresh_models_config_only(tmp_path: Path, capsys) -> None:
+def test_set_overrides_a_fresh_models_config_only(tmp_path: Path, capsys) -> None:
     data, out = _corpus(tmp_path / "c"), tmp_path / "run"
     run = ["train", "stage1", "--data", str(data), "--out", str(out), "--config",
            str(_micro_json(tmp_path)), "--batch-size", "2", "--warmup", "0", "--steps", "1",
            "--eval-every", "1", "--eval-batches", "1"]  # fmt: skip
-    assert main([*run, "--dropout", "0.25"]) == 0
-    assert json.loads((out / "config.json").read_text())["dropout"] == 0.25
+    # a value is checked as config.json's would be, before any work
+    assert main([*run, "--set", "dropout=1"]) == 2
+    _one_line_error(capsys, "dropout must be in [0, 1)")
+    assert main([*run, "--set", "moe_sigma=wide"]) == 2
+    _one_line_error(capsys, "moe_sigma")
+    assert not out.exists()
+    assert main([*run, "--set", "dropout=0.25", "--set", "moe_sigma=1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["dropout"], cfg["moe_sigma"]) == (0.25, 1)
+    assert cfg["d_model"] == micro_config().d_model  # the rest as the config file says
     capsys.readouterr()
     later = ["train", "stage2", "--data", str(data), "--out", str(tmp_path / "s2"), "--init",
-             str(out), "--steps", "1", "--dropout", "0"]  # fmt: skip
+             str(out), "--steps", "1", "--set", "dropout=0"]  # fmt: skip
     assert main(later) == 2
-    _one_line_error(capsys, "--dropout", "stage1 only, not stage2")
+    _one_line_error(capsys, "--set", "stage1 only, not stage2")
     assert not (tmp_path / "s2").exists()
 
 
@@ -99,8 +107,8 @@ def test_dropout_overrides_a_fresh_models_config_only(tmp_path: Path, capsys) ->
     "flags",
     [["--log-every", "0"], ["--save-every", "0"], ["--eval-every", "-1"], ["--lr", "inf"],
      ["--lr", "nan"], ["--grad-clip", "-1"], ["--max-minutes", "-1"], ["--warmup", "-5"],
-     ["--slack", "5"], ["--steps", "abc"], ["--prefetch", "-1"], ["--dropout", "1"],
-     ["--dropout", "-0.1"]],
+     ["--slack", "5"], ["--steps", "abc"], ["--prefetch", "-1"], ["--set", "dropout"],
+     ["--set", "no_such_field=1"]],
     ids=lambda f: "".join(f),
 )  # fmt: skip
 def test_training_flags_are_checked_when_parsed(tmp_path: Path, capsys, flags) -> None:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -194,15 +194,21 @@ def _check_train_out(out: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
-def _dropout(text: str) -> float:
-    """A dropout probability, in [0, 1)."""
+def _config_setting(text: str) -> tuple[str, Any]:
+    """'KEY=VALUE' -> (a YANConfig field, its value read as JSON, else as a string):
+    `dropout=0`, `moe_sigma=1.0`, `cross_att_idx=[0,2]`, `infill_masks=per_position`."""
+    key, eq, raw = text.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    names = {f.name for f in dataclasses.fields(YANConfig)} - {"name"}
+    if key not in names:
+        raise argparse.ArgumentTypeError(f"{key!r} is not a model config field ({text!r})")
     try:
-        v = float(text)
+        value = json.loads(raw)
     except ValueError:
-        v = math.nan
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return v
+        value = raw
+    return key, value
 
 
 def _rate_range(text: str) -> tuple[float, float]:
@@ -230,17 +236,15 @@ def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
         if args.init:
             raise ValueError("stage1 starts from a fresh model: drop --init")
         base = _load_config(args.config)
-        if args.dropout is not None:
-            base = dataclasses.replace(base, dropout=args.dropout)
+        if args.set:  # validated as a config.json would be: types and ranges
+            base = YANConfig.from_dict({**base.to_dict(), **dict(args.set)})
         tok = tokenizer_for(corpus, args.tokenizer, base.vocab_size)
         model = YAN(config_for_tokenizer(base, tok))
     else:
         if not args.init:
             raise ValueError(f"{args.stage} needs --init (the previous stage's checkpoint)")
-        if args.dropout is not None:
-            raise ValueError(
-                f"--dropout sets a fresh model's dropout: stage1 only, not {args.stage}"
-            )
+        if args.set:
+            raise ValueError(f"--set configures a fresh model: stage1 only, not {args.stage}")
         model, tok = _load_checkpoint(args.init)
     if args.infill_masks:  # one of INFILL_MASKS (argparse choices)
         model.config.infill_masks = args.infill_masks
@@ -264,8 +268,8 @@ def _ar_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
     from yan_serve.tokenizer import YANTokenizer
     from yan_serve.weights import is_ar_checkpoint
 
-    if args.dropout is not None:
-        raise ValueError("--dropout sets a YAN model's dropout: stage1 only, not ar")
+    if args.set:
+        raise ValueError("--set configures a fresh YAN model: stage1 only, not ar")
     if args.init:
         if not is_ar_checkpoint(args.init):
             raise ValueError(f"{args.init} is not an AR (GPT-2) checkpoint")
@@ -537,10 +541,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="preset or config.json (stage1); ar: ar-tiny or ar-small",
     )
     tp.add_argument(
-        "--dropout",
-        type=_dropout,
-        help="stage1: the model's dropout instead of the config's (yan-small and yan-paper: "
-        "0.1, the paper's; 0 learned faster on the KJV: docs/training.md)",
+        "--set",
+        type=_config_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="stage1: a config field instead of the preset's or config.json's, e.g. dropout=0 "
+        "or moe_sigma=1 (repeatable; docs/training.md has yan-small's on the KJV)",
     )
     tp.add_argument("--init", help="checkpoint to start from (stage2, finetune)")
     tp.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on the data)")

@@ -27,7 +27,7 @@ SHAPES = {
     # stage, which decays
     "default": ({"FILL": "4", "DECAY": "2"}, ("stage1", "stage2", "fill"), "fill"),
     # the earlier five-stage shape: the paper's layout up to the fill stage, + the paper-layout
-    # fine-tune and the anneal; DROPOUT overrides yan-tiny's 0 from stage 1 on
+    # fine-tune and the anneal; MODEL_SET overrides yan-tiny's fields from stage 1 on
     "five-stage": (
         {
             "FT": "8",
@@ -36,7 +36,7 @@ SHAPES = {
             "DECAY": "2",
             "FOCUS_WEIGHT": "3",
             "S1_MASKS": "",
-            "DROPOUT": "0.05",
+            "MODEL_SET": "dropout=0.05 moe_sigma=0.5",
         },
         ("stage1", "stage2", "finetune", "fill", "anneal"),
         "anneal",
@@ -68,10 +68,11 @@ def test_shortened_default_recipe(tmp_path, shape) -> None:
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
             p.name for p in d.iterdir()
         }
-    dropout = float(knobs.get("DROPOUT", 0.0))  # the model's, stage 1's config carried on
-    assert {s: from_pretrained(tmp_path / "run" / s).config.dropout for s in stages} == {
-        s: dropout for s in stages
-    }
+    # the model's config fields from stage 1 on (MODEL_SET; yan-tiny's own otherwise)
+    want = (0.05, 0.5) if "MODEL_SET" in knobs else (0.0, 1.0)
+    for stage in stages:
+        cfg = from_pretrained(tmp_path / "run" / stage).config
+        assert (cfg.dropout, cfg.moe_sigma) == want, stage
     early = "per_position" if shape == "default" else "collapsed"  # S1_MASKS
     for stage in ("stage1", "stage2", "finetune"):
         if stage in stages:
