@@ -17,8 +17,9 @@
 # Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA,
 # TOKENIZER, S1, S2, FT, FILL, ANNEAL, DECAY, FOCUS_WEIGHT, BS, EVAL_LIMIT, DEVICE, PUBLISH) and
 # SERVE_STEPS, MODEL_SET (config fields instead of CONFIG's, `yan train stage1 --set` words:
-# MODEL_SET="dropout=0 moe_sigma=1" for yan-small on the KJV, docs/training.md); S1_MIN S2_MIN FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0
-# skips the test-split evaluation. FILL=0 stops after the paper-layout fine-tune, ANNEAL=0 after
+# MODEL_SET="dropout=0 moe_sigma=1" for yan-small on the KJV, docs/training.md); S1_MIN S2_MIN
+# FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0 skips the test-split
+# evaluation. FILL=0 stops after the paper-layout fine-tune, ANNEAL=0 after
 # the fill stage; FILL_UNFREEZE=1 also trains the encoder, decoder and embeddings in the fill
 # stage (measured worse: docs/training.md). S1_MASKS (default per_position) is the infill layout from stage 1 on: stage 1 corrupts
 # its text with one <mask> per masked token, the source aligned with the target, as the fill stage
