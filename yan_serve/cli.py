@@ -121,6 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from yan_serve.tasks.corpus import load_corpus
     from yan_serve.train.trainer import TrainConfig, Trainer, eprint
 
+    if args.set and args.stage != "stage1":
+        raise ValueError(f"--set configures a fresh YAN model: stage1 only, not {args.stage}")
     resume = _check_train_out(Path(args.out), args.resume, args.overwrite)
     torch.manual_seed(args.seed)
     corpus = load_corpus(args.data)  # --seed orders the batches; the bAbI stories are fixed
@@ -243,8 +245,6 @@ def _yan_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
     else:
         if not args.init:
             raise ValueError(f"{args.stage} needs --init (the previous stage's checkpoint)")
-        if args.set:
-            raise ValueError(f"--set configures a fresh model: stage1 only, not {args.stage}")
         model, tok = _load_checkpoint(args.init)
     if args.infill_masks:  # one of INFILL_MASKS (argparse choices)
         model.config.infill_masks = args.infill_masks
@@ -268,8 +268,6 @@ def _ar_objective(args: argparse.Namespace, corpus, tasks: tuple[str, ...]):
     from yan_serve.tokenizer import YANTokenizer
     from yan_serve.weights import is_ar_checkpoint
 
-    if args.set:
-        raise ValueError("--set configures a fresh YAN model: stage1 only, not ar")
     if args.init:
         if not is_ar_checkpoint(args.init):
             raise ValueError(f"{args.init} is not an AR (GPT-2) checkpoint")
@@ -440,8 +438,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     another directory, the weights in `--dtype`: what `weights/` ships (bf16 halves the bytes;
     `from_pretrained` loads fp32 parameters from it). `--steps T` sets the Euler time points a
     YAN checkpoint serves with when a request names none (its config's `ode_steps`)."""
-    import shutil
-
     from yan_serve.weights import LABELS_FILE, is_ar_checkpoint, save_pretrained
 
     src, out = Path(args.checkpoint), Path(args.out)
