@@ -11,19 +11,30 @@
 # INIT=CHECKPOINT continues a trained AR baseline (FT + FILL + ANNEAL fine-tuning steps, no
 # pre-training), as train_default.sh's INIT continues YAN.
 #
+# AR_CONFIG is the GPT-2 preset; by default the one sized like CONFIG (YAN's preset, as
+# train_default.sh reads it): yan-small -> ar-small (17.5M against yan-small's 19.3M at the KJV's
+# 8,192 vocabulary), yan-paper -> ar-gpt2, anything else -> ar-tiny. So RECIPE=both with
+# CONFIG=yan-small trains both sides of the comparison at the same size.
+#
 #   DEVICE=cuda PUBLISH=weights/ar-tiny-kjv bash scripts/train_ar.sh
 #   S1=10 S2=10 FT=10 FILL=0 DECAY=5 EVAL_LIMIT=8 bash scripts/train_ar.sh  # smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="${OUT:-runs/ar-tiny-${CORPUS:-kjv}}"
+case "$(basename "${CONFIG:-yan-tiny}" .json)" in
+    yan-small) pair=ar-small ;;
+    yan-paper) pair=ar-gpt2 ;;
+    *) pair=ar-tiny ;;
+esac
+AR_CONFIG="${AR_CONFIG:-$pair}"
+OUT="${OUT:-runs/$AR_CONFIG-${CORPUS:-kjv}}"
 source scripts/train_common.sh  # sets TOKENIZER: the one scripts/train_default.sh trains YAN on
 
 INIT="${INIT:-}"  # continue this AR checkpoint: no pre-training, a data order not yet drawn
 prev=$INIT seed=2
 if [[ -z "$INIT" ]]; then
     capped "$(minutes "${S1_MIN:-}" "${S2_MIN:-}")" yan train ar --tokenizer "$(tokenizer)" \
-        --config ar-tiny --out "$OUT/pretrain" --steps $((S1 + S2)) --lr 1e-3 --warmup 100 \
+        --config "$AR_CONFIG" --out "$OUT/pretrain" --steps $((S1 + S2)) --lr 1e-3 --warmup 100 \
         --tasks infill,infill-fim "${common[@]}"
     prev=$OUT/pretrain seed=0
 fi
