@@ -9,7 +9,7 @@
 #       --host 0.0.0.0 --port 8000 --model /models/mine
 #
 # Both variants install through scripts/install.sh, the install path CI runs, and start the
-# same `yan-serve` console script. The shipped checkpoint (weights/yan-tiny-kjv) is baked in and
+# same `yan-serve` console script. The shipped checkpoint (weights/yan-small-kjv) is baked in and
 # is the default --model; mount a volume and pass --model (or YAN_SERVE_MODEL) to serve another.
 
 ARG VARIANT=cuda
@@ -52,7 +52,7 @@ RUN python3 -m venv /opt/venv \
 WORKDIR /app
 # What scripts/install.sh needs: the project metadata and package layout (setup.py maps kernels/
 # to yan_kernels), the packages (installed editable, so the default --model resolves to
-# /app/weights/yan-tiny-kjv) and the script itself.
+# /app/weights/yan-small-kjv) and the script itself.
 COPY pyproject.toml setup.py README.md ./
 COPY scripts/install.sh scripts/install.sh
 COPY yan_serve/ yan_serve/

@@ -1,5 +1,6 @@
-"""The shipped default checkpoints (the Transformer yan-tiny-kjv and the Mamba yan-mamba-tiny-kjv,
-same data and recipe) load, are what their cards say, and work on every task format.
+"""The shipped YAN checkpoints (the server's default yan-small-kjv; yan-tiny-kjv, the one the HTTP
+tests serve, and the Mamba yan-mamba-tiny-kjv) load, are what their cards say, and work on every
+task format.
 
 Run: python -m pytest tests/test_default_checkpoint.py -q
 """
@@ -21,6 +22,7 @@ from yan_serve.weights import from_pretrained, load_tokenizer
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 # directory -> (config name, exact parameter count)
 SHIPPED = {
+    "yan-small-kjv": ("yan-small", 19_251_718),
     "yan-tiny-kjv": ("yan-tiny", 4_345_988),
     "yan-mamba-tiny-kjv": ("yan-mamba-tiny", 5_346_948),
 }
@@ -43,7 +45,8 @@ def loaded(request):
 
 def test_files_size_and_config(loaded) -> None:
     model, tok, ckpt = loaded
-    assert sum(f.stat().st_size for f in ckpt.iterdir()) < 30 * 2**20
+    size = sum(f.stat().st_size for f in ckpt.iterdir())
+    assert size < (50 if model.config.name == "yan-small" else 30) * 2**20  # bf16 weights
     assert (model.config.name, model.num_parameters()) == SHIPPED[ckpt.name]
     mamba = model.config.name == "yan-mamba-tiny"
     assert model.config.encoder_use_mamba is mamba and model.config.flow_use_mamba is mamba

@@ -42,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.common import ROOT, dockerfile_instructions, image
+from yan_serve.server.settings import default_model_dir
 
 pytestmark = pytest.mark.docker
 
@@ -314,7 +315,7 @@ def test_answers_infill(container: dict) -> None:
     r = httpx.post(container["url"] + "/v1/infill", json=INFILL, timeout=60)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert (body["model"], body["task"]) == ("yan-tiny-kjv", "infill")
+    assert (body["model"], body["task"]) == (Path(default_model_dir()).name, "infill")
     # the known text comes back around the one filled gap (the space before it is the fill's)
     before, after = INFILL["text"].split("[MASK]")
     text = body["text"]

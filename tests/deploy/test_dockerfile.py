@@ -181,7 +181,7 @@ def test_apt_get_hygiene() -> None:
 
 def test_checkpoint_baked_in_as_default_model() -> None:
     """The image copies weights/ and installs the package editable at WORKDIR, so the server's
-    default --model (weights/yan-tiny-kjv next to the package) exists in the image."""
+    default --model (weights/yan-small-kjv next to the package) exists in the image."""
     from yan_serve.server.settings import default_model_dir
 
     img = image()
@@ -200,10 +200,10 @@ def test_checkpoint_baked_in_as_default_model() -> None:
         "README.md",
         "scripts/install.sh",
         "yan_serve/server/main.py",
-        "weights/yan-tiny-kjv/config.json",
-        "weights/yan-tiny-kjv/model.safetensors",
-        "weights/yan-tiny-kjv/tokenizer.json",
-        "weights/yan-tiny-kjv/labels.json",
+        "weights/yan-small-kjv/config.json",
+        "weights/yan-small-kjv/model.safetensors",
+        "weights/yan-small-kjv/tokenizer.json",
+        "weights/yan-small-kjv/labels.json",
     ],
 )
 def test_build_context_keeps(path: str) -> None:

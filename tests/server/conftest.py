@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# The small checkpoint the HTTP tests serve (CI speed); the README's examples run on the server's
+# own default (`default_server`).
 CHECKPOINT = ROOT / "weights" / "yan-tiny-kjv"
 
 
@@ -28,7 +30,9 @@ def free_port() -> int:
 class ServerProcess:
     """A `yan-serve` subprocess on a free loopback port; `url` once /ready says 200."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, model: str | Path = CHECKPOINT
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -36,7 +40,7 @@ class ServerProcess:
             "-m",
             "yan_serve",
             "--model",
-            str(CHECKPOINT),
+            str(model),
             "--device",
             "cpu",
             "--port",

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.server.conftest import ServerProcess
+from yan_serve.server.settings import default_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -44,6 +49,23 @@ def _same(got, shown, where: str) -> None:
         assert got == pytest.approx(shown, rel=1e-3, abs=1e-6), f"{where}: {got} != {shown}"
     else:
         assert got == shown, f"{where}: {got!r} != {shown!r}"
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    """A server on the checkpoint `yan-serve` serves when no --model is given (the README's
+    set-up command), not the small one the other HTTP tests share."""
+    server = ServerProcess("--max-wait-ms", "20", model=default_model_dir()).wait_ready()
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as c:
+            yield c
+    finally:
+        server.stop()
+
+
+def test_the_examples_run_on_the_default_checkpoint() -> None:
+    shown = {json.loads(out)["model"] for _, body, out in EXAMPLES if not body.get("stream")}
+    assert shown == {Path(default_model_dir()).name}
 
 
 @pytest.mark.parametrize(("path", "body", "out"), EXAMPLES, ids=[p for p, _, _ in EXAMPLES])

@@ -14,7 +14,7 @@ ENV_PREFIX = "YAN_SERVE_"
 
 def default_model_dir() -> str:
     """The checkpoint shipped in `weights/` (repository checkout or installed image)."""
-    here = Path(__file__).resolve().parents[2] / "weights" / "yan-tiny-kjv"
+    here = Path(__file__).resolve().parents[2] / "weights" / "yan-small-kjv"
     return str(here)
 
 
@@ -80,7 +80,7 @@ class Settings:
 
 
 HELP = {
-    "model": "checkpoint directory (default: the shipped weights/yan-tiny-kjv)",
+    "model": "checkpoint directory (default: the shipped weights/yan-small-kjv)",
     "host": "bind address",
     "port": "TCP port",
     "device": "auto | cpu | cuda | cuda:N",
