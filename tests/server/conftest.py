@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # The small checkpoint the HTTP tests serve (CI speed); the README's examples run on the server's
-# own default (`default_server`).
+# own default (tests/server/test_readme_examples.py).
 CHECKPOINT = ROOT / "weights" / "yan-tiny-kjv"
 
 
