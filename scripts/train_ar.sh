@@ -12,21 +12,20 @@
 # pre-training), as train_default.sh's INIT continues YAN.
 #
 # AR_CONFIG is the GPT-2 preset; by default the one sized like CONFIG (YAN's preset, as
-# train_default.sh reads it): yan-small -> ar-small (17.5M against yan-small's 19.3M at the KJV's
-# 8,192 vocabulary), yan-paper -> ar-gpt2, anything else -> ar-tiny. So RECIPE=both with
-# CONFIG=yan-small trains both sides of the comparison at the same size.
+# train_default.sh reads it; the pairing is yan_serve.config.AR_PAIRS): yan-small -> ar-small
+# (17.5M against yan-small's 19.3M at the KJV's 8,192 vocabulary), yan-paper -> ar-gpt2,
+# anything else -> ar-tiny. So RECIPE=both with CONFIG=yan-small trains both sides of the
+# comparison at the same size.
 #
 #   DEVICE=cuda PUBLISH=weights/ar-tiny-kjv bash scripts/train_ar.sh
 #   S1=10 S2=10 FT=10 FILL=0 DECAY=5 EVAL_LIMIT=8 bash scripts/train_ar.sh  # smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-case "$(basename "${CONFIG:-yan-tiny}" .json)" in
-    yan-small) pair=ar-small ;;
-    yan-paper) pair=ar-gpt2 ;;
-    *) pair=ar-tiny ;;
-esac
-AR_CONFIG="${AR_CONFIG:-$pair}"
+if [[ -z "${AR_CONFIG:-}" ]]; then  # the pairing yan_serve.config.AR_PAIRS holds
+    AR_CONFIG=$("${PY:-python3}" -c 'import sys; from yan_serve.config import ar_preset_for
+print(ar_preset_for(sys.argv[1]))' "$(basename "${CONFIG:-yan-tiny}" .json)")
+fi
 OUT="${OUT:-runs/$AR_CONFIG-${CORPUS:-kjv}}"
 source scripts/train_common.sh  # sets TOKENIZER: the one scripts/train_default.sh trains YAN on
 

@@ -239,4 +239,15 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-__all__ = ["PRESETS", "YANConfig", "preset_names"]
+# The same-size GPT-2 baseline of each Transformer preset (yan_serve.ar.model.AR_PRESETS): what the
+# benches and scripts/train_ar.sh pair it with.
+AR_PAIRS = {"yan-tiny": "ar-tiny", "yan-small": "ar-small", "yan-paper": "ar-gpt2"}
+
+
+def ar_preset_for(yan_preset: str) -> str:
+    """The AR preset sized like `yan_preset`; ar-tiny for any other (the Mamba and custom
+    configs)."""
+    return AR_PAIRS.get(yan_preset, "ar-tiny")
+
+
+__all__ = ["AR_PAIRS", "PRESETS", "YANConfig", "ar_preset_for", "preset_names"]

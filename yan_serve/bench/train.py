@@ -39,8 +39,9 @@ from yan_serve.bench.common import (
     print_header,
     run_header,
 )
+from yan_serve.config import AR_PAIRS
 
-PAIRS = {"yan-tiny": "ar-tiny", "yan-small": "ar-small", "yan-paper": "ar-gpt2"}
+PAIRS = AR_PAIRS  # YAN preset -> its same-size AR baseline
 DEFAULTS = {  # device -> (pairs, batches, length, steps, warmup)
     "cuda": (["yan-tiny", "yan-small"], [64, 256], 128, 20, 3),
     "cpu": (["yan-tiny"], [4], 32, 3, 1),

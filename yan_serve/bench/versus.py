@@ -52,8 +52,9 @@ from yan_serve.bench.common import (
     suite_parser,
     wall_timer,
 )
+from yan_serve.config import AR_PAIRS
 
-PAIRS = {"yan-paper": "ar-gpt2", "yan-small": "ar-small", "yan-tiny": "ar-tiny"}
+PAIRS = AR_PAIRS  # YAN preset -> its same-size AR baseline
 PROTOCOLS = ("complete", "infill", "fim")
 COMPLETE_PROMPT, COMPLETE_NEW, PASSAGE = 128, 128, 512
 EOS, PAD, BOS = 2, 0, 1
