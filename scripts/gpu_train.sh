@@ -27,9 +27,10 @@
 # RECIPE=both trains the YAN default and the AR baseline at once, as two processes on the one GPU
 # (at these sizes each step is launch-bound), each with the whole of MINUTES: one call gives both
 # sides of the quality comparison, the AR sized like CONFIG (train_ar.sh: yan-small -> ar-small).
-# On an H200 (2026-11-27, batch 64, yan-tiny) YAN made ~6 steps/s and the AR ~25 sharing the GPU. YAN's step dispatches ~1,900 kernel-launching operators to the
-# AR's ~350 and then also waited for the host ~15 times a step (counted on the CPU; those waits
-# are gone since). `python -m yan_serve.bench train` measures both steps alone. What comes
+# On an H200 (2026-11-27, batch 64, yan-tiny) YAN made ~6 steps/s and the AR ~25 sharing the GPU.
+# YAN's step dispatches ~1,900 kernel-launching operators to the AR's ~350 and then also waited
+# for the host ~15 times a step (counted on the CPU; those waits are gone since).
+# `python -m yan_serve.bench train` measures both steps alone. What comes
 # back then is each run's folder above packed as yan.tar / ar.tar and cut into 15 MiB parts
 # (yan.tar.part-aa, ...), plus both.out (the two runs' output); unpack with
 #       bash scripts/gpu_train.sh --unpack FILES_AT/gpu-train weights/YAN_NAME weights/AR_NAME

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces the shipped YAN checkpoints weights/yan-small-kjv (the default) and weights/yan-tiny-kjv
-# from a clean checkout:
+# Reproduces the shipped YAN checkpoints weights/yan-small-kjv (the default) and
+# weights/yan-tiny-kjv from a clean checkout:
 # KJV corpus and its shared tokenizer -> stage 1 (denoising autoencoder, S1 steps) -> stage 2
 # (MoE-FM NLL + CE) -> [FT steps of multi-task fine-tune (infill, last-word completion,
 # bAbI-style QA, KJV section classification) in the paper's infill layout (one <mask> per span);
@@ -10,9 +10,9 @@
 # infill spans and QA answers, that many times the copied ones); default ANNEAL=0] -> eval. The
 # last stage's final DECAY steps take the learning rate linearly to zero.
 #
-#   CONFIG=yan-small TOKENIZER=weights/yan-tiny-kjv OMP_NUM_THREADS=2 PUBLISH=weights/yan-small-kjv \
-#       MODEL_SET="vocab_size=8192 max_length=256 dropout=0 moe_sigma=1" bash scripts/train_default.sh
-#                                            # the default (CPU, 2 cores, ~3.3 h)
+#   CONFIG=yan-small TOKENIZER=weights/yan-tiny-kjv OMP_NUM_THREADS=2 \
+#       MODEL_SET="vocab_size=8192 max_length=256 dropout=0 moe_sigma=1" \
+#       PUBLISH=weights/yan-small-kjv bash scripts/train_default.sh  # the default (~3.3 h)
 #   PUBLISH=weights/yan-tiny-kjv bash scripts/train_default.sh   # yan-tiny-kjv (CPU, ~1.5 h)
 #   S1=20 S2=20 FILL=20 DECAY=10 EVAL_LIMIT=16 bash scripts/train_default.sh   # smoke run
 #   TOKENIZER=weights/yan-mamba-tiny-kjv CONFIG=yan-mamba-tiny S1=3000 FT=4200 FILL=0 DECAY=0 \

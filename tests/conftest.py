@@ -54,6 +54,34 @@ def load_script(name: str) -> ModuleType:
     return mod
 
 
+STAND_IN_VERSES = [  # (section, text)
+    ("law", "In the beginning God created the heaven and the earth."),
+    ("law", "And God said, Let there be light: and there was light."),
+    ("history", "And it came to pass after these things, that the king sent unto the city."),
+    ("wisdom", "The LORD is my shepherd; I shall not want."),
+    ("prophets", "Comfort ye, comfort ye my people, saith your God."),
+    ("gospels", "Blessed are the meek: for they shall inherit the earth."),
+    ("epistles", "Charity suffereth long, and is kind; charity envieth not."),
+    ("revelation", "And I saw a new heaven and a new earth."),
+]
+
+
+def write_stand_in_corpus(directory: Path) -> Path:
+    """A 32-passage corpus directory (train.jsonl, val.jsonl) in the `yan data kjv` row format,
+    every section present: enough for a recipe script to run a few steps without the `bible`
+    program."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    verses = STAND_IN_VERSES
+    for split in ("train", "val"):
+        rows = [{"id": f"{split} {i}", "book": "Genesis", "section": sec, "split": split,
+                 "text": f"{text} {verses[(i + 1) % len(verses)][1]}"}
+                for i, (sec, text) in enumerate(verses * 4)]  # fmt: skip
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
 def micro_config(**overrides) -> YANConfig:
     """A model small enough that a test can build dozens of them."""
     base = dict(

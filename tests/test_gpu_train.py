@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import write_stand_in_corpus
 from yan_serve.weights import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,31 +199,13 @@ def test_a_short_cpu_run_comes_back_within_the_limits_and_unpacks(
     assert seeds == ((2, 3) if recipe == "both" else (0, 1))
 
 
-VERSES = [
-    ("law", "In the beginning God created the heaven and the earth."),
-    ("law", "And God said, Let there be light: and there was light."),
-    ("history", "And it came to pass after these things, that the king sent unto the city."),
-    ("wisdom", "The LORD is my shepherd; I shall not want."),
-    ("prophets", "Comfort ye, comfort ye my people, saith your God."),
-    ("gospels", "Blessed are the meek: for they shall inherit the earth."),
-    ("epistles", "Charity suffereth long, and is kind; charity envieth not."),
-    ("revelation", "And I saw a new heaven and a new earth."),
-]
-
-
 @pytest.mark.gpu
 def test_the_lease_training_call_runs_on_cuda(tmp_path: Path) -> None:
     """What a GPU lease's training call runs (docs/gpu_session.md: RECIPE=both continuing the
     shipped pair), a few steps of each stage on CUDA with a small stand-in corpus: bf16
     autocast, the forked batch worker after CUDA is up, both processes on one GPU, the
     packing. The GPU check runs this before the lease spends minutes on the real call."""
-    data = tmp_path / "corpus"
-    data.mkdir()
-    for split in ("train", "val"):
-        rows = [{"id": f"{split} {i}", "book": "Genesis", "section": sec, "split": split,
-                 "text": f"{text} {VERSES[(i + 1) % len(VERSES)][1]}"}
-                for i, (sec, text) in enumerate(VERSES * 4)]  # fmt: skip
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_stand_in_corpus(tmp_path / "corpus")
     env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA": str(data), "DEVICE": "cuda",
            "RECIPE": "both", "INIT": str(ROOT / "weights/yan-tiny-kjv"),
            "AR_INIT": str(ROOT / "weights/ar-tiny-kjv"), "MINUTES": "3", "FT": "3", "FILL": "3",

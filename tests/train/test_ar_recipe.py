@@ -7,22 +7,16 @@ Run: python -m pytest tests/train/test_ar_recipe.py -q
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_stand_in_corpus
 from yan_serve.ar.model import load_ar
 
 ROOT = Path(__file__).resolve().parents[2]
-VERSES = [
-    ("law", "In the beginning God created the heaven and the earth."),
-    ("history", "And it came to pass after these things, that the king sent unto the city."),
-    ("wisdom", "The LORD is my shepherd; I shall not want."),
-    ("gospels", "Blessed are the meek: for they shall inherit the earth."),
-]
 
 
 @pytest.mark.slow
@@ -36,13 +30,7 @@ VERSES = [
     ids=["yan-small", "named", "default"],
 )
 def test_the_ar_recipe_trains_the_preset_sized_like_config(tmp_path: Path, knobs, preset) -> None:
-    data = tmp_path / "corpus"
-    data.mkdir()
-    for split in ("train", "val", "test"):
-        rows = [{"id": f"{split} {i}", "book": "Genesis", "section": sec, "split": split,
-                 "text": f"{text} {VERSES[(i + 1) % len(VERSES)][1]}"}
-                for i, (sec, text) in enumerate(VERSES * 3)]  # fmt: skip
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_stand_in_corpus(tmp_path / "corpus")
     out = tmp_path / "run"
     env = {**os.environ, "OUT": str(out), "DATA": str(data), "DEVICE": "cpu",
            "TOKENIZER": str(ROOT / "weights/yan-tiny-kjv"), "S1": "1", "S2": "1", "FT": "1",
