@@ -20,11 +20,11 @@ from yan_serve.tasks.records import ClassRecord, QARecord, TextRecord
 from yan_serve.weights import from_pretrained, load_tokenizer
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
-# directory -> (config name, exact parameter count)
+# directory -> (config name, exact parameter count, MiB the directory stays under: bf16 weights)
 SHIPPED = {
-    "yan-small-kjv": ("yan-small", 19_251_718),
-    "yan-tiny-kjv": ("yan-tiny", 4_345_988),
-    "yan-mamba-tiny-kjv": ("yan-mamba-tiny", 5_346_948),
+    "yan-small-kjv": ("yan-small", 19_251_718, 50),
+    "yan-tiny-kjv": ("yan-tiny", 4_345_988, 30),
+    "yan-mamba-tiny-kjv": ("yan-mamba-tiny", 5_346_948, 30),
 }
 
 # Ruth 1:16-17 is in the test split (held-out book).
@@ -45,9 +45,9 @@ def loaded(request):
 
 def test_files_size_and_config(loaded) -> None:
     model, tok, ckpt = loaded
-    size = sum(f.stat().st_size for f in ckpt.iterdir())
-    assert size < (50 if model.config.name == "yan-small" else 30) * 2**20  # bf16 weights
-    assert (model.config.name, model.num_parameters()) == SHIPPED[ckpt.name]
+    name, params, mib = SHIPPED[ckpt.name]
+    assert sum(f.stat().st_size for f in ckpt.iterdir()) < mib * 2**20
+    assert (model.config.name, model.num_parameters()) == (name, params)
     mamba = model.config.name == "yan-mamba-tiny"
     assert model.config.encoder_use_mamba is mamba and model.config.flow_use_mamba is mamba
     assert (tok.special.pad, tok.special.eos, tok.special.mask) == (0, 2, 3)
