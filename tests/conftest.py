@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -70,8 +71,6 @@ def write_stand_in_corpus(directory: Path) -> Path:
     """A 32-passage corpus directory (train.jsonl, val.jsonl) in the `yan data kjv` row format,
     every section present: enough for a recipe script to run a few steps without the `bible`
     program."""
-    import json
-
     directory.mkdir(parents=True, exist_ok=True)
     verses = STAND_IN_VERSES
     for split in ("train", "val"):

@@ -41,7 +41,6 @@ from yan_serve.bench.common import (
 )
 from yan_serve.config import AR_PAIRS
 
-PAIRS = AR_PAIRS  # YAN preset -> its same-size AR baseline
 DEFAULTS = {  # device -> (pairs, batches, length, steps, warmup)
     "cuda": (["yan-tiny", "yan-small"], [64, 256], 128, 20, 3),
     "cpu": (["yan-tiny"], [4], 32, 3, 1),
@@ -218,7 +217,7 @@ def run_train(args: argparse.Namespace) -> int:
                     todo.append(replace(yan, name=f"{name}+c", objective=compiled))
                 if not args.no_ar:
                     vocab = yan.objective.model.config.vocab_size
-                    todo.append(ar_setup(PAIRS[name], vocab, b, length, device))
+                    todo.append(ar_setup(AR_PAIRS[name], vocab, b, length, device))
                 for case in todo:
                     row = measure(case, device, steps, warmup, out)
                     rows.append(row)
@@ -241,7 +240,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _pair_list(text: str) -> list[str]:
-    return choice_list(text, list(PAIRS), "YAN preset")
+    return choice_list(text, list(AR_PAIRS), "YAN preset")
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:

@@ -54,7 +54,6 @@ from yan_serve.bench.common import (
 )
 from yan_serve.config import AR_PAIRS
 
-PAIRS = AR_PAIRS  # YAN preset -> its same-size AR baseline
 PROTOCOLS = ("complete", "infill", "fim")
 COMPLETE_PROMPT, COMPLETE_NEW, PASSAGE = 128, 128, 512
 EOS, PAD, BOS = 2, 0, 1
@@ -205,7 +204,7 @@ def _pair_rows(yan_name: str, args: argparse.Namespace, device: str, dtype: torc
     from yan_serve.ar.generate import ar_generate
     from yan_serve.ar.static import StaticRunner
 
-    ar_name = PAIRS[yan_name]
+    ar_name = AR_PAIRS[yan_name]
     protocols = args.protocols or list(PROTOCOLS)
     batches = args.batches or ([1, 8, 64] if device == "cuda" else [1, 8])
     iters = args.iters or ITERS[device]
@@ -314,7 +313,7 @@ def run_versus(args: argparse.Namespace) -> int:
 
 
 def _pair_list(text: str) -> list[str]:
-    return choice_list(text, list(PAIRS), "YAN preset")
+    return choice_list(text, list(AR_PAIRS), "YAN preset")
 
 
 def _step_list(text: str) -> list[str]:
