@@ -40,7 +40,8 @@
 # MINUTES [7]; SPLIT ["20 30 20 15 15"]: the percent of MINUTES for stage 1, stage 2, fine-tune,
 # fill and anneal (the AR recipe: pre-training = the first two, fine-tuning = the last three);
 # S1 S2 FT FILL ANNEAL [100000 each]: step caps; DECAY [ANNEAL / 2]: the last stage's decay
-# steps (a share of its step cap when its minutes end it first); FOCUS_WEIGHT [1]; DATA [data/kjv];
+# steps (a share of its step cap when its minutes end it first); FOCUS_WEIGHT [1]; ANNEAL_TASKS
+# [infill,complete,qa,classify]; DATA [data/kjv];
 # PYTHON [python3]; INIT (RECIPE=both: and AR_INIT) [unset]: continue a trained checkpoint, e.g.
 # the shipped weights/yan-tiny-kjv (and weights/ar-tiny-kjv), instead of training from scratch;
 # COMPILE [0]: 1 puts YAN's stage-2 and fine-tuning losses under torch.compile; PREFETCH [4 on

@@ -13,6 +13,8 @@ FILL="${FILL:-6000}"  # fine-tune steps after FT: YAN's per-position infill layo
 ANNEAL="${ANNEAL:-0}"  # then more fill steps on a fresh data order, the LR decaying to 0
 DECAY="${DECAY:-2000}"  # the final stage's last DECAY steps (at most all) take the LR to 0
 FOCUS_WEIGHT="${FOCUS_WEIGHT:-1}"  # YAN's anneal: CE weight of infill spans and QA answers
+# YAN's anneal: its task mixture (`yan train --tasks`; NAME:W gives a task W batches per round)
+ANNEAL_TASKS="${ANNEAL_TASKS:-infill,complete,qa,classify}"
 FINAL=finetune  # the stage that is evaluated and published (train_default.sh: fill when FILL > 0)
 BS="${BS:-16}"
 EVAL_LIMIT="${EVAL_LIMIT:-}"

@@ -7,8 +7,9 @@
 # the default skips it: FT=0] -> FILL fine-tuning steps of the same tasks in the serving layout
 # (one <mask> per target position of a span: `--infill-masks per_position`) -> [ANNEAL steps
 # more on a fresh data order (FOCUS_WEIGHT > 1 weights the CE of the positions a task asks for,
-# infill spans and QA answers, that many times the copied ones); default ANNEAL=0] -> eval. The
-# last stage's final DECAY steps take the learning rate linearly to zero.
+# infill spans and QA answers, that many times the copied ones; ANNEAL_TASKS its task mixture,
+# e.g. infill,complete,qa:4,classify for four QA batches per other one); default ANNEAL=0] ->
+# eval. The last stage's final DECAY steps take the learning rate linearly to zero.
 #
 #   CONFIG=yan-small TOKENIZER=weights/yan-tiny-kjv OMP_NUM_THREADS=2 \
 #       MODEL_SET="vocab_size=8192 max_length=256 dropout=0 moe_sigma=1" \
@@ -19,7 +20,8 @@
 #       S1_MASKS= bash scripts/train_default.sh   # the earlier five-stage shape, as the Mamba card ran it
 #
 # Knobs (environment): CONFIG, OUT, and those of scripts/train_common.sh (CORPUS, DATA,
-# TOKENIZER, S1, S2, FT, FILL, ANNEAL, DECAY, FOCUS_WEIGHT, BS, EVAL_LIMIT, DEVICE, PUBLISH) and
+# TOKENIZER, S1, S2, FT, FILL, ANNEAL, DECAY, FOCUS_WEIGHT, ANNEAL_TASKS, BS, EVAL_LIMIT, DEVICE,
+# PUBLISH) and
 # SERVE_STEPS, MODEL_SET (config fields instead of CONFIG's, `yan train stage1 --set` words:
 # MODEL_SET="dropout=0 moe_sigma=1" for yan-small on the KJV, docs/training.md); S1_MIN S2_MIN
 # FT_MIN FILL_MIN ANNEAL_MIN cap a stage's wall time (minutes); EVAL=0 skips the test-split
@@ -86,7 +88,7 @@ if ((ANNEAL > 0)); then
     capped "${ANNEAL_MIN:-}" yan train finetune --init "$prev" --out "$OUT/anneal" \
         --steps "$ANNEAL" --lr 3e-4 --warmup 50 --decay "$(decay_for "$ANNEAL")" --fm-weight 0.1 \
         --ce-weight 1 --focus-weight "$FOCUS_WEIGHT" --infill-masks per_position \
-        --seed "${seeds[1]}" "${common[@]}"
+        --tasks "$ANNEAL_TASKS" --seed "${seeds[1]}" "${common[@]}"
     FINAL=anneal
 fi
 finish --steps 1,2,3,4,6

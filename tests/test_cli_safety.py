@@ -108,7 +108,8 @@ def test_set_overrides_a_fresh_models_config_only(tmp_path: Path, capsys) -> Non
     [["--log-every", "0"], ["--save-every", "0"], ["--eval-every", "-1"], ["--lr", "inf"],
      ["--lr", "nan"], ["--grad-clip", "-1"], ["--max-minutes", "-1"], ["--warmup", "-5"],
      ["--slack", "5"], ["--steps", "abc"], ["--prefetch", "-1"], ["--set", "dropout"],
-     ["--set", "no_such_field=1"]],
+     ["--set", "no_such_field=1"], ["--tasks", "infill,qa:0"], ["--tasks", "qa:x"],
+     ["--tasks", "infill,,qa"]],
     ids=lambda f: "".join(f),
 )  # fmt: skip
 def test_training_flags_are_checked_when_parsed(tmp_path: Path, capsys, flags) -> None:

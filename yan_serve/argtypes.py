@@ -44,6 +44,26 @@ def positive_int_list(text: str) -> list[int]:
     return vals
 
 
+def task_mixture(text: str) -> tuple[str, ...]:
+    """A training task mixture: comma-separated task names, each optionally NAME:W with an
+    integer weight W >= 1 (its share of the batches), as the names repeated W times:
+    "infill,qa:3" -> ("infill", "qa", "qa", "qa")."""
+    out: list[str] = []
+    for item in text.split(","):
+        name, _, w = item.strip().partition(":")
+        try:
+            weight = int(w) if w else 1
+        except ValueError:
+            weight = 0
+        if not name or weight < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated tasks, each NAME or NAME:WEIGHT with WEIGHT >= 1 "
+                f"(e.g. infill,qa:3), got {text!r}"
+            )
+        out += [name] * weight
+    return tuple(out)
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0."""
     try:

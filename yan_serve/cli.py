@@ -32,6 +32,7 @@ from yan_serve.argtypes import (
     positive_int,
     positive_int_list,
     share,
+    task_mixture,
 )
 from yan_serve.config import INFILL_MASKS, YANConfig, preset_names
 from yan_serve.model import YAN
@@ -127,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     corpus = load_corpus(args.data)  # --seed orders the batches; the bAbI stories are fixed
     make = _ar_objective if args.stage == "ar" else _yan_objective
-    objective = make(args, corpus, tuple(args.tasks.split(",")))
+    objective = make(args, corpus, args.tasks)
     cfg = TrainConfig(
         out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         warmup=args.warmup, decay=args.decay, grad_clip=args.grad_clip, log_every=args.log_every,
@@ -576,8 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument(
         "--tasks",
+        type=task_mixture,
         default=",".join(yan.tasks),
-        help="fine-tune mixture (ar also knows infill-fim: generate only the spans)",
+        help="fine-tune mixture, one task per batch; NAME:W gives a task W batches per round "
+        "(e.g. qa:3: three QA batches for each of the others; ar also knows infill-fim: "
+        "generate only the spans)",
     )
     tp.add_argument(
         "--slack",

@@ -35,6 +35,7 @@ SHAPES = {
             "ANNEAL": "4",
             "DECAY": "2",
             "FOCUS_WEIGHT": "3",
+            "ANNEAL_TASKS": "infill,complete,qa:2,classify",
             "S1_MASKS": "",
             "MODEL_SET": "dropout=0.05 moe_sigma=0.5",
         },
@@ -93,6 +94,9 @@ def test_shortened_default_recipe(tmp_path, shape) -> None:
     assert train_cfg["fill"]["seed"] == 0  # the anneal draws a fresh data order
     if final == "anneal":
         assert (train_cfg["anneal"]["stage2"]["focus"], train_cfg["anneal"]["seed"]) == (3.0, 1)
+        # ANNEAL_TASKS: QA takes two of every five anneal batches; the fill stage round-robin
+        assert train_cfg["anneal"]["tasks"] == ["infill", "complete", "qa", "qa", "classify"]
+        assert train_cfg["fill"]["tasks"] == ["infill", "complete", "qa", "classify"]
     results = json.loads((tmp_path / "run/eval.json").read_text())["results"]
     tasks = ("infill", "infill-served", "complete", "qa", "classify", "classify-scored")
     assert {(r["task"], r["steps"]) for r in results} == {("infill-copy-source", 0)} | {

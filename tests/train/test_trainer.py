@@ -668,3 +668,61 @@ def test_stage2_latent_noise_switch(monkeypatch) -> None:
     parse = cli.build_parser().parse_args
     assert parse(base).flow_latent_noise == "none"
     assert parse([*base, "--flow-latent-noise", "both"]).flow_latent_noise == "both"
+
+
+def test_a_weighted_task_mixture_gives_each_task_its_share_of_batches() -> None:
+    """`--tasks infill,qa:3` parses to QA named three times, and the mixture then draws three QA
+    batches per infill batch in every round; all weights 1 keep the unweighted order."""
+    from yan_serve import cli
+    from yan_serve.train.data import mixture
+
+    base = ["train", "finetune", "--data", "d", "--out", "o"]
+    args = cli.build_parser().parse_args([*base, "--tasks", "infill,qa:3"])
+    assert args.tasks == ("infill", "qa", "qa", "qa")
+    assert cli.build_parser().parse_args(base).tasks == ("infill", "complete", "qa", "classify")
+
+    def stream(name: str):
+        while True:
+            yield name
+
+    def draw(weights, n: int) -> list[str]:
+        it = mixture({t: stream(t) for t in ("a", "b", "c")}, seed=7, weights=weights)
+        return [next(it) for _ in range(n)]
+
+    assert draw(None, 60) == draw({"a": 1, "b": 1}, 60)
+    rounds = draw({"b": 3}, 50)
+    for r in range(10):  # each round of 5: one a, three b, one c, in a seeded order
+        assert sorted(rounds[5 * r : 5 * r + 5]) == ["a", "b", "b", "b", "c"]
+    assert len({tuple(rounds[i : i + 5]) for i in range(0, 50, 5)}) > 1  # reshuffled per round
+    with pytest.raises(ValueError, match="'d'"):
+        draw({"d": 2}, 1)
+    with pytest.raises(ValueError, match="'a'"):
+        draw({"a": 0}, 1)
+
+
+def test_a_weighted_mixture_reaches_the_batches_of_both_models() -> None:
+    """YAN's fine-tune and the AR baseline draw a task named w times in their mixture w times per
+    round."""
+    from transformers import GPT2LMHeadModel
+
+    from yan_serve.ar.model import ar_config
+    from yan_serve.ar.train import ARObjective
+    from yan_serve.tasks.corpus import Corpus
+
+    long = [" ".join(TEXTS[i : i + 3]) for i in range(len(TEXTS) - 3)]
+    tok = train_bpe(long, vocab_size=300)
+    corpus = Corpus({"train": [TextRecord(t) for t in long]}, {}, {})
+    model = YAN(micro_config(vocab_size=tok.vocab_size, max_length=64))
+    spec = StageConfig("finetune", tasks=("infill", "complete", "complete", "complete"))
+    it = YANObjective(model, tok, spec, corpus).batches("train", 4, seed=0)
+    tasks = [next(it).task for _ in range(40)]
+    assert tasks.count("complete") == 30 and tasks.count("infill") == 10
+
+    # the AR baseline's batches carry no task name, so tell them by their target lengths: a
+    # completion target is the last word and EOS (at most 4 tokens here), a fill-in-the-middle
+    # one the spans of a passage with 30-40% of it masked (longer)
+    ar = ARObjective(GPT2LMHeadModel(ar_config(tok, 64, "ar-tiny")), tok, 64,
+                     ("infill-fim", "complete", "complete"), corpus, (0.3, 0.4))  # fmt: skip
+    it_ar = ar.batches("train", 4, 0)
+    seen = [int((next(it_ar).labels != -100).sum()) for _ in range(30)]
+    assert sum(n <= 16 for n in seen) == 20

@@ -8,6 +8,7 @@ target: only the spans). The loss is next-token cross-entropy on target tokens o
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -110,7 +111,8 @@ class ARObjective(Objective):
                 yield [ar_sequence(e.src, fim_target(e, sp.mask, sp.eos) if name == "infill-fim"
                                    else e.tgt, sp.bos) for e in exs]  # fmt: skip
 
-        mixed = mixture({n: sequences(n, st) for n, st in streams.items()}, seed)
+        mixed = mixture({n: sequences(n, st) for n, st in streams.items()}, seed,
+                        Counter(self.tasks))  # fmt: skip
         return (collate_ar(seqs, sp.pad) for seqs in mixed)
 
     def forward(

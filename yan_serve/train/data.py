@@ -8,7 +8,7 @@ compute on padding. Each rank of a distributed run draws from its own seeded str
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,10 +137,20 @@ def batches(
         yield from chunks
 
 
-def mixture(streams: dict[str, Iterator[list[Example]]], seed: int) -> Iterator[list[Example]]:
-    """Round-robin over task streams in a seeded random order (one task per batch)."""
+def mixture(
+    streams: dict[str, Iterator[list[Example]]],
+    seed: int,
+    weights: Mapping[str, int] | None = None,
+) -> Iterator[list[Example]]:
+    """Round-robin over task streams in a seeded random order (one task per batch). A stream
+    with weight w (default 1) gives w batches of each round, so `{"qa": 3}` beside three other
+    tasks makes QA 3 of every 6 batches; with every weight 1 the order is the unweighted one."""
+    weights = weights or {}
+    bad = sorted(n for n, w in weights.items() if n not in streams or w < 1)
+    if bad:
+        raise ValueError(f"mixture weight for {bad[0]!r}: not a stream, or below 1")
     rng = random.Random(seed)
-    names = sorted(streams)
+    names = [n for n in sorted(streams) for _ in range(weights.get(n, 1))]
     while True:
         rng.shuffle(names)
         for n in names:

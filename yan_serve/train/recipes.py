@@ -9,6 +9,7 @@ generator. `yan data import` writes such directories from the paper's datasets.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 from yan_serve.config import YANConfig
@@ -76,8 +77,9 @@ def stage_batches(
     infill_rate: tuple[float, float] = INFILL_RATE,
 ) -> Iterator[Batch]:
     """Endless batches for a stage: stage1 = corrupted text, stage2 = infilling, finetune = the
-    task mixture (one task per batch; a `slack` share of targets get serving length slack;
-    infill passages masked at a share drawn from `infill_rate`)."""
+    task mixture (one task per batch, a task named w times in `tasks` taking w batches of each
+    round; a `slack` share of targets get serving length slack; infill passages masked at a
+    share drawn from `infill_rate`)."""
     fmt = TaskFormatter(tok, model.config.infill_masks, infill_rate)
     L = model.config.max_length
     pad = tok.special.pad
@@ -88,7 +90,7 @@ def stage_batches(
     chosen = ("infill",) if stage == "stage2" else tasks
     streams = task_streams(corpus, fmt, split, {t: t for t in chosen}, batch_size, seed, L,
                            slack if stage == "finetune" else 0.0)  # fmt: skip
-    return _batches_of(mixture(streams, seed), pad, False)
+    return _batches_of(mixture(streams, seed, Counter(chosen)), pad, False)
 
 
 def task_streams(
