@@ -109,7 +109,7 @@ def test_set_overrides_a_fresh_models_config_only(tmp_path: Path, capsys) -> Non
      ["--lr", "nan"], ["--grad-clip", "-1"], ["--max-minutes", "-1"], ["--warmup", "-5"],
      ["--slack", "5"], ["--steps", "abc"], ["--prefetch", "-1"], ["--set", "dropout"],
      ["--set", "no_such_field=1"], ["--tasks", "infill,qa:0"], ["--tasks", "qa:x"],
-     ["--tasks", "infill,,qa"]],
+     ["--tasks", "qa:"], ["--tasks", "infill,,qa"]],
     ids=lambda f: "".join(f),
 )  # fmt: skip
 def test_training_flags_are_checked_when_parsed(tmp_path: Path, capsys, flags) -> None:

@@ -50,9 +50,9 @@ def task_mixture(text: str) -> tuple[str, ...]:
     "infill,qa:3" -> ("infill", "qa", "qa", "qa")."""
     out: list[str] = []
     for item in text.split(","):
-        name, _, w = item.strip().partition(":")
+        name, colon, w = item.strip().partition(":")
         try:
-            weight = int(w) if w else 1
+            weight = int(w) if colon else 1
         except ValueError:
             weight = 0
         if not name or weight < 1:

@@ -238,7 +238,8 @@ class StageConfig:
     stage1: Stage1Weights = field(default_factory=Stage1Weights)
     stage2: Stage2Weights = field(default_factory=Stage2Weights)
     freeze_autoencoder: bool = True  # stage 2 and fine-tuning train only the flow
-    tasks: tuple[str, ...] = TASKS  # the fine-tuning mixture, one task per batch
+    # the fine-tuning mixture, one task per batch; a task named w times takes w of each round
+    tasks: tuple[str, ...] = TASKS
     slack: float = 0.5  # fine-tuning: the share of targets given serving length slack
     infill_rate: tuple[float, float] = INFILL_RATE  # stage 2 / fine-tuning: masked share range
 
